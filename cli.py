@@ -1,0 +1,143 @@
+"""The `vkr` command line: thin wrappers that parse, call library code and print."""
+
+from __future__ import annotations
+
+import os
+
+# litellm fetches its cost map over the network at import unless told not to.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import asyncio  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+
+def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn vkr's own errors into a one-line message and exit code 1, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from vkr_core.log import redact
+        from vkr_core.schemas import VkrError
+
+        try:
+            return func(*args, **kwargs)
+        except VkrError as exc:
+            raise click.ClickException(redact(str(exc))) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="vkr")
+def cli() -> None:
+    """vkr: verified video question-answer training data with chain-of-thought."""
+
+
+@cli.command()
+@click.option(
+    "--video-id", required=True, help="Id of the video (its file name without extension)."
+)
+@click.option(
+    "--videos-dir",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder holding <video-id>.<ext> and an optional <video-id>.json metadata file.",
+)
+@click.option("--pool", required=True, type=click.Path(dir_okay=False), help="Model pool YAML.")
+@click.option(
+    "--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory."
+)
+@click.option("--source", default="local", show_default=True, help="Video source plugin.")
+@click.option("--discipline", help="Discipline of the video (chooses seed examples).")
+@click.option("--subject", help="Subject, shown to KnowVid and KnowVidR generation.")
+@click.option("--knowledge-point", help="Knowledge point term, shown to KnowVid and KnowVidR.")
+@click.option("--seed-bank", type=click.Path(dir_okay=False), help="Seed-example bank (jsonl).")
+@click.option("--seed", default=0, show_default=True, help="Run seed: model choice, seeds, frames.")
+@click.option("--fps", default=0.2, show_default=True, help="Frame sampling rate.")
+@click.option("--max-frames", default=64, show_default=True, help="At most this many frames.")
+@click.option(
+    "--allow-stale", is_flag=True, help="Use eligibility entries of older prompt versions."
+)
+@click.option("--force", is_flag=True, help="Reuse a run directory made with another config.")
+@click.option("--log-level", default="WARNING", show_default=True)
+@reports_errors
+def generate(
+    video_id: str,
+    videos_dir: str,
+    pool: str,
+    run_dir: str,
+    source: str,
+    discipline: str | None,
+    subject: str | None,
+    knowledge_point: str | None,
+    seed_bank: str | None,
+    seed: int,
+    fps: float,
+    max_frames: int,
+    allow_stale: bool,
+    force: bool,
+    log_level: str,
+) -> None:
+    """Generate verified QA examples for one video."""
+    from vkr_core.config import RunConfig
+    from vkr_core.log import configure_logging
+    from vkr_core.plugins import get_plugin_manager
+    from vkr_core.run import format_funnel, funnel, generate_videos
+
+    configure_logging(log_level)
+    pm = get_plugin_manager()
+    video = pm.registry.get("source", source).resolve(
+        video_id,
+        videos_dir=videos_dir,
+        discipline=discipline,
+        subject=subject,
+        knowledge_point=knowledge_point,
+    )
+    config = RunConfig(
+        seed=seed, fps=fps, max_frames=max_frames, seed_bank=seed_bank, allow_stale=allow_stale
+    )
+    [record] = asyncio.run(generate_videos([video], run_dir, pool, config, pm, force))
+    if record.status == "failed":
+        raise click.ClickException(f"video {video_id} failed: {record.failure}")
+    gates = [g.name for g in pm.registry.gates()]
+    click.echo(f"video {video_id}: {record.frames} frames")
+    click.echo(format_funnel(funnel([record], gates)))
+    click.echo(f"record: {run_dir}/records/{video_id}.json")
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins_command(as_json: bool) -> None:
+    """List loaded plugins and what each registers."""
+    from vkr_core.plugins import describe, get_plugin_manager
+
+    rows = describe(get_plugin_manager())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        kind = "built-in" if row["builtin"] else "third-party"
+        registers = "; ".join(f"{k}: {', '.join(v)}" for k, v in row["registers"].items())
+        click.echo(f"{row['name']} ({kind})" + (f"  {registers}" if registers else ""))
+        click.echo(f"    hooks: {', '.join(row['hooks'])}")
+
+
+# --- commands added by other modules (keep one line each) ---
+
+
+def main() -> None:
+    from vkr_core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    pm.hook.vkr_register_commands(cli=cli)
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The per-video generation graph.
+
+prepare (probe + sample frames) -> Send fan-out per (skill, round) -> generate -> each gate
+in declared order (a node per gate, chained with Send) -> collect (deferred until every
+branch has ended). Steps come from the plugin registry; nothing here names a concrete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from langgraph.types import Command, RetryPolicy, Send
+
+from vkr_core.calls import CallFailed
+from vkr_core.context import RunContext, StepContext
+from vkr_core.log import get_logger
+from vkr_core.schemas import (
+    AcceptedExample,
+    Candidate,
+    Frame,
+    Rejection,
+    Video,
+    VideoRecord,
+    VkrError,
+)
+from vkr_core.steps import Gate, Generator, ReplyError
+
+log = get_logger("vkr.graph")
+
+GENERATOR = "example_generation"
+
+
+def merge_outcomes(left: list[dict[str, Any]], right: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fan-in reducer: one outcome per example id, sorted so snapshots are stable."""
+    merged = {o["example_id"]: o for o in left}
+    merged.update({o["example_id"]: o for o in right})
+    return [merged[k] for k in sorted(merged)]
+
+
+class VideoState(TypedDict, total=False):
+    video: dict[str, Any]
+    frames: list[dict[str, Any]]
+    failure: str | None
+    outcomes: Annotated[list[dict[str, Any]], merge_outcomes]
+    record: dict[str, Any]
+
+
+# Transport failures are already retried per call; a node retry gives a model that was
+# down a second chance. Malformed replies and refusals are outcomes, never retried here.
+NODE_RETRY = RetryPolicy(max_attempts=2, initial_interval=1.0, retry_on=CallFailed)
+
+
+def _rejection(
+    candidate: Candidate | None,
+    *,
+    example_id: str,
+    skill: str,
+    round: int,
+    step: str,
+    reason: str,
+    kind: str,
+    raw: str | None,
+) -> dict[str, Any]:
+    rejection = Rejection(
+        example_id=example_id,
+        skill=skill,
+        round=round,
+        step=step,
+        reason=reason,
+        kind=kind,
+        raw_reply=raw,
+        candidate=candidate,  # type: ignore[arg-type]
+    )
+    return {"example_id": example_id, "status": "rejected", "rejection": rejection.model_dump()}
+
+
+def _accepted(candidate: Candidate) -> dict[str, Any]:
+    return {
+        "example_id": candidate.example_id,
+        "status": "accepted",
+        "candidate": candidate.model_dump(),
+    }
+
+
+def build_graph(registry: Any, checkpointer: Any = None) -> Any:
+    """Compile the generation graph for the steps the plugins registered."""
+    generator = registry.steps.get(GENERATOR)
+    if not isinstance(generator, Generator):
+        raise VkrError(f"no generator step {GENERATOR!r} is registered")
+    gates: list[Gate] = registry.gates()
+    gate_names = [g.name for g in gates]
+
+    def next_hop(candidate: Candidate, index: int, payload: dict[str, Any]) -> Command:
+        if index < len(gates):
+            return Command(
+                goto=Send(
+                    gate_names[index],
+                    {**payload, "candidate": candidate.model_dump(), "gate": index},
+                )
+            )
+        return Command(update={"outcomes": [_accepted(candidate)]})
+
+    async def prepare(state: VideoState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        run = runtime.context
+        video = Video.model_validate(state["video"])
+        from vkr_core.video import sample_frames
+
+        try:
+            frames = await asyncio.to_thread(
+                sample_frames,
+                video.path,
+                run.store.frames_dir(video.video_id),
+                fps=run.config.fps,
+                max_frames=run.config.max_frames,
+                max_side=run.config.max_side,
+                jpeg_quality=run.config.jpeg_quality,
+                timeout=run.config.decode_timeout,
+            )
+        except VkrError as exc:
+            return {"failure": str(exc), "frames": []}
+        return {"frames": [f.model_dump() for f in frames], "failure": None}
+
+    def fan_out(state: VideoState, runtime: Runtime[RunContext]) -> list[Send] | str:
+        if state.get("failure") or not state.get("frames"):
+            return "collect"
+        run = runtime.context
+        skills = run.config.skills or sorted(registry.skills)
+        sends = []
+        for skill_name in skills:
+            skill = registry.get("skill", skill_name)
+            rounds = run.config.rounds_per_skill or skill.rounds
+            for round_ in range(rounds):
+                payload = {
+                    "video": state["video"],
+                    "frames": state["frames"],
+                    "skill": skill_name,
+                    "round": round_,
+                }
+                sends.append(Send("generate", payload))
+        return sends
+
+    def step_context(payload: dict[str, Any], run: RunContext) -> StepContext:
+        video = Video.model_validate(payload["video"])
+        frames = [Frame.model_validate(f) for f in payload["frames"]]
+        return StepContext(run, video, frames)
+
+    async def generate(payload: dict[str, Any], runtime: Runtime[RunContext]) -> Any:
+        run = runtime.context
+        ctx = step_context(payload, run)
+        skill = registry.get("skill", payload["skill"])
+        round_ = payload["round"]
+        example_id = f"{ctx.video.video_id}-{skill.name}-{round_}"
+        try:
+            candidate = await generator.generate(ctx, skill, round_)
+        except ReplyError as exc:
+            return {
+                "outcomes": [
+                    _rejection(
+                        None,
+                        example_id=example_id,
+                        skill=skill.name,
+                        round=round_,
+                        step=GENERATOR,
+                        reason=exc.reason,
+                        kind=exc.kind,
+                        raw=exc.raw,
+                    )
+                ]
+            }
+        return next_hop(candidate, 0, payload)
+
+    def make_gate_node(gate: Gate, index: int) -> Any:
+        async def run_gate(payload: dict[str, Any], runtime: Runtime[RunContext]) -> Any:
+            ctx = step_context(payload, runtime.context)
+            candidate = Candidate.model_validate(payload["candidate"])
+            base = dict(
+                example_id=candidate.example_id,
+                skill=candidate.skill,
+                round=candidate.round,
+                step=gate.name,
+            )
+            try:
+                verdict = await gate.check(ctx, candidate)
+            except ReplyError as exc:
+                return {
+                    "outcomes": [
+                        _rejection(candidate, **base, reason=exc.reason, kind=exc.kind, raw=exc.raw)
+                    ]
+                }
+            candidate.verdicts.append(verdict)
+            for model in verdict.models:
+                candidate.models.setdefault(gate.name, []).append(model)
+            if not verdict.passed:
+                raw = "\n---\n".join(verdict.raw_replies) or None
+                return {
+                    "outcomes": [
+                        _rejection(candidate, **base, reason=verdict.reason, kind="gate", raw=raw)
+                    ]
+                }
+            if verdict.revised_reasoning:
+                candidate.reasoning = verdict.revised_reasoning
+            return next_hop(candidate, index + 1, payload)
+
+        run_gate.__name__ = f"gate_{gate.name}"
+        return run_gate
+
+    async def collect(state: VideoState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        run = runtime.context
+        video = Video.model_validate(state["video"])
+        record = VideoRecord(
+            video_id=video.video_id,
+            video=video,
+            status="failed" if state.get("failure") else "done",
+            failure=state.get("failure"),
+            frames=len(state.get("frames") or []),
+        )
+        for outcome in state.get("outcomes") or []:
+            if outcome["status"] == "accepted":
+                record.accepted.append(
+                    to_accepted(Candidate.model_validate(outcome["candidate"]), video, run)
+                )
+            else:
+                record.rejected.append(Rejection.model_validate(outcome["rejection"]))
+        record.generated = len(record.accepted) + sum(
+            1 for r in record.rejected if r.step != GENERATOR
+        )
+        run.store.write_record(record)
+        if record.failure:
+            run.store.add_failure(video.video_id, record.failure, video.path)
+        return {"record": record.model_dump()}
+
+    graph = StateGraph(VideoState, context_schema=RunContext)
+    graph.add_node("prepare", prepare)
+    graph.add_node(
+        "generate", generate, retry_policy=NODE_RETRY, destinations=tuple(gate_names) or None
+    )
+    for index, gate in enumerate(gates):
+        graph.add_node(
+            gate.name,
+            make_gate_node(gate, index),
+            retry_policy=NODE_RETRY,
+            destinations=tuple(gate_names[index + 1 :]) or None,
+        )
+    graph.add_node("collect", collect, defer=True)
+    graph.add_edge(START, "prepare")
+    graph.add_conditional_edges("prepare", fan_out, ["generate", "collect"])
+    graph.add_edge("generate", "collect")
+    for name in gate_names:
+        graph.add_edge(name, "collect")
+    graph.add_edge("collect", END)
+    return graph.compile(checkpointer=checkpointer)
+
+
+def to_accepted(candidate: Candidate, video: Video, run: RunContext) -> AcceptedExample:
+    """An accepted candidate in the VideoKR release fields (FORMATS.md) plus provenance."""
+    answer = candidate.answer
+    if candidate.problem_type == "multiple choice":
+        from vkr_core.answers import option_letter
+
+        answer = option_letter(answer) or answer
+    kp = video.knowledge_point
+    return AcceptedExample(
+        problem_id=candidate.example_id,
+        question=candidate.question,
+        options=candidate.options if candidate.problem_type == "multiple choice" else None,
+        problem_type=candidate.problem_type,
+        solution=f"<answer>{answer}</answer>",
+        think=f"<think>{candidate.reasoning.strip()}</think>",
+        video_path=Path(video.path).name,
+        skill=candidate.skill,
+        subject=video.subject,
+        discipline=video.discipline,
+        knowledge_point=kp.term if kp else None,
+        video_id=video.video_id,
+        models=candidate.models,
+        verdicts=candidate.verdicts,
+    )
+
+
+async def process_video(graph: Any, video: Video, run: RunContext) -> VideoRecord:
+    """Run (or resume, or replay) one video through the graph; thread id = video id."""
+    config = {"configurable": {"thread_id": video.video_id}}
+    snapshot = await graph.aget_state(config)
+    if snapshot.values.get("record") and not snapshot.next:
+        return VideoRecord.model_validate(snapshot.values["record"])
+    graph_input = None if snapshot.next else {"video": video.model_dump(), "outcomes": []}
+    result = await graph.ainvoke(graph_input, config, context=run, durability="sync")
+    return VideoRecord.model_validate(result["record"])

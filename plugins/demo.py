@@ -1,0 +1,144 @@
+"""`vkr demo`: the whole graph on a small made-up video against the scripted local server.
+
+No network and no download: the video is drawn here, the model server is the fake
+OpenAI-compatible server on 127.0.0.1, and the real litellm client talks HTTP to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vkr_core.hookspecs import hookimpl
+
+DEMO_VIDEO_ID = "demo_pendulum"
+
+
+def make_demo_video(
+    path: Path, seconds: int = 30, fps: int = 10, size: tuple[int, int] = (320, 180)
+) -> Path:
+    """Draw a swinging pendulum next to a filling beaker, deterministically, as H.264 MP4."""
+    import av
+    import numpy as np
+
+    if path.exists() and path.stat().st_size > 0:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    tmp = path.with_suffix(".part.mp4")
+    with av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "28"}
+        yy, xx = np.mgrid[0:height, 0:width]
+        for i in range(seconds * fps):
+            t = i / fps
+            frame = np.full((height, width, 3), 235, dtype=np.uint8)
+            frame[:, :, 2] = (200 + 30 * np.sin(xx / 17.0)).astype(np.uint8)
+            pivot_x, pivot_y, length = 90, 20, 110
+            angle = 0.6 * math.cos(2 * math.pi * t / 4.0) * math.exp(-t / 40)
+            bob_x = int(pivot_x + length * math.sin(angle))
+            bob_y = int(pivot_y + length * math.cos(angle))
+            for s in np.linspace(0, 1, 60):
+                x = int(pivot_x + s * (bob_x - pivot_x))
+                y = int(pivot_y + s * (bob_y - pivot_y))
+                frame[max(y - 1, 0) : y + 1, max(x - 1, 0) : x + 1] = 40
+            frame[(xx - bob_x) ** 2 + (yy - bob_y) ** 2 < 12**2] = (200, 40, 40)
+            level = int(40 + 90 * t / seconds)
+            frame[height - 20 - level : height - 20, 220:280] = (60, 120, 220)
+            frame[height - 150 : height - 18, 216:220] = 30
+            frame[height - 150 : height - 18, 280:284] = 30
+            frame[height - 20 : height - 16, 216:284] = 30
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.replace(path)
+    return path
+
+
+def run_demo(out: Path, port: int) -> dict[str, Any]:
+    """Run the demo and return what it printed about: funnel rows, stats, record path."""
+    from plugins.providers.fake_server import FakeModelServer, write_pool
+    from vkr_core.config import RunConfig
+    from vkr_core.log import configure_logging
+    from vkr_core.plugins import get_plugin_manager
+    from vkr_core.run import funnel, generate_videos
+    from vkr_core.schemas import KnowledgePoint, Video
+
+    configure_logging("ERROR")
+    pm = get_plugin_manager()
+    video_path = make_demo_video(out / "videos" / f"{DEMO_VIDEO_ID}.mp4")
+    video = Video(
+        video_id=DEMO_VIDEO_ID,
+        path=str(video_path.resolve()),
+        discipline="physics",
+        subject="mechanics",
+        knowledge_point=KnowledgePoint(
+            term="simple pendulum",
+            definition="A mass on a string swinging under gravity with period 2*pi*sqrt(L/g) for small angles.",
+        ),
+        title="Pendulum and beaker (demo)",
+    )
+    with FakeModelServer(seed=0) as server:
+        base_url = server.start(port=port)
+        pool_path = write_pool(
+            out / "pool.yaml", base_url, registry_path=out / "eligibility.yaml", pm=pm
+        )
+        [record] = asyncio.run(generate_videos([video], out / "run", pool_path, RunConfig(), pm))
+        stats = server.stats()
+    gates = [g.name for g in pm.registry.gates()]
+    return {
+        "record": record,
+        "funnel": funnel([record], gates),
+        "stats": stats,
+        "base_url": base_url,
+        "pool": pool_path,
+    }
+
+
+@click.command()
+@click.option(
+    "--out",
+    default="vkr-runs/demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the demo writes its video, pool and run directory.",
+)
+@click.option(
+    "--port",
+    default=8765,
+    show_default=True,
+    help="Loopback port of the scripted model server (kept fixed so reruns hit the cache).",
+)
+def demo(out: str, port: int) -> None:
+    """Run the whole pipeline on a made-up video against a scripted local model server."""
+    from vkr_core.run import format_funnel
+
+    result = run_demo(Path(out), port)
+    record = result["record"]
+    if record.status == "failed":
+        raise click.ClickException(f"demo video failed: {record.failure}")
+    stats = result["stats"]
+    click.echo(f"vkr demo: video {record.video_id}, {record.frames} frames sampled at 0.2 fps")
+    click.echo(format_funnel(result["funnel"]))
+    click.echo(f"model calls made this run: {stats['completions']} (server /stats)")
+    click.echo(f"record: {Path(out) / 'run' / 'records' / (record.video_id + '.json')}")
+    click.echo(
+        "\nThese answers came from a SCRIPTED local endpoint ("
+        + result["base_url"]
+        + "), not a real model.\nTo use real models, write a pool file like "
+        + str(result["pool"])
+        + " with litellm model names (e.g. openai/gpt-4o, anthropic/claude-sonnet-4-5) and "
+        "api_key_env, give it an eligibility registry, and run:\n"
+        "  vkr generate --video-id ID --videos-dir DIR --pool POOL.yaml --out RUN_DIR"
+    )
+
+
+@hookimpl
+def vkr_register_commands(cli: Any) -> None:
+    cli.add_command(demo)

@@ -1,0 +1,52 @@
+"""pytest fixtures for vkr and for plugin authors: a scripted model server and a pool for it.
+
+Installed with vkr (entry point ``pytest11``), so a third-party plugin's tests get the same
+fixtures we use: ``vkr_fake_server``, ``vkr_pool`` and ``vkr_plugin_manager``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+@pytest.fixture
+def vkr_plugin_manager() -> Any:
+    """A plugin manager with built-ins and installed plugins loaded."""
+    from vkr_core.plugins import get_plugin_manager
+
+    return get_plugin_manager()
+
+
+@pytest.fixture
+def vkr_fake_server() -> Iterator[Any]:
+    """A scripted OpenAI-compatible server on 127.0.0.1; ``.base_url``, ``.stats()``, ``.set_policy()``."""
+    from plugins.providers.fake_server import FakeModelServer
+
+    server = FakeModelServer(seed=0)
+    server.base_url = server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def vkr_pool(tmp_path: Path, vkr_fake_server: Any, vkr_plugin_manager: Any) -> Path:
+    """A pool file (and eligibility registry) pointing at ``vkr_fake_server``."""
+    from plugins.providers.fake_server import write_pool
+
+    return Path(
+        write_pool(
+            tmp_path / "pool.yaml",
+            vkr_fake_server.base_url,
+            registry_path=tmp_path / "eligibility.yaml",
+            pm=vkr_plugin_manager,
+        )
+    )

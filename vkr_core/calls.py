@@ -1,0 +1,337 @@
+"""One model call: provider plugin, tenacity retries, vkr's own diskcache cache, a CallRecord.
+
+The cache key is a signature of everything that changes the answer (model, api_base,
+prompt version, messages with images by content hash, sampling parameters, sample index)
+and nothing that does not (concurrency, batch size, API key). Frames are hashed once when
+they are encoded, so building a key never touches image bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diskcache
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+
+from vkr_core.config import ModelSpec
+from vkr_core.log import get_logger, redact
+from vkr_core.schemas import CallRecord, Frame, VkrError
+from vkr_core.steps import ReplyError
+
+log = get_logger("vkr.calls")
+
+# Never evict: an evicted entry is a call paid twice. diskcache's default is 1 GB, evicting.
+CACHE_SIZE_LIMIT = 2**60
+
+
+class TransientError(VkrError):
+    """A provider error worth retrying: rate limit, 5xx, timeout, connection reset."""
+
+    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.status = status
+
+
+class PermanentError(VkrError):
+    """A provider error that retrying cannot fix: 4xx, bad credentials, unknown model."""
+
+
+class CallFailed(VkrError):
+    """A call that did not get a reply after its retries: the video fails and can be rerun.
+
+    Unlike a malformed reply or a refusal this says nothing about the example, so it is
+    never recorded as a rejection.
+    """
+
+
+@dataclass
+class ProviderReply:
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    refusal: bool = False
+
+
+class Provider:
+    """Answers one chat request. Providers translate their errors into Transient/Permanent."""
+
+    name: str = ""
+
+    async def complete(
+        self,
+        spec: ModelSpec,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        headers: dict[str, str],
+    ) -> ProviderReply:
+        raise NotImplementedError
+
+
+def image_part(frame: Frame) -> dict[str, Any]:
+    """A message part that refers to an encoded frame; expanded to a data URL only when sent."""
+    return {"type": "frame", "sha256": frame.sha256, "path": frame.path}
+
+
+def key_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as they enter the cache key: frame parts by content hash only."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image", "sha256": p["sha256"]} if p.get("type") == "frame" else p
+                for p in content
+            ]
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def cache_key(
+    spec: ModelSpec,
+    step: str,
+    prompt_version: str,
+    messages: list[dict[str, Any]],
+    params: dict[str, Any],
+    sample: int,
+) -> str:
+    signature = {
+        "provider": spec.provider,
+        "model": spec.model,
+        "api_base": spec.api_base,
+        "step": step,
+        "prompt_version": prompt_version,
+        "messages": key_messages(messages),
+        "params": {k: params[k] for k in sorted(params)},
+        "sample": sample,
+    }
+    blob = json.dumps(signature, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class FrameImages:
+    """Each frame's JPEG read and base64-encoded once per process, keyed by content hash."""
+
+    def __init__(self) -> None:
+        self._urls: dict[str, str] = {}
+
+    def data_url(self, sha256: str, path: str) -> str:
+        url = self._urls.get(sha256)
+        if url is None:
+            import base64
+
+            data = Path(path).read_bytes()
+            url = "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+            self._urls[sha256] = url
+        return url
+
+    def expand(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, list):
+                content = [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": self.data_url(p["sha256"], p["path"])},
+                    }
+                    if p.get("type") == "frame"
+                    else p
+                    for p in content
+                ]
+            out.append({"role": message["role"], "content": content})
+        return out
+
+
+@dataclass
+class CallResult:
+    text: str
+    outcome: str
+    record: CallRecord
+
+
+@dataclass
+class RetrySettings:
+    attempts: int = 6
+    initial: float = 0.5
+    maximum: float = 30.0
+
+
+def _wait(settings: RetrySettings) -> Callable[[RetryCallState], float]:
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        backoff = min(settings.maximum, settings.initial * 2 ** (state.attempt_number - 1))
+        backoff = random.uniform(0, backoff)  # full jitter: retries from many tasks spread out
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            return max(float(retry_after), backoff)
+        return backoff
+
+    return wait
+
+
+@dataclass
+class ModelCaller:
+    """Makes model calls for a run: cache, retries, per-model concurrency, call records."""
+
+    cache_dir: Path
+    providers: dict[str, Provider]
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    on_record: Callable[[CallRecord], None] | None = None
+    images: FrameImages = field(default_factory=FrameImages)
+
+    def __post_init__(self) -> None:
+        self.cache = diskcache.Cache(
+            str(self.cache_dir), size_limit=CACHE_SIZE_LIMIT, eviction_policy="none"
+        )
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self.records: list[CallRecord] = []
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def _semaphore(self, spec: ModelSpec) -> asyncio.Semaphore:
+        sem = self._semaphores.get(spec.name)
+        if sem is None:
+            sem = self._semaphores[spec.name] = asyncio.Semaphore(spec.max_concurrency)
+        return sem
+
+    def _emit(self, record: CallRecord) -> None:
+        self.records.append(record)
+        if self.on_record:
+            self.on_record(record)
+
+    async def call(
+        self,
+        *,
+        spec: ModelSpec,
+        step: str,
+        prompt_version: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        sample: int = 0,
+        video_id: str | None = None,
+        validate: Callable[[str], Any] | None = None,
+    ) -> CallResult:
+        """Call once (or replay from cache). Raises ReplyError on refusal, CallFailed on no reply."""
+        key = cache_key(spec, step, prompt_version, messages, params, sample)
+        started = time.perf_counter()
+        hit = self.cache.get(key)
+        if hit is not None:
+            record = CallRecord(
+                step=step,
+                model=spec.name,
+                video_id=video_id,
+                cache_key=key,
+                latency_s=time.perf_counter() - started,
+                prompt_tokens=hit["prompt_tokens"],
+                completion_tokens=hit["completion_tokens"],
+                cost_usd=hit["cost_usd"],
+                cache_hit=True,
+                attempts=0,
+                outcome=hit["outcome"],
+            )
+            self._emit(record)
+            return CallResult(hit["text"], hit["outcome"], record)
+
+        provider = self.providers.get(spec.provider)
+        if provider is None:
+            raise VkrError(
+                f"model {spec.name!r} names provider {spec.provider!r}, which no plugin registers"
+            )
+        attempts = 0
+        # The step name travels as a header: real providers ignore it, the fake server uses it.
+        headers = {"X-Vkr-Step": step}
+        send_params = dict(params, seed=sample) if "seed" not in params else dict(params)
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.retry.attempts),
+                wait=_wait(self.retry),
+                retry=retry_if_exception_type(TransientError),
+                reraise=True,
+            ):
+                with attempt:
+                    attempts += 1
+                    async with self._semaphore(spec):
+                        reply = await provider.complete(
+                            spec, self.images.expand(messages), send_params, headers
+                        )
+        except (TransientError, PermanentError) as exc:
+            reason = redact(str(exc))
+            self._emit(
+                CallRecord(
+                    step=step,
+                    model=spec.name,
+                    video_id=video_id,
+                    cache_key=key,
+                    latency_s=time.perf_counter() - started,
+                    cache_hit=False,
+                    attempts=attempts,
+                    outcome="error",
+                    error=reason,
+                )
+            )
+            raise CallFailed(
+                f"{step} call to {spec.name} failed after {attempts} attempt(s): {reason}"
+            ) from None
+
+        latency = time.perf_counter() - started
+        cost = reply.cost_usd
+        if cost is None:
+            cost = (spec.input_cost_per_token or 0.0) * reply.prompt_tokens + (
+                spec.output_cost_per_token or 0.0
+            ) * reply.completion_tokens
+        base = dict(
+            step=step,
+            model=spec.name,
+            video_id=video_id,
+            cache_key=key,
+            latency_s=latency,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            cost_usd=cost,
+            cache_hit=False,
+            attempts=attempts,
+        )
+        if reply.refusal:
+            # A refusal is terminal and never cached: it says nothing about the next request.
+            self._emit(CallRecord(**base, outcome="refusal", error="refused"))
+            raise ReplyError("refusal", f"{spec.name} refused ({reply.finish_reason})", reply.text)
+
+        outcome = "ok"
+        if validate is not None:
+            try:
+                validate(reply.text)
+            except ReplyError:
+                outcome = "malformed"
+        # A malformed reply is cached as malformed: replaying it costs nothing and gives the
+        # same rejection, so a rerun never pays for it twice.
+        self.cache.set(
+            key,
+            {
+                "text": reply.text,
+                "outcome": outcome,
+                "prompt_tokens": reply.prompt_tokens,
+                "completion_tokens": reply.completion_tokens,
+                "cost_usd": cost,
+                "model": spec.name,
+            },
+        )
+        record = CallRecord(**base, outcome=outcome)  # type: ignore[arg-type]
+        self._emit(record)
+        return CallResult(reply.text, outcome, record)

@@ -1,0 +1,180 @@
+"""Pool, eligibility registry and run configuration: YAML files validated by pydantic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vkr_core.schemas import InputError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    """One model in the pool. The API key is named by an environment variable, never stored."""
+
+    name: str = Field(description="vkr's name for the model: used in the registry and records")
+    model: str = Field(description="litellm model name, e.g. openai/gpt-4o or anthropic/claude-...")
+    provider: str = "litellm"
+    api_base: str | None = None
+    api_key_env: str | None = None
+    modality: list[Literal["text", "vision"]] = Field(default_factory=lambda: ["text", "vision"])
+    max_concurrency: int = Field(default=8, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    timeout: float = Field(default=120.0, gt=0)
+    input_cost_per_token: float | None = Field(default=None, ge=0)
+    output_cost_per_token: float | None = Field(default=None, ge=0)
+
+    def api_key(self) -> str | None:
+        if not self.api_key_env:
+            return None
+        return os.environ.get(self.api_key_env)
+
+    def sees_images(self) -> bool:
+        return "vision" in self.modality
+
+
+class StepPoolConfig(Strict):
+    """Per-step options in the pool file."""
+
+    models: list[str] | None = Field(
+        default=None, description="fixed model set (video_dependency) or a restriction of the pool"
+    )
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+class Pool(Strict):
+    models: list[ModelSpec]
+    steps: dict[str, StepPoolConfig] = Field(default_factory=dict)
+    registry: str | None = Field(default=None, description="eligibility registry file")
+    source_path: str | None = Field(default=None, exclude=True)
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        seen: set[str] = set()
+        for spec in models:
+            if spec.name in seen:
+                raise ValueError(f"model {spec.name!r} appears twice in the pool")
+            seen.add(spec.name)
+        if not models:
+            raise ValueError("the pool has no models")
+        return models
+
+    def get(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise InputError(f"model {name!r} is not in the pool ({', '.join(self.names())})")
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def registry_path(self) -> Path | None:
+        if not self.registry:
+            return None
+        path = Path(self.registry)
+        if not path.is_absolute() and self.source_path:
+            path = Path(self.source_path).parent / path
+        return path
+
+
+class Eligibility(BaseModel):
+    """One (step, model) entry of the eligibility registry."""
+
+    model_config = ConfigDict(extra="allow")
+
+    eligible: bool
+    error_rate: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=0)
+    prompt_version: str | None = None
+
+
+class EligibilityRegistry(BaseModel):
+    """step -> model -> eligibility, as written by ``vkr qualify score``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: dict[str, dict[str, Eligibility]] = Field(default_factory=dict)
+
+    def entry(self, step: str, model: str) -> Eligibility | None:
+        return self.steps.get(step, {}).get(model)
+
+
+class RunConfig(Strict):
+    """Everything about a run that changes its results (snapshotted in the run directory)."""
+
+    seed: int = 0
+    fps: float = Field(default=0.2, gt=0)
+    max_frames: int = Field(default=64, ge=1)
+    max_side: int = Field(default=768, ge=64)
+    jpeg_quality: int = Field(default=85, ge=30, le=100)
+    rounds_per_skill: int | None = Field(
+        default=None, ge=1, description="overrides each skill's own"
+    )
+    skills: list[str] | None = None
+    seed_bank: str | None = None
+    seeds_per_round: int = Field(default=3, ge=1)
+    dependency_frames: int = Field(default=4, ge=1)
+    allow_stale: bool = False
+    decode_timeout: float = Field(default=120.0, gt=0)
+
+
+def _read_yaml(path: str | Path, what: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{what} file {p} is not valid YAML: {exc}") from exc
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_pool(path: str | Path) -> Pool:
+    data = _read_yaml(path, "pool")
+    try:
+        pool = Pool.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(f"pool file {path} is invalid: {_explain(exc)}") from None
+    pool.source_path = str(path)
+    return pool
+
+
+def load_registry(path: str | Path) -> EligibilityRegistry:
+    data = _read_yaml(path, "eligibility registry")
+    try:
+        return EligibilityRegistry.model_validate({"steps": data})
+    except ValidationError as exc:
+        raise InputError(f"eligibility registry {path} is invalid: {_explain(exc)}") from None
+
+
+def save_registry(registry: EligibilityRegistry, path: str | Path) -> None:
+    data = {
+        step: {m: e.model_dump(exclude_none=True) for m, e in models.items()}
+        for step, models in registry.steps.items()
+    }
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=True))
+
+
+def fingerprint(data: Any) -> str:
+    """A stable hash of JSON-able data (config snapshots, cache signatures)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

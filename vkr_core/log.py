@@ -1,0 +1,106 @@
+"""structlog configuration and secret redaction.
+
+API keys must never reach a log line, cache file, record or exception message. Every value
+of an environment variable that looks like a credential (or that a pool names as its key
+variable) is registered as a secret; ``redact`` replaces them wherever text leaves vkr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+_MIN_SECRET_LEN = 8
+_secrets: set[str] = set()
+# Shapes of provider keys, for text that carries a key we were never told about.
+_KEY_SHAPES = re.compile(
+    r"(sk-[A-Za-z0-9_\-]{16,}|sk-ant-[A-Za-z0-9_\-]{16,}|AIza[0-9A-Za-z_\-]{30,}"
+    r"|Bearer\s+[A-Za-z0-9_\-\.]{16,})"
+)
+REDACTED = "***"
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Treat these strings as secrets from now on."""
+    for value in values:
+        if value and len(value) >= _MIN_SECRET_LEN:
+            _secrets.add(value)
+
+
+def register_env_secrets(extra_names: Iterable[str] = ()) -> None:
+    """Register credential-looking environment variables and the named ones."""
+    names = {n for n in os.environ if _SECRET_NAME.search(n)} | set(extra_names)
+    register_secrets(os.environ.get(n) for n in names)
+
+
+def redact(text: str) -> str:
+    """Text with every known secret and key-shaped token replaced."""
+    if not text:
+        return text
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return _KEY_SHAPES.sub(REDACTED, text)
+
+
+def redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_value(v) for v in value)
+    return value
+
+
+def _scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in list(event_dict.items()):
+        if key in ("api_key", "authorization") and value:
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = redact_value(value)
+    return event_dict
+
+
+def configure_logging(level: str = "WARNING", json_logs: bool = False, file: Any = None) -> None:
+    """Configure structlog (no frame locals in tracebacks: they would carry keys) and litellm."""
+    register_env_secrets()
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), stream=sys.stderr)
+    for noisy in ("LiteLLM", "litellm", "httpx", "aiohttp.access", "LiteLLM Router"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    renderer: Any
+    if json_logs:
+        renderer = structlog.processors.JSONRenderer()
+        tracebacks: Any = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        tracebacks = structlog.processors.format_exc_info
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            tracebacks,
+            _scrub,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            getattr(logging, level.upper(), logging.WARNING)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=file or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str = "vkr") -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,163 @@
+"""The plugin manager: built-ins and third-party plugins load through the same path."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from vkr_core import hookspecs
+from vkr_core.schemas import VkrError
+
+ENTRY_POINT_GROUP = "vkr"
+
+# Built-ins are plugins like any other: listed here, registered through the same hooks.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "plugins.skills.builtin",
+    "plugins.steps.example_generation",
+    "plugins.steps.self_consistency",
+    "plugins.steps.video_dependency",
+    "plugins.steps.cot_verification",
+    "plugins.providers.litellm_provider",
+    "plugins.providers.fake_server",
+    "plugins.readers",
+    "plugins.sources.local",
+    "plugins.exporters.builtin",
+    "plugins.demo",
+)
+
+
+class PluginError(VkrError):
+    """A plugin could not be loaded or registered something twice."""
+
+
+KINDS = ("skill", "step", "provider", "source", "exporter")
+
+
+@dataclass
+class Registry:
+    """What the loaded plugins registered, with the plugin each came from."""
+
+    skills: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, Any] = field(default_factory=dict)
+    providers: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)
+    exporters: dict[str, Any] = field(default_factory=dict)
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def table(self, kind: str) -> dict[str, Any]:
+        return getattr(self, kind + "s")
+
+    def add(self, kind: str, name: str, item: Any, plugin: str) -> None:
+        key = (kind, name)
+        if key in self.owners:
+            raise PluginError(
+                f"{kind} {name!r} is registered twice: by plugin {self.owners[key]!r} "
+                f"and by plugin {plugin!r}"
+            )
+        self.owners[key] = plugin
+        self.table(kind)[name] = item
+
+    def gates(self) -> list[Any]:
+        """Gates in the order they run."""
+        from vkr_core.steps import Gate
+
+        gates = [s for s in self.steps.values() if isinstance(s, Gate)]
+        return sorted(gates, key=lambda g: (g.order, g.name))
+
+    def get(self, kind: str, name: str) -> Any:
+        table = self.table(kind)
+        if name not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise PluginError(f"no {kind} named {name!r} is loaded (loaded: {known})")
+        return table[name]
+
+
+class VkrPluginManager(pluggy.PluginManager):
+    registry: Registry
+
+
+def _allowed_entry_points() -> set[str] | None:
+    raw = os.environ.get("VKR_LOAD_PLUGINS")
+    if raw is None:
+        return None
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def get_plugin_manager(
+    extra_plugins: Iterable[Any] = (), load_entry_points: bool = True
+) -> VkrPluginManager:
+    """Load built-ins, then entry-point plugins (limited by VKR_LOAD_PLUGINS), then ``extra_plugins``.
+
+    ``VKR_LOAD_PLUGINS`` is a comma-separated list of third-party plugin names; set it to
+    an empty string to load built-ins only.
+    """
+    pm = VkrPluginManager("vkr")
+    pm.add_hookspecs(hookspecs)
+    for module_name in DEFAULT_PLUGINS:
+        module = importlib.import_module(module_name)
+        pm.register(module, name=module_name)
+    if load_entry_points:
+        allowed = _allowed_entry_points()
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken third-party plugin must say which one
+                raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+            pm.register(plugin, name=ep.name)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    pm.check_pending()
+    pm.registry = collect(pm)
+    return pm
+
+
+def collect(pm: pluggy.PluginManager) -> Registry:
+    """Call every register hook, attributing each registration to its plugin."""
+    from vkr_core.steps import Step
+
+    registry = Registry()
+    for kind in KINDS:
+        hook = getattr(pm.hook, f"vkr_register_{kind}s")
+        for impl in hook.get_hookimpls():
+            plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+
+            def register(item: Any, _kind: str = kind, _plugin: str = plugin_name) -> None:
+                name = getattr(item, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise PluginError(f"plugin {_plugin!r} registered a {_kind} without a name")
+                if _kind == "step" and not isinstance(item, Step):
+                    raise PluginError(
+                        f"plugin {_plugin!r} registered step {name!r} that is not a vkr_core.steps.Step"
+                    )
+                registry.add(_kind, name, item, _plugin)
+
+            impl.function(register=register)
+    return registry
+
+
+def describe(pm: VkrPluginManager) -> list[dict[str, Any]]:
+    """Each loaded plugin with what it registered, for ``vkr plugins``."""
+    rows = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0] or ""):
+        registered: dict[str, list[str]] = {}
+        for (kind, item), owner in pm.registry.owners.items():
+            if owner == name:
+                registered.setdefault(kind + "s", []).append(item)
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        rows.append(
+            {
+                "name": name,
+                "builtin": name in DEFAULT_PLUGINS,
+                "hooks": hooks,
+                "registers": {k: sorted(v) for k, v in sorted(registered.items())},
+            }
+        )
+    return rows

@@ -1,0 +1,182 @@
+"""Opening a run: config snapshot, router check, caller, checkpointer and graph, in that order.
+
+Everything that can be wrong with the inputs is found here, before any call is paid for.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from vkr_core.calls import CallFailed, ModelCaller
+from vkr_core.config import (
+    EligibilityRegistry,
+    Pool,
+    RunConfig,
+    load_pool,
+    load_registry,
+)
+from vkr_core.context import RunContext
+from vkr_core.log import get_logger, register_secrets
+from vkr_core.plugins import VkrPluginManager, get_plugin_manager
+from vkr_core.router import Router
+from vkr_core.schemas import InputError, Video, VideoRecord, VkrError
+from vkr_core.seeds import SeedBank
+from vkr_core.store import RunStore
+
+log = get_logger("vkr.run")
+
+
+def model_steps(registry: Any) -> list[str]:
+    """Names of the steps that call models and run in the generation graph."""
+    from vkr_core.steps import Gate, Generator
+
+    return [
+        n for n, s in registry.steps.items() if isinstance(s, (Gate, Generator)) and s.uses_model
+    ]
+
+
+class Run:
+    """An open run directory. Use as ``async with Run(...) as run: await run.process(video)``."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        pool: str | Path | Pool,
+        config: RunConfig | None = None,
+        pm: VkrPluginManager | None = None,
+        force: bool = False,
+    ):
+        self.pm = pm or get_plugin_manager()
+        self.registry = self.pm.registry
+        self.config = config or RunConfig()
+        self.pool = pool if isinstance(pool, Pool) else load_pool(pool)
+        register_secrets(spec.api_key() for spec in self.pool.models)
+        registry_path = self.pool.registry_path()
+        if registry_path is None:
+            raise InputError(
+                "the pool names no eligibility registry (`registry:`): run `vkr qualify` pilots "
+                "or write one (step -> model -> eligible)"
+            )
+        self.eligibility: EligibilityRegistry = load_registry(registry_path)
+        unknown = sorted(set(self.eligibility.steps) - set(self.registry.steps))
+        if unknown:
+            raise InputError(
+                f"eligibility registry {registry_path} names unknown step(s): {', '.join(unknown)}"
+            )
+        self.router = Router(
+            self.pool,
+            self.eligibility,
+            self.registry.steps,
+            self.config.seed,
+            self.config.allow_stale,
+        )
+        self.router.check(model_steps(self.registry))
+        skills = self.config.skills or sorted(self.registry.skills)
+        for skill in skills:
+            self.registry.get("skill", skill)
+        self.seed_bank = SeedBank.load(self.config.seed_bank)
+        missing = sorted(set(skills) - self.seed_bank.skills())
+        if missing:
+            raise InputError(
+                f"seed bank {self.seed_bank.source} has no examples for {', '.join(missing)}"
+            )
+        self.store = RunStore(run_dir)
+        self.store.check_config(self.snapshot(), force=force)
+        self._checkpointer_cm: Any = None
+        self.graph: Any = None
+        self.caller: ModelCaller | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "config": self.config.model_dump(),
+            "pool": self.pool.model_dump(exclude={"source_path", "registry"}),
+            "eligibility": self.eligibility.model_dump(),
+            "steps": {name: step.version() for name, step in sorted(self.registry.steps.items())},
+        }
+
+    async def __aenter__(self) -> Run:
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+        from graphs.generation import build_graph
+
+        self.caller = ModelCaller(
+            cache_dir=self.store.cache_dir,
+            providers=self.registry.providers,
+            on_record=self.store.append_call,
+        )
+        self._checkpointer_cm = AsyncSqliteSaver.from_conn_string(str(self.store.checkpoint_path))
+        checkpointer = await self._checkpointer_cm.__aenter__()
+        self.graph = build_graph(self.registry, checkpointer)
+        self.context = RunContext(
+            registry=self.registry,
+            router=self.router,
+            caller=self.caller,
+            config=self.config,
+            store=self.store,
+            seed_bank=self.seed_bank,
+        )
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._checkpointer_cm is not None:
+            await self._checkpointer_cm.__aexit__(*exc)
+        if self.caller is not None:
+            self.caller.close()
+
+    async def process(self, video: Video) -> VideoRecord:
+        """One video through the graph; a failure is recorded, never raised past the run."""
+        from graphs.generation import process_video
+
+        try:
+            return await process_video(self.graph, video, self.context)
+        except CallFailed as exc:
+            reason = f"model calls failed: {exc}"
+        except VkrError as exc:
+            reason = str(exc)
+        self.store.add_failure(video.video_id, reason, video.path)
+        log.warning("video failed", video_id=video.video_id, reason=reason)
+        return VideoRecord(video_id=video.video_id, video=video, status="failed", failure=reason)
+
+
+def funnel(records: list[VideoRecord], gate_names: list[str]) -> list[tuple[str, int]]:
+    """Examples left after each stage: generated, after each gate, accepted."""
+    rejected_at: Counter[str] = Counter()
+    accepted = 0
+    for record in records:
+        accepted += len(record.accepted)
+        for rejection in record.rejected:
+            rejected_at[rejection.step] += 1
+    attempted = accepted + sum(rejected_at.values())
+    rows = [("rounds", attempted)]
+    remaining = attempted - rejected_at["example_generation"]
+    rows.append(("generated", remaining))
+    for name in gate_names:
+        remaining -= rejected_at[name]
+        rows.append((f"after {name}", remaining))
+    rows.append(("accepted", accepted))
+    return rows
+
+
+async def generate_videos(
+    videos: list[Video],
+    run_dir: str | Path,
+    pool: str | Path | Pool,
+    config: RunConfig | None = None,
+    pm: VkrPluginManager | None = None,
+    force: bool = False,
+) -> list[VideoRecord]:
+    """Process videos one after another in one run directory; returns their records."""
+    seen: set[str] = set()
+    for video in videos:
+        if video.video_id in seen:
+            raise InputError(f"video id {video.video_id!r} appears twice")
+        seen.add(video.video_id)
+    async with Run(run_dir, pool, config, pm, force) as run:
+        return [await run.process(video) for video in videos]
+
+
+def format_funnel(rows: list[tuple[str, int]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {count:>5}" for name, count in rows)

@@ -1,0 +1,325 @@
+"""One pydantic model per concept. Every step's input and output is one of these."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SKILLS = ("VidR", "KnowVid", "KnowVidR")
+ProblemType = Literal["multiple choice", "open-ended"]
+OPTION_LETTERS = "ABCDEFGHIJ"
+
+# A video id becomes a file name and a checkpoint thread id: keep it to a safe alphabet.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class VkrError(Exception):
+    """Base class of the errors vkr reports to a user as a clear one-line message."""
+
+
+class InputError(VkrError):
+    """Bad input from the user: a file, an id, a config value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def check_video_id(video_id: str) -> str:
+    """Return the id if it is safe as a file name and thread id, else raise InputError."""
+    if not isinstance(video_id, str) or not _SAFE_ID.match(video_id) or ".." in video_id:
+        raise InputError(
+            f"unsafe video id {video_id!r}: use letters, digits, '_', '-' and '.', "
+            "no path separators and no '..'"
+        )
+    return video_id
+
+
+class KnowledgePoint(Strict):
+    term: str
+    definition: str = ""
+
+
+class Video(Strict):
+    """A video to process, with what is known about it (untrusted text included)."""
+
+    video_id: str
+    path: str
+    discipline: str = "general"
+    subject: str = ""
+    knowledge_point: KnowledgePoint | None = None
+    title: str = ""
+    description: str = ""
+
+    @field_validator("video_id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        return check_video_id(value)
+
+
+class VideoInfo(Strict):
+    """What probing a video file found."""
+
+    path: str
+    duration: float
+    fps: float
+    frame_count: int
+    width: int
+    height: int
+    reader: str
+
+
+class Frame(Strict):
+    """One sampled frame, encoded once as JPEG; calls refer to it by content hash."""
+
+    index: int
+    timestamp: float
+    sha256: str
+    path: str
+    width: int
+    height: int
+
+    @property
+    def clock(self) -> str:
+        return format_clock(self.timestamp)
+
+
+def format_clock(seconds: float) -> str:
+    """Timestamp as mm:ss (hours roll into minutes, as in the paper's prompts)."""
+    total = int(seconds)
+    return f"{total // 60:02d}:{total % 60:02d}"
+
+
+class SeedExample(Strict):
+    discipline: str
+    subject: str = ""
+    skill: Literal["VidR", "KnowVid", "KnowVidR"]
+    question: str
+    options: list[str] | None = None
+    answer: str
+    reasoning: str
+
+
+class SkillSpec(Strict):
+    """A skill as a plugin registers it."""
+
+    name: str
+    description: str
+    uses_knowledge: bool = False
+    rounds: int = 2
+    guidance: str = ""
+
+
+# ---------------------------------------------------------------- step outputs
+
+
+class GeneratedExample(Strict):
+    """What example_generation must return."""
+
+    problem_type: ProblemType
+    question: str = Field(min_length=1)
+    options: list[str] | None = None
+    answer: str = Field(min_length=1)
+    reasoning: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _options_match_type(self) -> GeneratedExample:
+        if self.problem_type == "multiple choice":
+            if not self.options or len(self.options) < 2:
+                raise ValueError("a multiple-choice question needs at least two options")
+            letters = OPTION_LETTERS[: len(self.options)]
+            for letter, option in zip(letters, self.options, strict=True):
+                if not option.startswith(f"{letter}."):
+                    raise ValueError(f"option {option!r} must start with '{letter}.'")
+            if self.answer.strip() not in letters:
+                raise ValueError(
+                    f"answer {self.answer!r} is not one of the option letters {letters}"
+                )
+        elif self.options:
+            raise ValueError("an open-ended question has no options")
+        return self
+
+
+class SolvedAnswer(Strict):
+    """A re-derived answer with its step-by-step reasoning (self_consistency, probes)."""
+
+    reasoning: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
+class BlindAnswer(Strict):
+    """An answer from limited visual context (video_dependency)."""
+
+    answer: str = Field(min_length=1)
+
+
+class CheckedStep(Strict):
+    step: str
+    support: Literal["visual", "knowledge", "unsupported"]
+    critical: bool = False
+    note: str = ""
+
+
+class CoTCheck(Strict):
+    """What cot_verification must return."""
+
+    steps: list[CheckedStep] = Field(min_length=1)
+    rules_out_alternatives: bool
+    verdict: Literal["pass", "fail"]
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- pipeline records
+
+
+class Candidate(Strict):
+    """An example moving through the gates."""
+
+    example_id: str
+    video_id: str
+    skill: str
+    round: int
+    problem_type: ProblemType
+    question: str
+    options: list[str] | None = None
+    answer: str
+    reasoning: str
+    models: dict[str, list[str]] = Field(default_factory=dict)
+    verdicts: list[Verdict] = Field(default_factory=list)
+
+
+class Verdict(Strict):
+    """A gate's decision on one candidate."""
+
+    step: str
+    passed: bool
+    reason: str
+    models: list[str] = Field(default_factory=list)
+    detail: dict[str, Any] = Field(default_factory=dict)
+    raw_replies: list[str] = Field(default_factory=list)
+    # A gate may replace the trace (self_consistency's re-derived reasoning becomes final).
+    revised_reasoning: str | None = None
+
+
+class Rejection(Strict):
+    """A candidate that did not make it, with where, why and the raw text."""
+
+    example_id: str
+    skill: str
+    round: int
+    step: str
+    reason: str
+    kind: Literal["gate", "malformed", "refusal", "error"]
+    raw_reply: str | None = None
+    candidate: Candidate | None = None
+
+
+class AcceptedExample(Strict):
+    """An example in the VideoKR release fields plus provenance."""
+
+    problem_id: str
+    question: str
+    options: list[str] | None = None
+    problem_type: ProblemType
+    solution: str
+    think: str
+    video_path: str
+    skill: str
+    subject: str
+    discipline: str
+    knowledge_point: str | None = None
+    video_id: str
+    models: dict[str, list[str]]
+    verdicts: list[Verdict]
+
+    @field_validator("solution", "think")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        inner = re.sub(r"^<(think|answer)>|</(think|answer)>$", "", value).strip()
+        if not inner:
+            raise ValueError("empty trace or answer: the SFT loader would drop it")
+        return value
+
+
+class VideoRecord(Strict):
+    """Everything one video produced: written once per video to the run directory."""
+
+    video_id: str
+    video: Video
+    status: Literal["done", "failed"]
+    failure: str | None = None
+    frames: int = 0
+    generated: int = 0
+    accepted: list[AcceptedExample] = Field(default_factory=list)
+    rejected: list[Rejection] = Field(default_factory=list)
+
+
+class CallRecord(Strict):
+    """One model call: what it cost and how it ended."""
+
+    step: str
+    model: str
+    video_id: str | None = None
+    cache_key: str
+    latency_s: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    cache_hit: bool
+    attempts: int = 1
+    outcome: Literal["ok", "malformed", "refusal", "error"]
+    error: str | None = None
+
+
+Candidate.model_rebuild()
+
+
+# ---------------------------------------------------------------- corpus split
+
+
+class RLExample(Strict):
+    """An example as the RL file carries it: the question and its verifiable answer, no trace."""
+
+    problem_id: str
+    question: str
+    options: list[str] | None = None
+    problem_type: ProblemType
+    solution: str
+    video_path: str
+    skill: str
+    subject: str
+    discipline: str
+    video_id: str
+
+    @field_validator("solution")
+    @classmethod
+    def _answer_not_empty(cls, value: str) -> str:
+        if not re.sub(r"^<answer>|</answer>$", "", value).strip():
+            raise ValueError("empty answer: a verifiable reward needs one")
+        return value
+
+
+class SplitSide(Strict):
+    """One side of a split (SFT or RL): its size and its videos."""
+
+    examples: int
+    videos: int
+    by_skill: dict[str, int]
+    by_problem_type: dict[str, int]
+    video_ids: list[str]
+
+
+class SplitManifest(Strict):
+    """What ``vkr split`` decided, written to split.json beside sft.jsonl and rl.jsonl."""
+
+    seed: int
+    sft_share_requested: float
+    sft_share: float
+    run_dirs: list[str]
+    sft: SplitSide
+    rl: SplitSide
+    # RL problem ids whose open-ended answer has no token ROUGE can score (e.g. only symbols):
+    # no response can earn accuracy reward on them.
+    unscorable_open_ended: list[str] = Field(default_factory=list)

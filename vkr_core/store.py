@@ -1,0 +1,169 @@
+"""The run directory: config snapshot, checkpoints, call cache, frames, records, call log.
+
+Layout::
+
+    RUN_DIR/config.json          what the run was started with (a rerun must match)
+    RUN_DIR/checkpoints.sqlite   LangGraph checkpoints, thread = video id
+    RUN_DIR/cache/               the model-call cache (diskcache, never evicts)
+    RUN_DIR/frames/<video_id>/   sampled frames, JPEG, encoded once
+    RUN_DIR/records/<video_id>.json   one VideoRecord per finished video
+    RUN_DIR/calls.jsonl          one CallRecord per call (cache hits included)
+    RUN_DIR/failures.jsonl       videos that could not be processed, with the reason
+    RUN_DIR/inputs/<step>.jsonl  rendered step inputs, for qualification pilots
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from vkr_core.calls import key_messages
+from vkr_core.log import redact
+from vkr_core.schemas import CallRecord, InputError, Video, VideoRecord, check_video_id
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a file so a reader (or a killed run) never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+class RunStore:
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "records").mkdir(exist_ok=True)
+        self._seen_inputs: dict[str, set[str]] = {}
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.root / "checkpoints.sqlite"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def frames_dir(self, video_id: str) -> Path:
+        return self.root / "frames" / check_video_id(video_id)
+
+    def record_path(self, video_id: str) -> Path:
+        return self.root / "records" / f"{check_video_id(video_id)}.json"
+
+    def check_config(self, snapshot: dict[str, Any], force: bool = False) -> None:
+        """Refuse to mix results of different configs in one run directory unless forced."""
+        path = self.root / "config.json"
+        if path.exists() and not force:
+            old = json.loads(path.read_text())
+            differences = _diff(old, snapshot)
+            if differences:
+                raise InputError(
+                    f"run directory {self.root} was made with a different config ("
+                    + "; ".join(differences[:5])
+                    + (" ..." if len(differences) > 5 else "")
+                    + "): use another --out, or --force to continue with the new config"
+                )
+        atomic_write(path, json.dumps(snapshot, indent=2, sort_keys=True))
+
+    def write_record(self, record: VideoRecord) -> Path:
+        path = self.record_path(record.video_id)
+        atomic_write(path, redact(record.model_dump_json(indent=2)))
+        return path
+
+    def read_record(self, video_id: str) -> VideoRecord | None:
+        path = self.record_path(video_id)
+        if not path.exists():
+            return None
+        return VideoRecord.model_validate_json(path.read_text())
+
+    def records(self) -> list[VideoRecord]:
+        return [
+            VideoRecord.model_validate_json(p.read_text())
+            for p in sorted((self.root / "records").glob("*.json"))
+        ]
+
+    def _append(self, name: str, data: dict[str, Any]) -> None:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            handle.write(redact(json.dumps(data, ensure_ascii=False)) + "\n")
+
+    def append_call(self, record: CallRecord) -> None:
+        self._append("calls.jsonl", record.model_dump())
+
+    def calls(self) -> list[CallRecord]:
+        path = self.root / "calls.jsonl"
+        if not path.exists():
+            return []
+        return [
+            CallRecord.model_validate_json(line) for line in path.read_text().splitlines() if line
+        ]
+
+    def add_failure(self, video_id: str, reason: str, path: str | None = None) -> None:
+        self._append(
+            "failures.jsonl",
+            {"video_id": video_id, "path": path, "reason": redact(reason), "time": time.time()},
+        )
+
+    def record_input(
+        self,
+        step: str,
+        key: str,
+        video: Video,
+        messages: list[dict[str, Any]],
+        meta: dict[str, Any],
+    ) -> None:
+        """Keep each distinct rendered input of a step once, for qualification pilots."""
+        seen = self._seen_inputs.get(step)
+        path = self.root / "inputs" / f"{step}.jsonl"
+        if seen is None:
+            seen = set()
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    if line:
+                        seen.add(json.loads(line)["key"])
+            self._seen_inputs[step] = seen
+        if key in seen:
+            return
+        seen.add(key)
+        frames = [
+            {"sha256": p["sha256"], "path": p["path"]}
+            for m in messages
+            if isinstance(m["content"], list)
+            for p in m["content"]
+            if p.get("type") == "frame"
+        ]
+        self._append(
+            f"inputs/{step}.jsonl",
+            {
+                "key": key,
+                "step": step,
+                "video_id": video.video_id,
+                "discipline": video.discipline,
+                "subject": video.subject,
+                "meta": meta,
+                "frames": frames,
+                "messages": key_messages(messages),
+            },
+        )
