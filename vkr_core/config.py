@@ -18,6 +18,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Modality = Literal["text", "vision"]
+
+
+def _text_and_vision() -> list[Modality]:
+    return ["text", "vision"]
+
+
 class ModelSpec(Strict):
     """One model in the pool. The API key is named by an environment variable, never stored."""
 
@@ -26,7 +33,7 @@ class ModelSpec(Strict):
     provider: str = "litellm"
     api_base: str | None = None
     api_key_env: str | None = None
-    modality: list[Literal["text", "vision"]] = Field(default_factory=lambda: ["text", "vision"])
+    modality: list[Modality] = Field(default_factory=_text_and_vision)
     max_concurrency: int = Field(default=8, ge=1)
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)

@@ -113,7 +113,9 @@ def get_plugin_manager(
                 raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
             pm.register(plugin, name=ep.name)
     for plugin in extra_plugins:
-        pm.register(plugin)
+        # A readable name, so errors and `vkr plugins` can say which plugin did what.
+        name = getattr(plugin, "__name__", None) or type(plugin).__name__
+        pm.register(plugin, name=name if not pm.has_plugin(name) else f"{name}-{id(plugin)}")
     pm.check_pending()
     pm.registry = collect(pm)
     return pm

@@ -62,9 +62,8 @@ class Run:
         self.eligibility: EligibilityRegistry = load_registry(registry_path)
         unknown = sorted(set(self.eligibility.steps) - set(self.registry.steps))
         if unknown:
-            raise InputError(
-                f"eligibility registry {registry_path} names unknown step(s): {', '.join(unknown)}"
-            )
+            # A registry may cover steps of plugins that are not loaded in this run.
+            log.info("eligibility registry covers steps not loaded", steps=unknown)
         self.router = Router(
             self.pool,
             self.eligibility,

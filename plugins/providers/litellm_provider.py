@@ -54,6 +54,10 @@ class LitellmProvider(Provider):
         litellm = _import_litellm()
         api_key = spec.api_key()
         register_secrets([api_key])
+        if api_key is None and spec.api_base:
+            # Local OpenAI-compatible servers (vLLM, the fake server) need no key, but the
+            # OpenAI client refuses to send a request without one: vLLM's convention.
+            api_key = "EMPTY"
         try:
             response = await litellm.acompletion(
                 model=spec.model,

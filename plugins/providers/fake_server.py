@@ -1,0 +1,975 @@
+"""A loopback OpenAI-compatible chat-completions server with scripted behaviour.
+
+Tests and ``vkr demo`` run the pipeline through the real litellm client over HTTP to this
+server, so request serialisation, retries, refusals and cost accounting are exercised the
+way a real provider exercises them. It ships in the package so third-party plugin authors
+can test the same way.
+
+Ground truth needs no shared state: a generated question carries a tag
+``[q:XXXXXXXX:mc]`` or ``[q:XXXXXXXX:oe]`` and the true answer is a pure function of the
+tag (:func:`truth_for_tag`), so a restarted server, or another one, grades the same way.
+Content decisions (right or wrong, malformed, refusal, which question) are a pure function
+of the server seed, model, step, messages (images by sha256) and the request's ``seed``;
+transport faults (429, 5xx, hangs) come from a seeded random stream per request, so a
+retry of the same request can succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import json
+import math
+import random
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from plugins.providers.fake_policy import (
+    Knobs,
+    ServerPolicy,
+    dump_policy,
+    load_policy,
+    parse_policy,
+)
+from vkr_core.hookspecs import hookimpl
+from vkr_core.schemas import InputError, VkrError
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "FakeModelServer",
+    "MODEL_BACKED_STEPS",
+    "TAG_PATTERN",
+    "find_tag",
+    "make_tag",
+    "truth_for_tag",
+    "write_pool",
+]
+
+DEFAULT_MODELS: tuple[str, ...] = ("fake-a", "fake-b", "fake-c", "fake-d")
+MODEL_BACKED_STEPS: tuple[str, ...] = (
+    "example_generation",
+    "self_consistency",
+    "video_dependency",
+    "cot_verification",
+    "single_frame_probe",
+)
+STEP_HEADER = "X-Vkr-Step"
+API_KEY_ENV = "VKR_FAKE_API_KEY"
+# Small but nonzero, so cost accounting shows up in records and reports.
+INPUT_COST_PER_TOKEN = 5e-7
+OUTPUT_COST_PER_TOKEN = 1.5e-6
+TOKENS_PER_IMAGE = 85
+
+TAG_PATTERN = re.compile(r"\[q:([0-9a-f]{8}):(mc|oe)\]")
+_NUMBERED = re.compile(r"^\s*\d{1,2}[.)]\s+(\S.*)$", re.MULTILINE)
+_CLOCK = re.compile(r"(?<![\d:])(\d{1,3}):([0-5]\d)(?![\d:])")
+
+OPEN_ENDED_ANSWERS: tuple[str, ...] = (
+    "heat conduction",
+    "friction",
+    "centripetal force",
+    "surface tension",
+    "thermal expansion",
+    "an exothermic reaction",
+    "torque about the pivot",
+    "conservation of momentum",
+    "evaporation",
+    "gravity",
+    "air resistance",
+    "a lever",
+    "capillary action",
+    "buoyancy",
+    "elastic deformation",
+    "oxidation",
+)
+
+_OPTION_TEXTS: tuple[str, ...] = (
+    "The object is lifted and rotated",
+    "The liquid starts to boil",
+    "The tool is pressed against the surface",
+    "The sample changes colour",
+    "The person adjusts the setting",
+    "Nothing changes between the frames",
+    "The material is cut into two pieces",
+    "The object slides to a stop",
+    "The part is fastened in place",
+    "The mixture separates into layers",
+    "The container is tilted to pour",
+    "The surface is heated evenly",
+)
+
+_QUESTION_TEMPLATES: tuple[str, ...] = (
+    "At {clock}, what is the main action being performed, and why does it work?",
+    "Based on what is visible at {clock}, what happens next in the video?",
+    "Which principle best explains what is shown at {clock}?",
+    "What is the purpose of the step shown at {clock}?",
+    "What changes between the frame at {clock} and the following frames?",
+)
+
+_OBSERVATIONS: tuple[str, ...] = (
+    "the hands hold the tool at an angle over the work surface",
+    "the object in the centre of the frame is being moved",
+    "the material visibly changes shape",
+    "the person pauses before the next step",
+    "a tool is in contact with the surface",
+    "the contents of the container start to move",
+)
+
+_KNOWLEDGE: tuple[str, ...] = (
+    "In this discipline this step is done to control the outcome of the next one",
+    "Standard practice is to apply force gradually to avoid damage",
+    "Heat and motion here follow the usual physical principles",
+    "This is the expected order of steps in the procedure",
+)
+
+_REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
+
+
+# ---------------------------------------------------------------- ground truth
+
+
+def make_tag(hex8: str, kind: str) -> str:
+    """The tag a generated question carries: ``[q:<8 hex>:<mc|oe>]``."""
+    tag = f"[q:{hex8}:{kind}]"
+    if not TAG_PATTERN.fullmatch(tag):
+        raise ValueError(f"not a valid question tag: {tag!r}")
+    return tag
+
+
+def truth_for_tag(tag: str) -> str:
+    """The true answer of the question carrying ``tag``: a letter (mc) or a short phrase (oe)."""
+    match = TAG_PATTERN.search(tag)
+    if not match:
+        raise ValueError(f"no question tag like [q:0123abcd:mc] in {tag!r}")
+    number = int(match.group(1), 16)
+    if match.group(2) == "mc":
+        return "ABCD"[number % 4]
+    return OPEN_ENDED_ANSWERS[number % len(OPEN_ENDED_ANSWERS)]
+
+
+def find_tag(texts: Iterable[str]) -> str | None:
+    """The last question tag in the texts: the candidate under review comes after instructions."""
+    found = None
+    for text in texts:
+        for match in TAG_PATTERN.finditer(text):
+            found = match.group(0)
+    return found
+
+
+# ---------------------------------------------------------------- request digest
+
+
+@dataclass
+class ChatRequest:
+    """The parts of a chat-completions request that decide the reply."""
+
+    model: str
+    step: str
+    texts: list[str]
+    image_hashes: list[str]
+    seed: int | None
+    normalised_messages: list[dict[str, Any]]
+
+    def text_chars(self) -> int:
+        return sum(len(t) for t in self.texts)
+
+
+class BadRequest(VkrError):
+    """A request the server answers with HTTP 400."""
+
+
+def _image_hash(url: str) -> str:
+    # Hash the decoded bytes of a data URL so the hash matches the frame file's own sha256.
+    if url.startswith("data:") and "," in url:
+        header, payload = url.split(",", 1)
+        if header.endswith(";base64"):
+            try:
+                return hashlib.sha256(base64.b64decode(payload, validate=False)).hexdigest()
+            except (binascii.Error, ValueError):
+                pass
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def parse_chat_request(body: Any, step_header: str | None) -> ChatRequest:
+    """Validate an OpenAI chat-completions body or raise BadRequest naming the field."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a non-empty string")
+    model = model.removeprefix("openai/")
+    if body.get("stream"):
+        raise BadRequest("'stream': true is not supported by the fake model server")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' is required and must be a non-empty list")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise BadRequest(f"'seed' must be an integer, got {seed!r}")
+    texts: list[str] = []
+    images: list[str] = []
+    normalised: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise BadRequest(f"messages[{i}] must be an object with a 'role'")
+        content = message.get("content")
+        parts: list[Any] = []
+        if isinstance(content, str):
+            texts.append(content)
+            parts.append({"text": content})
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    text = str(part.get("text", ""))
+                    texts.append(text)
+                    parts.append({"text": text})
+                elif kind == "image_url":
+                    image = part.get("image_url")
+                    url = image.get("url") if isinstance(image, dict) else image
+                    if not isinstance(url, str) or not url:
+                        raise BadRequest(f"messages[{i}].content[{j}].image_url has no url")
+                    digest = _image_hash(url)
+                    images.append(digest)
+                    parts.append({"image": digest})
+                else:
+                    raise BadRequest(
+                        f"messages[{i}].content[{j}] has unsupported type {kind!r} "
+                        "(expected 'text' or 'image_url')"
+                    )
+        elif content is not None:
+            raise BadRequest(f"messages[{i}].content must be a string or a list of parts")
+        normalised.append({"role": message["role"], "content": parts})
+    return ChatRequest(
+        model=model,
+        step=step_header or "(none)",
+        texts=texts,
+        image_hashes=images,
+        seed=seed,
+        normalised_messages=normalised,
+    )
+
+
+class Decider:
+    """Deterministic draws from (server seed, model, step, messages, seed param)."""
+
+    def __init__(self, server_seed: int, request: ChatRequest):
+        blob = json.dumps(
+            [server_seed, request.model, request.step, request.normalised_messages, request.seed],
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        self.key = hashlib.sha256(blob.encode()).hexdigest()
+
+    def digest(self, label: str) -> str:
+        return hashlib.sha256(f"{self.key}:{label}".encode()).hexdigest()
+
+    def uniform(self, label: str) -> float:
+        return int(self.digest(label)[:13], 16) / float(16**13)
+
+    def pick(self, label: str, items: Sequence[Any]) -> Any:
+        return items[int(self.digest(label)[:12], 16) % len(items)]
+
+    def integer(self, label: str, low: int, high: int) -> int:
+        return low + int(self.digest(label)[:12], 16) % (high - low + 1)
+
+
+# ---------------------------------------------------------------- reply content
+
+
+def _clocks(texts: Iterable[str]) -> list[str]:
+    seen: list[str] = []
+    for text in texts:
+        for match in _CLOCK.finditer(text):
+            clock = f"{int(match.group(1)):02d}:{match.group(2)}"
+            if clock not in seen:
+                seen.append(clock)
+    return seen
+
+
+def _reasoning(decider: Decider, clock: str, answer: str, label: str) -> str:
+    """2 to 4 numbered steps: what is seen, optionally why, and the conclusion."""
+    n_steps = decider.integer(f"{label}:steps", 2, 4)
+    lines = [f"At {clock} {decider.pick(f'{label}:obs', _OBSERVATIONS)}."]
+    if n_steps >= 3:
+        lines.append(f"{decider.pick(f'{label}:know', _KNOWLEDGE)}.")
+    if n_steps >= 4:
+        lines.append("The other candidate answers do not match what the frames show.")
+    lines.append(f"Therefore the answer is {answer}.")
+    return "\n".join(f"{i}. {line}" for i, line in enumerate(lines, start=1))
+
+
+def _wrong_answer(decider: Decider, truth: str) -> str:
+    if truth in "ABCD" and len(truth) == 1:
+        return decider.pick("wrong", [letter for letter in "ABCD" if letter != truth])
+    return decider.pick("wrong", [a for a in OPEN_ENDED_ANSWERS if a != truth])
+
+
+def _gate_answer(decider: Decider, request: ChatRequest, knobs: Knobs) -> tuple[str, str]:
+    """The gate's answer and the clock it cites, right with probability ``accuracy``."""
+    clocks = _clocks(request.texts)
+    clock = decider.pick("clock", clocks) if clocks else "00:00"
+    tag = find_tag(request.texts)
+    if tag is None:
+        # Nothing to grade against: answer something plausible and stable.
+        return decider.pick("untagged", ["A", "B", "C", "D"]), clock
+    truth = truth_for_tag(tag)
+    if decider.uniform("correct") < knobs.accuracy:
+        return truth, clock
+    return _wrong_answer(decider, truth), clock
+
+
+def generate_example(decider: Decider, request: ChatRequest) -> dict[str, Any]:
+    """A GeneratedExample whose question carries its ground-truth tag."""
+    hex8 = decider.digest("tag")[:8]
+    kind = "oe" if int(hex8, 16) % 3 == 0 else "mc"
+    tag = make_tag(hex8, kind)
+    truth = truth_for_tag(tag)
+    clocks = _clocks(request.texts)
+    clock = decider.pick("clock", clocks) if clocks else "00:00"
+    question = f"{tag} {decider.pick('template', _QUESTION_TEMPLATES).format(clock=clock)}"
+    example: dict[str, Any] = {
+        "problem_type": "open-ended" if kind == "oe" else "multiple choice",
+        "question": question,
+        "answer": truth,
+        "reasoning": _reasoning(decider, clock, truth, "gen"),
+    }
+    if kind == "mc":
+        start = decider.integer("options", 0, len(_OPTION_TEXTS) - 1)
+        texts = [_OPTION_TEXTS[(start + i) % len(_OPTION_TEXTS)] for i in range(4)]
+        example["options"] = [
+            f"{letter}. {text}" for letter, text in zip("ABCD", texts, strict=True)
+        ]
+    return example
+
+
+def check_reasoning(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[str, Any]:
+    """A CoTCheck that passes with probability ``cot_pass``; a fail has a critical unsupported step."""
+    clocks = _clocks(request.texts)
+    clock = decider.pick("clock", clocks) if clocks else "00:00"
+    # Quote the trace under review when it is numbered, as a real verifier would.
+    quoted = [m.group(1).strip()[:160] for t in request.texts for m in _NUMBERED.finditer(t)]
+    if len(quoted) >= 2:
+        texts = quoted[:4]
+    else:
+        count = decider.integer("cot:steps", 2, 4)
+        texts = [f"At {clock} {decider.pick('cot:obs', _OBSERVATIONS)}"]
+        texts += [f"{decider.pick(f'cot:know{i}', _KNOWLEDGE)}" for i in range(1, count)]
+    steps: list[dict[str, Any]] = [
+        {"step": text, "support": "visual" if i == 0 else "knowledge", "critical": i == 0}
+        for i, text in enumerate(texts)
+    ]
+    steps[0]["note"] = f"visible at {clock}"
+    n_steps = len(steps)
+    if decider.uniform("cot_pass") < knobs.cot_pass:
+        return {
+            "steps": steps,
+            "rules_out_alternatives": True,
+            "verdict": "pass",
+            "reason": "every key step is supported by the frames or standard knowledge",
+        }
+    bad = decider.integer("cot:bad", 1, n_steps)
+    steps[bad - 1].update(
+        {"support": "unsupported", "critical": True, "note": "no frame shows this"}
+    )
+    return {
+        "steps": steps,
+        "rules_out_alternatives": False,
+        "verdict": "fail",
+        "reason": f"step {bad} is a critical claim that no frame or standard knowledge supports",
+    }
+
+
+def reply_content(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[str, Any]:
+    """The JSON object a well-behaved model would return for this step."""
+    step = request.step
+    if step == "example_generation":
+        return generate_example(decider, request)
+    if step == "cot_verification":
+        return check_reasoning(decider, request, knobs)
+    answer, clock = _gate_answer(decider, request, knobs)
+    if step in ("self_consistency", "single_frame_probe"):
+        return {"reasoning": _reasoning(decider, clock, answer, "solve"), "answer": answer}
+    return {"answer": answer}
+
+
+def malformed_content(decider: Decider, good: dict[str, Any]) -> str:
+    """A reply that is broken JSON, prose, or JSON in the wrong shape."""
+    text = json.dumps(good)
+    variant = decider.pick("malformed:kind", ("truncated", "prose", "wrong_keys"))
+    if variant == "truncated":
+        return text[: max(1, len(text) // 2)]
+    if variant == "prose":
+        return "Sure! Looking at the frames, I think the answer is probably the second one."
+    return json.dumps({"result": "see reasoning above", "confidence": "high"})
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    completions: int = 0
+    by_model: dict[str, int] = field(default_factory=dict)
+    by_step: dict[str, int] = field(default_factory=dict)
+    by_model_step: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    auth_present: int = 0
+    auth_missing: int = 0
+    # Keyed HMACs of keys seen, with a per-process secret: counts distinct keys without
+    # keeping anything that could recover or confirm a key.
+    auth_fingerprints: set[str] = field(default_factory=set)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "completions": self.completions,
+            "by_model": dict(sorted(self.by_model.items())),
+            "by_step": dict(sorted(self.by_step.items())),
+            "by_model_step": dict(sorted(self.by_model_step.items())),
+            "faults": dict(sorted(self.faults.items())),
+            "authorization": {
+                "present": self.auth_present,
+                "missing": self.auth_missing,
+                "distinct": len(self.auth_fingerprints),
+            },
+        }
+
+
+def _bump(table: dict[str, int], key: str) -> None:
+    table[key] = table.get(key, 0) + 1
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _openai_error(message: str, kind: str, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+# ---------------------------------------------------------------- the server
+
+
+class FakeModelServer:
+    """An OpenAI-compatible chat-completions server on loopback, in a background thread.
+
+    ``with FakeModelServer(policy={"accuracy": 0.9}) as server: server.base_url`` gives a
+    URL like ``http://127.0.0.1:PORT/v1`` to use as litellm's ``api_base``.
+    """
+
+    def __init__(self, policy: dict[str, Any] | ServerPolicy | None = None, seed: int = 0):
+        self.seed = seed
+        self._policy = parse_policy(policy)
+        self._lock = threading.Lock()
+        self._stats = Stats()
+        self._auth_secret = secrets.token_bytes(16)
+        self._transport_rng = random.Random(seed)
+        self._script_cursors: dict[tuple[str, str], int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
+        self.base_url: str | None = None
+        self._address: tuple[str, int] | None = None
+
+    # -- lifecycle
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (0 = any free port) and return the base URL ending in /v1.
+
+        On a running server (e.g. inside ``with``), asking for the address it already has, or
+        for any port, returns the current URL; asking for another address moves the server
+        there, keeping its policy and stats.
+        """
+        if not _is_loopback(host):
+            raise InputError(
+                f"the fake model server only listens on loopback, not on {host!r}: "
+                "use 127.0.0.1, ::1 or localhost"
+            )
+        if self._thread is not None:
+            assert self.base_url is not None
+            if port == 0 or (host, port) == self._address:
+                return self.base_url
+            self.stop()
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                self.base_url = loop.run_until_complete(self._open(host, port))
+            except BaseException as exc:  # reported to the caller of start()
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=serve, name="vkr-fake-model-server", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            exc = failure[0]
+            if isinstance(exc, OSError):
+                raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+            raise exc
+        assert self.base_url is not None
+        self._address = (host, int(self.base_url.rsplit(":", 1)[1].split("/")[0]))
+        return self.base_url
+
+    async def _open(self, host: str, port: int) -> str:
+        self._stopping = asyncio.Event()
+        app = web.Application(client_max_size=256 * 1024**2)
+        app.router.add_post("/v1/chat/completions", self._handle_completion)
+        app.router.add_post("/chat/completions", self._handle_completion)
+        app.router.add_get("/v1/models", self._handle_models)
+        app.router.add_get("/models", self._handle_models)
+        app.router.add_get("/stats", self._handle_stats)
+        app.router.add_post("/stats/reset", self._handle_stats_reset)
+        app.router.add_get("/policy", self._handle_get_policy)
+        app.router.add_post("/policy", self._handle_set_policy)
+        app.router.add_get("/health", self._handle_health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        await site.start()
+        sockname = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+        bound_host = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
+        return f"http://{bound_host}:{sockname[1]}/v1"
+
+    def stop(self) -> None:
+        """Release hung requests, close connections and end the server thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def close() -> None:
+            assert self._stopping is not None
+            self._stopping.set()
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        self._thread = None
+        self._loop = None
+        self._runner = None
+
+    def __enter__(self) -> FakeModelServer:
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- control
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of requests, billed completions by model and step, and faults served."""
+        with self._lock:
+            return self._stats.as_dict()
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats = Stats()
+
+    def set_policy(self, policy: dict[str, Any] | ServerPolicy) -> None:
+        """Replace the policy; scripts start again from their first outcome."""
+        parsed = parse_policy(policy)
+        with self._lock:
+            self._policy = parsed
+            self._script_cursors = {}
+            self._transport_rng = random.Random(self.seed)
+
+    @property
+    def policy(self) -> ServerPolicy:
+        return self._policy
+
+    # -- request handling
+
+    def _decide_outcome(self, model: str, knobs: Knobs, script_scope: str) -> str:
+        """The scripted outcome if one is left, else a transport draw (``ok`` if none hits)."""
+        with self._lock:
+            if knobs.script:
+                cursor_key = (model, script_scope)
+                position = self._script_cursors.get(cursor_key, 0)
+                if position < len(knobs.script):
+                    self._script_cursors[cursor_key] = position + 1
+                    return knobs.script[position]
+            rng = self._transport_rng
+            draws = (rng.random(), rng.random(), rng.random(), rng.random())
+        if draws[0] < knobs.rate_limit:
+            return "429"
+        if draws[1] < knobs.server_error:
+            return "500" if draws[3] < 0.5 else "503"
+        if draws[2] < knobs.hang:
+            return "hang"
+        return "content"
+
+    def _record_auth(self, header: str | None) -> None:
+        if not header:
+            self._stats.auth_missing += 1
+            return
+        self._stats.auth_present += 1
+        mac = hmac.new(self._auth_secret, header.encode(), hashlib.sha256).hexdigest()
+        self._stats.auth_fingerprints.add(mac)
+
+    def _fault(self, name: str) -> None:
+        with self._lock:
+            _bump(self._stats.faults, name)
+
+    async def _handle_completion(self, request: web.Request) -> web.Response:
+        with self._lock:
+            self._stats.requests += 1
+            self._record_auth(request.headers.get("Authorization"))
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._fault("400")
+            return web.json_response(
+                _openai_error(
+                    f"request body is not valid JSON: {exc}", "invalid_request_error", None
+                ),
+                status=400,
+            )
+        try:
+            chat = parse_chat_request(body, request.headers.get(STEP_HEADER))
+        except BadRequest as exc:
+            self._fault("400")
+            return web.json_response(
+                _openai_error(str(exc), "invalid_request_error", None), status=400
+            )
+        with self._lock:
+            knobs, script_scope = self._policy.resolve(chat.model, chat.step)
+        if knobs.latency_ms:
+            await asyncio.sleep(knobs.latency_ms / 1000)
+        outcome = self._decide_outcome(chat.model, knobs, script_scope)
+
+        if outcome == "429":
+            self._fault("429")
+            retry_after = knobs.retry_after_s
+            return web.json_response(
+                _openai_error(
+                    f"Rate limit reached for {chat.model} (fake model server). "
+                    f"Please try again in {retry_after:g}s.",
+                    "requests",
+                    "rate_limit_exceeded",
+                ),
+                status=429,
+                headers={
+                    "Retry-After": str(math.ceil(retry_after)),
+                    "retry-after-ms": str(int(retry_after * 1000)),
+                },
+            )
+        if outcome in ("500", "503"):
+            self._fault(outcome)
+            message = (
+                "The server had an error while processing your request (fake model server)."
+                if outcome == "500"
+                else "The engine is currently overloaded (fake model server)."
+            )
+            return web.json_response(
+                _openai_error(message, "server_error", None), status=int(outcome)
+            )
+        if outcome == "hang":
+            self._fault("hang")
+            assert self._stopping is not None
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=knobs.hang_s)
+            except TimeoutError:
+                pass
+            return web.json_response(
+                _openai_error("the request hung (fake model server)", "server_error", None),
+                status=504,
+            )
+        return self._complete(chat, knobs, forced=outcome)
+
+    def _complete(self, chat: ChatRequest, knobs: Knobs, forced: str) -> web.Response:
+        decider = Decider(self.seed, chat)
+        good = reply_content(decider, chat, knobs)
+        finish_reason = "stop"
+        if forced == "refusal" or (
+            forced == "content" and decider.uniform("refusal") < knobs.refusal
+        ):
+            text, finish_reason = _REFUSAL_TEXT, "content_filter"
+            kind = "refusal"
+        elif forced == "malformed" or (
+            forced == "content" and decider.uniform("malformed") < knobs.malformed
+        ):
+            text, kind = malformed_content(decider, good), "malformed"
+        else:
+            text, kind = json.dumps(good), "ok"
+        prompt_tokens = max(1, math.ceil(chat.text_chars() / 4)) + TOKENS_PER_IMAGE * len(
+            chat.image_hashes
+        )
+        completion_tokens = max(1, math.ceil(len(text) / 4))
+        reply = {
+            "id": f"chatcmpl-fake-{decider.key[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.model,
+            "system_fingerprint": "vkr-fake-model-server",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        with self._lock:
+            stats = self._stats
+            stats.completions += 1
+            _bump(stats.by_model, chat.model)
+            _bump(stats.by_step, chat.step)
+            _bump(stats.by_model_step, f"{chat.model}|{chat.step}")
+            if kind != "ok":
+                _bump(stats.faults, kind)
+        return web.json_response(reply)
+
+    async def _handle_models(self, request: web.Request) -> web.Response:
+        with self._lock:
+            names = set(DEFAULT_MODELS) | set(self._policy.models)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "vkr-fake"}
+                    for name in sorted(names)
+                ],
+            }
+        )
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _handle_stats_reset(self, request: web.Request) -> web.Response:
+        self.reset_stats()
+        return web.json_response(self.stats())
+
+    async def _handle_get_policy(self, request: web.Request) -> web.Response:
+        with self._lock:
+            text = dump_policy(self._policy)
+        return web.Response(text=text, content_type="application/json")
+
+    async def _handle_set_policy(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+            self.set_policy(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return web.json_response(
+                _openai_error(f"policy is not valid JSON: {exc}", "invalid_request_error", None),
+                status=400,
+            )
+        except InputError as exc:
+            return web.json_response(
+                _openai_error(str(exc), "invalid_request_error", None), status=400
+            )
+        return await self._handle_get_policy(request)
+
+    async def _handle_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+
+# ---------------------------------------------------------------- pool and registry
+
+
+def write_pool(
+    pool_path: str | Path,
+    base_url: str,
+    models: Sequence[str] = DEFAULT_MODELS,
+    registry_path: str | Path | None = None,
+    pm: Any = None,
+) -> Path:
+    """Write a pool YAML of fake models at ``base_url`` and a registry marking them all eligible.
+
+    The registry goes to ``registry_path`` (default: ``<pool stem>-registry.yaml`` beside the
+    pool). Each model-backed step gets an entry per model; when ``pm`` is a loaded plugin
+    manager, entries carry the step's current prompt version so they are not stale.
+    Returns the pool path.
+    """
+    names = list(models)
+    if not names:
+        raise InputError("write_pool needs at least one model name")
+    if len(set(names)) != len(names):
+        raise InputError(f"write_pool got a model name twice: {names}")
+    pool_file = Path(pool_path)
+    registry_file = (
+        Path(registry_path)
+        if registry_path is not None
+        else pool_file.with_name(f"{pool_file.stem}-registry.yaml")
+    )
+    registered_steps: dict[str, Any] = {}
+    if pm is not None:
+        registered_steps = dict(getattr(getattr(pm, "registry", None), "steps", {}) or {})
+    step_names = sorted(set(MODEL_BACKED_STEPS) | set(registered_steps))
+
+    registry: dict[str, dict[str, dict[str, Any]]] = {}
+    for step_name in step_names:
+        entry: dict[str, Any] = {"eligible": True, "error_rate": 0.0, "n": 100}
+        step = registered_steps.get(step_name)
+        if step is not None:
+            entry["prompt_version"] = step.version()
+        registry[step_name] = {name: dict(entry) for name in names}
+
+    if registry_file.resolve().parent == pool_file.resolve().parent:
+        registry_ref = registry_file.name  # relative refs keep the pair movable together
+    else:
+        registry_ref = str(registry_file.resolve())
+    pool = {
+        "models": [
+            {
+                "name": name,
+                "model": f"openai/{name}",
+                "api_base": base_url,
+                "api_key_env": API_KEY_ENV,
+                "modality": ["text", "vision"],
+                "max_concurrency": 8,
+                "input_cost_per_token": INPUT_COST_PER_TOKEN,
+                "output_cost_per_token": OUTPUT_COST_PER_TOKEN,
+            }
+            for name in names
+        ],
+        # The paper uses a fixed pair of models for the video-dependency check.
+        "steps": {"video_dependency": {"models": names[-2:]}},
+        "registry": registry_ref,
+    }
+    pool_file.parent.mkdir(parents=True, exist_ok=True)
+    registry_file.parent.mkdir(parents=True, exist_ok=True)
+    registry_file.write_text(yaml.safe_dump(registry, sort_keys=True))
+    pool_file.write_text(yaml.safe_dump(pool, sort_keys=False))
+    return pool_file
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def serve_forever(
+    host: str,
+    port: int,
+    seed: int,
+    policy_file: str | None,
+    pool_file: str | None,
+    echo: Any = print,
+) -> None:
+    """Run the server in the foreground until SIGINT or SIGTERM (``vkr dev fake-server``)."""
+    policy = load_policy(policy_file) if policy_file else None
+    pm = None
+    if pool_file:
+        from vkr_core.plugins import get_plugin_manager
+
+        try:
+            pm = get_plugin_manager()
+        except (VkrError, ImportError) as exc:
+            # Prompt versions are optional in the registry; the pool is still useful without.
+            print(
+                f"note: plugins did not load ({exc}); the registry has no prompt versions",
+                file=sys.stderr,
+            )
+    server = FakeModelServer(policy=policy, seed=seed)
+    base_url = server.start(host=host, port=port)
+    done = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        echo(f"fake model server: {base_url}")
+        if pool_file:
+            written = write_pool(pool_file, base_url, pm=pm)
+            echo(f"pool: {written.resolve()}")
+            echo(f"set {API_KEY_ENV} to any value before running against this pool")
+        echo("press Ctrl-C to stop")
+        while not done.wait(0.2):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@hookimpl
+def vkr_register_commands(cli: Any) -> None:
+    import click
+
+    dev = cli.commands.get("dev")
+    if dev is None:
+
+        @cli.group("dev")
+        def dev_group() -> None:
+            """Developer tools: local fakes for testing plugins and pipelines."""
+
+        dev = dev_group
+
+    @dev.command("fake-server")
+    @click.option("--host", default="127.0.0.1", show_default=True, help="loopback address only")
+    @click.option("--port", type=int, default=0, show_default=True, help="0 picks a free port")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option(
+        "--policy", "policy_file", type=click.Path(dir_okay=False), help="policy YAML/JSON file"
+    )
+    @click.option(
+        "--write-pool",
+        "pool_file",
+        type=click.Path(dir_okay=False),
+        help="write a pool YAML (and its registry) pointing at this server",
+    )
+    def fake_server(
+        host: str, port: int, seed: int, policy_file: str | None, pool_file: str | None
+    ) -> None:
+        """Serve a scripted OpenAI-compatible model on loopback until Ctrl-C."""
+        if not _is_loopback(host):
+            raise click.BadParameter(
+                f"{host!r} is not a loopback address; the fake server listens on "
+                "127.0.0.1, ::1 or localhost only",
+                param_hint="--host",
+            )
+        try:
+            serve_forever(host, port, seed, policy_file, pool_file, echo=_echo_flush)
+        except VkrError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _echo_flush(message: str) -> None:
+    import click
+
+    click.echo(message)
+    # stdout may be a pipe (tests, scripts waiting for the URL): do not let it sit in a buffer.
+    sys.stdout.flush()
