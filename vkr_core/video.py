@@ -1,0 +1,740 @@
+"""Frame sampling: timestamps, decoding through the frame-reader hook, JPEG frames on disk.
+
+Readers are plugins (hook ``vkr_frame_reader``): decord first, PyAV where decord fails.
+Frames are chosen by presentation timestamp, never by frame index, so variable-frame-rate
+files are sampled at the right moments. ``sample_frames`` decodes in a separate, killable
+process by default because decord can abort the whole process or hang on corrupt files.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import math
+import multiprocessing
+import os
+import pickle
+import random
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from vkr_core.schemas import Frame, InputError, VideoInfo, VkrError
+
+if TYPE_CHECKING:
+    import pluggy
+
+# Two readers must pick the same frame for the same time although decord reports times as
+# float32 (about 0.1 ms off after half an hour): treat a frame starting up to 1 ms after the
+# requested time as shown at that time.
+TIMESTAMP_TOLERANCE = 1e-3
+
+# Frames decoded per reader call: bounds memory (64 decoded 1080p frames are 400 MB) while
+# keeping decord's batch reads and our JPEG encoding in step.
+_CHUNK = 16
+
+_MANIFEST = "manifest.json"
+_MANIFEST_FORMAT = 1
+
+
+class VideoDecodeError(InputError):
+    """A video file that cannot be decoded; the message names the file and what failed.
+
+    ``failures`` lists ``(reader, summary, detail)`` for every reader that was tried.
+    """
+
+    def __init__(self, message: str, failures: Sequence[tuple[str, str, str]] = ()):
+        super().__init__(message)
+        self.failures = list(failures)
+
+
+class ReaderError(VkrError):
+    """Raised by a FrameReader that cannot read a file; vkr then tries the next reader.
+
+    ``summary`` says what failed in words shared by all readers (so messages from several
+    readers can be merged), ``detail`` is the library's own message.
+    """
+
+    def __init__(self, summary: str, detail: str = ""):
+        super().__init__(f"{summary}: {detail}" if detail else summary)
+        self.summary = summary
+        self.detail = detail
+
+
+@runtime_checkable
+class FrameReader(Protocol):
+    """What a ``vkr_frame_reader`` hook returns. It may also define ``close()``."""
+
+    name: str
+
+    def probe(self) -> VideoInfo:
+        """Duration (as the file declares it), fps, frame count and display size."""
+        ...
+
+    def read_at(self, timestamps: list[float]) -> list[tuple[float, np.ndarray]]:
+        """For each time, the frame shown then (RGB uint8 HxWx3, display orientation) with
+        its own presentation timestamp in seconds from the start of the video stream."""
+        ...
+
+
+def frame_index_at(starts: np.ndarray, timestamp: float) -> int:
+    """Index of the frame shown at ``timestamp`` given sorted frame start times."""
+    index = int(np.searchsorted(starts, timestamp + TIMESTAMP_TOLERANCE, side="right")) - 1
+    return min(max(index, 0), len(starts) - 1)
+
+
+# ---------------------------------------------------------------- timestamps and frames
+
+
+def sample_timestamps(duration: float, fps: float = 0.2, max_frames: int = 64) -> list[float]:
+    """Times 0, 1/fps, 2/fps ... strictly below ``duration``; at least one; at most
+    ``max_frames``, spread evenly over the video when the rate would give more."""
+    if not math.isfinite(duration) or duration <= 0:
+        raise InputError(f"video duration must be a positive number of seconds, got {duration!r}")
+    if not math.isfinite(fps) or fps <= 0:
+        raise InputError(f"fps must be a positive number, got {fps!r}")
+    if max_frames < 1:
+        raise InputError(f"max_frames must be at least 1, got {max_frames!r}")
+    # The small margin keeps float noise (10.000000001 * 1.0) from adding a frame at the end.
+    count = max(1, math.ceil(duration * fps - 1e-9))
+    if count <= max_frames:
+        return [round(i / fps, 6) for i in range(count)]
+    step = duration / max_frames
+    return [round(i * step, 6) for i in range(max_frames)]
+
+
+def random_frames(frames: Sequence[Frame], k: int, key: str) -> list[Frame]:
+    """``k`` frames chosen at random (all if fewer), reproducible from ``key``, in time order."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if k >= len(frames):
+        chosen = list(frames)
+    else:
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest(), "big")
+        rng = random.Random(seed)
+        chosen = [frames[i] for i in rng.sample(range(len(frames)), k)]
+    return sorted(chosen, key=lambda frame: (frame.timestamp, frame.index))
+
+
+class FrameImages:
+    """JPEG bytes and base64 of frames, loaded and encoded once per content hash.
+
+    The file's hash is checked on first load, so a model never sees bytes other than the
+    ones its cache key (the sha256) stands for.
+    """
+
+    _PREFIX = "data:image/jpeg;base64,"
+
+    def __init__(self, max_entries: int = 1024):
+        self._max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _entry(self, frame: Frame) -> tuple[bytes, str]:
+        with self._lock:
+            entry = self._entries.get(frame.sha256)
+            if entry is not None:
+                self._entries.move_to_end(frame.sha256)
+                return entry
+        try:
+            data = Path(frame.path).read_bytes()
+        except FileNotFoundError:
+            raise InputError(f"{frame.path}: frame image is missing") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != frame.sha256:
+            raise InputError(
+                f"{frame.path}: frame image changed since it was sampled "
+                f"(sha256 {digest[:12]}..., expected {frame.sha256[:12]}...)"
+            )
+        entry = (data, base64.b64encode(data).decode("ascii"))
+        with self._lock:
+            self._entries[frame.sha256] = entry
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return entry
+
+    def jpeg(self, frame: Frame) -> bytes:
+        """The frame's JPEG bytes."""
+        return self._entry(frame)[0]
+
+    def base64(self, frame: Frame) -> str:
+        """The frame's JPEG bytes, base64-encoded."""
+        return self._entry(frame)[1]
+
+    def data_url(self, frame: Frame) -> str:
+        """``data:image/jpeg;base64,...`` for an image part of a chat message."""
+        return self._PREFIX + self._entry(frame)[1]
+
+
+# ---------------------------------------------------------------- finding a reader
+
+
+@functools.cache
+def default_plugin_manager() -> pluggy.PluginManager:
+    """The plugin manager with built-ins and installed plugins, built once per process."""
+    from vkr_core.plugins import get_plugin_manager
+
+    return get_plugin_manager()
+
+
+@dataclass(frozen=True)
+class _ReaderFactory:
+    """One ``vkr_frame_reader`` implementation, callable outside pluggy's firstresult loop."""
+
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+
+    def __call__(self, path: str, exclude: tuple[str, ...]) -> Any:
+        given = {"path": path, "exclude": exclude}
+        return self.function(**{name: given[name] for name in self.argnames})
+
+
+def _reader_factories(pm: pluggy.PluginManager) -> list[_ReaderFactory]:
+    # Called one by one (in pluggy's call order: tryfirst first, later registrations first)
+    # so that a plugin whose hook raises is skipped instead of ending the fallback chain.
+    impls = [
+        impl
+        for impl in reversed(pm.hook.vkr_frame_reader.get_hookimpls())
+        if not (impl.hookwrapper or impl.wrapper)
+    ]
+    return [_ReaderFactory(impl.plugin_name, impl.function, tuple(impl.argnames)) for impl in impls]
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join((str(exc) or type(exc).__name__).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def _reader_call() -> Iterator[None]:
+    """Turn anything a reader raises into a ReaderError, so the next reader is tried."""
+    try:
+        yield
+    except ReaderError:
+        raise
+    except Exception as exc:
+        raise ReaderError("cannot read video", f"{type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _decode_error(path: Path | str, failures: Sequence[tuple[str, str, str]]) -> VideoDecodeError:
+    if not failures:
+        return VideoDecodeError(
+            f"{path}: no frame reader is available (is the built-in plugin plugins.readers loaded?)"
+        )
+    summaries = {summary for _, summary, _ in failures}
+    if len(summaries) == 1:
+        details = [f"{name}: {detail}" if detail else name for name, _, detail in failures]
+        message = f"{path}: {summaries.pop()} ({'; '.join(details)})"
+    else:
+        parts = [
+            f"{name}: {summary}" + (f": {detail}" if detail else "")
+            for name, summary, detail in failures
+        ]
+        message = f"{path}: cannot read video ({'; '.join(parts)})"
+    return VideoDecodeError(message, failures)
+
+
+T = TypeVar("T")
+
+
+def _with_fallback(
+    path: Path,
+    factories: Sequence[_ReaderFactory],
+    attempt: Callable[[FrameReader], T],
+    exclude: Sequence[str] = (),
+    on_reader: Callable[[str], None] | None = None,
+    on_failure: Callable[[tuple[str, str, str], bool], None] | None = None,
+) -> T:
+    """Run ``attempt`` with the first reader offered; on a ReaderError ask again with that
+    reader excluded, until one succeeds or none is left.
+
+    ``on_reader`` hears each reader's name before it starts; ``on_failure`` hears each
+    failure and whether it was a reader's (True) or a plugin's hook (False).
+    """
+    failures: list[tuple[str, str, str]] = []
+    excluded = list(exclude)
+    skipped: set[int] = set()
+
+    def fail(entry: tuple[str, str, str], is_reader: bool) -> None:
+        failures.append(entry)
+        if on_failure is not None:
+            on_failure(entry, is_reader)
+
+    for _ in range(64):  # a plugin that ignores ``exclude`` must not loop forever
+        reader = None
+        for number, factory in enumerate(factories):
+            if number in skipped:
+                continue
+            try:
+                candidate = factory(str(path), tuple(excluded))
+            except Exception as exc:
+                skipped.add(number)
+                detail = f"{type(exc).__name__}: {_one_line(exc)}"
+                fail((factory.plugin, "reader plugin failed", detail), False)
+                continue
+            if candidate is None:
+                continue
+            name = getattr(candidate, "name", None)
+            if not isinstance(candidate, FrameReader) or not isinstance(name, str):
+                skipped.add(number)
+                what = f"returned {type(candidate).__name__}, not a FrameReader"
+                fail((factory.plugin, "reader plugin failed", what), False)
+                continue
+            if name in excluded:
+                skipped.add(number)
+                continue
+            reader = candidate
+            break
+        if reader is None:
+            break
+        if on_reader is not None:
+            on_reader(reader.name)
+        try:
+            return attempt(reader)
+        except ReaderError as exc:
+            excluded.append(reader.name)
+            fail((reader.name, exc.summary, exc.detail), True)
+        finally:
+            close = getattr(reader, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # closing a failed reader must not hide why it failed
+                    pass
+    raise _decode_error(path, failures)
+
+
+def _existing_file(path: str | os.PathLike[str]) -> Path:
+    file = Path(path)
+    if not file.exists():
+        raise VideoDecodeError(f"{file}: no such file")
+    if file.is_dir():
+        raise VideoDecodeError(f"{file}: is a directory, not a video file")
+    if file.stat().st_size == 0:
+        raise VideoDecodeError(f"{file}: empty file (0 bytes), not a video")
+    return file
+
+
+def _checked_frames(
+    got: Any, asked: Sequence[float], reader: FrameReader
+) -> list[tuple[float, np.ndarray]]:
+    if not isinstance(got, list) or len(got) != len(asked):
+        raise ReaderError(
+            "reader returned the wrong number of frames",
+            f"{reader.name} gave {len(got) if isinstance(got, list) else type(got).__name__} "
+            f"for {len(asked)} timestamps",
+        )
+    for _, array in got:
+        if (
+            not isinstance(array, np.ndarray)
+            or array.dtype != np.uint8
+            or array.ndim != 3
+            or array.shape[2] != 3
+        ):
+            shape = getattr(array, "shape", None)
+            raise ReaderError(
+                "reader returned a frame that is not RGB uint8 HxWx3",
+                f"{reader.name} gave {getattr(array, 'dtype', type(array).__name__)} {shape}",
+            )
+    return [(float(actual), array) for actual, array in got]
+
+
+def _read(reader: FrameReader, timestamps: Sequence[float]) -> list[tuple[float, np.ndarray]]:
+    with _reader_call():
+        got = reader.read_at(list(timestamps))
+    return _checked_frames(got, timestamps, reader)
+
+
+def _probe(reader: FrameReader) -> VideoInfo:
+    with _reader_call():
+        info = reader.probe()
+    if info.frame_count < 1 or info.duration <= 0:
+        raise ReaderError("no frames in the video stream")
+    return info
+
+
+def _verify_end(reader: FrameReader, info: VideoInfo) -> None:
+    """Decode the last frame: a corrupt or truncated file fails here, before any work.
+
+    Sampling at 0.2 fps would otherwise skip the broken part and return a partial result
+    that looks fine. Corruption between sampled frames still goes unnoticed; finding it
+    would take decoding every frame.
+    """
+    tail = max(0.0, info.duration - TIMESTAMP_TOLERANCE)
+    [(actual, _)] = _read(reader, [tail])
+    interval = 1.0 / info.fps if info.fps > 0 else 0.0
+    end = actual + interval
+    if info.duration - end > max(1.0, 0.02 * info.duration):
+        raise ReaderError(
+            f"truncated: frames stop at {end:.1f} s of the {info.duration:.1f} s the file declares"
+        )
+
+
+def _check_times(path: Path, timestamps: Sequence[float], info: VideoInfo) -> None:
+    for t in timestamps:
+        if not math.isfinite(t) or t < 0:
+            raise InputError(f"{path}: timestamp {t!r} is not a time in the video")
+        if t > info.duration:
+            raise InputError(
+                f"{path}: timestamp {t:.3f} s is past the end of the video ({info.duration:.3f} s)"
+            )
+
+
+def _fit(image: Image.Image, max_side: int | None) -> Image.Image:
+    if max_side is None or max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    # reducing_gap first shrinks by an integer factor (cheap), then resamples the rest.
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def probe_video(path: str | os.PathLike[str], pm: pluggy.PluginManager | None = None) -> VideoInfo:
+    """Duration, fps, frame count, display size and the reader that answered.
+
+    Reads headers and the packet index and decodes the first frame only: a truncated or
+    corrupt file may probe fine; ``read_frames`` and ``sample_frames`` check the end.
+    """
+    file = _existing_file(path)
+    factories = _reader_factories(pm or default_plugin_manager())
+    return _with_fallback(file, factories, _probe)
+
+
+def read_frames(
+    path: str | os.PathLike[str],
+    timestamps: Sequence[float],
+    pm: pluggy.PluginManager | None = None,
+    max_side: int | None = None,
+) -> list[tuple[float, np.ndarray]]:
+    """The frame shown at each time (RGB uint8 HxWx3) with its actual timestamp, decoded in
+    this process; a reader that fails hands over to the next one."""
+    file = _existing_file(path)
+    times = [float(t) for t in timestamps]
+    factories = _reader_factories(pm or default_plugin_manager())
+
+    def attempt(reader: FrameReader) -> list[tuple[float, np.ndarray]]:
+        info = _probe(reader)
+        _check_times(file, times, info)
+        _verify_end(reader, info)
+        frames: list[tuple[float, np.ndarray]] = []
+        for start in range(0, len(times), _CHUNK):
+            frames.extend(_read(reader, times[start : start + _CHUNK]))
+        return frames
+
+    frames = _with_fallback(file, factories, attempt)
+    if max_side is None:
+        return frames
+    return [(t, np.asarray(_fit(Image.fromarray(a), max_side))) for t, a in frames]
+
+
+# ---------------------------------------------------------------- sample_frames
+
+
+@dataclass(frozen=True)
+class _Settings:
+    fps: float
+    max_frames: int
+    max_side: int
+    jpeg_quality: int
+
+
+def _frame_name(index: int, timestamp: float) -> str:
+    return f"frame_{index:04d}_{round(timestamp * 1000):09d}ms.jpg"
+
+
+def _sample_with(reader: FrameReader, out_dir: Path, settings: _Settings) -> list[Frame]:
+    info = _probe(reader)
+    times = sample_timestamps(info.duration, settings.fps, settings.max_frames)
+    _verify_end(reader, info)
+    frames: list[Frame] = []
+    seen: set[float] = set()
+    for start in range(0, len(times), _CHUNK):
+        for actual, array in _read(reader, times[start : start + _CHUNK]):
+            # A rate above the video's own frame rate maps several times to one frame:
+            # the same picture twice is only wasted tokens.
+            if round(actual, 6) in seen:
+                continue
+            seen.add(round(actual, 6))
+            image = _fit(Image.fromarray(array), settings.max_side)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=settings.jpeg_quality)
+            data = buffer.getvalue()
+            index = len(frames)
+            target = out_dir / _frame_name(index, actual)
+            target.write_bytes(data)
+            frames.append(
+                Frame(
+                    index=index,
+                    timestamp=round(actual, 6),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    path=str(target),
+                    width=image.width,
+                    height=image.height,
+                )
+            )
+    return frames
+
+
+def _video_identity(file: Path) -> dict[str, Any]:
+    stat = file.stat()
+    return {"path": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _load_manifest(out_dir: Path, params: dict[str, Any]) -> list[Frame] | None:
+    try:
+        manifest = json.loads((out_dir / _MANIFEST).read_text())
+        if manifest.get("format") != _MANIFEST_FORMAT or manifest.get("params") != params:
+            return None
+        frames = [
+            Frame(**{**entry, "path": str(out_dir / entry["path"])}) for entry in manifest["frames"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not frames or not all(Path(frame.path).is_file() for frame in frames):
+        return None
+    return frames
+
+
+def _write_manifest(out_dir: Path, params: dict[str, Any], frames: list[Frame]) -> None:
+    # Names are stored relative to out_dir so a moved run directory stays valid.
+    entries = [{**frame.model_dump(), "path": Path(frame.path).name} for frame in frames]
+    text = json.dumps({"format": _MANIFEST_FORMAT, "params": params, "frames": entries}, indent=1)
+    handle, temporary = tempfile.mkstemp(dir=out_dir, prefix=".manifest-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, out_dir / _MANIFEST)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def sample_frames(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    fps: float = 0.2,
+    max_frames: int = 64,
+    max_side: int = 768,
+    jpeg_quality: int = 85,
+    timeout: float = 120.0,
+    isolate: bool = True,
+    pm: pluggy.PluginManager | None = None,
+) -> list[Frame]:
+    """Sample frames at ``fps`` (at most ``max_frames``), scale the longer side to at most
+    ``max_side``, write each once as JPEG into ``out_dir`` and return them.
+
+    A second call with the same video and parameters returns the manifest written by the
+    first without decoding. With ``isolate`` the decoding runs in a separate process that
+    is killed after ``timeout`` seconds per reader attempt; a reader that crashes or hangs
+    there hands over to the next reader.
+    """
+    file = _existing_file(path)
+    if not 1 <= jpeg_quality <= 100:
+        raise InputError(f"jpeg_quality must be between 1 and 100, got {jpeg_quality!r}")
+    if max_side < 1:
+        raise InputError(f"max_side must be at least 1 pixel, got {max_side!r}")
+    if not timeout > 0:
+        raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    sample_timestamps(1.0, fps, max_frames)  # validates fps and max_frames before any work
+    settings = _Settings(float(fps), int(max_frames), int(max_side), int(jpeg_quality))
+    target = Path(out_dir).absolute()
+    params = {"video": _video_identity(file), **asdict(settings)}
+    done = _load_manifest(target, params)
+    if done is not None:
+        return done
+    target.mkdir(parents=True, exist_ok=True)
+    # A stale manifest must never describe frames that are being rewritten.
+    (target / _MANIFEST).unlink(missing_ok=True)
+    factories = _reader_factories(pm or default_plugin_manager())
+    if isolate:
+        frames = _sample_isolated(file, target, settings, factories, timeout)
+    else:
+        frames = _with_fallback(file, factories, lambda r: _sample_with(r, target, settings))
+    _remove_stale_frames(target, frames)
+    _write_manifest(target, params, frames)
+    return frames
+
+
+def _remove_stale_frames(out_dir: Path, frames: list[Frame]) -> None:
+    # Left by earlier parameters or by a reader that failed half-way; only our own names.
+    keep = {Path(frame.path).name for frame in frames}
+    for stale in out_dir.glob("frame_*_*ms.jpg"):
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the isolated decoder
+
+
+def _factory_spec(factory: _ReaderFactory) -> tuple[str, str, str, str, str]:
+    """How the decoder process re-creates a reader factory: (plugin, kind, module, qualname,
+    attribute). Module functions, classes and instances of module-level classes (built
+    again with no arguments) can be re-created."""
+    function = factory.function
+    owner = getattr(function, "__self__", None)
+    if owner is None:
+        kind, module_name, qualname, attribute = (
+            "function",
+            function.__module__,
+            function.__qualname__,
+            "",
+        )
+    else:
+        cls = owner if isinstance(owner, type) else type(owner)
+        kind = "class" if isinstance(owner, type) else "instance"
+        module_name, qualname, attribute = cls.__module__, cls.__qualname__, function.__name__
+    if "<locals>" in qualname:
+        raise VkrError(
+            f"reader plugin {factory.plugin!r} ({qualname}) is defined inside a function, so "
+            "the isolated decoder process cannot import it: define it at module level or "
+            "pass isolate=False"
+        )
+    return (factory.plugin, kind, module_name, qualname, attribute)
+
+
+def _factory_from_spec(spec: Sequence[str]) -> _ReaderFactory:
+    plugin, kind, module_name, qualname, attribute = spec
+    found: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    if kind == "instance":
+        found = found()
+    function = getattr(found, attribute) if attribute else found
+    argnames = tuple(name for name in inspect.signature(function).parameters)
+    return _ReaderFactory(plugin, function, argnames)
+
+
+def _decode_worker(
+    conn: Any,
+    path: str,
+    out_dir: str,
+    settings: _Settings,
+    specs: list[tuple[str, str, str, str, str]],
+    exclude: tuple[str, ...],
+) -> None:
+    """Entry point of the decoder process: reports each reader it starts, then the result."""
+    try:
+        factories = [_factory_from_spec(spec) for spec in specs]
+        frames = _with_fallback(
+            Path(path),
+            factories,
+            lambda r: _sample_with(r, Path(out_dir), settings),
+            exclude=exclude,
+            on_reader=lambda name: conn.send(("reader", name)),
+            on_failure=lambda entry, is_reader: conn.send(("failure", (entry, is_reader))),
+        )
+        conn.send(("ok", [frame.model_dump() for frame in frames]))
+    except VideoDecodeError:
+        conn.send(("failed", None))
+    except BaseException as exc:  # anything else goes back to the caller as it was raised
+        try:
+            pickle.loads(pickle.dumps(exc))  # the caller must be able to rebuild it
+        except Exception:
+            exc = VkrError(f"{type(exc).__name__}: {_one_line(exc)}")
+        conn.send(("raise", exc))
+    finally:
+        conn.close()
+
+
+def _sample_isolated(
+    file: Path,
+    out_dir: Path,
+    settings: _Settings,
+    factories: Sequence[_ReaderFactory],
+    timeout: float,
+) -> list[Frame]:
+    specs = [_factory_spec(factory) for factory in factories]
+    context = multiprocessing.get_context("spawn")
+    failures: list[tuple[str, str, str]] = []
+    exclude: list[str] = []
+    while True:
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_decode_worker,
+            args=(sender, str(file), str(out_dir), settings, specs, tuple(exclude)),
+            name=f"vkr-decode-{file.name}",
+            daemon=True,
+        )
+        current: str | None = None
+        kind, payload = "interrupted", None
+        process.start()
+        sender.close()  # so the receiver sees end-of-file when the worker dies
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not receiver.poll(remaining):
+                    kind = "timeout"
+                    break
+                try:
+                    message_kind, message = receiver.recv()
+                except EOFError:
+                    kind = "crash"
+                    break
+                if message_kind == "reader":
+                    current = message
+                elif message_kind == "failure":
+                    entry, is_reader = message
+                    if entry not in failures:  # a restarted worker repeats plugin failures
+                        failures.append(entry)
+                    if is_reader:
+                        exclude.append(entry[0])
+                        current = None
+                else:
+                    kind, payload = message_kind, message
+                    break
+        finally:
+            if kind in ("interrupted", "timeout"):
+                process.kill()
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            receiver.close()
+        if kind == "ok":
+            return [Frame(**entry) for entry in payload or []]
+        if kind == "failed":
+            raise _decode_error(file, failures)
+        if kind == "raise":
+            raise payload if isinstance(payload, BaseException) else VkrError(str(payload))
+        if kind == "timeout":
+            what = f"decoder timed out after {timeout:g} s"
+        elif process.exitcode is not None and process.exitcode < 0:
+            what = f"decoder crashed (signal {-process.exitcode})"
+        else:
+            what = f"decoder exited unexpectedly (status {process.exitcode})"
+        failures.append((current or "decoder process", what, ""))
+        if current is None:
+            raise _decode_error(file, failures)
+        exclude.append(current)
+
+
+__all__ = [
+    "FrameImages",
+    "FrameReader",
+    "ReaderError",
+    "TIMESTAMP_TOLERANCE",
+    "VideoDecodeError",
+    "default_plugin_manager",
+    "frame_index_at",
+    "probe_video",
+    "random_frames",
+    "read_frames",
+    "sample_frames",
+    "sample_timestamps",
+]
