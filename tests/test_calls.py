@@ -145,3 +145,37 @@ def test_client_errors_are_not_retried(tmp_path, vkr_fake_server):
                 spec=bad, step="s", prompt_version="v1", messages=messages_with([]), params={}
             )
         )
+
+
+def test_a_reply_journalled_before_a_crash_is_replayed_not_paid_again(tmp_path, vkr_fake_server):
+    """The window between a provider's answer and the cache write: the raw body is journalled
+    by the HTTP layer as soon as it is read, so a run killed in that window replays it."""
+    import httpx
+
+    step = Solve()
+    caller = make_caller(tmp_path)
+    messages = messages_with([])
+    params = {"temperature": 0}
+    key = cache_key(spec(vkr_fake_server.base_url), step.name, "v1", messages, params, 0)
+    # What the killed run received (and the server billed) but never cached.
+    body = httpx.post(
+        vkr_fake_server.base_url + "/chat/completions",
+        json={"model": "fake-a", "messages": messages_with([])[0:1] and [
+            {"role": "user", "content": [{"type": "text", "text": "Question: [q:0000000a:mc] Which?"}]}
+        ], "temperature": 0, "seed": 0},
+        headers={"X-Vkr-Step": step.name},
+    ).content
+    caller.journal.save(key, body)
+    billed = vkr_fake_server.stats()["completions"]
+    result = call(caller, vkr_fake_server.base_url)
+    assert vkr_fake_server.stats()["completions"] == billed
+    assert result.outcome == "ok" and result.text == json.loads(body)["choices"][0]["message"]["content"]
+    assert not result.record.cache_hit and result.record.cost_usd > 0  # paid once, accounted once
+    assert caller.journal.load(key) is None  # now in the cache proper
+    assert call(caller, vkr_fake_server.base_url).record.cache_hit
+
+
+def test_live_calls_leave_no_journal_entries_behind(tmp_path, vkr_fake_server):
+    caller = make_caller(tmp_path)
+    call(caller, vkr_fake_server.base_url)
+    assert not [k for k in caller.cache.iterkeys() if str(k).startswith("raw:")]

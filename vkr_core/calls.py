@@ -8,7 +8,6 @@ they are encoded, so building a key never touches image bytes.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import random
@@ -27,6 +26,7 @@ from tenacity import (
 )
 
 from vkr_core.config import ModelSpec
+from vkr_core.limits import ModelLimiter
 from vkr_core.log import get_logger, redact
 from vkr_core.schemas import CallRecord, Frame, VkrError
 from vkr_core.steps import ReplyError
@@ -66,12 +66,43 @@ class ProviderReply:
     completion_tokens: int = 0
     cost_usd: float | None = None
     refusal: bool = False
+    # Replayed from the journal: paid for by a run that died before recording it.
+    recovered: bool = False
+
+
+class Journal:
+    """Raw replies saved the moment they arrive, before any parsing, keyed by the call's key.
+
+    A run killed between a provider's answer and the cache write would otherwise pay for
+    that answer again; a provider that supports the journal saves the raw body as soon as it
+    is read and replays it on the next attempt of the same call.
+    """
+
+    PREFIX = "raw:"
+
+    def __init__(self, cache: diskcache.Cache):
+        self.cache = cache
+
+    def save(self, key: str, raw: bytes) -> None:
+        self.cache.set(self.PREFIX + key, raw)
+
+    def load(self, key: str) -> bytes | None:
+        value = self.cache.get(self.PREFIX + key)
+        return value if isinstance(value, bytes) else None
+
+    def drop(self, key: str) -> None:
+        self.cache.delete(self.PREFIX + key)
+
+
+CALL_KEY_HEADER = "X-Vkr-Call"
 
 
 class Provider:
     """Answers one chat request. Providers translate their errors into Transient/Permanent."""
 
     name: str = ""
+    # True when ``complete`` accepts ``journal=`` and replays a journalled raw reply.
+    supports_journal: bool = False
 
     async def complete(
         self,
@@ -81,6 +112,27 @@ class Provider:
         headers: dict[str, str],
     ) -> ProviderReply:
         raise NotImplementedError
+
+
+# What one image costs in tokens at the sizes vkr sends (a 768 px frame is ~765 tokens at
+# OpenAI's rates); used only to pace requests under a tokens-per-minute limit.
+TOKENS_PER_IMAGE = 765
+
+
+def estimate_tokens(messages: list[dict[str, Any]], params: dict[str, Any]) -> int:
+    chars = 0
+    images = 0
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            chars += len(content)
+            continue
+        for part in content:
+            if part.get("type") == "frame":
+                images += 1
+            else:
+                chars += len(part.get("text", ""))
+    return chars // 4 + images * TOKENS_PER_IMAGE + int(params.get("max_tokens") or 0)
 
 
 def image_part(frame: Frame) -> dict[str, Any]:
@@ -199,17 +251,51 @@ class ModelCaller:
         self.cache = diskcache.Cache(
             str(self.cache_dir), size_limit=CACHE_SIZE_LIMIT, eviction_policy="none"
         )
-        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self.journal = Journal(self.cache)
+        self.limiters: dict[str, ModelLimiter] = {}
         self.records: list[CallRecord] = []
 
     def close(self) -> None:
         self.cache.close()
 
-    def _semaphore(self, spec: ModelSpec) -> asyncio.Semaphore:
-        sem = self._semaphores.get(spec.name)
-        if sem is None:
-            sem = self._semaphores[spec.name] = asyncio.Semaphore(spec.max_concurrency)
-        return sem
+    def limiter(self, spec: ModelSpec) -> ModelLimiter:
+        limiter = self.limiters.get(spec.name)
+        if limiter is None:
+            limiter = ModelLimiter(spec.max_concurrency, spec.rpm, spec.tpm)
+            self.limiters[spec.name] = limiter
+        return limiter
+
+    async def _send(
+        self,
+        provider: Provider,
+        spec: ModelSpec,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        headers: dict[str, str],
+    ) -> ProviderReply:
+        if provider.supports_journal:
+            kwargs: dict[str, Any] = {"journal": self.journal}
+            replay = self.journal.load(headers[CALL_KEY_HEADER])
+            if replay is not None:
+                return await provider.complete(spec, [], params, headers, **kwargs)
+        else:
+            kwargs = {}
+        limiter = self.limiter(spec)
+        await limiter.acquire(estimate_tokens(messages, params) if spec.tpm else 0)
+        try:
+            reply = await provider.complete(
+                spec, self.images.expand(messages), params, headers, **kwargs
+            )
+        except TransientError as exc:
+            await limiter.release(
+                ok=False, rate_limited=exc.status == 429, retry_after=exc.retry_after
+            )
+            raise
+        except BaseException:
+            await limiter.release(ok=False)
+            raise
+        await limiter.release(ok=True)
+        return reply
 
     def _emit(self, record: CallRecord) -> None:
         self.records.append(record)
@@ -255,8 +341,9 @@ class ModelCaller:
                 f"model {spec.name!r} names provider {spec.provider!r}, which no plugin registers"
             )
         attempts = 0
-        # The step name travels as a header: real providers ignore it, the fake server uses it.
-        headers = {"X-Vkr-Step": step}
+        # The step name and call key travel as headers: real providers ignore them, the fake
+        # server reads the step, and the journal files raw replies under the key.
+        headers = {"X-Vkr-Step": step, CALL_KEY_HEADER: key}
         send_params = dict(params, seed=sample) if "seed" not in params else dict(params)
         try:
             async for attempt in AsyncRetrying(
@@ -267,10 +354,7 @@ class ModelCaller:
             ):
                 with attempt:
                     attempts += 1
-                    async with self._semaphore(spec):
-                        reply = await provider.complete(
-                            spec, self.images.expand(messages), send_params, headers
-                        )
+                    reply = await self._send(provider, spec, messages, send_params, headers)
         except (TransientError, PermanentError) as exc:
             reason = redact(str(exc))
             self._emit(
@@ -310,6 +394,7 @@ class ModelCaller:
         )
         if reply.refusal:
             # A refusal is terminal and never cached: it says nothing about the next request.
+            self.journal.drop(key)
             self._emit(CallRecord(**base, outcome="refusal", error="refused"))
             raise ReplyError("refusal", f"{spec.name} refused ({reply.finish_reason})", reply.text)
 
@@ -332,6 +417,7 @@ class ModelCaller:
                 "model": spec.name,
             },
         )
+        self.journal.drop(key)
         record = CallRecord(**base, outcome=outcome)  # type: ignore[arg-type]
         self._emit(record)
         return CallResult(reply.text, outcome, record)

@@ -111,7 +111,9 @@ class StepContext:
             validate=step.parse,
         )
         if store is not None:
-            store.record_input(step.name, result.record.cache_key, self.video, messages, meta or {})
+            store.record_input(
+                step.name, result.record.cache_key, self.video, messages, meta or {}, step.version()
+            )
         if result.outcome == "malformed":
             try:
                 step.parse(result.text)

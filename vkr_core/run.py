@@ -6,6 +6,7 @@ Everything that can be wrong with the inputs is found here, before any call is p
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from vkr_core.context import RunContext
 from vkr_core.log import get_logger, register_secrets
 from vkr_core.plugins import VkrPluginManager, get_plugin_manager
 from vkr_core.router import Router
-from vkr_core.schemas import InputError, Video, VideoRecord, VkrError
+from vkr_core.schemas import CallRecord, InputError, Video, VideoRecord, VkrError
 from vkr_core.seeds import SeedBank
 from vkr_core.store import RunStore
 
@@ -86,6 +87,12 @@ class Run:
         self._checkpointer_cm: Any = None
         self.graph: Any = None
         self.caller: ModelCaller | None = None
+        self.call_listeners: list[Callable[[CallRecord], None]] = []
+
+    def _on_call(self, record: CallRecord) -> None:
+        self.store.append_call(record)
+        for listener in self.call_listeners:
+            listener(record)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -103,7 +110,7 @@ class Run:
         self.caller = ModelCaller(
             cache_dir=self.store.cache_dir,
             providers=self.registry.providers,
-            on_record=self.store.append_call,
+            on_record=self._on_call,
         )
         self._checkpointer_cm = AsyncSqliteSaver.from_conn_string(str(self.store.checkpoint_path))
         checkpointer = await self._checkpointer_cm.__aenter__()
@@ -179,3 +186,37 @@ async def generate_videos(
 def format_funnel(rows: list[tuple[str, int]]) -> str:
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {count:>5}" for name, count in rows)
+
+
+async def run_manifest(
+    videos: list[Video],
+    run_dir: str | Path,
+    pool: str | Path | Pool,
+    config: RunConfig | None = None,
+    pm: VkrPluginManager | None = None,
+    force: bool = False,
+    concurrency: int = 4,
+    target_accepted: int | None = None,
+    progress: bool = True,
+    problems: list[Any] = (),  # type: ignore[assignment]
+) -> tuple[list[VideoRecord], Any]:
+    """`vkr run`: many videos at once in one run directory; returns records and counters."""
+    from vkr_core.batch import BatchCounters, ProgressDisplay, run_batch
+
+    counters = BatchCounters(total=len(videos))
+    async with Run(run_dir, pool, config, pm, force) as run:
+        for problem in problems:  # manifest lines that never became a video
+            run.store.add_failure(
+                f"manifest-line-{problem.line}", problem.reason, problem.path
+            )
+        run.call_listeners.append(counters.on_call)
+        with ProgressDisplay(counters, enabled=progress) as display:
+            records = await run_batch(
+                run.process,
+                videos,
+                counters,
+                concurrency,
+                target_accepted,
+                on_video=lambda _record: display.update(),
+            )
+    return records, counters

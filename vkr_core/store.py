@@ -133,6 +133,7 @@ class RunStore:
         video: Video,
         messages: list[dict[str, Any]],
         meta: dict[str, Any],
+        prompt_version: str | None = None,
     ) -> None:
         """Keep each distinct rendered input of a step once, for qualification pilots."""
         seen = self._seen_inputs.get(step)
@@ -159,6 +160,7 @@ class RunStore:
             {
                 "key": key,
                 "step": step,
+                "prompt_version": prompt_version,
                 "video_id": video.video_id,
                 "discipline": video.discipline,
                 "subject": video.subject,

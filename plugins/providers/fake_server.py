@@ -435,11 +435,15 @@ class Stats:
     # Keyed HMACs of keys seen, with a per-process secret: counts distinct keys without
     # keeping anything that could recover or confirm a key.
     auth_fingerprints: set[str] = field(default_factory=set)
+    # Completions of a request identical to one already completed: calls paid twice.
+    billed: set[str] = field(default_factory=set)
+    repeats: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "completions": self.completions,
+            "repeats": self.repeats,
             "by_model": dict(sorted(self.by_model.items())),
             "by_step": dict(sorted(self.by_step.items())),
             "by_model_step": dict(sorted(self.by_model_step.items())),
@@ -758,6 +762,10 @@ class FakeModelServer:
         with self._lock:
             stats = self._stats
             stats.completions += 1
+            fingerprint = Decider(0, chat).key
+            if fingerprint in stats.billed:
+                stats.repeats += 1
+            stats.billed.add(fingerprint)
             _bump(stats.by_model, chat.model)
             _bump(stats.by_step, chat.step)
             _bump(stats.by_model_step, f"{chat.model}|{chat.step}")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
-from vkr_core.calls import PermanentError, Provider, ProviderReply, TransientError
+from vkr_core.calls import (
+    CALL_KEY_HEADER,
+    Journal,
+    PermanentError,
+    Provider,
+    ProviderReply,
+    TransientError,
+)
 from vkr_core.config import ModelSpec
 from vkr_core.hookspecs import hookimpl
 from vkr_core.log import redact, register_secrets
@@ -41,8 +49,75 @@ def _retry_after(exc: Any) -> float | None:
         return None
 
 
+def _cost(
+    litellm: Any, spec: ModelSpec, prompt_tokens: int, completion_tokens: int
+) -> float | None:
+    """litellm's price for the tokens, or None when the pool sets its own prices."""
+    if spec.input_cost_per_token is not None or spec.output_cost_per_token is not None:
+        return None
+    try:
+        prompt_cost, completion_cost = litellm.cost_per_token(
+            model=spec.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        )
+        return float(prompt_cost + completion_cost)
+    except Exception:
+        return 0.0  # a model missing from litellm's price map
+
+
+def reply_from_openai_body(raw: bytes) -> tuple[str, str | None, int, int, bool]:
+    """Text, finish reason, token counts and refusal flag of an OpenAI chat.completion body."""
+    data = json.loads(raw)
+    choice = data["choices"][0]
+    message = choice.get("message") or {}
+    usage = data.get("usage") or {}
+    refusal = message.get("refusal")
+    finish = choice.get("finish_reason")
+    text = message.get("content") or refusal or ""
+    return (
+        text,
+        finish,
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        finish == "content_filter" or bool(refusal),
+    )
+
+
 class LitellmProvider(Provider):
     name = "litellm"
+    supports_journal = True
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[Any, ...], Any] = {}
+
+    def _journalling_client(self, spec: ModelSpec, api_key: str | None, journal: Journal) -> Any:
+        """An OpenAI client whose HTTP layer journals each 200 body the moment it is read.
+
+        Only for litellm's OpenAI-compatible route (``openai/...`` models: OpenAI, vLLM and
+        other compatible servers); other providers go through litellm's own client.
+        """
+        key = (spec.api_base, api_key, spec.timeout, id(journal))
+        client = self._clients.get(key)
+        if client is None:
+            import httpx
+            from openai import AsyncOpenAI
+
+            async def save_body(response: httpx.Response) -> None:
+                call_key = response.request.headers.get(CALL_KEY_HEADER)
+                if call_key and response.status_code == 200:
+                    journal.save(call_key, await response.aread())
+
+            http_client = httpx.AsyncClient(
+                event_hooks={"response": [save_body]}, timeout=spec.timeout, follow_redirects=True
+            )
+            client = AsyncOpenAI(
+                api_key=api_key,
+                base_url=spec.api_base,
+                http_client=http_client,
+                max_retries=0,
+                timeout=spec.timeout,
+            )
+            self._clients[key] = client
+        return client
 
     async def complete(
         self,
@@ -50,14 +125,34 @@ class LitellmProvider(Provider):
         messages: list[dict[str, Any]],
         params: dict[str, Any],
         headers: dict[str, str],
+        journal: Journal | None = None,
     ) -> ProviderReply:
         litellm = _import_litellm()
+        call_key = headers.get(CALL_KEY_HEADER)
+        if journal is not None and call_key:
+            raw = journal.load(call_key)
+            if raw is not None:
+                text, finish, prompt_tokens, completion_tokens, refusal = reply_from_openai_body(
+                    raw
+                )
+                return ProviderReply(
+                    text=text,
+                    finish_reason=finish,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    refusal=refusal,
+                    recovered=True,
+                    cost_usd=_cost(litellm, spec, prompt_tokens, completion_tokens),
+                )
         api_key = spec.api_key()
         register_secrets([api_key])
         if api_key is None and spec.api_base:
             # Local OpenAI-compatible servers (vLLM, the fake server) need no key, but the
             # OpenAI client refuses to send a request without one: vLLM's convention.
             api_key = "EMPTY"
+        extra: dict[str, Any] = {}
+        if journal is not None and spec.model.startswith("openai/"):
+            extra["client"] = self._journalling_client(spec, api_key, journal)
         try:
             response = await litellm.acompletion(
                 model=spec.model,
@@ -70,6 +165,7 @@ class LitellmProvider(Provider):
                 # multiply attempts and hide 429s from the adaptive limiter.
                 num_retries=0,
                 max_retries=0,
+                **extra,
                 **params,
             )
         except (
@@ -99,12 +195,7 @@ class LitellmProvider(Provider):
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        cost = None
-        if spec.input_cost_per_token is None and spec.output_cost_per_token is None:
-            try:
-                cost = float(litellm.completion_cost(completion_response=response))
-            except Exception:
-                cost = 0.0  # a model missing from litellm's price map
+        cost = _cost(litellm, spec, prompt_tokens, completion_tokens)
         return ProviderReply(
             text=text or (refusal_text or ""),
             finish_reason=finish,

@@ -1,0 +1,137 @@
+"""`vkr run` over many videos: bad videos isolated, resume after SIGKILL without paying twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VKR = str(Path(sys.executable).parent / "vkr")
+CANARY = "sk-canary-" + "7f3e9a1c5b2d4e6f8a0b1c2d3e4f5a6b"
+
+
+def write_manifest(folder: Path, testdata: Path, good: int = 4, bad: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(good):
+        shutil.copy(testdata / "flipping_a_pancake.mkv", folder / f"good{i}.mkv")
+        lines.append({"video_id": f"good{i}", "path": f"good{i}.mkv", "discipline": "cooking",
+                      "subject": "batter cookery", "knowledge_point": "Maillard reaction",
+                      "title": f"Pancake flip number {i}"})
+    if bad:
+        shutil.copy(testdata / "corrupted.mp4", folder / "corrupted.mp4")
+        data = (testdata / "flipping_a_pancake.mkv").read_bytes()
+        (folder / "truncated.mkv").write_bytes(data[: len(data) // 2])
+        (folder / "notes.mp4").write_text("minutes of the meeting, not a video\n")
+        lines += [{"video_id": "corrupted", "path": "corrupted.mp4"},
+                  {"video_id": "truncated", "path": "truncated.mkv"},
+                  {"video_id": "notes", "path": "notes.mp4"}]
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def vkr_run(manifest: Path, pool: Path, out: Path, *extra: str, env=None, check=True):
+    result = subprocess.run([VKR, "run", "--videos", str(manifest), "--pool", str(pool), "--out", str(out),
+                             "--no-progress", *extra], capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"vkr run failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def accepted(run_dir: Path) -> dict[str, tuple[str, str, str]]:
+    out = {}
+    for path in sorted((run_dir / "records").glob("*.json")):
+        for ex in json.loads(path.read_text())["accepted"]:
+            out[ex["problem_id"]] = (ex["question"], ex["solution"], ex["think"])
+    return out
+
+
+def test_bad_videos_are_failures_and_every_other_video_is_processed(tmp_path, testdata, vkr_pool, vkr_fake_server):
+    manifest = write_manifest(tmp_path / "videos", testdata)
+    with manifest.open("a") as handle:
+        handle.write("{not json\n")
+        handle.write(json.dumps({"video_id": "good0", "path": "good0.mkv"}) + "\n")
+        handle.write(json.dumps({"video_id": "../escape", "path": "good0.mkv"}) + "\n")
+    result = vkr_run(manifest, vkr_pool, tmp_path / "run")
+    assert "line 8 is not JSON" in result.stderr
+    assert "duplicate video id 'good0' (first on line 1)" in result.stderr
+    assert "unsafe video id '../escape'" in result.stderr
+    failures = [json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]
+    failed = {f["video_id"]: f["reason"] for f in failures}
+    assert {"corrupted", "truncated", "notes"} <= set(failed)
+    assert "corrupted.mp4" in failed["corrupted"] and "truncated.mkv" in failed["truncated"]
+    assert "notes.mp4" in failed["notes"]
+    for i in range(4):
+        record = json.loads((tmp_path / "run" / "records" / f"good{i}.json").read_text())
+        assert record["status"] == "done" and record["generated"] == 6
+    assert "6 video(s) failed" in result.stdout
+
+
+def test_target_accepted_stops_launching_new_videos(tmp_path, testdata, vkr_pool, vkr_fake_server):
+    vkr_fake_server.set_policy({"steps": {"self_consistency": {"accuracy": 1.0},
+                                          "video_dependency": {"accuracy": 0.0},
+                                          "cot_verification": {"cot_pass": 1.0}}})
+    manifest = write_manifest(tmp_path / "videos", testdata, good=6, bad=False)
+    vkr_run(manifest, vkr_pool, tmp_path / "run", "--concurrency", "1", "--target-accepted", "7")
+    # Each video yields 6 accepted examples: the second video crosses 7, the third never starts.
+    assert len(list((tmp_path / "run" / "records").glob("*.json"))) == 2
+    assert vkr_fake_server.stats()["by_step"]["example_generation"] == 12
+
+
+def test_rerun_refuses_a_different_config_unless_forced(tmp_path, testdata, vkr_pool, vkr_fake_server):
+    manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
+    vkr_run(manifest, vkr_pool, tmp_path / "run")
+    refused = vkr_run(manifest, vkr_pool, tmp_path / "run", "--fps", "0.5", check=False)
+    assert refused.returncode != 0
+    assert "different config" in refused.stderr and "config.fps: 0.2 -> 0.5" in refused.stderr
+    assert (tmp_path / "run" / "records" / "good0.json").exists()
+    assert vkr_run(manifest, vkr_pool, tmp_path / "run", "--fps", "0.5", "--force").returncode == 0
+
+
+def test_sigkill_at_random_moments_pays_no_call_twice(tmp_path, testdata, vkr_pool, vkr_fake_server):
+    vkr_fake_server.set_policy({"latency_ms": 40})
+    manifest = write_manifest(tmp_path / "videos", testdata, good=4, bad=False)
+    # The reference: one uninterrupted run.
+    vkr_run(manifest, vkr_pool, tmp_path / "reference")
+    reference = accepted(tmp_path / "reference")
+    reference_calls = vkr_fake_server.stats()["completions"]
+    assert reference and vkr_fake_server.stats()["repeats"] == 0
+    for seed in range(3):
+        vkr_fake_server.reset_stats()
+        run_dir = tmp_path / f"killed{seed}"
+        rng = random.Random(seed)
+        kills = 0
+        for _ in range(3):
+            proc = subprocess.Popen([VKR, "run", "--videos", str(manifest), "--pool", str(vkr_pool),
+                                     "--out", str(run_dir), "--no-progress"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(1.5, 4.0))
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait()
+        vkr_run(manifest, vkr_pool, run_dir)
+        stats = vkr_fake_server.stats()
+        assert kills >= 1
+        assert stats["repeats"] == 0, f"seed {seed}: {stats['repeats']} call(s) paid twice"
+        assert stats["completions"] == reference_calls
+        assert accepted(run_dir) == reference
+
+
+def test_canary_key_never_reaches_a_file_or_a_log(tmp_path, testdata, vkr_pool, vkr_fake_server):
+    vkr_fake_server.set_policy({"script": ["429", "500"], "retry_after_s": 0.05})
+    manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=True)
+    env = dict(os.environ, VKR_FAKE_API_KEY=CANARY)
+    result = vkr_run(manifest, vkr_pool, tmp_path / "run", "--log-level", "DEBUG", env=env)
+    # The key was really used: the server saw it.
+    assert vkr_fake_server.stats()["authorization"]["present"] > 0
+    hits = [str(p) for p in (tmp_path / "run").rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    assert hits == []
+    assert CANARY not in result.stdout and CANARY not in result.stderr

@@ -1,0 +1,145 @@
+"""Many videos at once on one machine: bounded concurrency, a stop target, live counters.
+
+Each video runs its own checkpointed graph, so a killed batch resumes video by video; a
+video that fails is recorded and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vkr_core.schemas import CallRecord, Video, VideoRecord
+
+
+@dataclass
+class BatchCounters:
+    """What the progress bar shows."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    accepted: int = 0
+    paid_calls: int = 0
+    cached_calls: int = 0
+    spend_usd: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def on_call(self, record: CallRecord) -> None:
+        if record.cache_hit:
+            self.cached_calls += 1
+        elif record.outcome != "error":
+            self.paid_calls += 1
+            self.spend_usd += record.cost_usd
+
+    def on_video(self, record: VideoRecord) -> None:
+        if record.status == "done":
+            self.done += 1
+        else:
+            self.failed += 1
+        self.accepted += len(record.accepted)
+
+    def line(self) -> str:
+        return (
+            f"videos {self.done + self.failed}/{self.total} (failed {self.failed}) | "
+            f"accepted {self.accepted} | calls paid {self.paid_calls}, cached {self.cached_calls} | "
+            f"spend ${self.spend_usd:.4f}"
+        )
+
+
+class ProgressDisplay:
+    """A rich progress bar on a terminal; a plain line every few videos elsewhere (CI, logs)."""
+
+    def __init__(self, counters: BatchCounters, enabled: bool = True):
+        self.counters = counters
+        self.live = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+        self._every = 1
+
+    def __enter__(self) -> ProgressDisplay:
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]vkr run"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+                transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task("videos", total=self.counters.total, status="")
+        self._every = max(1, self.counters.total // 20)
+        return self
+
+    def update(self) -> None:
+        c = self.counters
+        if self._progress is not None:
+            self._progress.update(self._task, completed=c.done + c.failed, status=c.line())
+        elif self.enabled and (
+            (c.done + c.failed) % self._every == 0 or c.done + c.failed == c.total
+        ):
+            print(c.line(), file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self.update()
+            self._progress.__exit__(*exc)
+
+
+async def run_batch(
+    process: Callable[[Video], Any],
+    videos: list[Video],
+    counters: BatchCounters,
+    concurrency: int = 4,
+    target_accepted: int | None = None,
+    on_video: Callable[[VideoRecord], None] | None = None,
+) -> list[VideoRecord]:
+    """Process videos with at most ``concurrency`` in flight; stop launching at the target."""
+    slots = asyncio.Semaphore(concurrency)
+    records: list[VideoRecord] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    def reached() -> bool:
+        return target_accepted is not None and counters.accepted >= target_accepted
+
+    async def one(video: Video) -> None:
+        try:
+            record = await process(video)
+            records.append(record)
+            counters.on_video(record)
+            if on_video:
+                on_video(record)
+        finally:
+            slots.release()
+
+    try:
+        for video in videos:
+            await slots.acquire()
+            if reached():
+                slots.release()
+                break
+            task = asyncio.create_task(one(video), name=f"video:{video.video_id}")
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*list(tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return sorted(records, key=lambda r: r.video_id)
