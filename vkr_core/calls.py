@@ -30,6 +30,7 @@ from vkr_core.limits import ModelLimiter
 from vkr_core.log import get_logger, redact
 from vkr_core.schemas import CallRecord, Frame, VkrError
 from vkr_core.steps import ReplyError
+from vkr_core.video import FrameImages
 
 log = get_logger("vkr.calls")
 
@@ -174,40 +175,6 @@ def cache_key(
     }
     blob = json.dumps(signature, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-class FrameImages:
-    """Each frame's JPEG read and base64-encoded once per process, keyed by content hash."""
-
-    def __init__(self) -> None:
-        self._urls: dict[str, str] = {}
-
-    def data_url(self, sha256: str, path: str) -> str:
-        url = self._urls.get(sha256)
-        if url is None:
-            import base64
-
-            data = Path(path).read_bytes()
-            url = "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
-            self._urls[sha256] = url
-        return url
-
-    def expand(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = []
-        for message in messages:
-            content = message["content"]
-            if isinstance(content, list):
-                content = [
-                    {
-                        "type": "image_url",
-                        "image_url": {"url": self.data_url(p["sha256"], p["path"])},
-                    }
-                    if p.get("type") == "frame"
-                    else p
-                    for p in content
-                ]
-            out.append({"role": message["role"], "content": content})
-        return out
 
 
 @dataclass

@@ -144,40 +144,63 @@ class FrameImages:
         self._entries: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _entry(self, frame: Frame) -> tuple[bytes, str]:
+    def _entry(self, sha256: str, path: str) -> tuple[bytes, str]:
         with self._lock:
-            entry = self._entries.get(frame.sha256)
+            entry = self._entries.get(sha256)
             if entry is not None:
-                self._entries.move_to_end(frame.sha256)
+                self._entries.move_to_end(sha256)
                 return entry
         try:
-            data = Path(frame.path).read_bytes()
+            data = Path(path).read_bytes()
         except FileNotFoundError:
-            raise InputError(f"{frame.path}: frame image is missing") from None
+            raise InputError(f"{path}: frame image is missing") from None
         digest = hashlib.sha256(data).hexdigest()
-        if digest != frame.sha256:
+        if digest != sha256:
             raise InputError(
-                f"{frame.path}: frame image changed since it was sampled "
-                f"(sha256 {digest[:12]}..., expected {frame.sha256[:12]}...)"
+                f"{path}: frame image changed since it was sampled "
+                f"(sha256 {digest[:12]}..., expected {sha256[:12]}...)"
             )
-        entry = (data, base64.b64encode(data).decode("ascii"))
+        # Keep the data URL itself: building it per call would copy megabytes each time.
+        entry = (data, self._PREFIX + base64.b64encode(data).decode("ascii"))
         with self._lock:
-            self._entries[frame.sha256] = entry
+            self._entries[sha256] = entry
             while len(self._entries) > self._max_entries:
                 self._entries.popitem(last=False)
         return entry
 
     def jpeg(self, frame: Frame) -> bytes:
         """The frame's JPEG bytes."""
-        return self._entry(frame)[0]
+        return self._entry(frame.sha256, frame.path)[0]
 
     def base64(self, frame: Frame) -> str:
         """The frame's JPEG bytes, base64-encoded."""
-        return self._entry(frame)[1]
+        return self._entry(frame.sha256, frame.path)[1][len(self._PREFIX) :]
 
     def data_url(self, frame: Frame) -> str:
         """``data:image/jpeg;base64,...`` for an image part of a chat message."""
-        return self._PREFIX + self._entry(frame)[1]
+        return self._entry(frame.sha256, frame.path)[1]
+
+    def data_url_for(self, sha256: str, path: str) -> str:
+        """The data URL of a frame known only by its hash and file (a message part)."""
+        return self._entry(sha256, path)[1]
+
+    def expand(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Messages with frame parts replaced by image parts, as providers take them."""
+        out = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, list):
+                content = [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": self.data_url_for(p["sha256"], p["path"])},
+                    }
+                    if p.get("type") == "frame"
+                    else p
+                    for p in content
+                ]
+            out.append({"role": message["role"], "content": content})
+        return out
 
 
 # ---------------------------------------------------------------- finding a reader
