@@ -47,6 +47,9 @@ class Video(Strict):
 
     video_id: str
     path: str
+    # The path exports write: relative to the dataset's video root (the videos folder or the
+    # manifest's folder); the file name when unknown.
+    video_path: str | None = None
     discipline: str = "general"
     subject: str = ""
     knowledge_point: KnowledgePoint | None = None
@@ -279,6 +282,9 @@ Candidate.model_rebuild()
 # ---------------------------------------------------------------- corpus split
 
 
+_ANSWER_TAGS = re.compile(r"^<answer>|</answer>$")
+
+
 class RLExample(Strict):
     """An example as the RL file carries it: the question and its verifiable answer, no trace."""
 
@@ -296,7 +302,7 @@ class RLExample(Strict):
     @field_validator("solution")
     @classmethod
     def _answer_not_empty(cls, value: str) -> str:
-        if not re.sub(r"^<answer>|</answer>$", "", value).strip():
+        if not _ANSWER_TAGS.sub("", value).strip():
             raise ValueError("empty answer: a verifiable reward needs one")
         return value
 
@@ -320,6 +326,6 @@ class SplitManifest(Strict):
     run_dirs: list[str]
     sft: SplitSide
     rl: SplitSide
-    # RL problem ids whose open-ended answer has no token ROUGE can score (e.g. only symbols):
-    # no response can earn accuracy reward on them.
-    unscorable_open_ended: list[str] = Field(default_factory=list)
+    # RL problem ids whose open-ended answer has fewer than two words ROUGE can score: even a
+    # perfect response earns accuracy 2/3 (one word: no bigram for ROUGE-2) or 0 (none).
+    open_ended_below_full_reward: list[str] = Field(default_factory=list)

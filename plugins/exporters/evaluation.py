@@ -1,0 +1,49 @@
+"""VideoKR-Eval style jsonl: one question per line, hyphenated problem types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vkr_core.exporters import (
+    MULTIPLE_CHOICE,
+    Exporter,
+    ExportOption,
+    SplitData,
+    checked_answer,
+    write_jsonl,
+)
+
+# The eval files spell the type with a hyphen, unlike the training files.
+EVAL_PROBLEM_TYPES = {MULTIPLE_CHOICE: "multiple-choice", "open-ended": "open-ended"}
+
+
+class EvalExporter(Exporter):
+    name = "eval"
+    description = "VideoKR-Eval style jsonl (id, video_path, question, options, solution, ...)"
+    options = {
+        "part": ExportOption("all", "which examples: all, sft or rl"),
+        "dataset": ExportOption("videokr", "the `dataset` (source benchmark) field"),
+    }
+
+    def write(self, data: SplitData, out_dir: Path, options: dict[str, Any]) -> list[Path]:
+        rows = []
+        for example in data.part(options["part"]):
+            answer = checked_answer(example)
+            row: dict[str, Any] = {
+                "id": example.problem_id,
+                "video_path": example.video_path,
+                "question": example.question,
+            }
+            if example.problem_type == MULTIPLE_CHOICE:
+                row["options"] = list(example.options or [])
+            row.update(
+                problem_type=EVAL_PROBLEM_TYPES[example.problem_type],
+                solution=f"<answer>{answer}</answer>",
+                dataset=options["dataset"],
+                subject=example.subject,
+                skill=example.skill,
+                discipline=example.discipline,
+            )
+            rows.append(row)
+        return [write_jsonl(out_dir / "eval.jsonl", rows)]

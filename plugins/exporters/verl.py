@@ -1,0 +1,121 @@
+"""verl RL data: a parquet file of chat prompts with a video, scored by vkr_core/reward.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from vkr_core.exporters import (
+    Exporter,
+    ExportOption,
+    SplitData,
+    checked_answer,
+    user_prompt,
+)
+from vkr_core.reward import DATA_SOURCE
+from vkr_core.schemas import InputError
+
+ABILITY = "video_qa"
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("data_source", pa.string()),
+            ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+            (
+                "videos",
+                pa.list_(
+                    pa.struct(
+                        [
+                            ("video", pa.string()),
+                            ("fps", pa.float64()),
+                            ("max_frames", pa.int64()),
+                            ("min_frames", pa.int64()),
+                        ]
+                    )
+                ),
+            ),
+            ("ability", pa.string()),
+            ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+            (
+                "extra_info",
+                pa.struct(
+                    [
+                        ("problem_id", pa.string()),
+                        ("problem_type", pa.string()),
+                        ("split", pa.string()),
+                        ("index", pa.int64()),
+                    ]
+                ),
+            ),
+        ]
+    )
+
+
+class VerlExporter(Exporter):
+    name = "verl"
+    description = "verl parquet for GRPO (prompt, videos, reward_model), RL set by default"
+    options = {
+        "part": ExportOption("rl", "which examples: rl, sft or all"),
+        "split": ExportOption("train", "split name: file <split>.parquet and extra_info.split"),
+        "fps": ExportOption(2.0, "frames per second the trainer samples"),
+        "max_frames": ExportOption(128, "most frames per video"),
+        "min_frames": ExportOption(4, "fewest frames per video"),
+        "video_prefix": ExportOption(
+            "", "prepended to each relative video path (verl opens paths as given)"
+        ),
+        "instruction": ExportOption(True, "end the prompt with the think/answer instruction"),
+    }
+
+    def write(self, data: SplitData, out_dir: Path, options: dict[str, Any]) -> list[Path]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        split = str(options["split"])
+        if not split or "/" in split or os.sep in split:
+            raise InputError(f"verl split name {split!r} must be a plain file stem")
+        if options["min_frames"] < 1 or options["max_frames"] < options["min_frames"]:
+            raise InputError(
+                f"verl frames: need 1 <= min_frames <= max_frames, got "
+                f"min_frames={options['min_frames']} max_frames={options['max_frames']}"
+            )
+        if options["fps"] <= 0:
+            raise InputError(f"verl fps must be positive, got {options['fps']}")
+        rows = []
+        for index, example in enumerate(data.part(options["part"])):
+            rows.append(
+                {
+                    "data_source": DATA_SOURCE,
+                    "prompt": [
+                        {"role": "user", "content": user_prompt(example, options["instruction"])}
+                    ],
+                    "videos": [
+                        {
+                            "video": options["video_prefix"] + example.video_path,
+                            "fps": float(options["fps"]),
+                            "max_frames": int(options["max_frames"]),
+                            "min_frames": int(options["min_frames"]),
+                        }
+                    ],
+                    "ability": ABILITY,
+                    "reward_model": {
+                        "style": "rule",
+                        "ground_truth": f"<answer>{checked_answer(example)}</answer>",
+                    },
+                    "extra_info": {
+                        "problem_id": example.problem_id,
+                        "problem_type": example.problem_type,
+                        "split": split,
+                        "index": index,
+                    },
+                }
+            )
+        path = out_dir / f"{split}.parquet"
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(pa.Table.from_pylist(rows, schema=_schema()), tmp)
+        os.replace(tmp, path)
+        return [path]

@@ -1,0 +1,520 @@
+"""Accepted examples in and out: loading run records and splits, the VideoKR rows, exporters.
+
+An exporter is a plugin (hook ``vkr_register_exporters``) that subclasses :class:`Exporter`
+and implements one method, ``write(data, out_dir, options)``. The base class loads the
+input, checks every example (no empty answer or trace, options in letter order), makes video
+paths relative to the video root and validates the options, so ``write`` only formats::
+
+    class CsvExporter(Exporter):
+        name = "csv"
+        description = "RL questions and answers as CSV"
+
+        def write(self, data, out_dir, options):
+            path = out_dir / "rl.csv"
+            with path.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                for example in data.rl:
+                    writer.writerow([example.problem_id, example.question, example.solution])
+            return [path]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import ValidationError
+
+from vkr_core.schemas import OPTION_LETTERS, AcceptedExample, InputError, RLExample
+
+MULTIPLE_CHOICE = "multiple choice"
+OPEN_ENDED = "open-ended"
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+# A placeholder in the text would make LLaMA-Factory/verl count one more video than given.
+_PLACEHOLDERS = ("<video>", "<image>")
+
+Example = AcceptedExample | RLExample
+Part = Literal["sft", "rl", "all"]
+
+
+# ---------------------------------------------------------------- checking examples
+
+
+def _inner(value: str, tag: str, problem_id: str, what: str) -> str:
+    """The text inside ``<tag>...</tag>`` (or the bare text), stripped; refuse empty or stray tags."""
+    text = value.strip()
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    if text.startswith(opening) and text.endswith(closing) and len(text) >= len(opening + closing):
+        text = text[len(opening) : -len(closing)]
+    if any(t in text for t in _TAGS):
+        raise InputError(
+            f"example {problem_id!r}: the {what} {value[:80]!r} must be one "
+            f"{opening}...{closing} with no other think/answer tags inside"
+        )
+    text = text.strip()
+    if not text:
+        raise InputError(
+            f"example {problem_id!r} has an empty {what}: refusing to write it "
+            "(training loaders drop examples without an answer or trace)"
+        )
+    return text
+
+
+def checked_answer(example: Example) -> str:
+    """The example's answer text (inside ``<answer>``), after checking it fits the problem type."""
+    pid = example.problem_id
+    answer = _inner(example.solution, "answer", pid, "answer")
+    if not example.question.strip():
+        raise InputError(f"example {pid!r} has an empty question")
+    if not example.video_path.strip():
+        raise InputError(f"example {pid!r} has an empty video_path")
+    if example.problem_type == MULTIPLE_CHOICE:
+        options = example.options or []
+        if len(options) < 2 or len(options) > len(OPTION_LETTERS):
+            raise InputError(
+                f"example {pid!r} is multiple choice with {len(options)} options "
+                f"(needs 2 to {len(OPTION_LETTERS)})"
+            )
+        letters = OPTION_LETTERS[: len(options)]
+        for letter, option in zip(letters, options, strict=True):
+            if not option.startswith(f"{letter}."):
+                raise InputError(
+                    f"example {pid!r}: option {option[:40]!r} must start with '{letter}.' "
+                    "(options are listed in letter order)"
+                )
+        if answer not in letters:
+            raise InputError(
+                f"example {pid!r}: multiple-choice answer {answer!r} is not one of the "
+                f"option letters {', '.join(letters)}"
+            )
+    elif example.options:
+        raise InputError(f"example {pid!r} is open-ended but has options")
+    return answer
+
+
+def checked_trace(example: AcceptedExample) -> str:
+    """The example's reasoning trace (inside ``<think>``), refusing an empty one."""
+    return _inner(example.think, "think", example.problem_id, "reasoning trace (think)")
+
+
+def check_example(example: Example) -> None:
+    """Raise InputError naming the example if it must not be written to a training file."""
+    checked_answer(example)
+    if isinstance(example, AcceptedExample):
+        checked_trace(example)
+
+
+def training_target(example: AcceptedExample) -> str:
+    """The assistant turn: ``<think>T</think>\\n<answer>A</answer>`` with nothing around it."""
+    return f"<think>{checked_trace(example)}</think>\n<answer>{checked_answer(example)}</answer>"
+
+
+def to_rl(example: AcceptedExample) -> RLExample:
+    """The example as the RL file carries it (no trace)."""
+    # The fields come from a validated AcceptedExample; check_example guards what is written.
+    return RLExample.model_construct(
+        problem_id=example.problem_id,
+        question=example.question,
+        options=example.options,
+        problem_type=example.problem_type,
+        solution=example.solution,
+        video_path=example.video_path,
+        skill=example.skill,
+        subject=example.subject,
+        discipline=example.discipline,
+        video_id=example.video_id,
+    )
+
+
+# ---------------------------------------------------------------- VideoKR rows
+
+
+def rl_row(example: Example) -> dict[str, Any]:
+    """A row of the VideoKR RL file: question and verifiable answer, plus provenance."""
+    answer = checked_answer(example)
+    row: dict[str, Any] = {"problem_id": example.problem_id, "question": example.question}
+    if example.problem_type == MULTIPLE_CHOICE:
+        row["options"] = list(example.options or [])
+    row.update(
+        problem_type=example.problem_type,
+        solution=f"<answer>{answer}</answer>",
+        video_path=example.video_path,
+        skill=example.skill,
+        subject=example.subject,
+        discipline=example.discipline,
+        video_id=example.video_id,
+    )
+    return row
+
+
+def sft_row(example: AcceptedExample) -> dict[str, Any]:
+    """A row of the VideoKR SFT file: the RL fields, the trace, and the full provenance."""
+    answer = checked_answer(example)
+    row: dict[str, Any] = {"problem_id": example.problem_id, "question": example.question}
+    if example.problem_type == MULTIPLE_CHOICE:
+        row["options"] = list(example.options or [])
+    row.update(
+        problem_type=example.problem_type,
+        solution=f"<answer>{answer}</answer>",
+        think=f"<think>{checked_trace(example)}</think>",
+        video_path=example.video_path,
+        skill=example.skill,
+        subject=example.subject,
+        discipline=example.discipline,
+        knowledge_point=example.knowledge_point,
+        video_id=example.video_id,
+        models=example.models,
+        verdicts=[v.model_dump(mode="json") for v in example.verdicts],
+    )
+    return row
+
+
+def user_prompt(example: Example, instruction: bool = True) -> str:
+    """The user turn: ``<video>``, the question, the options (MC) and the answer-format instruction."""
+    text = example.question.strip()
+    options = example.options if example.problem_type == MULTIPLE_CHOICE else None
+    for piece in [text, *(options or [])]:
+        for placeholder in _PLACEHOLDERS:
+            if placeholder in piece:
+                raise InputError(
+                    f"example {example.problem_id!r}: its question or options contain the "
+                    f"placeholder {placeholder}, which trainers read as a media slot"
+                )
+    if options:
+        text += "\nOptions:\n" + "\n".join(options)
+    if instruction:
+        if options:
+            final = "only the letter of the correct option"
+        else:
+            final = "a short final answer"
+        text += (
+            "\nThink step by step inside <think> </think> tags, then give "
+            f"{final} inside <answer> </answer> tags."
+        )
+    return "<video>" + text
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write rows as JSON lines, atomically: a failed write leaves no half file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, value: Any) -> Path:
+    """Write one JSON document atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _validation_message(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(x) for x in first["loc"]) or "value"
+    return f"{where}: {first['msg']}"
+
+
+def load_accepted(run_dirs: Sequence[str | Path]) -> list[AcceptedExample]:
+    """Every accepted example in the runs' ``records/*.json``, sorted by (video_id, problem_id).
+
+    A problem_id found twice (in one run or across runs) is an error naming both files.
+    """
+    from vkr_core.schemas import VideoRecord
+
+    seen: dict[str, Path] = {}
+    examples: list[AcceptedExample] = []
+    for run_dir in run_dirs:
+        records_dir = Path(run_dir) / "records"
+        if not Path(run_dir).is_dir():
+            raise InputError(f"run directory {str(run_dir)!r} does not exist")
+        if not records_dir.is_dir():
+            raise InputError(f"run directory {str(run_dir)!r} has no records/ folder")
+        for path in sorted(records_dir.glob("*.json")):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InputError(f"record {path} is not readable JSON: {exc}") from None
+            try:
+                record = VideoRecord.model_validate(data)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = first["loc"]
+                who = ""
+                if len(loc) >= 2 and loc[0] == "accepted" and isinstance(loc[1], int):
+                    pid = data["accepted"][loc[1]].get("problem_id", "?")
+                    who = f" accepted example {pid!r}:"
+                raise InputError(f"record {path}:{who} {_validation_message(exc)}") from None
+            if record.video_id != path.stem:
+                raise InputError(
+                    f"record {path} holds video {record.video_id!r}: the file name must be "
+                    "the video id"
+                )
+            for example in record.accepted:
+                if example.video_id != record.video_id:
+                    raise InputError(
+                        f"record {path}: example {example.problem_id!r} names video "
+                        f"{example.video_id!r}, not the record's {record.video_id!r}"
+                    )
+                if example.problem_id in seen:
+                    raise InputError(
+                        f"problem_id {example.problem_id!r} appears twice: in "
+                        f"{seen[example.problem_id]} and in {path}"
+                    )
+                seen[example.problem_id] = path
+                examples.append(example)
+    examples.sort(key=lambda e: (e.video_id, e.problem_id))
+    return examples
+
+
+# ---------------------------------------------------------------- splits
+
+
+def _sort_key(example: Example) -> tuple[str, str]:
+    return (example.video_id, example.problem_id)
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """What an exporter writes from: the SFT examples (with trace) and the RL examples."""
+
+    sft: list[AcceptedExample]
+    rl: list[RLExample]
+    source: str = ""
+    # Unsplit examples sit on both sides on purpose; a real split never shares a video.
+    unsplit: bool = False
+
+    @classmethod
+    def from_examples(cls, examples: Iterable[AcceptedExample]) -> SplitData:
+        """Unsplit examples: every example on both sides (the SFT and the RL view of it)."""
+        items = sorted(examples, key=_sort_key)
+        for item in items:
+            if not isinstance(item, AcceptedExample):
+                raise TypeError(f"expected AcceptedExample, got {type(item).__name__}")
+        return cls(sft=items, rl=[to_rl(e) for e in items], source="examples", unsplit=True)
+
+    def part(self, name: Part) -> list[RLExample]:
+        """The examples of one side (or both) in their RL view, sorted, one per problem_id."""
+        if name == "rl":
+            return list(self.rl)
+        if name == "sft":
+            return [to_rl(e) for e in self.sft]
+        if name == "all":
+            merged = {e.problem_id: e for e in self.part("sft")}
+            merged.update({e.problem_id: e for e in self.rl})
+            return sorted(merged.values(), key=_sort_key)
+        raise InputError(f"unknown part {name!r}: use sft, rl or all")
+
+    def check(self) -> None:
+        """Refuse examples that must not be written, and splits that mix a video across sides."""
+        examples: list[Example] = [*self.sft, *self.rl]
+        for example in examples:
+            check_example(example)
+        if not self.unsplit:
+            both = sorted({e.video_id for e in self.sft} & {e.video_id for e in self.rl})
+            if both:
+                raise InputError(
+                    f"video {both[0]!r} has examples in both the SFT and the RL set of "
+                    f"{self.source or 'the split'}: a split must be by video"
+                )
+        # Unsplit examples are on both sides by design: count each side on its own then.
+        sides: list[Sequence[Example]] = [self.sft, self.rl] if self.unsplit else [examples]
+        for items in sides:
+            counts = Counter(e.problem_id for e in items)
+            twice = sorted(pid for pid, n in counts.items() if n > 1)
+            if twice:
+                raise InputError(
+                    f"problem_id {twice[0]!r} appears {counts[twice[0]]} times in "
+                    f"{self.source or 'the examples'}"
+                )
+
+    def with_video_root(self, video_root: str | Path | None) -> SplitData:
+        """A copy whose video paths are relative to ``video_root`` (POSIX separators)."""
+        # Several examples share each video: resolve each distinct path once.
+        done: dict[str, str] = {}
+
+        def moved(example: Any) -> Any:
+            if example.video_path not in done:
+                done[example.video_path] = relative_video_path(example, video_root)
+            return example.model_copy(update={"video_path": done[example.video_path]})
+
+        return SplitData(
+            sft=[moved(e) for e in self.sft],
+            rl=[moved(e) for e in self.rl],
+            source=self.source,
+            unsplit=self.unsplit,
+        )
+
+
+def _read_jsonl(path: Path, model: type[Example]) -> list[Any]:
+    items = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from None
+            try:
+                items.append(model.model_validate(data))
+            except ValidationError as exc:
+                pid = data.get("problem_id", "?") if isinstance(data, dict) else "?"
+                raise InputError(
+                    f"{path}:{lineno}: example {pid!r}: {_validation_message(exc)}"
+                ) from None
+    return items
+
+
+def load_split(split_dir: str | Path) -> SplitData:
+    """Read ``sft.jsonl`` and ``rl.jsonl`` as ``vkr split`` wrote them."""
+    folder = Path(split_dir)
+    if not folder.is_dir():
+        raise InputError(f"split directory {str(split_dir)!r} does not exist")
+    paths = {name: folder / f"{name}.jsonl" for name in ("sft", "rl")}
+    for name, path in paths.items():
+        if not path.is_file():
+            raise InputError(
+                f"split directory {str(split_dir)!r} has no {name}.jsonl: make it with `vkr split`"
+            )
+    return SplitData(
+        sft=sorted(_read_jsonl(paths["sft"], AcceptedExample), key=_sort_key),
+        rl=sorted(_read_jsonl(paths["rl"], RLExample), key=_sort_key),
+        source=str(folder),
+    )
+
+
+def _climbs_out(relative: str) -> bool:
+    return relative in (".", "..") or relative.startswith(".." + os.sep)
+
+
+def relative_video_path(example: Example, video_root: str | Path | None) -> str:
+    """The example's video path relative to the video root, or InputError naming the path.
+
+    An absolute path must lie under the root. A relative path is taken as already relative
+    to the root and must not climb out of it. Without a root, absolute paths are refused.
+    """
+    raw = example.video_path
+    pid = example.problem_id
+    if not raw.strip():
+        raise InputError(f"example {pid!r} has an empty video_path")
+    if os.path.isabs(raw):
+        if video_root is None:
+            raise InputError(
+                f"video path {raw!r} of example {pid!r} is absolute: pass --video-root "
+                "(video_root) so exports can refer to it by a relative path"
+            )
+        root = os.path.abspath(video_root)
+        target = os.path.normpath(raw)
+        prefix = root.rstrip(os.sep) + os.sep
+        relative = target[len(prefix) :] if target.startswith(prefix) else ".."
+        if _climbs_out(relative):
+            # A root reached through a symlink still holds the files it points at.
+            relative = os.path.relpath(os.path.realpath(raw), os.path.realpath(root))
+        if not _climbs_out(relative):
+            return Path(relative).as_posix()
+        raise InputError(
+            f"video path {raw!r} of example {pid!r} is outside the video root {str(video_root)!r}"
+        )
+    relative = os.path.normpath(raw)
+    if _climbs_out(relative):
+        where = f"the video root {str(video_root)!r}" if video_root is not None else "the root"
+        raise InputError(f"video path {raw!r} of example {pid!r} is outside {where}")
+    return Path(relative).as_posix()
+
+
+# ---------------------------------------------------------------- exporters
+
+
+@dataclass(frozen=True)
+class ExportOption:
+    """An exporter option: its default (which also sets its type) and a one-line help."""
+
+    default: str | int | float | bool
+    help: str
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(exporter: str, name: str, value: Any, default: Any) -> Any:
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            lowered = value.strip().lower()
+            if lowered in _TRUE | _FALSE:
+                return lowered in _TRUE
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        kind = type(default).__name__
+        raise InputError(
+            f"exporter {exporter!r}: option {name}={value!r} is not a valid {kind}"
+        ) from None
+    return value
+
+
+class Exporter:
+    """Base class of exporters: set ``name``, ``description``, ``options``; implement ``write``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    options: ClassVar[dict[str, ExportOption]] = {}
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The declared options with defaults filled in and CLI strings converted."""
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise InputError(
+                f"exporter {self.name!r} has no option {unknown[0]!r} (its options: {known})"
+            )
+        values = {key: option.default for key, option in self.options.items()}
+        for key, value in given.items():
+            values[key] = _coerce(self.name, key, value, self.options[key].default)
+        return values
+
+    def export(
+        self,
+        source: str | Path | SplitData | Sequence[AcceptedExample],
+        out_dir: str | Path,
+        video_root: str | Path | None = None,
+        **options: Any,
+    ) -> list[Path]:
+        """Write the export of ``source`` (a split directory, a SplitData or examples) to ``out_dir``.
+
+        Every example is checked and every video path made relative to ``video_root``
+        before anything is written; returns the files written.
+        """
+        values = self.resolve_options(options)
+        if isinstance(source, SplitData):
+            data = source
+        elif isinstance(source, str | Path):
+            data = load_split(source)
+        else:
+            data = SplitData.from_examples(source)
+        data.check()
+        data = data.with_video_root(video_root)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return self.write(data, out, values)
+
+    def write(self, data: SplitData, out_dir: Path, options: dict[str, Any]) -> list[Path]:
+        """Write the files of this format into ``out_dir`` and return their paths."""
+        raise NotImplementedError

@@ -1,0 +1,185 @@
+"""Split accepted examples into an SFT set (keeps the trace) and an RL set, grouped by video.
+
+No video has examples on both sides. Videos are shuffled with the seed and taken into the
+SFT set in that order for as long as that brings the SFT share of examples closer to the
+requested one (the paper's 201,156 of 315,537 by default), so the share is off by at most
+half of one video's examples and the same seed always gives the same split.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vkr_core.exporters import (
+    OPEN_ENDED,
+    check_example,
+    checked_answer,
+    load_accepted,
+    rl_row,
+    sft_row,
+    write_json,
+    write_jsonl,
+)
+from vkr_core.schemas import AcceptedExample, InputError, SplitManifest, SplitSide
+
+PAPER_SFT_EXAMPLES = 201_156
+PAPER_TOTAL_EXAMPLES = 315_537
+PAPER_SFT_SHARE = PAPER_SFT_EXAMPLES / PAPER_TOTAL_EXAMPLES
+
+
+@dataclass(frozen=True)
+class Split:
+    """A partition of examples by video."""
+
+    sft: list[AcceptedExample]
+    rl: list[AcceptedExample]
+    sft_videos: list[str]
+    rl_videos: list[str]
+    seed: int
+    sft_share_requested: float
+
+    @property
+    def sft_share(self) -> float:
+        total = len(self.sft) + len(self.rl)
+        return len(self.sft) / total if total else 0.0
+
+
+def _video_groups(examples: Sequence[AcceptedExample]) -> dict[str, list[AcceptedExample]]:
+    """Examples grouped by video; ids that share a video file are one group.
+
+    The same file processed under two ids (two runs, two sources) must not land on both sides.
+    """
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    owner_of_path: dict[str, str] = {}
+    for example in examples:
+        find(example.video_id)
+        other = owner_of_path.setdefault(example.video_path, example.video_id)
+        a, b = find(other), find(example.video_id)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    groups: dict[str, list[AcceptedExample]] = {}
+    for example in examples:
+        groups.setdefault(find(example.video_id), []).append(example)
+    return groups
+
+
+def split_examples(
+    examples: Sequence[AcceptedExample], sft_share: float = PAPER_SFT_SHARE, seed: int = 0
+) -> Split:
+    """Partition ``examples`` by video into SFT and RL with about ``sft_share`` of them in SFT.
+
+    Every example is checked first (empty answer or trace, options): the error names the
+    problem_id, whatever side the seed would have put it on.
+    """
+    if not 0.0 <= sft_share <= 1.0:
+        raise InputError(f"sft share {sft_share} must be between 0 and 1")
+    if not examples:
+        raise InputError("there are no accepted examples to split")
+    seen: set[str] = set()
+    for example in examples:
+        if example.problem_id in seen:
+            raise InputError(f"problem_id {example.problem_id!r} appears twice")
+        seen.add(example.problem_id)
+        check_example(example)
+
+    groups = _video_groups(examples)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    target = sft_share * len(examples)
+    taken, best_count, best_gap = 0, 0, target
+    for count, group in enumerate(order, start=1):
+        taken += len(groups[group])
+        gap = abs(taken - target)
+        if gap < best_gap:
+            best_count, best_gap = count, gap
+        elif taken > target:
+            break  # past the target every further video only widens the gap
+    sft_keys = set(order[:best_count])
+
+    def by_id(example: AcceptedExample) -> tuple[str, str]:
+        return (example.video_id, example.problem_id)
+
+    sft = sorted((e for k in sft_keys for e in groups[k]), key=by_id)
+    rl = sorted((e for k in groups if k not in sft_keys for e in groups[k]), key=by_id)
+    return Split(
+        sft=sft,
+        rl=rl,
+        sft_videos=sorted({e.video_id for e in sft}),
+        rl_videos=sorted({e.video_id for e in rl}),
+        seed=seed,
+        sft_share_requested=sft_share,
+    )
+
+
+def _side(examples: list[AcceptedExample], videos: list[str]) -> SplitSide:
+    return SplitSide(
+        examples=len(examples),
+        videos=len(videos),
+        by_skill=dict(sorted(Counter(e.skill for e in examples).items())),
+        by_problem_type=dict(sorted(Counter(e.problem_type for e in examples).items())),
+        video_ids=videos,
+    )
+
+
+def open_ended_below_full_reward(examples: Sequence[AcceptedExample]) -> list[str]:
+    """Open-ended problem ids where even the exact answer earns accuracy below 1.
+
+    ROUGE-2 needs a bigram: a one-word answer caps accuracy at 2/3, a symbol-only or
+    non-Latin answer (no token ROUGE keeps) at 0.
+    """
+    from vkr_core.reward import rouge_tokens
+
+    return [
+        e.problem_id
+        for e in examples
+        if e.problem_type == OPEN_ENDED and len(rouge_tokens(checked_answer(e))) < 2
+    ]
+
+
+def write_split(
+    split: Split, out_dir: str | Path, run_dirs: Sequence[str | Path] = ()
+) -> SplitManifest:
+    """Write ``sft.jsonl``, ``rl.jsonl`` and ``split.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    # Build every row before writing any file, so a refused example leaves nothing half-written.
+    sft_rows = [sft_row(e) for e in split.sft]
+    rl_rows = [rl_row(e) for e in split.rl]
+    manifest = SplitManifest(
+        seed=split.seed,
+        sft_share_requested=split.sft_share_requested,
+        sft_share=split.sft_share,
+        run_dirs=[str(d) for d in run_dirs],
+        sft=_side(split.sft, split.sft_videos),
+        rl=_side(split.rl, split.rl_videos),
+        open_ended_below_full_reward=open_ended_below_full_reward(split.rl),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "sft.jsonl", sft_rows)
+    write_jsonl(out / "rl.jsonl", rl_rows)
+    write_json(out / "split.json", manifest.model_dump(mode="json"))
+    return manifest
+
+
+def split_run_dirs(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    sft_share: float = PAPER_SFT_SHARE,
+    seed: int = 0,
+) -> SplitManifest:
+    """Load the accepted examples of ``run_dirs``, split them by video, write the split."""
+    examples = load_accepted(run_dirs)
+    if not examples:
+        names = ", ".join(str(d) for d in run_dirs)
+        raise InputError(f"no accepted examples in {names}: nothing to split")
+    return write_split(split_examples(examples, sft_share, seed), out_dir, run_dirs)
