@@ -28,6 +28,7 @@ from vkr_core.schemas import (
     VkrError,
 )
 from vkr_core.steps import Gate, Generator, ReplyError
+from vkr_core.store import is_disk_full
 
 log = get_logger("vkr.graph")
 
@@ -121,6 +122,9 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
                 timeout=run.config.decode_timeout,
             )
         except VkrError as exc:
+            # A decoder that failed because the frames could not be written is not a bad video.
+            if is_disk_full(exc) or run.store.low_on_space():
+                raise run.store.disk_full_error(exc) from None
             return {"failure": str(exc), "frames": []}
         return {"frames": [f.model_dump() for f in frames], "failure": None}
 
@@ -270,7 +274,7 @@ def to_accepted(candidate: Candidate, video: Video, run: RunContext) -> Accepted
         problem_type=candidate.problem_type,
         solution=f"<answer>{answer}</answer>",
         think=f"<think>{candidate.reasoning.strip()}</think>",
-        video_path=Path(video.path).name,
+        video_path=video.video_path or Path(video.path).name,
         skill=candidate.skill,
         subject=video.subject,
         discipline=video.discipline,

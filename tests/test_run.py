@@ -135,3 +135,50 @@ def test_canary_key_never_reaches_a_file_or_a_log(tmp_path, testdata, vkr_pool, 
     hits = [str(p) for p in (tmp_path / "run").rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
     assert hits == []
     assert CANARY not in result.stdout and CANARY not in result.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, testdata, vkr_pool, vkr_fake_server):
+    vkr_fake_server.set_policy({"latency_ms": 40})
+    manifest = write_manifest(tmp_path / "videos", testdata, good=3, bad=False)
+    proc = subprocess.Popen([VKR, "run", "--videos", str(manifest), "--pool", str(vkr_pool),
+                             "--out", str(tmp_path / "run"), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while vkr_fake_server.stats()["completions"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run the same command to resume" in err
+    assert "Traceback" not in err
+    vkr_run(manifest, vkr_pool, tmp_path / "run")
+    assert vkr_fake_server.stats()["repeats"] == 0
+    assert len(list((tmp_path / "run" / "records").glob("*.json"))) == 3
+
+
+def test_full_disk_stops_the_run_with_a_clear_message_and_resumes_after(tmp_path, testdata, vkr_pool, vkr_fake_server):
+    manifest = write_manifest(tmp_path / "videos", testdata, good=3, bad=False)
+    run_dir = tmp_path / "small-disk"
+    run_dir.mkdir()
+    # A real filesystem that fills up: a 1 MiB tmpfs (CI runs as root, as this needs).
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run_dir)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"this test needs root to mount a tmpfs: {mounted.stderr}"
+    try:
+        full = vkr_run(manifest, vkr_pool, run_dir, check=False)
+        assert full.returncode == 1, full.stdout + full.stderr
+        assert "is full" in full.stderr and "run the same command again to resume" in full.stderr
+        assert "Traceback" not in full.stderr
+        # No video was recorded as failed because of the disk.
+        failures = run_dir / "failures.jsonl"
+        assert not failures.exists() or "is full" not in failures.read_text()
+        subprocess.run(["mount", "-o", "remount,size=200m", str(run_dir)], check=True)
+        vkr_run(manifest, vkr_pool, run_dir)
+        for i in range(3):
+            assert json.loads((run_dir / "records" / f"good{i}.json").read_text())["status"] == "done"
+        # Replies that arrived while nothing could be written are paid again: no disk, no
+        # memory of them. Everything written before the disk filled is reused.
+        stats = vkr_fake_server.stats()
+        assert stats["repeats"] < stats["completions"] / 2
+    finally:
+        subprocess.run(["umount", "-l", str(run_dir)], check=False)

@@ -51,6 +51,10 @@ class PermanentError(VkrError):
     """A provider error that retrying cannot fix: 4xx, bad credentials, unknown model."""
 
 
+class RunStopping(VkrError):
+    """The run was asked to stop: no new call starts; calls in flight finish and are cached."""
+
+
 class CallFailed(VkrError):
     """A call that did not get a reply after its retries: the video fails and can be rerun.
 
@@ -219,6 +223,7 @@ class ModelCaller:
             str(self.cache_dir), size_limit=CACHE_SIZE_LIMIT, eviction_policy="none"
         )
         self.journal = Journal(self.cache)
+        self.stopping = False
         self.limiters: dict[str, ModelLimiter] = {}
         self.records: list[CallRecord] = []
 
@@ -302,6 +307,10 @@ class ModelCaller:
             self._emit(record)
             return CallResult(hit["text"], hit["outcome"], record)
 
+        if self.stopping:
+            # A request cancelled mid-flight is still billed by the provider: stop before
+            # sending, never in the middle.
+            raise RunStopping("stopping: no new model calls")
         provider = self.providers.get(spec.provider)
         if provider is None:
             raise VkrError(

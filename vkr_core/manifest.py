@@ -89,6 +89,8 @@ def load_manifest(path: str | Path) -> Manifest:
         if isinstance(kp, str):
             data["knowledge_point"] = KnowledgePoint(term=kp)
         data["path"] = str(video_path.resolve())
+        if "video_path" not in data:
+            data["video_path"] = raw_path if not Path(raw_path).is_absolute() else video_path.name
         try:
             manifest.videos.append(Video.model_validate(data))
         except ValidationError as exc:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vkr_core.calls import CallFailed, ModelCaller
+from vkr_core.calls import CallFailed, ModelCaller, RunStopping
 from vkr_core.config import (
     EligibilityRegistry,
     Pool,
@@ -24,7 +24,7 @@ from vkr_core.plugins import VkrPluginManager, get_plugin_manager
 from vkr_core.router import Router
 from vkr_core.schemas import CallRecord, InputError, Video, VideoRecord, VkrError
 from vkr_core.seeds import SeedBank
-from vkr_core.store import RunStore
+from vkr_core.store import DiskFull, RunStore, is_disk_full
 
 log = get_logger("vkr.run")
 
@@ -137,10 +137,18 @@ class Run:
 
         try:
             return await process_video(self.graph, video, self.context)
+        except (DiskFull, RunStopping):
+            raise
         except CallFailed as exc:
             reason = f"model calls failed: {exc}"
         except VkrError as exc:
             reason = str(exc)
+        except Exception as exc:
+            # A full disk stops the whole run (every other video would fail the same way);
+            # anything else is this video's failure, recorded, and the run goes on.
+            if is_disk_full(exc):
+                raise self.store.disk_full_error(exc) from None
+            reason = f"{type(exc).__name__}: {exc}"
         self.store.add_failure(video.video_id, reason, video.path)
         log.warning("video failed", video_id=video.video_id, reason=reason)
         return VideoRecord(video_id=video.video_id, video=video, status="failed", failure=reason)
@@ -205,10 +213,9 @@ async def run_manifest(
 
     counters = BatchCounters(total=len(videos))
     async with Run(run_dir, pool, config, pm, force) as run:
+        stop_on_interrupt(run)
         for problem in problems:  # manifest lines that never became a video
-            run.store.add_failure(
-                f"manifest-line-{problem.line}", problem.reason, problem.path
-            )
+            run.store.add_failure(f"manifest-line-{problem.line}", problem.reason, problem.path)
         run.call_listeners.append(counters.on_call)
         with ProgressDisplay(counters, enabled=progress) as display:
             records = await run_batch(
@@ -220,3 +227,31 @@ async def run_manifest(
                 on_video=lambda _record: display.update(),
             )
     return records, counters
+
+
+def stop_on_interrupt(run: Run) -> None:
+    """First Ctrl-C: start no new call, let calls in flight finish and land in the cache (a
+    cancelled request is still billed). Second Ctrl-C: stop at once."""
+    import asyncio
+    import signal
+    import sys
+
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def on_interrupt() -> None:
+        assert run.caller is not None
+        if not run.caller.stopping:
+            run.caller.stopping = True
+            print(
+                "\nstopping: finishing the model calls in flight (Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif main is not None:
+            main.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+        pass

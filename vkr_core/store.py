@@ -14,8 +14,11 @@ Layout::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +26,27 @@ from typing import Any
 
 from vkr_core.calls import key_messages
 from vkr_core.log import redact
-from vkr_core.schemas import CallRecord, InputError, Video, VideoRecord, check_video_id
+from vkr_core.schemas import (
+    CallRecord,
+    InputError,
+    Video,
+    VideoRecord,
+    VkrError,
+    check_video_id,
+)
+
+
+class DiskFull(VkrError):
+    """The run directory's disk is full: the whole run stops; rerunning resumes it."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from the OS, or SQLite's (checkpoints, cache) 'database or disk is full'."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc):
+        return True
+    return "No space left on device" in str(exc) or "disk is full" in str(exc)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -56,6 +79,16 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "records").mkdir(exist_ok=True)
         self._seen_inputs: dict[str, set[str]] = {}
+
+    def disk_full_error(self, exc: BaseException | None = None) -> DiskFull:
+        return DiskFull(
+            f"the disk holding {self.root} is full"
+            + (f" ({type(exc).__name__}: {exc})" if exc else "")
+            + ": nothing finished is lost; free some space and run the same command again to resume"
+        )
+
+    def low_on_space(self, minimum: int = 1 << 20) -> bool:
+        return shutil.disk_usage(self.root).free < minimum
 
     @property
     def checkpoint_path(self) -> Path:

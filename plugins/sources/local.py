@@ -62,6 +62,7 @@ class LocalFolderSource(Source):
         if isinstance(kp, str):
             meta["knowledge_point"] = KnowledgePoint(term=kp)
         try:
+            meta.setdefault("video_path", path.name)
             return Video(video_id=video_id, path=str(path.resolve()), **meta)
         except ValidationError as exc:
             err = exc.errors()[0]
