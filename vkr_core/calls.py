@@ -198,12 +198,13 @@ class RetrySettings:
 def _wait(settings: RetrySettings) -> Callable[[RetryCallState], float]:
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        backoff = min(settings.maximum, settings.initial * 2 ** (state.attempt_number - 1))
-        backoff = random.uniform(0, backoff)  # full jitter: retries from many tasks spread out
         retry_after = getattr(exc, "retry_after", None)
-        if retry_after:
-            return max(float(retry_after), backoff)
-        return backoff
+        if retry_after is not None:
+            # The provider said when: wait that long, spread a little so a burst of callers
+            # does not come back in the same millisecond.
+            return float(retry_after) * random.uniform(1.0, 1.25)
+        backoff = min(settings.maximum, settings.initial * 2 ** (state.attempt_number - 1))
+        return random.uniform(0, backoff)  # full jitter: retries from many tasks spread out
 
     return wait
 
