@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
@@ -63,7 +63,7 @@ def _rejection(
     round: int,
     step: str,
     reason: str,
-    kind: str,
+    kind: Literal["gate", "malformed", "refusal", "error"],
     raw: str | None,
 ) -> dict[str, Any]:
     rejection = Rejection(
@@ -181,7 +181,7 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
         async def run_gate(payload: dict[str, Any], runtime: Runtime[RunContext]) -> Any:
             ctx = step_context(payload, runtime.context)
             candidate = Candidate.model_validate(payload["candidate"])
-            base = dict(
+            base: dict[str, Any] = dict(
                 example_id=candidate.example_id,
                 skill=candidate.skill,
                 round=candidate.round,
@@ -239,7 +239,7 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
 
     graph = StateGraph(VideoState, context_schema=RunContext)
     graph.add_node("prepare", prepare)
-    graph.add_node(
+    graph.add_node(  # type: ignore[call-overload]  # Send payloads are plain dicts
         "generate", generate, retry_policy=NODE_RETRY, destinations=tuple(gate_names) or None
     )
     for index, gate in enumerate(gates):

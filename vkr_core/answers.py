@@ -15,6 +15,7 @@ from vkr_core.schemas import OPTION_LETTERS
 _LETTER = re.compile(r"^\(?([A-J])(?:[\).:\s]|$)")
 _ARTICLES = {"a", "an", "the"}
 OPEN_ENDED_F1 = 0.8
+_PUNCTUATION_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
 
 
 def option_letter(answer: str) -> str | None:
@@ -30,7 +31,7 @@ def option_letter(answer: str) -> str | None:
 
 
 def normalise(text: str) -> list[str]:
-    text = text.lower().translate(str.maketrans({c: " " for c in string.punctuation}))
+    text = text.lower().translate(_PUNCTUATION_TO_SPACE)
     return [t for t in text.split() if t not in _ARTICLES]
 
 

@@ -357,7 +357,7 @@ class ModelCaller:
             cost = (spec.input_cost_per_token or 0.0) * reply.prompt_tokens + (
                 spec.output_cost_per_token or 0.0
             ) * reply.completion_tokens
-        base = dict(
+        base: dict[str, Any] = dict(
             step=step,
             model=spec.name,
             video_id=video_id,
