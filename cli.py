@@ -10,6 +10,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import asyncio  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -111,6 +112,121 @@ def generate(
     click.echo(f"record: {run_dir}/records/{video_id}.json")
 
 
+@cli.command("run")
+@click.option(
+    "--videos",
+    "manifest",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Manifest: jsonl with video_id, path, discipline, subject, knowledge_point.",
+)
+@click.option("--pool", required=True, type=click.Path(dir_okay=False), help="Model pool YAML.")
+@click.option(
+    "--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory."
+)
+@click.option(
+    "--concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Videos in flight at once (per-model limits come from the pool).",
+)
+@click.option(
+    "--target-accepted",
+    type=click.IntRange(min=1),
+    help="Stop launching new videos once this many examples are accepted.",
+)
+@click.option("--seed-bank", type=click.Path(dir_okay=False), help="Seed-example bank (jsonl).")
+@click.option("--seed", default=0, show_default=True, help="Run seed: model choice, seeds, frames.")
+@click.option("--fps", default=0.2, show_default=True, help="Frame sampling rate.")
+@click.option("--max-frames", default=64, show_default=True, help="At most this many frames.")
+@click.option(
+    "--allow-stale", is_flag=True, help="Use eligibility entries of older prompt versions."
+)
+@click.option("--force", is_flag=True, help="Reuse a run directory made with another config.")
+@click.option(
+    "--strict-manifest", is_flag=True, help="Refuse to start if any manifest line is bad."
+)
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Process again videos that failed before (e.g. after replacing the file).",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
+@click.option("--log-level", default="WARNING", show_default=True)
+@reports_errors
+def run_command(
+    manifest: str,
+    pool: str,
+    run_dir: str,
+    concurrency: int,
+    target_accepted: int | None,
+    seed_bank: str | None,
+    seed: int,
+    fps: float,
+    max_frames: int,
+    allow_stale: bool,
+    force: bool,
+    strict_manifest: bool,
+    retry_failed: bool,
+    no_progress: bool,
+    log_level: str,
+) -> None:
+    """Generate verified examples for every video of a manifest; resumable after any kill."""
+    from vkr_core.calls import RunStopping
+    from vkr_core.config import RunConfig
+    from vkr_core.log import configure_logging
+    from vkr_core.manifest import load_manifest
+    from vkr_core.plugins import get_plugin_manager
+    from vkr_core.run import format_funnel, funnel, run_manifest
+
+    configure_logging(log_level)
+    loaded = load_manifest(manifest)
+    for problem in loaded.problems:
+        click.echo(f"manifest {manifest}: {problem.reason}", err=True)
+    if loaded.problems and strict_manifest:
+        raise click.ClickException(f"{len(loaded.problems)} bad manifest line(s); nothing was run")
+    pm = get_plugin_manager()
+    config = RunConfig(
+        seed=seed,
+        fps=fps,
+        max_frames=max_frames,
+        seed_bank=seed_bank,
+        allow_stale=allow_stale,
+        retry_failed=retry_failed,
+    )
+    try:
+        records, counters = asyncio.run(
+            run_manifest(
+                loaded.videos,
+                run_dir,
+                pool,
+                config,
+                pm,
+                force,
+                concurrency,
+                target_accepted,
+                progress=not no_progress,
+                problems=loaded.problems,
+            )
+        )
+    except (KeyboardInterrupt, RunStopping, asyncio.CancelledError):
+        click.echo("interrupted: finished work is saved; run the same command to resume", err=True)
+        sys.exit(130)
+    from vkr_core.report import build_report, summary_text, write_report
+
+    gates = [g.name for g in pm.registry.gates()]
+    click.echo(counters.line())
+    click.echo(format_funnel(funnel(records, gates)))
+    # Every run leaves its report beside its records; `vkr report` rebuilds it any time.
+    report = build_report(run_dir, gates)
+    write_report(report, run_dir)
+    click.echo(summary_text(report))
+    failed = len(loaded.problems) + counters.failed
+    if failed:
+        click.echo(f"{failed} video(s) failed: see {run_dir}/failures.jsonl")
+
+
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins_command(as_json: bool) -> None:
@@ -129,6 +245,11 @@ def plugins_command(as_json: bool) -> None:
 
 
 # --- commands added by other modules (keep one line each) ---
+from cli_corpus import split as _split, export as _export; cli.add_command(_split); cli.add_command(_export)  # noqa: E402, E702, I001  # fmt: skip
+from cli_decontam import decontam as _decontam; cli.add_command(_decontam)  # noqa: E402, E702, I001  # fmt: skip
+from cli_report import report as _report; cli.add_command(_report)  # noqa: E402, E702, I001  # fmt: skip
+from cli_qualify import qualify as _qualify; cli.add_command(_qualify)  # noqa: E402, E702, I001  # fmt: skip
+from cli_probe import probe as _probe; cli.add_command(_probe)  # noqa: E402, E702, I001  # fmt: skip
 
 
 def main() -> None:

@@ -285,12 +285,22 @@ def to_accepted(candidate: Candidate, video: Video, run: RunContext) -> Accepted
     )
 
 
-async def process_video(graph: Any, video: Video, run: RunContext) -> VideoRecord:
-    """Run (or resume, or replay) one video through the graph; thread id = video id."""
+async def process_video(
+    graph: Any, video: Video, run: RunContext, retry_failed: bool = False
+) -> VideoRecord:
+    """Run (or resume, or replay) one video through the graph; thread id = video id.
+
+    A finished video replays its record. One that failed (say, a file that did not decode)
+    starts afresh with ``retry_failed``, e.g. after the file was replaced.
+    """
     config = {"configurable": {"thread_id": video.video_id}}
     snapshot = await graph.aget_state(config)
     if snapshot.values.get("record") and not snapshot.next:
-        return VideoRecord.model_validate(snapshot.values["record"])
+        record = VideoRecord.model_validate(snapshot.values["record"])
+        if not (retry_failed and record.status == "failed"):
+            return record
+        await graph.checkpointer.adelete_thread(video.video_id)
+        snapshot = await graph.aget_state(config)
     graph_input = None if snapshot.next else {"video": video.model_dump(), "outcomes": []}
     result = await graph.ainvoke(graph_input, config, context=run, durability="sync")
     return VideoRecord.model_validate(result["record"])

@@ -135,6 +135,8 @@ class RunConfig(Strict):
     dependency_frames: int = Field(default=4, ge=1)
     allow_stale: bool = False
     decode_timeout: float = Field(default=120.0, gt=0)
+    # Not part of what a run produces, so left out of the config snapshot.
+    retry_failed: bool = Field(default=False, exclude=True)
 
 
 def _read_yaml(path: str | Path, what: str) -> Any:

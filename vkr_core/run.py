@@ -136,7 +136,9 @@ class Run:
         from graphs.generation import process_video
 
         try:
-            return await process_video(self.graph, video, self.context)
+            return await process_video(
+                self.graph, video, self.context, retry_failed=self.config.retry_failed
+            )
         except (DiskFull, RunStopping):
             raise
         except CallFailed as exc:

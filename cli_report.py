@@ -1,0 +1,49 @@
+"""`vkr report RUN_DIR`: what a run produced and what it cost, as tables, JSON, HTML and PNG.
+
+Imported by cli.py at every start: library imports stay inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _known_gate_order() -> list[str] | None:
+    """The installed plugins' gate order, or None when plugins do not load (data decides)."""
+    from vkr_core.plugins import get_plugin_manager
+    from vkr_core.schemas import VkrError
+
+    try:
+        return [gate.name for gate in get_plugin_manager().registry.gates()]
+    except (VkrError, ImportError):
+        return None
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for report.json, report.md, report.html and report.png [default: RUN_DIR].",
+)
+def report(run_dir: Path, out: Path | None) -> None:
+    """Summarise RUN_DIR: funnel per skill, rejection reasons, spend per model and step."""
+    from rich.console import Console
+
+    from vkr_core.log import redact
+    from vkr_core.report import build_report, summary_renderables, write_report
+    from vkr_core.schemas import VkrError
+
+    try:
+        data = build_report(run_dir, gate_names=_known_gate_order())
+        paths = write_report(data, out or run_dir)
+    except VkrError as exc:
+        raise click.ClickException(redact(str(exc))) from None
+    console = Console(highlight=False)
+    for renderable in summary_renderables(data):
+        console.print(renderable)
+    for warning in data["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
