@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from vkr_core.hookspecs import hookimpl
+from vkr_core.schemas import InputError
 
 DEMO_VIDEO_ID = "demo_pendulum"
 
@@ -86,7 +87,12 @@ def run_demo(out: Path, port: int) -> dict[str, Any]:
     )
     # Blind models do worse than ones that see the whole video, as real ones do.
     with FakeModelServer(policy={"steps": {"video_dependency": {"accuracy": 0.4}}}, seed=0) as server:
-        base_url = server.start(port=port)
+        try:
+            base_url = server.start(port=port)
+        except InputError:
+            # Another program holds the port: run anyway. The pool's api_base changes with
+            # the port, so this run cannot reuse the cache of runs on the usual port.
+            base_url = server.start(port=0)
         pool_path = write_pool(
             out / "pool.yaml", base_url, registry_path=out / "eligibility.yaml", pm=pm
         )
