@@ -112,7 +112,12 @@ class StepContext:
         )
         if store is not None:
             store.record_input(
-                step.name, result.record.cache_key, self.video, messages, meta or {}, step.version()
+                step.name,
+                result.record.cache_key,
+                self.video,
+                messages,
+                {**(meta or {}), "sample": sample},
+                step.version(),
             )
         if result.outcome == "malformed":
             try:

@@ -1,0 +1,263 @@
+"""`vkr qualify ...`: pilots per (step, model), expert labels, scores and the eligibility registry.
+
+Imported by cli.py at every start: library imports stay inside the commands.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """vkr's own errors as a one-line message and exit code 1, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from vkr_core.log import redact
+        from vkr_core.schemas import VkrError
+
+        try:
+            return func(*args, **kwargs)
+        except VkrError as exc:
+            raise click.ClickException(redact(str(exc))) from None
+
+    return wrapper
+
+
+_FORMAT = click.Choice(["labelstudio", "argilla"])
+_PILOT_DIR = click.Path(file_okay=False, path_type=Path)
+
+
+@click.group()
+def qualify() -> None:
+    """Qualify models per step: pilot on real inputs, label, score, write the registry.
+
+    A model is eligible for a step when experts find at most 3 % errors (hard compliance
+    failures plus soft content failures) in its outputs on a pilot of real inputs.
+    """
+
+
+@qualify.command()
+@click.option("--step", required=True, help="The step to qualify a model for.")
+@click.option("--model", required=True, help="The model's name in the pool.")
+@click.option("--pool", required=True, type=click.Path(dir_okay=False), help="Model pool YAML.")
+@click.option("--n", default=100, show_default=True, help="Inputs to sample (the paper: 100).")
+@click.option(
+    "--from",
+    "run_dirs",
+    multiple=True,
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run directory whose recorded inputs to sample (repeat for several).",
+)
+@click.option("--seed", default=0, show_default=True, help="Same seed, same sample.")
+@click.option("--out", required=True, type=_PILOT_DIR, help="Pilot directory to write.")
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Call cache to use (default: PILOT_DIR/cache); a run's cache replays its calls.",
+)
+@_reports_errors
+def pilot(
+    step: str,
+    model: str,
+    pool: str,
+    n: int,
+    run_dirs: tuple[Path, ...],
+    seed: int,
+    out: Path,
+    cache: Path | None,
+) -> None:
+    """Run MODEL on n sampled real inputs of STEP; hard failures are pre-labelled."""
+    from qualification.pilot import run_pilot
+
+    result = run_pilot(step, model, pool, list(run_dirs), out, n=n, seed=seed, cache_dir=cache)
+    manifest = result.manifest
+    auto = sum(1 for item in result.items if item.auto_label)
+    click.echo(
+        f"pilot {manifest.pilot_id}: {manifest.n} of {manifest.available} inputs of {step} "
+        f"(prompt {manifest.prompt_version}) answered by {model}"
+    )
+    click.echo(f"  model calls: {result.calls} made, {result.cache_hits} from the cache")
+    click.echo("  strata: " + ", ".join(f"{k}: {v}" for k, v in manifest.strata.items()))
+    click.echo(f"  pre-labelled hard failures (format): {auto}")
+    click.echo(f"next: vkr qualify review {out}")
+
+
+@qualify.command()
+@click.argument("pilot_dir", type=_PILOT_DIR)
+@click.option("--port", default=8760, show_default=True, help="Port on 127.0.0.1 (0: any free).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback only.")
+@click.option("--annotator", help="Your name, recorded with every label you give.")
+@_reports_errors
+def review(pilot_dir: Path, port: int, host: str, annotator: str | None) -> None:
+    """Serve the labelling page for PILOT_DIR on 127.0.0.1 until Ctrl-C."""
+    from qualification.review import ReviewServer
+
+    server = ReviewServer(pilot_dir, host=host, port=port, annotator=annotator)
+    click.echo(f"review {pilot_dir}: open {server.url}")
+    click.echo("labels are saved as you give them; press Ctrl-C to stop")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@qualify.command("export")
+@click.argument("pilot_dir", type=_PILOT_DIR)
+@click.option("--format", "fmt", required=True, type=_FORMAT, help="Labelling tool.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Label Studio: tasks JSON file (config XML beside it). Argilla: an empty folder.",
+)
+@click.option(
+    "--frame-url-prefix",
+    default="",
+    help="Put before each frame's pilot-relative path, e.g. Label Studio's "
+    "'/data/local-files/?d=pilots/p1/'.",
+)
+@_reports_errors
+def export_command(pilot_dir: Path, fmt: str, out: Path, frame_url_prefix: str) -> None:
+    """Write PILOT_DIR's items for Label Studio or Argilla, with automatic pre-labels."""
+    from qualification.interchange import export_labels
+    from qualification.pilot import open_pilot
+
+    pilot_obj = open_pilot(pilot_dir)
+    written = export_labels(pilot_obj, fmt, out, frame_url_prefix)
+    click.echo(f"{len(pilot_obj.items)} items of pilot {pilot_obj.manifest.pilot_id}:")
+    for path in written:
+        click.echo(f"  {path}")
+
+
+@qualify.command("import")
+@click.argument("pilot_dir", type=_PILOT_DIR)
+@click.argument("file", type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", required=True, type=_FORMAT, help="Labelling tool.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace differing labels (the old ones stay in history)."
+)
+@_reports_errors
+def import_command(pilot_dir: Path, file: Path, fmt: str, overwrite: bool) -> None:
+    """Store the labels of a Label Studio or Argilla export in PILOT_DIR."""
+    from qualification.interchange import import_labels
+    from qualification.pilot import open_pilot
+
+    report = import_labels(open_pilot(pilot_dir), fmt, file, overwrite=overwrite)
+    click.echo(
+        f"imported labels by {', '.join(report.annotators) or 'nobody'}: {report.created} new, "
+        f"{report.changed} replaced, {report.unchanged} already stored"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+@qualify.command()
+@click.argument("pilot_dirs", nargs=-1, required=True, type=_PILOT_DIR)
+@click.option(
+    "--registry",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Eligibility registry YAML to write or merge into.",
+)
+@click.option("--strict", is_flag=True, help="Also require the Wilson upper bound <= 3 %.")
+@click.option(
+    "--annotator-policy",
+    type=click.Choice(["all", "majority"]),
+    default="all",
+    show_default=True,
+    help="all: a failure if any annotator says so; majority: if at least half do.",
+)
+@click.option(
+    "--allow-partial", is_flag=True, help="Score the labelled items of unfinished pilots."
+)
+@_reports_errors
+def score(
+    pilot_dirs: tuple[Path, ...],
+    registry: Path | None,
+    strict: bool,
+    annotator_policy: str,
+    allow_partial: bool,
+) -> None:
+    """Error rates, Wilson 95 % intervals, eligibility and agreement for PILOT_DIRS."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qualification.models import PAPER_PILOT_SIZE
+    from qualification.score import AnnotatorPolicy, score_pilots
+
+    policy: AnnotatorPolicy = "majority" if annotator_policy == "majority" else "all"
+    scores = score_pilots(list(pilot_dirs), registry, policy, strict, allow_partial)
+    table = Table(title="qualification pilots")
+    for column in ("step", "model", "n", "hard", "soft", "error rate", "Wilson 95 %", "eligible"):
+        table.add_column(column, justify="left" if column in ("step", "model") else "right")
+    for s in scores:
+        table.add_row(
+            s.step,
+            s.model,
+            str(s.labelled),
+            str(s.hard),
+            str(s.soft),
+            _pct(s.error_rate),
+            f"{_pct(s.wilson_low)}–{_pct(s.wilson_high)}",
+            "yes" if s.eligible else "no",
+        )
+    console = Console(width=120)
+    console.print(table)
+    for s in scores:
+        rule = "upper bound" if strict else "error rate"
+        click.echo(
+            f"{s.step} / {s.model}: rule {rule} <= 3 % ({s.rule}); annotators: "
+            f"{', '.join(s.annotators) or 'none (automatic labels only)'}"
+        )
+        if s.unlabelled:
+            click.echo(f"  partial: {len(s.unlabelled)} unlabelled item(s) left out")
+        if s.labelled < PAPER_PILOT_SIZE:
+            click.echo(f"  note: n={s.labelled} is below the paper's {PAPER_PILOT_SIZE} inputs")
+        for a in s.agreement:
+            kappa2 = "n/a" if a.ok_vs_failure is None else f"{a.ok_vs_failure:.3f}"
+            kappa3 = "n/a" if a.three_way is None else f"{a.three_way:.3f}"
+            click.echo(
+                f"  Cohen's kappa {a.annotators[0]} vs {a.annotators[1]} on {a.items} items: "
+                f"ok/failure {kappa2}, ok/hard/soft {kappa3}"
+            )
+    if registry is not None:
+        click.echo(f"registry: {registry}")
+
+
+@qualify.command()
+@click.option(
+    "--registry", required=True, type=click.Path(dir_okay=False), help="Eligibility registry."
+)
+@click.option("--pool", required=True, type=click.Path(dir_okay=False), help="Model pool YAML.")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table.")
+@_reports_errors
+def table(registry: str, pool: str, markdown: bool) -> None:
+    """The eligibility matrix: steps x models of the pool."""
+    from qualification.table import LEGEND, load_matrix
+
+    matrix = load_matrix(registry, pool)
+    if markdown:
+        click.echo(matrix.markdown(), nl=False)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    grid = Table(title="eligibility")
+    grid.add_column("step")
+    for model in matrix.models:
+        grid.add_column(model, justify="center")
+    for step, row in zip(matrix.steps, matrix.rows(), strict=True):
+        name = step + (f" ({matrix.notes[step]})" if step in matrix.notes else "")
+        grid.add_row(name, *row[1:])
+    Console(width=max(80, 24 + 12 * len(matrix.models))).print(grid)
+    click.echo(LEGEND)

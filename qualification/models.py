@@ -1,0 +1,95 @@
+"""What a qualification pilot writes to disk: its manifest, its items, and expert labels."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LabelValue = Literal["ok", "hard", "soft"]
+LABELS: tuple[str, ...] = ("ok", "hard", "soft")
+CATEGORIES: tuple[str, ...] = (
+    "hallucination",
+    "unsupported step",
+    "wrong answer",
+    "format",
+    "other",
+)
+# The annotator name of labels vkr sets itself (hard compliance failures): no person may use it.
+AUTO_ANNOTATOR = "auto"
+# The paper's rule: a model is eligible for a step when its pilot error rate is at most 3 %.
+MAX_ERROR_RATE = 0.03
+PAPER_PILOT_SIZE = 100
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PilotManifest(Strict):
+    """pilot.json: which step, model, prompt version and inputs a pilot covers."""
+
+    pilot_id: str
+    step: str
+    model: str
+    prompt_version: str
+    n: int
+    seed: int
+    source_runs: list[str]
+    pool: str
+    # sha256 of each sampled input, in item order; inputs_sha256 hashes them sorted, so it
+    # names the sample whatever order the items are shown in.
+    input_hashes: list[str]
+    inputs_sha256: str
+    available: int = Field(description="distinct current inputs the sample was drawn from")
+    strata: dict[str, int] = Field(description='"discipline / skill" -> items sampled')
+    created: str
+
+
+class PilotFrame(Strict):
+    sha256: str
+    path: str = Field(description="relative to the pilot directory")
+    clock: str | None = Field(default=None, description="mm:ss the model was told")
+
+
+class AutoLabel(Strict):
+    label: LabelValue = "hard"
+    category: str = "format"
+    note: str
+
+
+class PilotItem(Strict):
+    """One line of items.jsonl: an input of the step and what the model made of it."""
+
+    item_id: str
+    index: int
+    input_key: str
+    input_sha256: str
+    video_id: str
+    video_path: str | None = None
+    discipline: str
+    subject: str = ""
+    skill: str | None = None
+    round: int | None = None
+    frames: list[PilotFrame]
+    messages: list[dict[str, Any]] = Field(description="cache-key form: frames by sha256")
+    prompt: str = Field(description="the rendered prompt as text, frames as placeholders")
+    outcome: Literal["ok", "malformed", "refusal"]
+    output: str | None
+    parsed: dict[str, Any] | None = None
+    error: str | None = None
+    auto_label: AutoLabel | None = None
+
+
+class Label(Strict):
+    """One expert (or automatic) judgement of one item, as stored in labels.sqlite."""
+
+    id: int | None = None
+    item_id: str
+    annotator: str
+    label: LabelValue
+    category: str | None = None
+    note: str = ""
+    created_at: str
+    source: str = Field(description="web, auto, labelstudio or argilla")
+    superseded_by: int | None = None

@@ -1,0 +1,84 @@
+"""The eligibility matrix: which model may serve which step, as the router will see it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vkr_core.config import EligibilityRegistry, Pool, load_pool, load_registry
+from vkr_core.plugins import VkrPluginManager, get_plugin_manager
+
+ELIGIBLE = "✓"
+FAILED = "✗"
+UNSUPPORTED = "—"
+NOT_PILOTED = "?"
+STALE = "stale"
+
+LEGEND = (
+    f"{ELIGIBLE} eligible   {FAILED} failed its pilot   {UNSUPPORTED} text-only model on a "
+    f"vision step   {NOT_PILOTED} not piloted   {STALE} piloted on an older prompt version"
+)
+
+
+@dataclass
+class EligibilityMatrix:
+    steps: list[str]
+    models: list[str]
+    cells: dict[tuple[str, str], str]
+    notes: dict[str, str]
+
+    def rows(self) -> list[list[str]]:
+        return [[step] + [self.cells[(step, m)] for m in self.models] for step in self.steps]
+
+    def markdown(self) -> str:
+        header = ["step", *self.models]
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join(["---"] + [":---:"] * len(self.models)) + "|",
+        ]
+        for step in self.steps:
+            name = f"`{step}`" + (f" ({self.notes[step]})" if step in self.notes else "")
+            lines.append(
+                "| " + " | ".join([name] + [self.cells[(step, m)] for m in self.models]) + " |"
+            )
+        return "\n".join(lines) + "\n\n" + LEGEND + "\n"
+
+
+def _cell(step: Any, spec: Any, entry: Any) -> str:
+    if step is not None and step.modality == "vision" and not spec.sees_images():
+        return UNSUPPORTED
+    if entry is None:
+        return NOT_PILOTED
+    if (
+        step is not None
+        and entry.prompt_version is not None
+        and entry.prompt_version != step.version()
+    ):
+        return STALE
+    return ELIGIBLE if entry.eligible else FAILED
+
+
+def eligibility_matrix(
+    registry: EligibilityRegistry, pool: Pool, pm: VkrPluginManager
+) -> EligibilityMatrix:
+    """Steps (model-backed ones loaded, then any others the registry names) x pool models."""
+    loaded = pm.registry.steps
+    steps = sorted(n for n, s in loaded.items() if s.uses_model)
+    extra = sorted(set(registry.steps) - set(steps))
+    notes = {name: "not loaded" for name in extra}
+    cells = {}
+    for step_name in steps + extra:
+        for spec in pool.models:
+            cells[(step_name, spec.name)] = _cell(
+                loaded.get(step_name), spec, registry.entry(step_name, spec.name)
+            )
+    return EligibilityMatrix(steps + extra, pool.names(), cells, notes)
+
+
+def load_matrix(
+    registry_path: str | Path, pool_path: str | Path, pm: VkrPluginManager | None = None
+) -> EligibilityMatrix:
+    return eligibility_matrix(
+        load_registry(registry_path), load_pool(pool_path), pm or get_plugin_manager()
+    )
