@@ -173,7 +173,6 @@ def run_command(
     log_level: str,
 ) -> None:
     """Generate verified examples for every video of a manifest; resumable after any kill."""
-    from vkr_core.calls import RunStopping
     from vkr_core.config import RunConfig
     from vkr_core.log import configure_logging
     from vkr_core.manifest import load_manifest
@@ -210,7 +209,7 @@ def run_command(
                 problems=loaded.problems,
             )
         )
-    except (KeyboardInterrupt, RunStopping, asyncio.CancelledError):
+    except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo("interrupted: finished work is saved; run the same command to resume", err=True)
         sys.exit(130)
     from vkr_core.report import build_report, summary_text, write_report

@@ -107,14 +107,23 @@ async def run_batch(
     concurrency: int = 4,
     target_accepted: int | None = None,
     on_video: Callable[[VideoRecord], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[VideoRecord]:
-    """Process videos with at most ``concurrency`` in flight; stop launching at the target."""
+    """Process videos with at most ``concurrency`` in flight; stop launching at the target.
+
+    When a video raises (say, the disk is full) no new video starts, but the
+    ones in flight are left to finish: cancelling them would drop replies already paid for.
+    The first such error is raised once they have. Cancelling ``run_batch`` itself (a second
+    Ctrl-C) cancels everything at once.
+    """
     slots = asyncio.Semaphore(concurrency)
     records: list[VideoRecord] = []
-    tasks: set[asyncio.Task[None]] = set()
+    tasks: list[asyncio.Task[None]] = []
+    errors: list[BaseException] = []
 
-    def reached() -> bool:
-        return target_accepted is not None and counters.accepted >= target_accepted
+    def stop_launching() -> bool:
+        reached = target_accepted is not None and counters.accepted >= target_accepted
+        return reached or bool(errors) or should_stop()
 
     async def one(video: Video) -> None:
         try:
@@ -123,23 +132,24 @@ async def run_batch(
             counters.on_video(record)
             if on_video:
                 on_video(record)
+        except Exception as exc:
+            errors.append(exc)
         finally:
             slots.release()
 
     try:
         for video in videos:
             await slots.acquire()
-            if reached():
+            if stop_launching():
                 slots.release()
                 break
-            task = asyncio.create_task(one(video), name=f"video:{video.video_id}")
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*list(tasks))
+            tasks.append(asyncio.create_task(one(video), name=f"video:{video.video_id}"))
+        await asyncio.gather(*tasks)
     except BaseException:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    if errors:
+        raise errors[0]
     return sorted(records, key=lambda r: r.video_id)

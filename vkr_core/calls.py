@@ -8,6 +8,7 @@ they are encoded, so building a key never touches image bytes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -49,10 +50,6 @@ class TransientError(VkrError):
 
 class PermanentError(VkrError):
     """A provider error that retrying cannot fix: 4xx, bad credentials, unknown model."""
-
-
-class RunStopping(VkrError):
-    """The run was asked to stop: no new call starts; calls in flight finish and are cached."""
 
 
 class CallFailed(VkrError):
@@ -225,6 +222,9 @@ class ModelCaller:
         )
         self.journal = Journal(self.cache)
         self.stopping = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.limiters: dict[str, ModelLimiter] = {}
         self.records: list[CallRecord] = []
 
@@ -309,9 +309,48 @@ class ModelCaller:
             return CallResult(hit["text"], hit["outcome"], record)
 
         if self.stopping:
-            # A request cancelled mid-flight is still billed by the provider: stop before
-            # sending, never in the middle.
-            raise RunStopping("stopping: no new model calls")
+            # A request cancelled mid-flight is still billed by the provider, so a stopping
+            # run never cancels one: new calls wait here for the run to be cancelled, which
+            # happens once every call in flight has landed in the cache (see drain).
+            await asyncio.Event().wait()
+        # Counted until the reply is in the cache, so a stopping run knows when nothing paid
+        # for can be lost any more.
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._call_uncached(
+                spec=spec,
+                step=step,
+                key=key,
+                messages=messages,
+                params=params,
+                sample=sample,
+                video_id=video_id,
+                validate=validate,
+                started=started,
+            )
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Return once no call is between being sent and being cached."""
+        await self._idle.wait()
+
+    async def _call_uncached(
+        self,
+        *,
+        spec: ModelSpec,
+        step: str,
+        key: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        sample: int,
+        video_id: str | None,
+        validate: Callable[[str], Any] | None,
+        started: float,
+    ) -> CallResult:
         provider = self.providers.get(spec.provider)
         if provider is None:
             raise VkrError(

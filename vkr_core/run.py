@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vkr_core.calls import CallFailed, ModelCaller, RunStopping
+from vkr_core.calls import CallFailed, ModelCaller
 from vkr_core.config import (
     EligibilityRegistry,
     Pool,
@@ -88,6 +88,7 @@ class Run:
         self.graph: Any = None
         self.caller: ModelCaller | None = None
         self.call_listeners: list[Callable[[CallRecord], None]] = []
+        self.drain_task: Any = None
 
     def _on_call(self, record: CallRecord) -> None:
         self.store.append_call(record)
@@ -139,7 +140,7 @@ class Run:
             return await process_video(
                 self.graph, video, self.context, retry_failed=self.config.retry_failed
             )
-        except (DiskFull, RunStopping):
+        except DiskFull:
             raise
         except CallFailed as exc:
             reason = f"model calls failed: {exc}"
@@ -227,19 +228,26 @@ async def run_manifest(
                 concurrency,
                 target_accepted,
                 on_video=lambda _record: display.update(),
+                should_stop=lambda: run.caller is not None and run.caller.stopping,
             )
     return records, counters
 
 
 def stop_on_interrupt(run: Run) -> None:
-    """First Ctrl-C: start no new call, let calls in flight finish and land in the cache (a
-    cancelled request is still billed). Second Ctrl-C: stop at once."""
+    """First Ctrl-C: start no new call, wait for the calls in flight to land in the cache (a
+    cancelled request is still billed), then stop. Second Ctrl-C: stop at once."""
     import asyncio
     import signal
     import sys
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
+
+    async def stop_when_drained() -> None:
+        assert run.caller is not None
+        await run.caller.drain()
+        if main is not None:
+            main.cancel()
 
     def on_interrupt() -> None:
         assert run.caller is not None
@@ -250,6 +258,7 @@ def stop_on_interrupt(run: Run) -> None:
                 file=sys.stderr,
                 flush=True,
             )
+            run.drain_task = loop.create_task(stop_when_drained())
         elif main is not None:
             main.cancel()
 
