@@ -23,6 +23,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.steps.self_consistency",
     "plugins.steps.video_dependency",
     "plugins.steps.cot_verification",
+    "plugins.steps.single_frame_probe",
     "plugins.providers.litellm_provider",
     "plugins.providers.fake_server",
     "plugins.readers",

@@ -329,3 +329,109 @@ class SplitManifest(Strict):
     # RL problem ids whose open-ended answer has fewer than two words ROUGE can score: even a
     # perfect response earns accuracy 2/3 (one word: no bigram for ROUGE-2) or 0 (none).
     open_ended_below_full_reward: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- evaluation sets
+
+EvalProblemType = Literal["multiple-choice", "open-ended"]
+_EVAL_LETTER = re.compile(r"^\(?([A-J])(?:[\).:\s]|$)")
+
+
+class EvalQuestion(BaseModel):
+    """One question of an evaluation set (VideoKR-Eval style jsonl)."""
+
+    # Eval files carry fields of their own (skill, discipline, benchmark ids); they are kept
+    # and written back unchanged, so an extra field is data, not an error.
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1)
+    video_path: str = Field(min_length=1)
+    question: str = Field(min_length=1)
+    options: list[str] | None = None
+    problem_type: EvalProblemType
+    solution: str = Field(min_length=1)
+    dataset: str = Field(min_length=1, description="source benchmark")
+    subject: str = ""
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _numeric_id(cls, value: Any) -> Any:
+        # Some benchmarks number their questions; an integer id is still an id.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("problem_type", mode="before")
+    @classmethod
+    def _training_spelling(cls, value: Any) -> Any:
+        return "multiple-choice" if value == "multiple choice" else value
+
+    @property
+    def answer(self) -> str:
+        """The solution without its ``<answer>`` tags."""
+        return _ANSWER_TAGS.sub("", self.solution.strip()).strip()
+
+    @property
+    def training_problem_type(self) -> ProblemType:
+        """The type as training files and :func:`vkr_core.answers.answers_match` spell it."""
+        return "multiple choice" if self.problem_type == "multiple-choice" else "open-ended"
+
+    @model_validator(mode="after")
+    def _answer_fits_type(self) -> EvalQuestion:
+        if not self.answer:
+            raise ValueError("solution is empty")
+        if self.problem_type == "multiple-choice":
+            if not self.options or len(self.options) < 2:
+                raise ValueError("a multiple-choice question needs at least two options")
+            if len(self.options) > len(OPTION_LETTERS):
+                raise ValueError(f"at most {len(OPTION_LETTERS)} options, got {len(self.options)}")
+            letters = OPTION_LETTERS[: len(self.options)]
+            match = _EVAL_LETTER.match(self.answer)
+            if not match or match.group(1) not in letters:
+                raise ValueError(
+                    f"solution {self.solution!r} is not one of the option letters {letters}"
+                )
+        elif self.options:
+            raise ValueError("an open-ended question has no options")
+        return self
+
+
+class EquivalenceJudgement(Strict):
+    """What an equivalence judge returns: does a given answer mean the reference answer?"""
+
+    same: bool
+    reason: str = ""
+
+
+class ProbeTrial(Strict):
+    """One single-frame trial: the frame shown, the answer given and whether it was right.
+
+    ``outcome``: right / wrong (an answer was given); malformed / refusal (no usable answer,
+    counts as wrong); failed (no reply after retries, or the judge could not decide: the
+    trial is undetermined and a rerun tries it again).
+    """
+
+    trial: int
+    frame_index: int
+    frame_timestamp: float
+    frame_clock: str
+    answer: str | None = None
+    outcome: Literal["right", "wrong", "malformed", "refusal", "failed"]
+    correct: bool
+    judged: bool = Field(default=False, description="an equivalence judge decided (open-ended)")
+    note: str | None = None
+
+
+class ModelProbe(Strict):
+    """One model's trials on one evaluation question: a line of the probe's trials.jsonl."""
+
+    id: str
+    dataset: str
+    problem_type: EvalProblemType
+    video_path: str
+    model: str
+    solution: str
+    trials: list[ProbeTrial]
+    right: int
+    # solvable: every trial right; not solvable: a trial was answered wrong; incomplete:
+    # no trial was wrong but some could not be decided.
+    status: Literal["solvable", "not solvable", "incomplete"]
+    solvable: bool

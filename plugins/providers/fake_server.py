@@ -395,11 +395,37 @@ def check_reasoning(decider: Decider, request: ChatRequest, knobs: Knobs) -> dic
     }
 
 
+_REFERENCE = re.compile(r"<reference-answer>\s*(.*?)\s*</reference-answer>", re.DOTALL)
+_CANDIDATE = re.compile(r"<candidate-answer>\s*(.*?)\s*</candidate-answer>", re.DOTALL)
+
+
+def judge_equivalence(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[str, Any]:
+    """An EquivalenceJudgement that tells the truth with probability ``accuracy``.
+
+    The truth is whether the <candidate-answer> block says the <reference-answer> block's
+    answer, compared case- and space-insensitively.
+    """
+    text = "\n".join(request.texts)
+    reference, candidate = _REFERENCE.search(text), _CANDIDATE.search(text)
+    if reference is None or candidate is None:
+        return {"same": False, "reason": "no reference or candidate answer to compare"}
+
+    def norm(value: str) -> str:
+        return " ".join(value.lower().split()).strip(" .")
+
+    same = norm(reference.group(1)) == norm(candidate.group(1))
+    if decider.uniform("correct") >= knobs.accuracy:
+        same = not same
+    return {"same": same, "reason": "same answer" if same else "a different answer"}
+
+
 def reply_content(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[str, Any]:
     """The JSON object a well-behaved model would return for this step."""
     step = request.step
     if step == "example_generation":
         return generate_example(decider, request)
+    if step == "judge_equivalence":
+        return judge_equivalence(decider, request, knobs)
     if step == "cot_verification":
         return check_reasoning(decider, request, knobs)
     answer, clock = _gate_answer(decider, request, knobs)
