@@ -8,32 +8,28 @@ import os
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import asyncio  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import click  # noqa: E402
 
 
-def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn vkr's own errors into a one-line message and exit code 1, not a traceback."""
+class VkrGroup(click.Group):
+    """The root group: vkr's own errors, from any command or plugin, become a one-line
+    message (secrets redacted) and exit code 1 instead of a traceback."""
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def invoke(self, ctx: click.Context) -> Any:
         from vkr_core.log import redact
         from vkr_core.schemas import VkrError
 
         try:
-            return func(*args, **kwargs)
+            return super().invoke(ctx)
         except VkrError as exc:
             raise click.ClickException(redact(str(exc))) from None
 
-    return wrapper
 
-
-@click.group()
+@click.group(cls=VkrGroup)
 @click.version_option(package_name="vkr")
 def cli() -> None:
     """vkr: verified video question-answer training data with chain-of-thought."""
@@ -67,7 +63,6 @@ def cli() -> None:
 )
 @click.option("--force", is_flag=True, help="Reuse a run directory made with another config.")
 @click.option("--log-level", default="WARNING", show_default=True)
-@reports_errors
 def generate(
     video_id: str,
     videos_dir: str,
@@ -154,7 +149,6 @@ def generate(
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
 @click.option("--log-level", default="WARNING", show_default=True)
-@reports_errors
 def run_command(
     manifest: str,
     pool: str,

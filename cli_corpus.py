@@ -47,13 +47,9 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same split.")
 def split(run_dirs: tuple[Path, ...], out: Path, sft_share: float, seed: int) -> None:
     """Split the accepted examples of RUN_DIRS by video into an SFT set and an RL set."""
-    from vkr_core.schemas import VkrError
     from vkr_core.split import split_run_dirs
 
-    try:
-        manifest = split_run_dirs(list(run_dirs), out, sft_share=sft_share, seed=seed)
-    except VkrError as exc:
-        raise click.ClickException(str(exc)) from None
+    manifest = split_run_dirs(list(run_dirs), out, sft_share=sft_share, seed=seed)
     total = manifest.sft.examples + manifest.rl.examples
     click.echo(
         f"SFT: {_count(manifest.sft.examples, 'example')} from "
@@ -116,13 +112,9 @@ def export(
 ) -> None:
     """Export a split to the files a training or evaluation tool loads."""
     from vkr_core.plugins import get_plugin_manager
-    from vkr_core.schemas import VkrError
 
     options = _parse_options(option_pairs)
-    try:
-        exporter = get_plugin_manager().registry.get("exporter", format_name)
-        paths = exporter.export(input_dir, out, video_root=video_root, **options)
-    except VkrError as exc:
-        raise click.ClickException(str(exc)) from None
+    exporter = get_plugin_manager().registry.get("exporter", format_name)
+    paths = exporter.export(input_dir, out, video_root=video_root, **options)
     for path in paths:
         click.echo(f"wrote {path}")

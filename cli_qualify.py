@@ -5,29 +5,9 @@ Imported by cli.py at every start: library imports stay inside the commands.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
-
-
-def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """vkr's own errors as a one-line message and exit code 1, not a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from vkr_core.log import redact
-        from vkr_core.schemas import VkrError
-
-        try:
-            return func(*args, **kwargs)
-        except VkrError as exc:
-            raise click.ClickException(redact(str(exc))) from None
-
-    return wrapper
-
 
 _FORMAT = click.Choice(["labelstudio", "argilla"])
 _PILOT_DIR = click.Path(file_okay=False, path_type=Path)
@@ -62,7 +42,6 @@ def qualify() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Call cache to use (default: PILOT_DIR/cache); a run's cache replays its calls.",
 )
-@_reports_errors
 def pilot(
     step: str,
     model: str,
@@ -94,7 +73,6 @@ def pilot(
 @click.option("--port", default=8760, show_default=True, help="Port on 127.0.0.1 (0: any free).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback only.")
 @click.option("--annotator", help="Your name, recorded with every label you give.")
-@_reports_errors
 def review(pilot_dir: Path, port: int, host: str, annotator: str | None) -> None:
     """Serve the labelling page for PILOT_DIR on 127.0.0.1 until Ctrl-C."""
     from qualification.review import ReviewServer
@@ -125,7 +103,6 @@ def review(pilot_dir: Path, port: int, host: str, annotator: str | None) -> None
     help="Put before each frame's pilot-relative path, e.g. Label Studio's "
     "'/data/local-files/?d=pilots/p1/'.",
 )
-@_reports_errors
 def export_command(pilot_dir: Path, fmt: str, out: Path, frame_url_prefix: str) -> None:
     """Write PILOT_DIR's items for Label Studio or Argilla, with automatic pre-labels."""
     from qualification.interchange import export_labels
@@ -145,7 +122,6 @@ def export_command(pilot_dir: Path, fmt: str, out: Path, frame_url_prefix: str) 
 @click.option(
     "--overwrite", is_flag=True, help="Replace differing labels (the old ones stay in history)."
 )
-@_reports_errors
 def import_command(pilot_dir: Path, file: Path, fmt: str, overwrite: bool) -> None:
     """Store the labels of a Label Studio or Argilla export in PILOT_DIR."""
     from qualification.interchange import import_labels
@@ -180,7 +156,6 @@ def _pct(value: float | None) -> str:
 @click.option(
     "--allow-partial", is_flag=True, help="Score the labelled items of unfinished pilots."
 )
-@_reports_errors
 def score(
     pilot_dirs: tuple[Path, ...],
     registry: Path | None,
@@ -240,7 +215,6 @@ def score(
 )
 @click.option("--pool", required=True, type=click.Path(dir_okay=False), help="Model pool YAML.")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
-@_reports_errors
 def table(registry: str, pool: str, markdown: bool) -> None:
     """The eligibility matrix: steps x models of the pool."""
     from qualification.table import LEGEND, load_matrix

@@ -32,15 +32,10 @@ def report(run_dir: Path, out: Path | None) -> None:
     """Summarise RUN_DIR: funnel per skill, rejection reasons, spend per model and step."""
     from rich.console import Console
 
-    from vkr_core.log import redact
     from vkr_core.report import build_report, summary_renderables, write_report
-    from vkr_core.schemas import VkrError
 
-    try:
-        data = build_report(run_dir, gate_names=_known_gate_order())
-        paths = write_report(data, out or run_dir)
-    except VkrError as exc:
-        raise click.ClickException(redact(str(exc))) from None
+    data = build_report(run_dir, gate_names=_known_gate_order())
+    paths = write_report(data, out or run_dir)
     console = Console(highlight=False)
     for renderable in summary_renderables(data):
         console.print(renderable)
