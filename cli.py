@@ -35,6 +35,31 @@ def cli() -> None:
     """vkr: verified video question-answer training data with chain-of-thought."""
 
 
+def pipeline_options(func: Any) -> Any:
+    """The settings every command that runs the pipeline shares; they become a RunConfig."""
+    options = [
+        click.option(
+            "--seed-bank", type=click.Path(dir_okay=False), help="Seed-example bank (jsonl)."
+        ),
+        click.option(
+            "--seed", default=0, show_default=True, help="Run seed: model choice, seeds, frames."
+        ),
+        click.option("--fps", default=0.2, show_default=True, help="Frame sampling rate."),
+        click.option(
+            "--max-frames", default=64, show_default=True, help="At most this many frames."
+        ),
+        click.option(
+            "--allow-stale", is_flag=True, help="Use eligibility entries of older prompt versions."
+        ),
+        click.option(
+            "--force", is_flag=True, help="Reuse a run directory made with another config."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @cli.command()
 @click.option(
     "--video-id", required=True, help="Id of the video (its file name without extension)."
@@ -54,14 +79,7 @@ def cli() -> None:
 @click.option("--discipline", help="Discipline of the video (chooses seed examples).")
 @click.option("--subject", help="Subject, shown to KnowVid and KnowVidR generation.")
 @click.option("--knowledge-point", help="Knowledge point term, shown to KnowVid and KnowVidR.")
-@click.option("--seed-bank", type=click.Path(dir_okay=False), help="Seed-example bank (jsonl).")
-@click.option("--seed", default=0, show_default=True, help="Run seed: model choice, seeds, frames.")
-@click.option("--fps", default=0.2, show_default=True, help="Frame sampling rate.")
-@click.option("--max-frames", default=64, show_default=True, help="At most this many frames.")
-@click.option(
-    "--allow-stale", is_flag=True, help="Use eligibility entries of older prompt versions."
-)
-@click.option("--force", is_flag=True, help="Reuse a run directory made with another config.")
+@pipeline_options
 @click.option("--log-level", default="WARNING", show_default=True)
 def generate(
     video_id: str,
@@ -72,13 +90,9 @@ def generate(
     discipline: str | None,
     subject: str | None,
     knowledge_point: str | None,
-    seed_bank: str | None,
-    seed: int,
-    fps: float,
-    max_frames: int,
-    allow_stale: bool,
     force: bool,
     log_level: str,
+    **settings: Any,
 ) -> None:
     """Generate verified QA examples for one video."""
     from vkr_core.config import RunConfig
@@ -95,9 +109,7 @@ def generate(
         subject=subject,
         knowledge_point=knowledge_point,
     )
-    config = RunConfig(
-        seed=seed, fps=fps, max_frames=max_frames, seed_bank=seed_bank, allow_stale=allow_stale
-    )
+    config = RunConfig(**settings)
     [record] = asyncio.run(generate_videos([video], run_dir, pool, config, pm, force))
     if record.status == "failed":
         raise click.ClickException(f"video {video_id} failed: {record.failure}")
@@ -131,14 +143,7 @@ def generate(
     type=click.IntRange(min=1),
     help="Stop launching new videos once this many examples are accepted.",
 )
-@click.option("--seed-bank", type=click.Path(dir_okay=False), help="Seed-example bank (jsonl).")
-@click.option("--seed", default=0, show_default=True, help="Run seed: model choice, seeds, frames.")
-@click.option("--fps", default=0.2, show_default=True, help="Frame sampling rate.")
-@click.option("--max-frames", default=64, show_default=True, help="At most this many frames.")
-@click.option(
-    "--allow-stale", is_flag=True, help="Use eligibility entries of older prompt versions."
-)
-@click.option("--force", is_flag=True, help="Reuse a run directory made with another config.")
+@pipeline_options
 @click.option(
     "--strict-manifest", is_flag=True, help="Refuse to start if any manifest line is bad."
 )
@@ -155,16 +160,11 @@ def run_command(
     run_dir: str,
     concurrency: int,
     target_accepted: int | None,
-    seed_bank: str | None,
-    seed: int,
-    fps: float,
-    max_frames: int,
-    allow_stale: bool,
     force: bool,
     strict_manifest: bool,
-    retry_failed: bool,
     no_progress: bool,
     log_level: str,
+    **settings: Any,
 ) -> None:
     """Generate verified examples for every video of a manifest; resumable after any kill."""
     from vkr_core.config import RunConfig
@@ -180,14 +180,7 @@ def run_command(
     if loaded.problems and strict_manifest:
         raise click.ClickException(f"{len(loaded.problems)} bad manifest line(s); nothing was run")
     pm = get_plugin_manager()
-    config = RunConfig(
-        seed=seed,
-        fps=fps,
-        max_frames=max_frames,
-        seed_bank=seed_bank,
-        allow_stale=allow_stale,
-        retry_failed=retry_failed,
-    )
+    config = RunConfig(**settings)
     try:
         records, counters = asyncio.run(
             run_manifest(
