@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import diskcache
 from tenacity import (
@@ -101,6 +101,9 @@ CALL_KEY_HEADER = "X-Vkr-Call"
 
 class Provider:
     """Answers one chat request. Providers translate their errors into Transient/Permanent."""
+
+    async def aclose(self) -> None:
+        """Release connections; called when a run ends."""
 
     name: str = ""
     # True when ``complete`` accepts ``journal=`` and replays a journalled raw reply.
@@ -246,13 +249,7 @@ class ModelCaller:
         params: dict[str, Any],
         headers: dict[str, str],
     ) -> ProviderReply:
-        if provider.supports_journal:
-            kwargs: dict[str, Any] = {"journal": self.journal}
-            replay = self.journal.load(headers[CALL_KEY_HEADER])
-            if replay is not None:
-                return await provider.complete(spec, [], params, headers, **kwargs)
-        else:
-            kwargs = {}
+        kwargs: dict[str, Any] = {"journal": self.journal} if provider.supports_journal else {}
         limiter = self.limiter(spec)
         await limiter.acquire(estimate_tokens(messages, params) if spec.tpm else 0)
         try:
@@ -414,7 +411,7 @@ class ModelCaller:
             self._emit(CallRecord(**base, outcome="refusal", error="refused"))
             raise ReplyError("refusal", f"{spec.name} refused ({reply.finish_reason})", reply.text)
 
-        outcome = "ok"
+        outcome: Literal["ok", "malformed"] = "ok"
         if validate is not None:
             try:
                 validate(reply.text)
@@ -422,6 +419,15 @@ class ModelCaller:
                 outcome = "malformed"
         # A malformed reply is cached as malformed: replaying it costs nothing and gives the
         # same rejection, so a rerun never pays for it twice.
+        with self.cache.transact():  # one SQLite commit for the entry and the journal
+            self._store(key, reply, outcome, cost, spec)
+        record = CallRecord(**base, outcome=outcome)
+        self._emit(record)
+        return CallResult(reply.text, outcome, record)
+
+    def _store(
+        self, key: str, reply: ProviderReply, outcome: str, cost: float, spec: ModelSpec
+    ) -> None:
         self.cache.set(
             key,
             {
@@ -434,6 +440,3 @@ class ModelCaller:
             },
         )
         self.journal.drop(key)
-        record = CallRecord(**base, outcome=outcome)  # type: ignore[arg-type]
-        self._emit(record)
-        return CallResult(reply.text, outcome, record)

@@ -131,6 +131,8 @@ class Run:
             await self._checkpointer_cm.__aexit__(*exc)
         if self.caller is not None:
             self.caller.close()
+        for provider in self.registry.providers.values():
+            await provider.aclose()
 
     async def process(self, video: Video) -> VideoRecord:
         """One video through the graph; a failure is recorded, never raised past the run."""
