@@ -670,9 +670,14 @@ def test_review_page_labels_by_click_and_keyboard_and_keeps_them_across_reloads(
             tmp_path / "p", human[1].item_id, "note", "step 2 claims heat that no frame shows"
         )
         for _ in range(len(opened.items)):
-            if human[2].item_id in page.inner_text("#item-title"):
+            title = page.inner_text("#item-title")
+            if human[2].item_id in title:
                 break
             page.keyboard.press("j")
+            # Wait for the next item to render before looking again, or a fast loop overshoots.
+            page.wait_for_function(
+                "t => document.getElementById('item-title').textContent !== t", arg=title
+            )
         page.keyboard.press("f")  # category first, then the label
         saved(page, "press 2 (hard) or 3 (soft)")
         page.keyboard.press("2")

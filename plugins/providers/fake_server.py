@@ -464,12 +464,16 @@ class Stats:
     # Completions of a request identical to one already completed: calls paid twice.
     billed: set[str] = field(default_factory=set)
     repeats: int = 0
+    # vkr's cache keys (X-Vkr-Call) of the repeated completions, to tell which were lost
+    # on the wire and which had reached vkr.
+    repeated_call_keys: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "completions": self.completions,
             "repeats": self.repeats,
+            "repeated_call_keys": list(self.repeated_call_keys),
             "by_model": dict(sorted(self.by_model.items())),
             "by_step": dict(sorted(self.by_step.items())),
             "by_model_step": dict(sorted(self.by_model_step.items())),
@@ -744,9 +748,13 @@ class FakeModelServer:
                 _openai_error("the request hung (fake model server)", "server_error", None),
                 status=504,
             )
-        return self._complete(chat, knobs, forced=outcome)
+        return self._complete(
+            chat, knobs, forced=outcome, call_key=request.headers.get("X-Vkr-Call")
+        )
 
-    def _complete(self, chat: ChatRequest, knobs: Knobs, forced: str) -> web.Response:
+    def _complete(
+        self, chat: ChatRequest, knobs: Knobs, forced: str, call_key: str | None = None
+    ) -> web.Response:
         decider = Decider(self.seed, chat)
         good = reply_content(decider, chat, knobs)
         finish_reason = "stop"
@@ -791,6 +799,8 @@ class FakeModelServer:
             fingerprint = Decider(0, chat).key
             if fingerprint in stats.billed:
                 stats.repeats += 1
+                if call_key:
+                    stats.repeated_call_keys.append(call_key)
             stats.billed.add(fingerprint)
             _bump(stats.by_model, chat.model)
             _bump(stats.by_step, chat.step)

@@ -40,13 +40,20 @@ def _import_litellm() -> Any:
 
 
 def _retry_after(exc: Any) -> float | None:
+    """Seconds the provider asked to wait: OpenAI's retry-after-ms, else Retry-After."""
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None) or {}
-    value = headers.get("retry-after") if hasattr(headers, "get") else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+    if not hasattr(headers, "get"):
         return None
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return float(value) / scale
+        except ValueError:
+            continue  # an HTTP date: fall back to backoff
+    return None
 
 
 def _cost(
