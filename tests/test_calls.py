@@ -65,9 +65,23 @@ def make_caller(tmp_path, attempts=4) -> ModelCaller:
     )
 
 
+def run_closing(caller: ModelCaller, coroutine):
+    """Run a call in its own event loop and close the provider's connections, as a run does."""
+
+    async def go():
+        try:
+            return await coroutine
+        finally:
+            for provider in caller.providers.values():
+                await provider.aclose()
+
+    return asyncio.run(go())
+
+
 def call(caller: ModelCaller, url: str, text: str = "Question: [q:0000000a:mc] Which?", **kw):
     step = Solve()
-    return asyncio.run(
+    return run_closing(
+        caller,
         caller.call(
             spec=spec(url),
             step=step.name,
@@ -76,7 +90,7 @@ def call(caller: ModelCaller, url: str, text: str = "Question: [q:0000000a:mc] W
             params={"temperature": 0},
             validate=step.parse,
             **kw,
-        )
+        ),
     )
 
 
@@ -140,10 +154,11 @@ def test_client_errors_are_not_retried(tmp_path, vkr_fake_server):
         name="x", model="openai/fake-a", api_base=vkr_fake_server.base_url.replace("/v1", "/nope")
     )
     with pytest.raises(CallFailed, match="after 1 attempt"):
-        asyncio.run(
+        run_closing(
+            caller,
             caller.call(
                 spec=bad, step="s", prompt_version="v1", messages=messages_with([]), params={}
-            )
+            ),
         )
 
 
@@ -160,17 +175,30 @@ def test_a_reply_journalled_before_a_crash_is_replayed_not_paid_again(tmp_path, 
     # What the killed run received (and the server billed) but never cached.
     body = httpx.post(
         vkr_fake_server.base_url + "/chat/completions",
-        json={"model": "fake-a", "messages": messages_with([])[0:1] and [
-            {"role": "user", "content": [{"type": "text", "text": "Question: [q:0000000a:mc] Which?"}]}
-        ], "temperature": 0, "seed": 0},
+        json={
+            "model": "fake-a",
+            "messages": messages_with([])[0:1]
+            and [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Question: [q:0000000a:mc] Which?"}],
+                }
+            ],
+            "temperature": 0,
+            "seed": 0,
+        },
         headers={"X-Vkr-Step": step.name},
     ).content
     caller.journal.save(key, body)
     billed = vkr_fake_server.stats()["completions"]
     result = call(caller, vkr_fake_server.base_url)
     assert vkr_fake_server.stats()["completions"] == billed
-    assert result.outcome == "ok" and result.text == json.loads(body)["choices"][0]["message"]["content"]
+    assert (
+        result.outcome == "ok"
+        and result.text == json.loads(body)["choices"][0]["message"]["content"]
+    )
     assert not result.record.cache_hit and result.record.cost_usd > 0  # paid once, accounted once
+    assert result.record.attempts == 0  # no request sent this time
     assert caller.journal.load(key) is None  # now in the cache proper
     assert call(caller, vkr_fake_server.base_url).record.cache_hit
 

@@ -403,7 +403,9 @@ class ModelCaller:
             completion_tokens=reply.completion_tokens,
             cost_usd=cost,
             cache_hit=False,
-            attempts=attempts,
+            # A reply replayed from the journal was paid by a run that died before recording
+            # it: counted (once) here, but no request was sent now.
+            attempts=0 if reply.recovered else attempts,
         )
         if reply.refusal:
             # A refusal is terminal and never cached: it says nothing about the next request.

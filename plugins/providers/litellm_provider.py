@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -108,7 +109,10 @@ class LitellmProvider(Provider):
         Only for litellm's OpenAI-compatible route (``openai/...`` models: OpenAI, vLLM and
         other compatible servers); other providers go through litellm's own client.
         """
-        key = (spec.api_base, api_key, spec.timeout, id(journal))
+        # A client belongs to the event loop it was made in: a caller used from a second
+        # asyncio.run must not get the first loop's (closed) connections.
+        loop = asyncio.get_running_loop()
+        key = (spec.api_base, api_key, spec.timeout, id(journal), id(loop))
         client = self._clients.get(key)
         if client is None:
             import httpx
