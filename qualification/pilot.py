@@ -404,6 +404,13 @@ def run_pilot(
     )
 
     async def ask_all() -> list[Any]:
+        try:
+            return await _gather_replies()
+        finally:
+            for provider in caller.providers.values():
+                await provider.aclose()
+
+    async def _gather_replies() -> list[Any]:
         return await asyncio.gather(
             *(
                 _ask(

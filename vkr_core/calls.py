@@ -234,6 +234,12 @@ class ModelCaller:
     def close(self) -> None:
         self.cache.close()
 
+    async def aclose(self) -> None:
+        """Close the providers' connections and the cache (the end of a run)."""
+        for provider in self.providers.values():
+            await provider.aclose()
+        self.close()
+
     def limiter(self, spec: ModelSpec) -> ModelLimiter:
         limiter = self.limiters.get(spec.name)
         if limiter is None:

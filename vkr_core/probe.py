@@ -605,7 +605,7 @@ async def probe_eval_set(
             *(probe_video(videos[path], group) for path, group in per_video.items())
         )
     finally:
-        caller.close()
+        await caller.aclose()
 
     unprobed: dict[str, str] = {}
     rows: list[ModelProbe] = []

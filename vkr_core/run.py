@@ -130,9 +130,7 @@ class Run:
         if self._checkpointer_cm is not None:
             await self._checkpointer_cm.__aexit__(*exc)
         if self.caller is not None:
-            self.caller.close()
-        for provider in self.registry.providers.values():
-            await provider.aclose()
+            await self.caller.aclose()
 
     async def process(self, video: Video) -> VideoRecord:
         """One video through the graph; a failure is recorded, never raised past the run."""
