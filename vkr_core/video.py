@@ -674,6 +674,22 @@ def _decode_worker(
         conn.close()
 
 
+# Modules every decoder worker needs. A forkserver imports them once; each worker is then a
+# fork of it (milliseconds) instead of a fresh interpreter importing them (~0.6 CPU s).
+_DECODER_PRELOAD = ["numpy", "PIL.Image", "av", "decord", "vkr_core.video", "plugins.readers"]
+
+
+@functools.cache
+def _decoder_context() -> Any:
+    """Forkserver where the platform has one (a crashed worker never harms the server), else
+    spawn. Never plain fork: the parent runs threads and an event loop."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_DECODER_PRELOAD)
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def _sample_isolated(
     file: Path,
     out_dir: Path,
@@ -682,7 +698,7 @@ def _sample_isolated(
     timeout: float,
 ) -> list[Frame]:
     specs = [_factory_spec(factory) for factory in factories]
-    context = multiprocessing.get_context("spawn")
+    context = _decoder_context()
     failures: list[tuple[str, str, str]] = []
     exclude: list[str] = []
     while True:
