@@ -619,27 +619,29 @@ def _md_table(
     return "\n".join(lines)
 
 
+def _funnel_table(overall: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of the overall funnel, for every renderer."""
+    headers = ["stage", "examples", "rejected here", "kept of previous", "of rounds"]
+    rows = [
+        [
+            _stage_label(r),
+            r["count"],
+            r["rejected"],
+            _pct(r["kept_share"]),
+            _pct(r["share_of_rounds"]),
+        ]
+        for r in overall
+    ]
+    return headers, rows
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables."""
     out = [f"# vkr run report\n\nRun directory: `{report['run_dir']}`\n"]
     out.append(_md_table(["", "value"], _headline(report), right=()))
     overall = report["funnel"]["overall"]
     out.append("\n## Funnel\n")
-    out.append(
-        _md_table(
-            ["stage", "examples", "rejected here", "kept of previous", "of rounds"],
-            [
-                [
-                    _stage_label(r),
-                    r["count"],
-                    r["rejected"],
-                    _pct(r["kept_share"]),
-                    _pct(r["share_of_rounds"]),
-                ]
-                for r in overall
-            ],
-        )
-    )
+    out.append(_md_table(*_funnel_table(overall)))
     by_skill = report["funnel"]["by_skill"]
     if by_skill:
         out.append("\n### Funnel per skill\n\nexamples (share of the skill's rounds)\n")
@@ -793,21 +795,7 @@ def report_html(report: dict[str, Any]) -> str:
         "<h2>Funnel</h2>",
     ]
     overall = report["funnel"]["overall"]
-    out.append(
-        _html_table(
-            ["stage", "examples", "rejected here", "kept of previous", "of rounds"],
-            [
-                [
-                    _stage_label(r),
-                    r["count"],
-                    r["rejected"],
-                    _pct(r["kept_share"]),
-                    _pct(r["share_of_rounds"]),
-                ]
-                for r in overall
-            ],
-        )
-    )
+    out.append(_html_table(*_funnel_table(overall)))
     by_skill = report["funnel"]["by_skill"]
     if by_skill:
         out.append("<h3>Per skill: examples (share of the skill's rounds)</h3>")
