@@ -20,6 +20,7 @@ class ModelLimiter:
     max_concurrency: int
     rpm: int | None = None
     tpm: int | None = None
+    window_s: float = WINDOW_S
     limit: float = field(init=False)
     in_flight: int = field(default=0, init=False)
     paused_until: float = field(default=0.0, init=False)
@@ -34,17 +35,17 @@ class ModelLimiter:
     def _wait_needed(self, now: float, tokens: int) -> float:
         """Seconds to wait before another request may start (0: go now)."""
         waits = [self.paused_until - now]
-        while self._requests and now - self._requests[0] >= WINDOW_S:
+        while self._requests and now - self._requests[0] >= self.window_s:
             self._requests.popleft()
-        while self._tokens and now - self._tokens[0][0] >= WINDOW_S:
+        while self._tokens and now - self._tokens[0][0] >= self.window_s:
             self._tokens.popleft()
         if self.rpm is not None and len(self._requests) >= self.rpm:
-            waits.append(self._requests[0] + WINDOW_S - now)
+            waits.append(self._requests[0] + self.window_s - now)
         if self.tpm is not None and self._tokens:
             used = sum(n for _, n in self._tokens)
             # A request bigger than the whole budget still runs alone, once the window is empty.
             if used + tokens > self.tpm:
-                waits.append(self._tokens[0][0] + WINDOW_S - now)
+                waits.append(self._tokens[0][0] + self.window_s - now)
         return max(waits)
 
     async def acquire(self, tokens: int = 0) -> None:
