@@ -126,6 +126,8 @@ def test_sigkill_at_random_moments_pays_no_call_twice(tmp_path, testdata, vkr_po
         rng = random.Random(seed)
         kills = 0
         held: set[str] = set()
+        repaid: set[str] = set()
+        seen_repeats = 0
         for _ in range(3):
             proc = subprocess.Popen([VKR, "run", "--videos", str(manifest), "--pool", str(vkr_pool),
                                      "--out", str(run_dir), "--no-progress"],
@@ -135,11 +137,15 @@ def test_sigkill_at_random_moments_pays_no_call_twice(tmp_path, testdata, vkr_po
                 os.kill(proc.pid, signal.SIGKILL)
                 kills += 1
             proc.wait()
+            # Repeats made during a segment must not be replies vkr held before it began.
+            keys = vkr_fake_server.stats()["repeated_call_keys"]
+            repaid |= set(keys[seen_repeats:]) & held
+            seen_repeats = len(keys)
             held |= keys_vkr_holds(run_dir)
         vkr_run(manifest, vkr_pool, run_dir)
         stats = vkr_fake_server.stats()
+        repaid |= set(stats["repeated_call_keys"][seen_repeats:]) & held
         assert kills >= 1
-        repaid = set(stats["repeated_call_keys"]) & held
         assert not repaid, f"seed {seed}: {len(repaid)} reply(ies) vkr had received were paid again"
         assert stats["repeats"] <= kills * max_in_flight
         assert stats["completions"] == reference_calls + stats["repeats"]
@@ -194,9 +200,12 @@ def test_full_disk_stops_the_run_with_a_clear_message_and_resumes_after(tmp_path
         failures = run_dir / "failures.jsonl"
         assert not failures.exists() or "is full" not in failures.read_text()
         subprocess.run(["mount", "-o", "remount,size=200m", str(run_dir)], check=True)
-        vkr_run(manifest, vkr_pool, run_dir)
+        resumed = vkr_run(manifest, vkr_pool, run_dir)
+        failures_text = failures.read_text() if failures.exists() else ""
         for i in range(3):
-            assert json.loads((run_dir / "records" / f"good{i}.json").read_text())["status"] == "done"
+            record = run_dir / "records" / f"good{i}.json"
+            assert record.exists(), f"good{i} has no record:\n{resumed.stdout}\n{resumed.stderr}\n{failures_text}"
+            assert json.loads(record.read_text())["status"] == "done"
         # Replies that arrived while nothing could be written are paid again: no disk, no
         # memory of them. Everything written before the disk filled is reused.
         stats = vkr_fake_server.stats()
