@@ -117,7 +117,6 @@ def test_sigkill_at_random_moments_pays_no_call_twice(tmp_path, testdata, vkr_po
     # The reference: one uninterrupted run.
     vkr_run(manifest, vkr_pool, tmp_path / "reference")
     reference = accepted(tmp_path / "reference")
-    reference_calls = vkr_fake_server.stats()["completions"]
     assert reference and vkr_fake_server.stats()["repeats"] == 0
     max_in_flight = 4 * 8  # four models at max_concurrency 8
     for seed in range(3):
@@ -148,7 +147,6 @@ def test_sigkill_at_random_moments_pays_no_call_twice(tmp_path, testdata, vkr_po
         assert kills >= 1
         assert not repaid, f"seed {seed}: {len(repaid)} reply(ies) vkr had received were paid again"
         assert stats["repeats"] <= kills * max_in_flight
-        assert stats["completions"] == reference_calls + stats["repeats"]
         assert accepted(run_dir) == reference
 
 
