@@ -563,6 +563,13 @@ def main() -> None:
             results = asyncio.run(run_all(args, server, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    write_results(results, "calls.json", args, started, load_start)
+
+
+def write_results(
+    results: dict[str, Any], name: str, args: Any, started: float, load_start: float
+) -> None:
+    """Print the closing line and save the figures with the arguments and machine load."""
     elapsed = time.monotonic() - started
     load_end = os.getloadavg()[0]
     print(
@@ -570,7 +577,7 @@ def main() -> None:
     )
     results.update(args=vars(args), seconds=elapsed, load_average=[load_start, load_end])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "calls.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

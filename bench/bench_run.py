@@ -36,7 +36,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_calls import RESULTS, VIDEO, VKR, FakeServerProcess, fake_server  # noqa: E402
+from bench_calls import (  # noqa: E402
+    VIDEO,
+    VKR,
+    FakeServerProcess,
+    fake_server,
+    write_results,
+)
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -460,14 +466,7 @@ def main() -> None:
         print_warm(results["rerun"])
     if "memory" in results:
         print_memory(results["memory"])
-    elapsed = time.monotonic() - started
-    load_end = os.getloadavg()[0]
-    print(
-        f"\n{elapsed:.0f} s in all; load average {load_start:.1f} at start, {load_end:.1f} at end"
-    )
-    results.update(args=vars(args), seconds=elapsed, load_average=[load_start, load_end])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "run.json").write_text(json.dumps(results, indent=2))
+    write_results(results, "run.json", args, started, load_start)
 
 
 if __name__ == "__main__":
