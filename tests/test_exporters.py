@@ -104,8 +104,8 @@ def test_llamafactory_export_loads_as_sharegpt_with_one_video_per_tag(
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "dataset_info.json").read_text())
     assert info == {
-        "videokr_sft": {
-            "file_name": "videokr_sft.json",
+        "videokr_train": {
+            "file_name": "videokr_train.json",
             "formatting": "sharegpt",
             "columns": {"messages": "messages", "videos": "videos"},
             "tags": {
@@ -116,7 +116,7 @@ def test_llamafactory_export_loads_as_sharegpt_with_one_video_per_tag(
             },
         }
     }
-    rows = json.loads((tmp_path / "videokr_sft.json").read_text())
+    rows = json.loads((tmp_path / "videokr_train.json").read_text())
     assert len(rows) == len(corpus["sft"])
     for row, sft in zip(rows, corpus["sft"], strict=True):
         example = corpus["examples"][sft["problem_id"]]
@@ -147,13 +147,13 @@ def test_llamafactory_adds_its_entry_to_an_existing_dataset_info(corpus, tmp_pat
     (tmp_path / "dataset_info.json").write_text(
         json.dumps({"alpaca_en_demo": {"file_name": "a.json"}})
     )
-    result = export("llamafactory", corpus, tmp_path, "dataset=my_videos", "instruction=false")
+    result = export("llamafactory", corpus, tmp_path, "dataset=my_videos")
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "dataset_info.json").read_text())
     assert set(info) == {"alpaca_en_demo", "my_videos"}
     assert info["my_videos"]["file_name"] == "my_videos.json"
     rows = json.loads((tmp_path / "my_videos.json").read_text())
-    assert all("<think>" not in r["messages"][0]["content"] for r in rows)
+    assert len(rows) == len(corpus["sft"])
 
 
 # ---------------------------------------------------------------- verl
@@ -187,12 +187,17 @@ def test_verl_export_is_the_rl_set_as_grpo_rows(corpus, tmp_path: Path) -> None:
                 "fps": 2.0,
                 "max_frames": 128,
                 "min_frames": 4,
+                "max_pixels": 128 * 28 * 28,
+                "min_pixels": 128 * 28 * 28,
             }
         ]
         assert row["reward_model"] == {"style": "rule", "ground_truth": example.solution}
         assert row["extra_info"] == {
             "problem_id": example.problem_id,
             "problem_type": example.problem_type,
+            "answer": inner(example.solution, "answer"),
+            "solution": example.solution,
+            "source_path": relative(example, corpus["root"]),
             "split": "train",
             "index": index,
         }
@@ -263,7 +268,10 @@ def test_hf_export_is_a_datasets_layout_with_a_card_and_manifest(corpus, tmp_pat
                 ]
             else:
                 assert "think" not in row
-    manifest = read_jsonl(tmp_path / "videos.jsonl")
+    pattern = configs["videos"]["data_files"][0]["path"]
+    manifest = [
+        r for s in sorted(glob.glob(str(tmp_path / pattern))) for r in pq.read_table(s).to_pylist()
+    ]
     assert len({m["video_id"] for m in manifest}) == len(manifest)
     for entry in manifest:
         assert (corpus["root"] / entry["video_path"]).is_file()
@@ -293,7 +301,7 @@ def test_hf_export_loads_with_the_datasets_library(corpus, tmp_path: Path, monke
 def test_eval_export_uses_hyphenated_types(corpus, tmp_path: Path) -> None:
     result = export("eval", corpus, tmp_path, "dataset=vkr-pilot")
     assert result.exit_code == 0, result.output
-    rows = read_jsonl(tmp_path / "eval.jsonl")
+    rows = read_jsonl(tmp_path / "VideoKR_eval.jsonl")
     assert len(rows) == len(corpus["sft"]) + len(corpus["rl"])
     for row in rows:
         example = corpus["examples"][row["id"]]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ from vkr_core.schemas import OPTION_LETTERS, AcceptedExample, InputError, RLExam
 MULTIPLE_CHOICE = "multiple choice"
 OPEN_ENDED = "open-ended"
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-# A placeholder in the text would make LLaMA-Factory/verl count one more video than given.
-_PLACEHOLDERS = ("<video>", "<image>")
+# A placeholder in the text would make LLaMA-Factory/verl count one more video than given;
+# the official RL prep also strips a leading <video> in any case.
+_PLACEHOLDER = re.compile(r"<(?:video|image)>", re.IGNORECASE)
 
 Example = AcceptedExample | RLExample
 Part = Literal["sft", "rl", "all"]
@@ -174,29 +176,90 @@ def sft_row(example: AcceptedExample) -> dict[str, Any]:
     return row
 
 
-def user_prompt(example: Example, instruction: bool = True) -> str:
-    """The user turn: ``<video>``, the question, the options (MC) and the answer-format instruction."""
-    text = example.question.strip()
-    options = example.options if example.problem_type == MULTIPLE_CHOICE else None
-    for piece in [text, *(options or [])]:
-        for placeholder in _PLACEHOLDERS:
-            if placeholder in piece:
-                raise InputError(
-                    f"example {example.problem_id!r}: its question or options contain the "
-                    f"placeholder {placeholder}, which trainers read as a media slot"
-                )
-    if options:
-        text += "\nOptions:\n" + "\n".join(options)
-    if instruction:
+# The official answer-format instruction, one per problem type: the text of the VideoKR SFT and
+# RL prep scripts and the lmms-eval task's post_prompt_mc/post_prompt_oe, so training prompts
+# end exactly as the evaluation prompt does.
+_INSTRUCTION_HEAD = (
+    "Please answer this question based on the visual content.\n"
+    "Provide your thinking process between the <think> and </think> tags, and then give your "
+    "final answer between the <answer> and </answer> tags.\n"
+)
+INSTRUCTION_MULTIPLE_CHOICE = (
+    _INSTRUCTION_HEAD + "Please provide only the single option letter (e.g., A, B, C, D, etc.) "
+    "within the <answer>...</answer> tags."
+)
+INSTRUCTION_OPEN_ENDED = (
+    _INSTRUCTION_HEAD
+    + "Please provide only your final answer within the <answer>...</answer> tags."
+)
+# The official RL prep takes a question holding any of these as already listing its options.
+_EMBEDDED_OPTIONS = ("Options:", "\nA.", "\nA:")
+
+PromptLayout = Literal["sft", "rl"]
+
+
+def answer_instruction(problem_type: str) -> str:
+    """The official answer-format instruction for a problem type (no leading or trailing newline)."""
+    return (
+        INSTRUCTION_MULTIPLE_CHOICE if problem_type == MULTIPLE_CHOICE else INSTRUCTION_OPEN_ENDED
+    )
+
+
+def _prompt_parts(example: Example) -> tuple[str, list[str]]:
+    """The stripped question and options, refusing media placeholders in either."""
+    question = example.question.strip()
+    options = [o.strip() for o in example.options or [] if o.strip()]
+    if example.problem_type != MULTIPLE_CHOICE:
+        options = []
+    for piece in [question, *options]:
+        found = _PLACEHOLDER.search(piece)
+        if found:
+            raise InputError(
+                f"example {example.problem_id!r}: its question or options contain the "
+                f"placeholder {found.group(0)}, which trainers read as a media slot"
+            )
+    return question, options
+
+
+def user_prompt(example: Example, layout: PromptLayout = "sft") -> str:
+    """The user turn exactly as the official VideoKR prep scripts write it.
+
+    ``sft`` (LLaMA-Factory, ``prepare_videokr_sft_data.py``): ``<video>``, the question, a blank
+    line and the ``Options:`` block (MC), the instruction; the open-ended instruction ends with
+    a newline. ``rl`` (verl, ``prepare_videokr_rl_data.py``): ``<video>`` and a newline, the
+    question, the ``Options:`` block (MC) after a single newline, the instruction.
+    """
+    question, options = _prompt_parts(example)
+    is_mc = example.problem_type == MULTIPLE_CHOICE
+    if layout == "sft":
+        text = question
         if options:
-            final = "only the letter of the correct option"
-        else:
-            final = "a short final answer"
-        text += (
-            "\nThink step by step inside <think> </think> tags, then give "
-            f"{final} inside <answer> </answer> tags."
+            text += "\n\nOptions:\n" + "\n".join(options)
+        text += "\n" + answer_instruction(example.problem_type) + ("" if is_mc else "\n")
+        return "<video>" + text
+    if layout == "rl":
+        text = question
+        # Kept from the official RL prep for byte parity: a question that already lists its
+        # options does not get the Options: block a second time.
+        if options and not any(marker in question for marker in _EMBEDDED_OPTIONS):
+            text += "\nOptions:\n" + "\n".join(options)
+        return "<video>\n" + text + "\n" + answer_instruction(example.problem_type)
+    raise InputError(f"unknown prompt layout {layout!r}: use sft or rl")
+
+
+def eval_prompt(example: Example) -> str:
+    """The text lmms-eval's ``videokr_eval`` task shows for this example (the video goes apart).
+
+    Its ``doc_to_text``: the question as written, the options one per line with no
+    ``Options:`` header (MC), the same instruction as the training prompts.
+    """
+    question = example.question
+    options = [o.strip() for o in example.options or []]
+    if options:
+        return (
+            f"{question}\n" + "\n".join(options) + "\n" + answer_instruction(example.problem_type)
         )
-    return "<video>" + text
+    return f"{question}\n" + answer_instruction(example.problem_type)
 
 
 # ---------------------------------------------------------------- files

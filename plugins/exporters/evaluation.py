@@ -1,4 +1,9 @@
-"""VideoKR-Eval style jsonl: one question per line, hyphenated problem types."""
+"""VideoKR-Eval style jsonl: one question per line, hyphenated problem types.
+
+The file is named and shaped as the official lmms-eval task ``videokr_eval`` reads it
+(``videokr_eval.yaml``: ``data_files: VideoKR_eval.jsonl``; ``doc_to_text`` reads
+``question``, ``options``, ``problem_type``; ``doc_to_target`` reads ``solution``).
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,14 @@ from vkr_core.exporters import (
     write_jsonl,
 )
 
+EVAL_FILE = "VideoKR_eval.jsonl"
 # The eval files spell the type with a hyphen, unlike the training files.
 EVAL_PROBLEM_TYPES = {MULTIPLE_CHOICE: "multiple-choice", "open-ended": "open-ended"}
 
 
 class EvalExporter(Exporter):
     name = "eval"
-    description = "VideoKR-Eval style jsonl (id, video_path, question, options, solution, ...)"
+    description = "VideoKR-Eval jsonl for the lmms-eval videokr_eval task (VideoKR_eval.jsonl)"
     options = {
         "part": ExportOption("all", "which examples: all, sft or rl"),
         "dataset": ExportOption("videokr", "the `dataset` (source benchmark) field"),
@@ -46,4 +52,4 @@ class EvalExporter(Exporter):
                 discipline=example.discipline,
             )
             rows.append(row)
-        return [write_jsonl(out_dir / "eval.jsonl", rows)]
+        return [write_jsonl(out_dir / EVAL_FILE, rows)]

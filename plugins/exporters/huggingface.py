@@ -1,8 +1,10 @@
 """Hugging Face ``datasets`` layout, written without the ``datasets`` package.
 
-Parquet shards under ``data/<config>/``, a ``videos.jsonl`` manifest (videos are referenced by
-path relative to the video root, never embedded) and a README.md dataset card whose YAML
-front matter declares the configs, so ``load_dataset(path_or_repo, "sft")`` just works.
+Parquet shards under ``data/<config>/`` for the ``sft``, ``rl`` and ``videos`` (the manifest:
+videos are referenced by path relative to the video root, never embedded) configs, and a
+README.md dataset card whose YAML front matter declares them, so
+``load_dataset(path_or_repo, config)`` works for each. Every config is parquet: ``datasets``
+reads all configs of a folder with one builder, so a jsonl config beside parquet ones fails.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from vkr_core.exporters import (
     SplitData,
     checked_answer,
     checked_trace,
-    write_jsonl,
 )
 from vkr_core.schemas import InputError
 
@@ -38,14 +39,14 @@ RL_COLUMNS = (
     "video_id",
 )
 SFT_COLUMNS = (*RL_COLUMNS[:5], "think", *RL_COLUMNS[5:], "knowledge_point", "models", "verdicts")
+VIDEO_COLUMNS = ("video_id", "video_path", "split", "examples")
 
 
 def _schema(columns: tuple[str, ...]) -> Any:
     import pyarrow as pa
 
-    return pa.schema(
-        [(c, pa.list_(pa.string()) if c == "options" else pa.string()) for c in columns]
-    )
+    types = {"options": pa.list_(pa.string()), "examples": pa.int64()}
+    return pa.schema([(c, types.get(c, pa.string())) for c in columns])
 
 
 def _size_category(n: int) -> str:
@@ -58,7 +59,7 @@ def _size_category(n: int) -> str:
 class HuggingFaceExporter(Exporter):
     name = "hf"
     description = (
-        "Hugging Face datasets layout: parquet shards, videos.jsonl manifest, dataset card"
+        "Hugging Face datasets layout: parquet shards (sft, rl, videos manifest), dataset card"
     )
     options = {
         "shard_size": ExportOption(20_000, "rows per parquet shard"),
@@ -96,10 +97,11 @@ class HuggingFaceExporter(Exporter):
                     {"video_id": e.video_id, "video_path": e.video_path, "split": side},
                 )
                 entry["examples"] = entry.get("examples", 0) + 1
-        manifest = write_jsonl(out_dir / "videos.jsonl", (videos[k] for k in sorted(videos)))
+        manifest = [videos[k] for k in sorted(videos)]
+        written += self._shards(out_dir, "videos", manifest, VIDEO_COLUMNS, shard_size)
         card = out_dir / "README.md"
         card.write_text(self._card(data, options, len(videos)), encoding="utf-8")
-        return [*written, manifest, card]
+        return [*written, card]
 
     @staticmethod
     def _rl_fields(example: Any) -> dict[str, Any]:
@@ -164,7 +166,7 @@ class HuggingFaceExporter(Exporter):
                 },
                 {
                     "config_name": "videos",
-                    "data_files": [{"split": "train", "path": "videos.jsonl"}],
+                    "data_files": [{"split": "train", "path": "data/videos/train-*.parquet"}],
                 },
             ],
         )
@@ -215,6 +217,7 @@ class HuggingFaceExporter(Exporter):
             "",
             'sft = load_dataset("PATH_OR_REPO", "sft", split="train")',
             'rl = load_dataset("PATH_OR_REPO", "rl", split="train")',
+            'videos = load_dataset("PATH_OR_REPO", "videos", split="train")',
             "```",
             "",
         ]

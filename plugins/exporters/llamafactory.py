@@ -1,4 +1,8 @@
-"""LLaMA-Factory SFT data: a sharegpt JSON list with ``videos`` and its dataset_info.json entry."""
+"""LLaMA-Factory SFT data: a sharegpt JSON list with ``videos`` and its dataset_info.json entry.
+
+Rows match the official ``llamafactory/local_script/prepare_videokr_sft_data.py`` output for
+the same VideoKR SFT rows, and the default name is the one the official training yaml reads.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +35,10 @@ class LlamaFactoryExporter(Exporter):
         "LLaMA-Factory sharegpt JSON (messages + videos) of the SFT set, with dataset_info.json"
     )
     options = {
-        "dataset": ExportOption("videokr_sft", "dataset name in dataset_info.json and file stem"),
-        "instruction": ExportOption(True, "end the user turn with the think/answer instruction"),
+        "dataset": ExportOption(
+            "videokr_train",
+            "dataset name in dataset_info.json and file stem (the official yaml's `dataset:`)",
+        ),
     }
 
     def write(self, data: SplitData, out_dir: Path, options: dict[str, Any]) -> list[Path]:
@@ -47,7 +53,7 @@ class LlamaFactoryExporter(Exporter):
             for index, example in enumerate(data.sft):
                 row = {
                     "messages": [
-                        {"role": "user", "content": user_prompt(example, options["instruction"])},
+                        {"role": "user", "content": user_prompt(example, "sft")},
                         {"role": "assistant", "content": training_target(example)},
                     ],
                     "videos": [example.video_path],

@@ -1,4 +1,9 @@
-"""verl RL data: a parquet file of chat prompts with a video, scored by vkr_core/reward.py."""
+"""verl RL data: a parquet file of chat prompts with a video, scored by vkr_core/reward.py.
+
+Rows match the official ``verl/local_script/prepare_videokr_rl_data.py`` output for the same
+VideoKR RL rows, column for column and type for type, so a vkr parquet and an official one go
+into one ``data.train_files``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from vkr_core.reward import DATA_SOURCE
 from vkr_core.schemas import InputError
 
 ABILITY = "video_qa"
+# The official prep's default for both bounds: 128 patches of 28x28 pixels per frame.
+_PIXELS = 128 * 28 * 28
 
 
 def _schema() -> Any:
@@ -35,6 +42,8 @@ def _schema() -> Any:
                             ("fps", pa.float64()),
                             ("max_frames", pa.int64()),
                             ("min_frames", pa.int64()),
+                            ("max_pixels", pa.int64()),
+                            ("min_pixels", pa.int64()),
                         ]
                     )
                 ),
@@ -47,6 +56,9 @@ def _schema() -> Any:
                     [
                         ("problem_id", pa.string()),
                         ("problem_type", pa.string()),
+                        ("answer", pa.string()),
+                        ("solution", pa.string()),
+                        ("source_path", pa.string()),
                         ("split", pa.string()),
                         ("index", pa.int64()),
                     ]
@@ -65,10 +77,13 @@ class VerlExporter(Exporter):
         "fps": ExportOption(2.0, "frames per second the trainer samples"),
         "max_frames": ExportOption(128, "most frames per video"),
         "min_frames": ExportOption(4, "fewest frames per video"),
+        # Without a pixel cap a 720p clip is ~46k video tokens: the official GRPO script then
+        # drops it as overlong.
+        "max_pixels": ExportOption(_PIXELS, "most pixels per frame (official: 128*28*28)"),
+        "min_pixels": ExportOption(_PIXELS, "fewest pixels per frame (official: 128*28*28)"),
         "video_prefix": ExportOption(
             "", "prepended to each relative video path (verl opens paths as given)"
         ),
-        "instruction": ExportOption(True, "end the prompt with the think/answer instruction"),
     }
 
     def write(self, data: SplitData, out_dir: Path, options: dict[str, Any]) -> list[Path]:
@@ -85,30 +100,40 @@ class VerlExporter(Exporter):
             )
         if options["fps"] <= 0:
             raise InputError(f"verl fps must be positive, got {options['fps']}")
+        if options["min_pixels"] < 1 or options["max_pixels"] < options["min_pixels"]:
+            raise InputError(
+                f"verl pixels: need 1 <= min_pixels <= max_pixels, got "
+                f"min_pixels={options['min_pixels']} max_pixels={options['max_pixels']}"
+            )
         rows = []
         for index, example in enumerate(data.part(options["part"])):
+            answer = checked_answer(example)
             rows.append(
                 {
                     "data_source": DATA_SOURCE,
-                    "prompt": [
-                        {"role": "user", "content": user_prompt(example, options["instruction"])}
-                    ],
+                    "prompt": [{"role": "user", "content": user_prompt(example, "rl")}],
                     "videos": [
                         {
                             "video": options["video_prefix"] + example.video_path,
                             "fps": float(options["fps"]),
                             "max_frames": int(options["max_frames"]),
                             "min_frames": int(options["min_frames"]),
+                            "max_pixels": int(options["max_pixels"]),
+                            "min_pixels": int(options["min_pixels"]),
                         }
                     ],
                     "ability": ABILITY,
                     "reward_model": {
                         "style": "rule",
-                        "ground_truth": f"<answer>{checked_answer(example)}</answer>",
+                        "ground_truth": f"<answer>{answer}</answer>",
                     },
                     "extra_info": {
                         "problem_id": example.problem_id,
                         "problem_type": example.problem_type,
+                        "answer": answer,
+                        "solution": f"<answer>{answer}</answer>",
+                        # The path as the VideoKR row gives it, before video_prefix.
+                        "source_path": example.video_path,
                         "split": split,
                         "index": index,
                     },
