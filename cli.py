@@ -69,7 +69,8 @@ def pipeline_options(func: Any) -> Any:
     default=".",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Folder holding <video-id>.<ext> and an optional <video-id>.json metadata file.",
+    help="Folder holding <video-id>.<ext> and an optional <video-id>.json metadata file; "
+    "the video root: records hold video paths relative to it.",
 )
 @click.option("--pool", required=True, type=click.Path(dir_okay=False), help="Model pool YAML.")
 @click.option(
@@ -99,6 +100,7 @@ def generate(
     from vkr_core.log import configure_logging
     from vkr_core.plugins import get_plugin_manager
     from vkr_core.run import format_funnel, funnel, generate_videos
+    from vkr_core.sources import place_in_root
 
     configure_logging(log_level)
     pm = get_plugin_manager()
@@ -109,7 +111,9 @@ def generate(
         subject=subject,
         knowledge_point=knowledge_point,
     )
-    config = RunConfig(**settings)
+    # Any source's file must sit under --videos-dir: checked here, before a call is paid for.
+    video = place_in_root(video, videos_dir)
+    config = RunConfig(video_root=os.path.abspath(videos_dir), **settings)
     [record] = asyncio.run(generate_videos([video], run_dir, pool, config, pm, force))
     if record.status == "failed":
         raise click.ClickException(f"video {video_id} failed: {record.failure}")
@@ -126,6 +130,13 @@ def generate(
     required=True,
     type=click.Path(dir_okay=False),
     help="Manifest: jsonl with video_id, path, discipline, subject, knowledge_point.",
+)
+@click.option(
+    "--video-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_default="the manifest's folder",
+    help="Folder records' video paths are relative to; every video must be under it.",
 )
 @click.option("--pool", required=True, type=click.Path(dir_okay=False), help="Model pool YAML.")
 @click.option(
@@ -156,6 +167,7 @@ def generate(
 @click.option("--log-level", default="WARNING", show_default=True)
 def run_command(
     manifest: str,
+    video_root: str | None,
     pool: str,
     run_dir: str,
     concurrency: int,
@@ -174,13 +186,13 @@ def run_command(
     from vkr_core.run import format_funnel, funnel, run_manifest
 
     configure_logging(log_level)
-    loaded = load_manifest(manifest)
+    loaded = load_manifest(manifest, video_root)
     for problem in loaded.problems:
         click.echo(f"manifest {manifest}: {problem.reason}", err=True)
     if loaded.problems and strict_manifest:
         raise click.ClickException(f"{len(loaded.problems)} bad manifest line(s); nothing was run")
     pm = get_plugin_manager()
-    config = RunConfig(**settings)
+    config = RunConfig(video_root=loaded.video_root, **settings)
     try:
         records, counters = asyncio.run(
             run_manifest(

@@ -8,7 +8,6 @@ branch has ended). Steps come from the plugin registry; nothing here names a con
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
 from langgraph.graph import END, START, StateGraph
@@ -261,6 +260,8 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
 
 def to_accepted(candidate: Candidate, video: Video, run: RunContext) -> AcceptedExample:
     """An accepted candidate in the VideoKR release fields (FORMATS.md) plus provenance."""
+    from vkr_core.sources import video_path_in_root
+
     answer = candidate.answer
     if candidate.problem_type == "multiple choice":
         from vkr_core.answers import option_letter
@@ -274,7 +275,7 @@ def to_accepted(candidate: Candidate, video: Video, run: RunContext) -> Accepted
         problem_type=candidate.problem_type,
         solution=f"<answer>{answer}</answer>",
         think=f"<think>{candidate.reasoning.strip()}</think>",
-        video_path=video.video_path or Path(video.path).name,
+        video_path=video.video_path or video_path_in_root(video.path, run.config.video_root),
         skill=candidate.skill,
         subject=video.subject,
         discipline=video.discipline,

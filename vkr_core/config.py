@@ -135,6 +135,9 @@ class RunConfig(Strict):
     dependency_frames: int = Field(default=4, ge=1)
     allow_stale: bool = False
     decode_timeout: float = Field(default=120.0, gt=0)
+    # The folder records' video paths are relative to (absolute). Snapshotted so one run never
+    # mixes two roots and `vkr export` can default to it (or name it when files are missing).
+    video_root: str | None = None
     # Not part of what a run produces, so left out of the config snapshot.
     retry_failed: bool = Field(default=False, exclude=True)
 

@@ -4,17 +4,25 @@ Fields: ``video_id``, ``path`` (absolute, or relative to the manifest's folder),
 ``discipline``, ``subject``, ``knowledge_point`` (a term, or ``{term, definition}``),
 ``title``, ``description``. A bad line is reported with its line number and skipped; it
 never stops the other videos.
+
+Each video's ``video_path`` (what records and exports hold) is its file's path relative to
+the video root, by default the manifest's folder. A file outside the root is a bad line:
+the root is never widened to fit, because a root that follows the manifest's contents would
+rename every recorded path when one line changes, and silently become ``/`` for scattered
+files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from vkr_core.schemas import InputError, KnowledgePoint, Video, check_video_id
+from vkr_core.sources import path_under_root
 
 
 @dataclass
@@ -28,15 +36,21 @@ class ManifestProblem:
 @dataclass
 class Manifest:
     source: str
+    # Absolute: the folder every video_path is relative to (saved in the run's config).
+    video_root: str = ""
     videos: list[Video] = field(default_factory=list)
     problems: list[ManifestProblem] = field(default_factory=list)
 
 
-def load_manifest(path: str | Path) -> Manifest:
+def load_manifest(path: str | Path, video_root: str | Path | None = None) -> Manifest:
+    """Read and check a manifest; ``video_root`` defaults to the manifest's folder."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"manifest not found: {p}")
-    manifest = Manifest(source=str(p))
+    root = os.path.abspath(p.parent if video_root is None else video_root)
+    if not os.path.isdir(root):
+        raise InputError(f"video root not found: {root} (it must be an existing folder)")
+    manifest = Manifest(source=str(p), video_root=root)
     seen: dict[str, int] = {}
     for number, line in enumerate(p.read_text().splitlines(), start=1):
         if not line.strip():
@@ -85,12 +99,29 @@ def load_manifest(path: str | Path) -> Manifest:
         if not video_path.is_file():
             problem(f"line {number}: video file not found: {video_path}", video_id, str(video_path))
             continue
+        relative = path_under_root(video_path, root)
+        if relative is None:
+            problem(
+                f"line {number}: video file {os.path.abspath(video_path)} is outside the video "
+                f"root {root}: pass --video-root with a folder that holds every video",
+                video_id,
+                str(video_path),
+            )
+            continue
+        given = data.get("video_path")
+        if given is not None and given != relative:
+            problem(
+                f"line {number}: video_path {given!r} is not the file's path under the video "
+                f"root ({relative!r}): drop the field, vkr derives it from path",
+                video_id,
+                str(video_path),
+            )
+            continue
         kp = data.get("knowledge_point")
         if isinstance(kp, str):
             data["knowledge_point"] = KnowledgePoint(term=kp)
         data["path"] = str(video_path.resolve())
-        if "video_path" not in data:
-            data["video_path"] = raw_path if not Path(raw_path).is_absolute() else video_path.name
+        data["video_path"] = relative
         try:
             manifest.videos.append(Video.model_validate(data))
         except ValidationError as exc:

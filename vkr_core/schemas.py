@@ -47,8 +47,9 @@ class Video(Strict):
 
     video_id: str
     path: str
-    # The path exports write: relative to the dataset's video root (the videos folder or the
-    # manifest's folder); the file name when unknown.
+    # The path records and exports hold: relative to the run's video root (`vkr run
+    # --video-root`, `vkr generate --videos-dir`), POSIX separators, unique per file. None
+    # only for a Video built by hand: then the run's root, or else the file name, decides.
     video_path: str | None = None
     discipline: str = "general"
     subject: str = ""

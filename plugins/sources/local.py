@@ -1,7 +1,8 @@
 """The local-folder source: VIDEOS_DIR/<video_id>.<ext>, with optional <video_id>.json metadata.
 
 The metadata sidecar may hold discipline, subject, knowledge_point ({term, definition}),
-title and description; options given on the command line win over it.
+title and description; options given on the command line win over it. VIDEOS_DIR is the
+video root: the record's video_path is the file's path under it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 
 from vkr_core.hookspecs import hookimpl
 from vkr_core.schemas import InputError, KnowledgePoint, Video, check_video_id
-from vkr_core.sources import VIDEO_EXTENSIONS, Source
+from vkr_core.sources import VIDEO_EXTENSIONS, Source, video_path_in_root
 
 
 class LocalFolderSource(Source):
@@ -61,8 +62,13 @@ class LocalFolderSource(Source):
         kp = meta.get("knowledge_point")
         if isinstance(kp, str):
             meta["knowledge_point"] = KnowledgePoint(term=kp)
+        relative = video_path_in_root(path, root)
+        if meta.setdefault("video_path", relative) != relative:
+            raise InputError(
+                f"metadata file {sidecar}: video_path {meta['video_path']!r} is not the "
+                f"file's path under {root} ({relative!r}): drop the field, vkr derives it"
+            )
         try:
-            meta.setdefault("video_path", path.name)
             return Video(video_id=video_id, path=str(path.resolve()), **meta)
         except ValidationError as exc:
             err = exc.errors()[0]
