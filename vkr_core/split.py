@@ -8,9 +8,11 @@ half of one video's examples and the same seed always gives the same split.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +50,31 @@ class Split:
         return len(self.sft) / total if total else 0.0
 
 
-def _video_groups(examples: Sequence[AcceptedExample]) -> dict[str, list[AcceptedExample]]:
+def video_files(run_dirs: Sequence[str | Path]) -> dict[str, str]:
+    """Video id -> the file its run read (the record's resolved ``video.path``)."""
+    files: dict[str, str] = {}
+    for run_dir in run_dirs:
+        for path in sorted((Path(run_dir) / "records").glob("*.json")):
+            try:
+                video = json.loads(path.read_text(encoding="utf-8"))["video"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # load_accepted reports an unreadable record
+            if isinstance(video, dict) and isinstance(video.get("path"), str):
+                files[path.stem] = os.path.normpath(video["path"])
+    return files
+
+
+def _video_groups(
+    examples: Sequence[AcceptedExample], files: Mapping[str, str] | None = None
+) -> dict[str, list[AcceptedExample]]:
     """Examples grouped by video; ids that share a video file are one group.
 
-    The same file processed under two ids (two runs, two sources) must not land on both sides.
+    A video is known by its file (``files``: video id -> the path its run read), else by its
+    ``video_path``. The same file processed under two ids (two runs, two sources, two roots)
+    must not land on both sides; two files that merely share a name, or a relative path
+    under different roots, are two videos.
     """
+    files = files or {}
     parent: dict[str, str] = {}
 
     def find(key: str) -> str:
@@ -61,10 +83,12 @@ def _video_groups(examples: Sequence[AcceptedExample]) -> dict[str, list[Accepte
             key = parent[key]
         return key
 
-    owner_of_path: dict[str, str] = {}
+    owner_of_file: dict[str, str] = {}
     for example in examples:
         find(example.video_id)
-        other = owner_of_path.setdefault(example.video_path, example.video_id)
+        known = files.get(example.video_id)
+        identity = f"file:{known}" if known else f"video_path:{example.video_path}"
+        other = owner_of_file.setdefault(identity, example.video_id)
         a, b = find(other), find(example.video_id)
         if a != b:
             parent[max(a, b)] = min(a, b)
@@ -75,12 +99,16 @@ def _video_groups(examples: Sequence[AcceptedExample]) -> dict[str, list[Accepte
 
 
 def split_examples(
-    examples: Sequence[AcceptedExample], sft_share: float = PAPER_SFT_SHARE, seed: int = 0
+    examples: Sequence[AcceptedExample],
+    sft_share: float = PAPER_SFT_SHARE,
+    seed: int = 0,
+    files: Mapping[str, str] | None = None,
 ) -> Split:
     """Partition ``examples`` by video into SFT and RL with about ``sft_share`` of them in SFT.
 
     Every example is checked first (empty answer or trace, options): the error names the
-    problem_id, whatever side the seed would have put it on.
+    problem_id, whatever side the seed would have put it on. ``files`` (video id -> file,
+    see :func:`video_files`) groups ids by the file they were made from.
     """
     if not 0.0 <= sft_share <= 1.0:
         raise InputError(f"sft share {sft_share} must be between 0 and 1")
@@ -93,7 +121,7 @@ def split_examples(
         seen.add(example.problem_id)
         check_example(example)
 
-    groups = _video_groups(examples)
+    groups = _video_groups(examples, files)
     order = sorted(groups)
     random.Random(seed).shuffle(order)
     target = sft_share * len(examples)
@@ -182,4 +210,5 @@ def split_run_dirs(
     if not examples:
         names = ", ".join(str(d) for d in run_dirs)
         raise InputError(f"no accepted examples in {names}: nothing to split")
-    return write_split(split_examples(examples, sft_share, seed), out_dir, run_dirs)
+    split = split_examples(examples, sft_share, seed, video_files(run_dirs))
+    return write_split(split, out_dir, run_dirs)
