@@ -93,7 +93,9 @@ def split(run_dirs: tuple[Path, ...], out: Path, sft_share: float, seed: int) ->
     "--video-root",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder the exported video paths are relative to.",
+    show_default="the root the split's runs recorded",
+    help="Folder the video paths are relative to (where the run's video root is now); "
+    "every video must be a file under it.",
 )
 @click.option(
     "--option",
@@ -115,6 +117,12 @@ def export(
 
     options = _parse_options(option_pairs)
     exporter = get_plugin_manager().registry.get("exporter", format_name)
+    if video_root is None:
+        from vkr_core.exporters import recorded_video_roots
+
+        roots = sorted(set(recorded_video_roots(input_dir).values()))
+        if len(roots) == 1:
+            click.echo(f"video root: {roots[0]} (recorded by the run; --video-root to change)")
     paths = exporter.export(input_dir, out, video_root=video_root, **options)
     for path in paths:
         click.echo(f"wrote {path}")

@@ -48,6 +48,9 @@ def make_corpus(run_dir: Path, video_root: Path, n_videos: int, seed: int = 0) -
     for v in range(n_videos):
         video_id = f"v{v:06d}"
         path = str(video_root / "clips" / f"{video_id}.mp4")
+        # Exports check that every video is a file under the root: an empty one will do.
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).touch()
         accepted = []
         for i in range(rng.randint(1, 6)):
             mc = rng.random() < 0.6

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ValidationError
 
 from vkr_core.schemas import OPTION_LETTERS, AcceptedExample, InputError, RLExample
+from vkr_core.sources import path_under_root
 
 MULTIPLE_CHOICE = "multiple choice"
 OPEN_ENDED = "open-ended"
@@ -403,7 +404,14 @@ class SplitData:
                 )
 
     def with_video_root(self, video_root: str | Path | None) -> SplitData:
-        """A copy whose video paths are relative to ``video_root`` (POSIX separators)."""
+        """A copy whose video paths are relative to the video root, each a file under it.
+
+        Without ``video_root``, a split written by ``vkr split`` takes the root its runs
+        recorded. Paths are never rewritten when the root moves: only the root changes.
+        """
+        recorded = {} if self.unsplit else recorded_video_roots(self.source)
+        if video_root is None:
+            video_root = _single_root(recorded, self.source)
         # Several examples share each video: resolve each distinct path once.
         done: dict[str, str] = {}
 
@@ -412,12 +420,14 @@ class SplitData:
                 done[example.video_path] = relative_video_path(example, video_root)
             return example.model_copy(update={"video_path": done[example.video_path]})
 
-        return SplitData(
+        data = SplitData(
             sft=[moved(e) for e in self.sft],
             rl=[moved(e) for e in self.rl],
             source=self.source,
             unsplit=self.unsplit,
         )
+        check_videos_exist(data, video_root, recorded)
+        return data
 
 
 def _read_jsonl(path: Path, model: type[Example]) -> list[Any]:
@@ -458,6 +468,83 @@ def load_split(split_dir: str | Path) -> SplitData:
     )
 
 
+def recorded_video_roots(split_dir: str | Path) -> dict[str, str]:
+    """Run directory -> the video root it recorded, for the runs a split was made from.
+
+    Read from the split's ``split.json`` and each run's ``config.json``; runs not found here
+    (a split moved to another machine) or made before runs recorded their root are left out.
+    """
+    try:
+        manifest = json.loads((Path(split_dir) / "split.json").read_text(encoding="utf-8"))
+        run_dirs = [str(d) for d in manifest["run_dirs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    roots: dict[str, str] = {}
+    for run_dir in run_dirs:
+        try:
+            config = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+            root = config["config"]["video_root"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(root, str) and root:
+            roots[run_dir] = root
+    return roots
+
+
+def _single_root(recorded: Mapping[str, str], source: str) -> str | None:
+    roots = sorted(set(recorded.values()))
+    if len(roots) > 1:
+        runs = "; ".join(f"{run}: {root}" for run, root in sorted(recorded.items()))
+        raise InputError(
+            f"the runs of {source} recorded different video roots ({runs}): pass --video-root, "
+            "the one folder their video paths are relative to"
+        )
+    return roots[0] if roots else None
+
+
+def check_videos_exist(
+    data: SplitData, video_root: str | Path | None, recorded: Mapping[str, str] | None = None
+) -> None:
+    """Refuse data whose (relative) video paths are not all files under ``video_root``.
+
+    The error counts the missing videos, names the first few and, when known, the root the
+    runs recorded (``recorded``: run directory -> root), so a user whose videos moved knows
+    which folder to pass.
+    """
+    examples: list[Example] = [*data.sft, *data.rl]
+    paths = sorted({e.video_path for e in examples})
+    if not paths:
+        return
+    recorded = recorded or {}
+    if video_root is None:
+        raise InputError(
+            f"no video root for the {len(paths)} video(s) of {data.source or 'the examples'}: "
+            "pass --video-root (video_root), the folder their paths are relative to, so the "
+            "export can check that every video exists"
+        )
+    root = Path(video_root)
+    missing = [p for p in paths if not (root / p).is_file()]
+    if not missing:
+        return
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    elsewhere = sorted(
+        {r for r in recorded.values() if os.path.abspath(r) != os.path.abspath(root)}
+    )
+    if elsewhere:
+        hint = (
+            f"the runs used the video root {elsewhere[0]!r}: pass it, or the folder that "
+            "holds that tree now"
+        )
+    elif recorded:
+        hint = "this is the root the runs used: were the videos moved or deleted?"
+    else:
+        hint = "the paths are relative to the video root of the runs that made them"
+    raise InputError(
+        f"{len(missing)} of {len(paths)} videos are not files under the video root "
+        f"{str(video_root)!r}: {shown} ({hint})"
+    )
+
+
 def _climbs_out(relative: str) -> bool:
     return relative in (".", "..") or relative.startswith(".." + os.sep)
 
@@ -465,8 +552,9 @@ def _climbs_out(relative: str) -> bool:
 def relative_video_path(example: Example, video_root: str | Path | None) -> str:
     """The example's video path relative to the video root, or InputError naming the path.
 
-    An absolute path must lie under the root. A relative path is taken as already relative
-    to the root and must not climb out of it. Without a root, absolute paths are refused.
+    Records hold paths already relative to their run's root: those are kept as they are
+    (never re-prefixed) and must not climb out. An absolute path (hand-made examples, older
+    tools) must lie under the root; without a root it is refused.
     """
     raw = example.video_path
     pid = example.problem_id
@@ -478,15 +566,9 @@ def relative_video_path(example: Example, video_root: str | Path | None) -> str:
                 f"video path {raw!r} of example {pid!r} is absolute: pass --video-root "
                 "(video_root) so exports can refer to it by a relative path"
             )
-        root = os.path.abspath(video_root)
-        target = os.path.normpath(raw)
-        prefix = root.rstrip(os.sep) + os.sep
-        relative = target[len(prefix) :] if target.startswith(prefix) else ".."
-        if _climbs_out(relative):
-            # A root reached through a symlink still holds the files it points at.
-            relative = os.path.relpath(os.path.realpath(raw), os.path.realpath(root))
-        if not _climbs_out(relative):
-            return Path(relative).as_posix()
+        relative = path_under_root(raw, video_root)
+        if relative is not None:
+            return relative
         raise InputError(
             f"video path {raw!r} of example {pid!r} is outside the video root {str(video_root)!r}"
         )
