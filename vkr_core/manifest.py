@@ -21,8 +21,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from vkr_core.log import get_logger
 from vkr_core.schemas import InputError, KnowledgePoint, Video, check_video_id
 from vkr_core.sources import path_under_root
+
+log = get_logger("vkr.manifest")
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Manifest:
     video_root: str = ""
     videos: list[Video] = field(default_factory=list)
     problems: list[ManifestProblem] = field(default_factory=list)
+    # Line number -> {field: length before the cut} for videos whose metadata was capped.
+    truncated: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 def load_manifest(path: str | Path, video_root: str | Path | None = None) -> Manifest:
@@ -123,9 +128,26 @@ def load_manifest(path: str | Path, video_root: str | Path | None = None) -> Man
         data["path"] = str(video_path.resolve())
         data["video_path"] = relative
         try:
-            manifest.videos.append(Video.model_validate(data))
+            video = Video.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
             problem(f"line {number}: {where}: {err['msg']}", video_id, str(video_path))
+            continue
+        manifest.videos.append(video)
+        if video.truncated:
+            manifest.truncated[number] = video.truncated
+            log.info(
+                "metadata cut to its cap", line=number, video_id=video_id, fields=video.truncated
+            )
+    if manifest.truncated:
+        # One line for the run, not one per video: a scraped manifest may have thousands.
+        lines = sorted(manifest.truncated)
+        log.warning(
+            "metadata longer than its cap was cut (the prompts mark it truncated)",
+            manifest=str(p),
+            videos=len(lines),
+            lines=lines[:10],
+            fields=sorted({name for cut in manifest.truncated.values() for name in cut}),
+        )
     return manifest

@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 SKILLS = ("VidR", "KnowVid", "KnowVidR")
 ProblemType = Literal["multiple choice", "open-ended"]
@@ -37,6 +45,36 @@ def check_video_id(video_id: str) -> str:
     return video_id
 
 
+# Metadata text reaches every generation prompt, so its length is paid for in every round.
+# YouTube allows 100-character titles and 5,000-byte descriptions (so at most 5,000
+# characters); other sources (course pages, lecture notes) run longer, hence the room on
+# titles. A longer value is cut to its cap, and the prompt says so, so a run over thousands
+# of videos goes on; a value past METADATA_REFUSE_CHARS is not metadata but a broken
+# manifest line (a file pasted into a field), and is refused.
+METADATA_CAPS = {
+    "title": 1_000,
+    "description": 5_000,
+    "subject": 500,
+    "knowledge_point.term": 500,
+    "knowledge_point.definition": 5_000,
+}
+METADATA_REFUSE_CHARS = 1_000_000
+# The discipline is a key (it picks seed examples, strata, report rows): a short label.
+DISCIPLINE_MAX_CHARS = 100
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _refuse_absurd(field: str, value: str, part: str = "") -> str:
+    if len(value) > METADATA_REFUSE_CHARS:
+        raise PydanticCustomError(
+            "metadata_too_long",
+            f"{part}{len(value):,} characters is over the {METADATA_REFUSE_CHARS:,}-character "
+            f"limit of any metadata field: not a real {field} (fields past their cap of a few "
+            "thousand characters are cut; this one is refused)",
+        )
+    return value
+
+
 class KnowledgePoint(Strict):
     term: str
     definition: str = ""
@@ -56,11 +94,63 @@ class Video(Strict):
     knowledge_point: KnowledgePoint | None = None
     title: str = ""
     description: str = ""
+    # Metadata fields cut to METADATA_CAPS: field -> its length in characters before the cut.
+    truncated: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("video_id")
     @classmethod
     def _safe_id(cls, value: str) -> str:
         return check_video_id(value)
+
+    @field_validator("discipline")
+    @classmethod
+    def _discipline_label(cls, value: str) -> str:
+        if _CONTROL.search(value):
+            problem = "it has line breaks or control characters"
+        elif len(value) > DISCIPLINE_MAX_CHARS:
+            problem = f"it is {len(value):,} characters"
+        else:
+            return value
+        raise PydanticCustomError(
+            "discipline_label",
+            f"the discipline selects seed examples: it must be one line of at most "
+            f"{DISCIPLINE_MAX_CHARS} characters, and {problem}",
+        )
+
+    @field_validator("title", "description", "subject")
+    @classmethod
+    def _not_absurd(cls, value: str, info: ValidationInfo) -> str:
+        return _refuse_absurd(str(info.field_name), value)
+
+    @field_validator("knowledge_point")
+    @classmethod
+    def _point_not_absurd(cls, value: KnowledgePoint | None) -> KnowledgePoint | None:
+        if value is not None:
+            _refuse_absurd("knowledge point term", value.term, "term: ")
+            _refuse_absurd("knowledge point definition", value.definition, "definition: ")
+        return value
+
+    @model_validator(mode="after")
+    def _cap_metadata(self) -> Video:
+        # Cutting here, at the edge, keeps the full text out of prompts, checkpoints and
+        # records alike. Idempotent: a capped value is never over its cap again, so a video
+        # read back from a checkpoint keeps its first ``truncated`` lengths.
+        for name in ("title", "description", "subject"):
+            value = getattr(self, name)
+            if len(value) > METADATA_CAPS[name]:
+                self.truncated[name] = len(value)
+                setattr(self, name, value[: METADATA_CAPS[name]])
+        point = self.knowledge_point
+        if point is not None:
+            cut = {}
+            for name in ("term", "definition"):
+                value, cap = getattr(point, name), METADATA_CAPS[f"knowledge_point.{name}"]
+                if len(value) > cap:
+                    self.truncated[f"knowledge_point.{name}"] = len(value)
+                    cut[name] = value[:cap]
+            if cut:
+                self.knowledge_point = point.model_copy(update=cut)
+        return self
 
 
 class VideoInfo(Strict):
