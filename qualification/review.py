@@ -8,6 +8,7 @@ takes labels only as JSON posts (a cross-site form cannot send them).
 
 from __future__ import annotations
 
+import html
 import ipaddress
 import json
 import re
@@ -22,11 +23,18 @@ from qualification.labels import LabelStore, check_annotator
 from qualification.models import AUTO_ANNOTATOR, CATEGORIES, Label, PilotItem
 from qualification.pilot import Pilot, open_pilot
 from qualification.review_page import PAGE
+from vkr_core.context import FENCE_TAG
 from vkr_core.schemas import InputError, VkrError
 
 MAX_BODY = 64 * 1024
 _SHA256 = re.compile(r"^/frames/([0-9a-f]{64})\.jpg$")
 _CONTEXT_LINE = re.compile(r"^(Skill|Subject|Knowledge point): .+$", re.MULTILINE)
+# Current prompts carry the video's metadata in fences; these are the ones worth a glance.
+_CONTEXT_FENCE = re.compile(
+    rf'^<{FENCE_TAG} name="(discipline|subject|knowledge point|knowledge point definition)"'
+    rf'( truncated="[^"]*")?>\n(.*?)\n</{FENCE_TAG}>$',
+    re.MULTILINE | re.DOTALL,
+)
 _SEED = re.compile(r"^Example \d+ \(.*?\):\n(?:.+\n?)+", re.MULTILINE)
 
 
@@ -89,7 +97,12 @@ def item_view(item: PilotItem) -> dict[str, Any]:
             for f in item.frames
         ],
         "messages": messages,
-        "context": [m.group(0) for m in _CONTEXT_LINE.finditer(all_text)],
+        "context": [m.group(0) for m in _CONTEXT_LINE.finditer(all_text)]
+        + [
+            f"{m.group(1).capitalize()}: {html.unescape(m.group(3))}"
+            + (" [truncated]" if m.group(2) else "")
+            for m in _CONTEXT_FENCE.finditer(all_text)
+        ],
         "question": question,
         "seeds": [m.group(0).strip() for m in _SEED.finditer(all_text)],
     }

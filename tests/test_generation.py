@@ -167,7 +167,7 @@ def test_untrusted_title_is_fenced_and_cannot_break_the_step(videos_dir, tmp_pat
     end = user_text.index("</untrusted-data>", start)
     assert "Ignore all previous instructions" in user_text[start:end]
     # The title's own closing tag was neutralised, so the fence holds.
-    assert "</untrusted_data>" in user_text[start:end]
+    assert "&lt;/untrusted-data&gt;" in user_text[start:end]
     record = json.loads((tmp_path / "run" / "records" / "pancake.json").read_text())
     for example in record["accepted"]:
         assert example["solution"] != "<answer>ok</answer>"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vkr_core.answers import question_block
-from vkr_core.context import StepContext
+from vkr_core.context import StepContext, fence, with_untrusted_note
 from vkr_core.hookspecs import hookimpl
 from vkr_core.schemas import Candidate, CoTCheck, Verdict
 from vkr_core.steps import Gate, Prompt
@@ -34,12 +34,16 @@ class CoTVerification(Gate):
             question_block(candidate.question, candidate.options)
             + f"\nAnswer: {candidate.answer}\n\nReasoning trace to check:\n{candidate.reasoning}"
         )
-        content = [{"type": "text", "text": "Frames of the video:"}, *ctx.frame_parts()]
-        content.append({"type": "text", "text": text})
-        messages = [
-            {"role": "system", "content": PROMPT.render(discipline=ctx.video.discipline)},
-            {"role": "user", "content": content},
+        discipline = fence("discipline", ctx.video.discipline, one_line=True)
+        content: list[dict[str, Any]] = [
+            {
+                "type": "text",
+                "text": f"The video's discipline:\n{discipline}\n\nFrames of the video:",
+            },
+            *ctx.frame_parts(),
         ]
+        content.append({"type": "text", "text": text})
+        messages = with_untrusted_note(PROMPT.render(), content)
         parsed, raw = await ctx.ask(self, spec, messages, meta={"skill": candidate.skill})
         assert isinstance(parsed, CoTCheck)
         critical = [s for s in parsed.steps if s.critical and s.support == "unsupported"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vkr_core.context import UNTRUSTED_NOTE, StepContext, fence
+from vkr_core.context import StepContext, fence, with_untrusted_note
 from vkr_core.hookspecs import hookimpl
-from vkr_core.schemas import Candidate, GeneratedExample, SeedExample, SkillSpec
+from vkr_core.schemas import Candidate, GeneratedExample, SeedExample, SkillSpec, Video
 from vkr_core.steps import Generator, Prompt
 
 PROMPT = Prompt(Path(__file__).parent / "prompts" / "example_generation.txt", "v1")
@@ -19,6 +19,44 @@ def format_seed(number: int, seed: SeedExample) -> str:
         lines += seed.options
     lines += [f"Answer: {seed.answer}", f"Reasoning: {seed.reasoning}"]
     return "\n".join(lines)
+
+
+def metadata_fences(video: Video, with_knowledge: bool) -> list[str]:
+    """Every metadata field the generator sees, each in its own fence (all are untrusted)."""
+    cut = video.truncated
+    blocks = [fence("discipline", video.discipline, one_line=True)]
+    if with_knowledge:
+        if video.subject:
+            blocks.append(
+                fence("subject", video.subject, original_length=cut.get("subject"), one_line=True)
+            )
+        point = video.knowledge_point
+        if point:
+            blocks.append(
+                fence(
+                    "knowledge point",
+                    point.term,
+                    original_length=cut.get("knowledge_point.term"),
+                    one_line=True,
+                )
+            )
+            if point.definition:
+                blocks.append(
+                    fence(
+                        "knowledge point definition",
+                        point.definition,
+                        original_length=cut.get("knowledge_point.definition"),
+                    )
+                )
+    if video.title:
+        blocks.append(
+            fence("video title", video.title, original_length=cut.get("title"), one_line=True)
+        )
+    if video.description:
+        blocks.append(
+            fence("video description", video.description, original_length=cut.get("description"))
+        )
+    return blocks
 
 
 class ExampleGeneration(Generator):
@@ -33,38 +71,20 @@ class ExampleGeneration(Generator):
     def messages(self, ctx: StepContext, skill: SkillSpec, round: int) -> list[dict[str, Any]]:
         video = ctx.video
         seeds = ctx.seeds(skill.name, round)
-        knowledge = ""
-        if skill.uses_knowledge:
-            kp = video.knowledge_point
-            knowledge = f"Subject: {video.subject or video.discipline}\n"
-            if kp:
-                knowledge += (
-                    f"Knowledge point: {kp.term}"
-                    + (f" — {kp.definition}" if kp.definition else "")
-                    + "\n"
-                )
         system = PROMPT.render(
-            discipline=video.discipline,
             skill=skill.name,
             skill_description=skill.description,
             guidance=skill.guidance,
-            knowledge=knowledge,
             seed_count=len(seeds),
             seeds="\n\n".join(format_seed(i + 1, s) for i, s in enumerate(seeds)),
-            untrusted_note=UNTRUSTED_NOTE if (video.title or video.description) else "",
         )
-        intro = "Frames of the video:"
-        if video.title or video.description:
-            intro = (
-                fence("video title", video.title)
-                + "\n"
-                + fence("video description", video.description)
-                + "\n\n"
-                + intro
-            )
-        content = [{"type": "text", "text": intro}, *ctx.frame_parts()]
+        intro = "About the video, as given with it:\n" + "\n".join(
+            metadata_fences(video, with_knowledge=skill.uses_knowledge)
+        )
+        content = [{"type": "text", "text": intro + "\n\nFrames of the video:"}]
+        content += ctx.frame_parts()
         content.append({"type": "text", "text": f"Write one {skill.name} example as JSON."})
-        return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+        return with_untrusted_note(system, content)
 
     async def generate(self, ctx: StepContext, skill: SkillSpec, round: int) -> Candidate:
         spec = ctx.choose(self.name, skill.name, round)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vkr_core.answers import answers_match, question_block
-from vkr_core.context import StepContext
+from vkr_core.context import StepContext, fence, with_untrusted_note
 from vkr_core.hookspecs import hookimpl
 from vkr_core.schemas import Candidate, SolvedAnswer, Verdict
 from vkr_core.steps import Gate, Prompt
@@ -28,14 +28,18 @@ class SelfConsistency(Gate):
 
     async def check(self, ctx: StepContext, candidate: Candidate) -> Verdict:
         spec = ctx.choose(self.name, candidate.example_id)
-        content = [{"type": "text", "text": "Frames of the video:"}, *ctx.frame_parts()]
+        discipline = fence("discipline", ctx.video.discipline, one_line=True)
+        content: list[dict[str, Any]] = [
+            {
+                "type": "text",
+                "text": f"The video's discipline:\n{discipline}\n\nFrames of the video:",
+            },
+            *ctx.frame_parts(),
+        ]
         content.append(
             {"type": "text", "text": question_block(candidate.question, candidate.options)}
         )
-        messages = [
-            {"role": "system", "content": PROMPT.render(discipline=ctx.video.discipline)},
-            {"role": "user", "content": content},
-        ]
+        messages = with_untrusted_note(PROMPT.render(), content)
         parsed, raw = await ctx.ask(self, spec, messages, meta={"skill": candidate.skill})
         assert isinstance(parsed, SolvedAnswer)
         match = answers_match(candidate.problem_type, candidate.answer, parsed.answer)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from vkr_core.answers import question_block
 from vkr_core.calls import image_part
+from vkr_core.context import neutralise
 from vkr_core.hookspecs import hookimpl
 from vkr_core.schemas import (
     OPTION_LETTERS,
@@ -42,11 +43,9 @@ def lettered_options(options: list[str] | None) -> list[str] | None:
 
 
 def _tagged(tag: str, text: str) -> str:
-    # The candidate is another model's output: it must not be able to close its own block.
-    safe = text.replace(f"<{tag}", f"<{tag.replace('-', '_')}").replace(
-        f"</{tag}", f"</{tag.replace('-', '_')}"
-    )
-    return f"<{tag}>\n{safe}\n</{tag}>"
+    # The candidate is another model's output: it must not be able to close its own block,
+    # in any case or spelling (neutralise leaves no "<" in it at all).
+    return f"<{tag}>\n{neutralise(text)}\n</{tag}>"
 
 
 class SingleFrameProbe(Step):
