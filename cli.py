@@ -35,6 +35,15 @@ def cli() -> None:
     """vkr: verified video question-answer training data with chain-of-thought."""
 
 
+def _skill_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("name at least one skill, e.g. VidR,KnowVid")
+    return names
+
+
 def pipeline_options(func: Any) -> Any:
     """The settings every command that runs the pipeline shares; they become a RunConfig."""
     options = [
@@ -44,9 +53,26 @@ def pipeline_options(func: Any) -> Any:
         click.option(
             "--seed", default=0, show_default=True, help="Run seed: model choice, seeds, frames."
         ),
-        click.option("--fps", default=0.2, show_default=True, help="Frame sampling rate."),
+        # The ranges repeat RunConfig's, so a bad value is a usage error naming the option.
         click.option(
-            "--max-frames", default=64, show_default=True, help="At most this many frames."
+            "--fps",
+            default=0.2,
+            show_default=True,
+            type=click.FloatRange(min=0, min_open=True),
+            help="Frame sampling rate (frames per second).",
+        ),
+        click.option(
+            "--max-frames",
+            default=64,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="At most this many frames.",
+        ),
+        click.option(
+            "--skills",
+            callback=_skill_list,
+            metavar="NAME,...",
+            help="Generate only these skills (comma-separated) [default: every registered skill].",
         ),
         click.option(
             "--allow-stale", is_flag=True, help="Use eligibility entries of older prompt versions."

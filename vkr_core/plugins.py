@@ -12,7 +12,7 @@ from typing import Any
 import pluggy
 
 from vkr_core import hookspecs
-from vkr_core.schemas import VkrError
+from vkr_core.schemas import SkillSpec, VkrError
 
 ENTRY_POINT_GROUP = "vkr"
 
@@ -90,13 +90,33 @@ def _allowed_entry_points() -> set[str] | None:
     return {name.strip() for name in raw.split(",") if name.strip()}
 
 
+def _origin(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{ep.value} from {dist.name}" if dist is not None else ep.value
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception as one line: a plugin's error must not become a multi-line message."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or exc.title}: "
+            + str(err["msg"]).removeprefix("Value error, ")
+            for err in exc.errors()
+        )
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def get_plugin_manager(
     extra_plugins: Iterable[Any] = (), load_entry_points: bool = True
 ) -> VkrPluginManager:
     """Load built-ins, then entry-point plugins (limited by VKR_LOAD_PLUGINS), then ``extra_plugins``.
 
     ``VKR_LOAD_PLUGINS`` is a comma-separated list of third-party plugin names; set it to
-    an empty string to load built-ins only.
+    an empty string to load built-ins only. A name that is not installed is an error, as are
+    two installed plugins of one name.
     """
     pm = VkrPluginManager("vkr")
     pm.add_hookspecs(hookspecs)
@@ -105,14 +125,34 @@ def get_plugin_manager(
         pm.register(module, name=module_name)
     if load_entry_points:
         allowed = _allowed_entry_points()
+        installed: dict[str, importlib.metadata.EntryPoint] = {}
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in installed:
+                raise PluginError(
+                    f"two installed plugins are named {ep.name!r}: {_origin(installed[ep.name])} "
+                    f"and {_origin(ep)}; uninstall one of them"
+                )
+            installed[ep.name] = ep
+        unknown = sorted((allowed or set()) - set(installed))
+        if unknown:
+            raise PluginError(
+                f"VKR_LOAD_PLUGINS names {', '.join(map(repr, unknown))}, which "
+                f"{'is' if len(unknown) == 1 else 'are'} not installed (installed plugins: "
+                f"{', '.join(sorted(installed)) or 'none'})"
+            )
+        for ep in installed.values():
             if allowed is not None and ep.name not in allowed:
                 continue
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken third-party plugin must say which one
-                raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
-            pm.register(plugin, name=ep.name)
+                raise PluginError(
+                    f"plugin {ep.name!r} ({ep.value}) failed to load: {_one_line(exc)}"
+                ) from exc
+            try:
+                pm.register(plugin, name=ep.name)
+            except ValueError as exc:  # pluggy: the same module under a second name
+                raise PluginError(f"plugin {ep.name!r} ({ep.value}): {exc}") from None
     for plugin in extra_plugins:
         # A readable name, so errors and `vkr plugins` can say which plugin did what.
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
@@ -140,9 +180,21 @@ def collect(pm: pluggy.PluginManager) -> Registry:
                     raise PluginError(
                         f"plugin {_plugin!r} registered step {name!r} that is not a vkr_core.steps.Step"
                     )
+                if _kind == "skill" and not isinstance(item, SkillSpec):
+                    raise PluginError(
+                        f"plugin {_plugin!r} registered skill {name!r} that is not a "
+                        "vkr_core.schemas.SkillSpec"
+                    )
                 registry.add(_kind, name, item, _plugin)
 
-            impl.function(register=register)
+            try:
+                impl.function(register=register)
+            except PluginError:
+                raise
+            except Exception as exc:  # third-party code: say whose hook failed
+                raise PluginError(
+                    f"plugin {plugin_name!r} failed in vkr_register_{kind}s: {_one_line(exc)}"
+                ) from exc
     return registry
 
 

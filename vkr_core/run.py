@@ -76,12 +76,8 @@ class Run:
         skills = self.config.skills or sorted(self.registry.skills)
         for skill in skills:
             self.registry.get("skill", skill)
-        self.seed_bank = SeedBank.load(self.config.seed_bank)
-        missing = sorted(set(skills) - self.seed_bank.skills())
-        if missing:
-            raise InputError(
-                f"seed bank {self.seed_bank.source} has no examples for {', '.join(missing)}"
-            )
+        # Every skill needs seeds: its plugin's, or the --seed-bank's (which wins per skill).
+        self.seed_bank = SeedBank.for_run(self.registry, skills, self.config.seed_bank)
         self.store = RunStore(run_dir)
         self.store.check_config(self.snapshot(), force=force)
         self._checkpointer_cm: Any = None

@@ -187,9 +187,12 @@ def format_clock(seconds: float) -> str:
 
 
 class SeedExample(Strict):
+    """An expert example shown to the generator; ``skill`` is any registered skill's name."""
+
     discipline: str
     subject: str = ""
-    skill: Literal["VidR", "KnowVid", "KnowVidR"]
+    # Any name: which skills exist is known only once plugins are loaded (vkr_core.seeds checks).
+    skill: str = Field(min_length=1)
     question: str
     options: list[str] | None = None
     answer: str
@@ -197,13 +200,24 @@ class SeedExample(Strict):
 
 
 class SkillSpec(Strict):
-    """A skill as a plugin registers it."""
+    """A skill as a plugin registers it, with the seed examples it ships (if any)."""
 
     name: str
     description: str
     uses_knowledge: bool = False
     rounds: int = 2
     guidance: str = ""
+    # Used for this skill unless the run's --seed-bank holds examples of it.
+    seeds: list[SeedExample] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _seeds_are_this_skills(self) -> SkillSpec:
+        for number, seed in enumerate(self.seeds, start=1):
+            if seed.skill != self.name:
+                raise ValueError(
+                    f"seed {number} is an example of skill {seed.skill!r}, not {self.name!r}"
+                )
+        return self
 
 
 # ---------------------------------------------------------------- step outputs

@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ API_KEY_ENV = "VKR_FAKE_API_KEY"
 INPUT_COST_PER_TOKEN = 5e-7
 OUTPUT_COST_PER_TOKEN = 1.5e-6
 TOKENS_PER_IMAGE = 85
+# Requests kept for inspection (FakeModelServer.received): enough for a test, bounded for a bench.
+RECEIVED_LIMIT = 1000
 
 TAG_PATTERN = re.compile(r"\[q:([0-9a-f]{8}):(mc|oe)\]")
 _NUMBERED = re.compile(r"^\s*\d{1,2}[.)]\s+(\S.*)$", re.MULTILINE)
@@ -518,6 +521,7 @@ class FakeModelServer:
         self._policy = parse_policy(policy)
         self._lock = threading.Lock()
         self._stats = Stats()
+        self._received: deque[ChatRequest] = deque(maxlen=RECEIVED_LIMIT)
         self._auth_secret = secrets.token_bytes(16)
         self._transport_rng = random.Random(seed)
         self._script_cursors: dict[tuple[str, str], int] = {}
@@ -635,6 +639,15 @@ class FakeModelServer:
         with self._lock:
             return self._stats.as_dict()
 
+    def received(self, step: str | None = None) -> list[ChatRequest]:
+        """The last requests the server parsed (at most RECEIVED_LIMIT), oldest first.
+
+        Each has the model, the step (from vkr's step header), the texts of its messages and
+        the sha256 of each image: what a test checks to see what a model was really shown.
+        """
+        with self._lock:
+            return [r for r in self._received if step is None or r.step == step]
+
     def reset_stats(self) -> None:
         with self._lock:
             self._stats = Stats()
@@ -706,6 +719,7 @@ class FakeModelServer:
                 _openai_error(str(exc), "invalid_request_error", None), status=400
             )
         with self._lock:
+            self._received.append(chat)
             knobs, script_scope = self._policy.resolve(chat.model, chat.step)
         if knobs.latency_ms:
             await asyncio.sleep(knobs.latency_ms / 1000)
@@ -984,7 +998,13 @@ def vkr_register_commands(cli: Any) -> None:
 
     @dev.command("fake-server")
     @click.option("--host", default="127.0.0.1", show_default=True, help="loopback address only")
-    @click.option("--port", type=int, default=0, show_default=True, help="0 picks a free port")
+    @click.option(
+        "--port",
+        type=click.IntRange(0, 65535),
+        default=0,
+        show_default=True,
+        help="0 picks a free port",
+    )
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option(
         "--policy", "policy_file", type=click.Path(dir_okay=False), help="policy YAML/JSON file"

@@ -1,11 +1,17 @@
-"""The paper's three skills: VidR, KnowVid and KnowVidR."""
+"""The paper's three skills: VidR, KnowVid and KnowVidR, with their seed examples."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from vkr_core.hookspecs import hookimpl
 from vkr_core.schemas import SkillSpec
+from vkr_core.seeds import read_seeds
+
+# Shipped with the skills the way a third-party skill ships its own (see the README).
+SEED_BANK = Path(__file__).with_name("seed_bank.jsonl")
+_SEEDS = read_seeds(SEED_BANK)
 
 SKILLS = (
     SkillSpec(
@@ -17,6 +23,7 @@ SKILLS = (
             "events, spatial relations, changes over time. The answer must follow from the "
             "frames alone; no outside domain knowledge may be needed."
         ),
+        seeds=[s for s in _SEEDS if s.skill == "VidR"],
     ),
     SkillSpec(
         name="KnowVid",
@@ -27,6 +34,7 @@ SKILLS = (
             "procedure shown in the video, or its role, using the knowledge point and subject. "
             "The question must need both the video and domain knowledge."
         ),
+        seeds=[s for s in _SEEDS if s.skill == "KnowVid"],
     ),
     SkillSpec(
         name="KnowVidR",
@@ -37,6 +45,7 @@ SKILLS = (
             "video with the knowledge point (a law, principle or procedure) to explain, predict "
             "or compare. Each step must rest on visible evidence or standard domain knowledge."
         ),
+        seeds=[s for s in _SEEDS if s.skill == "KnowVidR"],
     ),
 )
 
