@@ -277,9 +277,16 @@ from cli_probe import probe as _probe; cli.add_command(_probe)  # noqa: E402, E7
 
 
 def main() -> None:
+    from vkr_core.log import redact
     from vkr_core.plugins import get_plugin_manager
+    from vkr_core.schemas import VkrError
 
-    pm = get_plugin_manager()
+    try:
+        pm = get_plugin_manager()
+    except VkrError as exc:
+        # Plugins load before click runs, so the root group cannot translate this one.
+        click.ClickException(redact(str(exc))).show()
+        sys.exit(1)
     pm.hook.vkr_register_commands(cli=cli)
     cli()
 

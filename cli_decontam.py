@@ -71,8 +71,16 @@ def _default_jobs() -> int:
     help="default: calibrated thresholds; paper: the paper's (flags unrelated videos).",
 )
 @click.option("--hash-bits", type=click.Choice(["64", "256"]), help="pHash size.")
-@click.option("--distance", type=int, help="Largest Hamming distance of a matching frame pair.")
-@click.option("--share", type=float, help="Share of a window's frames that must match (0-1].")
+@click.option(
+    "--distance",
+    type=click.IntRange(0, 256),
+    help="Largest Hamming distance of a matching frame pair (at most the hash size).",
+)
+@click.option(
+    "--share",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Share of a window's frames that must match (0-1].",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),

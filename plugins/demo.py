@@ -86,7 +86,9 @@ def run_demo(out: Path, port: int) -> dict[str, Any]:
         title="Pendulum and beaker (demo)",
     )
     # Blind models do worse than ones that see the whole video, as real ones do.
-    with FakeModelServer(policy={"steps": {"video_dependency": {"accuracy": 0.4}}}, seed=0) as server:
+    with FakeModelServer(
+        policy={"steps": {"video_dependency": {"accuracy": 0.4}}}, seed=0
+    ) as server:
         try:
             base_url = server.start(port=port)
         except InputError:
@@ -120,7 +122,9 @@ def run_demo(out: Path, port: int) -> dict[str, Any]:
     "--port",
     default=8765,
     show_default=True,
-    help="Loopback port of the scripted model server (kept fixed so reruns hit the cache).",
+    type=click.IntRange(0, 65535),
+    help="Loopback port of the scripted model server (kept fixed so reruns hit the cache; "
+    "0: any free port).",
 )
 def demo(out: str, port: int) -> None:
     """Run the whole pipeline on a made-up video against a scripted local model server."""

@@ -234,7 +234,8 @@ def test_bad_options_give_clear_errors(corpus: dict[str, Path], tmp_path: Path) 
 
     assert no_bench.exit_code == 2 and "--bench" in no_bench.output
     assert bits_only.exit_code == 1 and "give --distance too" in bits_only.output
-    assert bad_share.exit_code == 1 and "share" in bad_share.output
+    # Out of (0, 1]: a usage error naming the option and its range.
+    assert bad_share.exit_code == 2 and "'--share': 1.5 is not in the range" in bad_share.output
 
 
 # ---------------------------------------------------------------- calibration

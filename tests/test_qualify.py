@@ -511,7 +511,7 @@ def test_score_refuses_unlabelled_items_unless_partial_and_merges_the_registry(r
     )
     entry = load_registry(registry).entry(STEP, "fake-a")
     assert entry.eligible is False and entry.n == 8 and entry.error_rate == 0.125
-    extra = entry.model_extra
+    extra = entry.model_dump()  # the provenance is declared: unknown keys are refused
     assert (extra["hard"], extra["soft"], extra["annotators"]) == (0, 1, ["alice", "bob"])
     assert extra["pilot_id"] == opened.manifest.pilot_id
     assert extra["inputs_sha256"] == opened.manifest.inputs_sha256
@@ -840,13 +840,13 @@ def test_pilots_labels_and_scores_decide_where_the_next_run_sends_calls(recorded
     loaded = load_registry(registry)
     a, b = loaded.entry(STEP, "fake-a"), loaded.entry(STEP, "fake-b")
     broken = sum(1 for i in pilot_b.items if i.auto_label)
-    assert (a.eligible, a.n, a.error_rate, a.model_extra["annotators"]) == (
+    assert (a.eligible, a.n, a.error_rate, a.annotators) == (
         True,
         8,
         0.0,
         ["alice", "labelstudio-user-3"],
     )
-    assert (b.eligible, b.model_extra["hard"], b.error_rate) == (False, broken, broken / 8)
+    assert (b.eligible, b.hard, b.error_rate) == (False, broken, broken / 8)
 
     table = invoke(
         "qualify", "table", "--registry", registry, "--pool", recorded.pool, "--markdown"

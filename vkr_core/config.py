@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -96,15 +97,34 @@ class Pool(Strict):
         return path
 
 
-class Eligibility(BaseModel):
-    """One (step, model) entry of the eligibility registry."""
+class Eligibility(Strict):
+    """One (step, model) entry of the eligibility registry.
 
-    model_config = ConfigDict(extra="allow")
+    Beside the verdict, ``vkr qualify score`` writes the provenance that lets anyone check it.
+    Any other key is refused: a misspelt ``error_rate`` must not pass unnoticed.
+    """
 
     eligible: bool
     error_rate: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=0)
     prompt_version: str | None = None
+    pilot_id: str | None = None
+    inputs_sha256: str | None = None
+    annotators: list[str] | None = None
+    annotator_policy: str | None = None
+    date: str | None = None
+    hard: int | None = Field(default=None, ge=0)
+    soft: int | None = Field(default=None, ge=0)
+    wilson_low: float | None = Field(default=None, ge=0, le=1)
+    wilson_high: float | None = Field(default=None, ge=0, le=1)
+    rule: str | None = None
+    kappa: list[dict[str, Any]] | None = None
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _date_as_text(cls, value: Any) -> Any:
+        # YAML reads an unquoted 2026-01-31 as a date.
+        return value.isoformat() if isinstance(value, datetime.date) else value
 
 
 class EligibilityRegistry(BaseModel):
@@ -129,7 +149,7 @@ class RunConfig(Strict):
     rounds_per_skill: int | None = Field(
         default=None, ge=1, description="overrides each skill's own"
     )
-    skills: list[str] | None = None
+    skills: list[str] | None = Field(default=None, min_length=1)
     seed_bank: str | None = None
     seeds_per_round: int = Field(default=3, ge=1)
     dependency_frames: int = Field(default=4, ge=1)
@@ -142,26 +162,44 @@ class RunConfig(Strict):
     retry_failed: bool = Field(default=False, exclude=True)
 
 
-def _read_yaml(path: str | Path, what: str) -> Any:
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's data ({} when empty); an unreadable file is a one-line InputError
+    naming ``what``, the path and, for a syntax error, the line and column."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{what} file not found: {p}")
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{what} file {p} is not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise InputError(f"{what} file {p} is not valid YAML{where}: {problem}") from None
     except yaml.YAMLError as exc:
-        raise InputError(f"{what} file {p} is not valid YAML: {exc}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{what} file {p} is not valid YAML: {first}") from None
 
 
-def _explain(exc: ValidationError) -> str:
+def _explain(exc: ValidationError, strip: int = 0) -> str:
+    """One line for all of a validation error's problems; ``strip`` drops leading loc parts."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        loc = [str(x) for x in err["loc"]][strip:]
+        if err["type"] == "extra_forbidden" and loc:
+            where = ".".join(loc[:-1]) or "the top level"
+            parts.append(f"unknown key {loc[-1]!r} in {where}")
+            continue
+        where = ".".join(loc) or "(top level)"
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
 
 
 def load_pool(path: str | Path) -> Pool:
-    data = _read_yaml(path, "pool")
+    data = read_yaml(path, "pool")
     try:
         pool = Pool.model_validate(data)
     except ValidationError as exc:
@@ -171,11 +209,14 @@ def load_pool(path: str | Path) -> Pool:
 
 
 def load_registry(path: str | Path) -> EligibilityRegistry:
-    data = _read_yaml(path, "eligibility registry")
+    data = read_yaml(path, "eligibility registry")
     try:
         return EligibilityRegistry.model_validate({"steps": data})
     except ValidationError as exc:
-        raise InputError(f"eligibility registry {path} is invalid: {_explain(exc)}") from None
+        # Validated under "steps", which the file does not have: report paths as written.
+        raise InputError(
+            f"eligibility registry {path} is invalid: {_explain(exc, strip=1)}"
+        ) from None
 
 
 def save_registry(registry: EligibilityRegistry, path: str | Path) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from vkr_core import phash
 from vkr_core.schemas import InputError, Strict, VkrError, check_video_id
@@ -121,8 +121,15 @@ def resolve_params(
         updates["share"] = share
     try:
         return DecontamParams.model_validate({**base.model_dump(), **updates})
-    except ValueError as exc:
-        raise InputError(f"bad decontamination parameters: {exc}") from None
+    except ValidationError as exc:
+        # One line: pydantic's own text spans several, with a URL per problem.
+        problems = "; ".join(
+            ".".join(map(str, err["loc"]))
+            + ": " * bool(err["loc"])
+            + str(err["msg"]).removeprefix("Value error, ")
+            for err in exc.errors()
+        )
+        raise InputError(f"bad decontamination parameters: {problems}") from None
 
 
 # ---------------------------------------------------------------- benchmark id lists

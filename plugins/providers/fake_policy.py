@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vkr_core.schemas import InputError
@@ -133,14 +132,10 @@ def parse_policy(data: Any, where: str = "policy") -> ServerPolicy:
 
 def load_policy(path: str | Path) -> ServerPolicy:
     """Read a policy from a YAML or JSON file (JSON is YAML, so one parser reads both)."""
+    from vkr_core.config import read_yaml
+
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"policy file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"policy file {p} is not valid YAML or JSON: {exc}") from None
-    return parse_policy(data, where=f"policy file {p}")
+    return parse_policy(read_yaml(p, "policy"), where=f"policy file {p}")
 
 
 def dump_policy(policy: ServerPolicy) -> str:
