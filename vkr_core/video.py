@@ -12,6 +12,7 @@ import base64
 import functools
 import hashlib
 import importlib
+import importlib.machinery
 import inspect
 import io
 import json
@@ -20,6 +21,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -679,14 +681,37 @@ def _decode_worker(
 _DECODER_PRELOAD = ["numpy", "PIL.Image", "av", "decord", "vkr_core.video", "plugins.readers"]
 
 
+def _imported_from_here(name: str) -> bool:
+    """Whether the top-level package of ``name`` in the current directory, if there is one,
+    is the very one this process imported."""
+    top = name.partition(".")[0]
+    ours = getattr(sys.modules.get(top), "__file__", None)
+    try:
+        local = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+        if local is None:
+            return True
+        return bool(local.origin and ours) and os.path.samefile(str(local.origin), str(ours))
+    except (ImportError, OSError, ValueError):
+        return False
+
+
+def _preloadable(modules: Sequence[str]) -> list[str]:
+    """The modules a forkserver started now would import from where this process did.
+
+    Python 3.11's forkserver ignores our sys.path and searches the current directory first,
+    so a project's own ``plugins/`` folder would stand in for vkr's ``plugins`` in every
+    worker ("No module named plugins.readers"). Such modules are not preloaded: each worker
+    imports them itself, after multiprocessing has given it this process's sys.path.
+    """
+    return [name for name in dict.fromkeys(modules) if _imported_from_here(name)]
+
+
 @functools.cache
 def _decoder_context() -> Any:
     """Forkserver where the platform has one (a crashed worker never harms the server), else
     spawn. Never plain fork: the parent runs threads and an event loop."""
     if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(_DECODER_PRELOAD)
-        return context
+        return multiprocessing.get_context("forkserver")
     return multiprocessing.get_context("spawn")
 
 
@@ -699,6 +724,9 @@ def _sample_isolated(
 ) -> list[Frame]:
     specs = [_factory_spec(factory) for factory in factories]
     context = _decoder_context()
+    if context.get_start_method() == "forkserver":
+        # Read when the forkserver starts (the first worker), from the directory of that moment.
+        context.set_forkserver_preload(_preloadable(_DECODER_PRELOAD))
     failures: list[tuple[str, str, str]] = []
     exclude: list[str] = []
     while True:
