@@ -4,15 +4,12 @@ import os
 from pathlib import Path
 
 import pytest
+from videos import video_dir
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-REPO = Path(__file__).resolve().parents[1]
-TESTDATA = Path(os.environ.get("VKR_TESTDATA", REPO.parent / "shared" / "testdata" / "videos"))
 
-
-@pytest.fixture
+@pytest.fixture(scope="session")
 def testdata() -> Path:
-    if not TESTDATA.is_dir():
-        pytest.fail(f"test videos not found at {TESTDATA}; set VKR_TESTDATA")
-    return TESTDATA
+    """The folder of test videos made by tests/videos.py (cached under .pytest_cache)."""
+    return video_dir()

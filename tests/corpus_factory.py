@@ -10,10 +10,11 @@ import json
 import os
 from pathlib import Path
 
+from videos import CORRUPTED, PANCAKE, ROTATED, UNORDERED, video_dir
+
 from vkr_core.schemas import SKILLS, AcceptedExample, Verdict, Video, VideoRecord
 
-TESTDATA = Path("/work/shared/testdata/videos")
-REAL_VIDEOS = sorted(p for p in TESTDATA.iterdir() if p.is_file())
+LINKED = sorted([CORRUPTED, PANCAKE, ROTATED, UNORDERED])
 
 SUBJECTS = [
     ("physics", "mechanics", "Newton's second law"),
@@ -89,7 +90,7 @@ def make_example(
 
 def link_video(video_root: Path, video_id: str, index: int) -> Path:
     """A file under ``video_root`` for this video: a link to one of the real test videos."""
-    real = REAL_VIDEOS[index % len(REAL_VIDEOS)]
+    real = video_dir() / LINKED[index % len(LINKED)]
     path = video_root / "clips" / f"{video_id}{real.suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
@@ -130,7 +131,7 @@ def make_run(
         write_record(run_dir, record)
     failed = VideoRecord(
         video_id=f"{prefix}-broken",
-        video=Video(video_id=f"{prefix}-broken", path=str(TESTDATA / "corrupted.mp4")),
+        video=Video(video_id=f"{prefix}-broken", path=str(video_dir() / CORRUPTED)),
         status="failed",
         failure="decoding stopped after 28 frames",
     )

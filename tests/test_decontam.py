@@ -19,15 +19,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from scipy.fft import dctn
+from videos import video_dir
 
 from cli import cli
 from vkr_core import decontam as dc
 from vkr_core import phash
 from vkr_core.schemas import InputError
 
-TESTDATA = Path(
-    os.environ.get("VKR_TESTDATA", Path(__file__).parents[2] / "shared/testdata/videos")
-)
+TESTDATA = video_dir()  # made by tests/videos.py, cached across sessions
 PANCAKE = TESTDATA / "flipping_a_pancake.mkv"
 
 

@@ -51,7 +51,6 @@ from vkr_core.steps import Gate  # noqa: E402
 litellm.suppress_debug_info = True
 
 REPO = Path(__file__).resolve().parent.parent
-PANCAKE = Path("/work/shared/testdata/videos/flipping_a_pancake.mkv")
 SCHEMAS: dict[str, type[BaseModel]] = {
     "example_generation": GeneratedExample,
     "self_consistency": SolvedAnswer,
@@ -65,11 +64,11 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 
 
 @pytest.fixture(scope="module")
-def frames() -> list[tuple[str, str]]:
+def frames(testdata: Path) -> list[tuple[str, str]]:
     """(mm:ss label, JPEG data URL) of real frames of the pancake clip at 0, 4 and 8 s."""
     wanted = [0.0, 4.0, 8.0]
     found: list[tuple[str, str]] = []
-    with av.open(str(PANCAKE)) as container:
+    with av.open(str(testdata / "flipping_a_pancake.mkv")) as container:
         stream = container.streams.video[0]
         for frame in container.decode(stream):
             if frame.time is None or not wanted or frame.time < wanted[0]:

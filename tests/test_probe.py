@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import TESTDATA
 
 from cli import cli
 from plugins.providers.fake_server import make_tag, truth_for_tag
@@ -28,10 +27,7 @@ MC_OPTIONS = [
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not TESTDATA.is_dir():
-        pytest.fail(f"test videos not found at {TESTDATA}; set VKR_TESTDATA")
-    testdata = TESTDATA
+def videos(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Path:
     folder = tmp_path_factory.mktemp("videos")
     (folder / "cooking").mkdir()
     shutil.copy(testdata / "flipping_a_pancake.mkv", folder / "pancake.mkv")

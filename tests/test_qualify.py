@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
 import urllib.error
@@ -19,7 +20,6 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import TESTDATA
 
 from cli import cli
 from plugins.providers.fake_server import FakeModelServer, write_pool
@@ -34,7 +34,12 @@ from vkr_core.run import generate_videos
 from vkr_core.schemas import InputError, KnowledgePoint, Video
 
 STEP = "example_generation"
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian's chromium package; VKR_CHROMIUM names another build of Chromium.
+CHROMIUM_HELP = (
+    "the review page is tested in a real browser and none was found: install Debian's "
+    "chromium (apt-get install -y chromium, as .ci/run does) or set VKR_CHROMIUM to a "
+    "Chromium executable; never `playwright install`"
+)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -62,7 +67,7 @@ def make_video(root: Path, testdata: Path, video_id: str, discipline: str) -> Vi
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def recorded(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Any:
     """A fake model server, a pool for it, and a run directory with recorded step inputs."""
     root = tmp_path_factory.mktemp("qualify")
     pm = get_plugin_manager()
@@ -72,8 +77,8 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Any:
     # Every self-consistency check fails: the run records generation inputs and stops early.
     server.set_policy({"steps": {"self_consistency": {"accuracy": 0.0}}})
     videos = [
-        make_video(root, TESTDATA, "cooking1", "cooking"),
-        make_video(root, TESTDATA, "physics1", "physics"),
+        make_video(root, testdata, "cooking1", "cooking"),
+        make_video(root, testdata, "physics1", "physics"),
     ]
     records = asyncio.run(generate_videos(videos, root / "run", pool, RunConfig(), pm))
     assert [r.status for r in records] == ["done", "done"]
@@ -582,18 +587,29 @@ def test_table_shows_eligible_failed_unsupported_unpiloted_and_stale(recorded, t
 # ---------------------------------------------------------------- the review page
 
 
+def find_chromium() -> str:
+    """VKR_CHROMIUM if set, else `chromium` on PATH. Without a browser the test fails, it
+    never skips: a skipped review-page test would hide that nobody tested it."""
+    named = os.environ.get("VKR_CHROMIUM")
+    if named:
+        found = shutil.which(named)
+        if found is None:
+            pytest.fail(f"VKR_CHROMIUM={named!r} is not an executable: {CHROMIUM_HELP}")
+        return found
+    found = shutil.which("chromium")
+    if found is None:
+        pytest.fail(f"no `chromium` on PATH: {CHROMIUM_HELP}")
+    return found
+
+
 @contextmanager
 def chromium() -> Iterator[Any]:
     """Debian's chromium under Playwright; a missing browser fails the test, it never skips."""
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: the review page is tested in a real browser. Install "
-            "Debian's chromium (apt-get install -y chromium); never `playwright install`."
-        )
+    executable = find_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
             yield launched
         finally:
@@ -779,7 +795,9 @@ def test_review_server_refuses_other_hosts_and_serves_only_pilot_frames(recorded
 # ---------------------------------------------------------------- end to end
 
 
-def test_pilots_labels_and_scores_decide_where_the_next_run_sends_calls(recorded, tmp_path):
+def test_pilots_labels_and_scores_decide_where_the_next_run_sends_calls(
+    recorded, tmp_path, testdata
+):
     """fake-b breaks half its replies: after pilots, labels and scoring, only fake-a generates."""
     recorded.server.set_policy({"model_steps": {f"fake-b|{STEP}": {"malformed": 0.5}}})
     for model in ("fake-a", "fake-b"):
@@ -857,7 +875,7 @@ def test_pilots_labels_and_scores_decide_where_the_next_run_sends_calls(recorded
     pool["registry"] = str(registry)
     (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool))
     recorded.server.reset_stats()
-    video = make_video(tmp_path, TESTDATA, "fresh1", "biology")
+    video = make_video(tmp_path, testdata, "fresh1", "biology")
     [record] = asyncio.run(
         generate_videos([video], tmp_path / "run", tmp_path / "pool.yaml", RunConfig(), recorded.pm)
     )

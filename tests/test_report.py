@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import TESTDATA
 from PIL import Image
 
 from cli import cli
@@ -92,12 +91,9 @@ class MadeRun:
 
 
 @pytest.fixture(scope="module")
-def made_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def made_run(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Any:
     # Module scope: the pipeline runs once for every test here (the function-scoped
     # vkr_fake_server / vkr_pool fixtures are the same server and pool writer).
-    if not TESTDATA.is_dir():
-        pytest.fail(f"test videos not found at {TESTDATA}; set VKR_TESTDATA")
-    testdata = TESTDATA
     tmp = tmp_path_factory.mktemp("report")
     folder = tmp / "videos"
     folder.mkdir()

@@ -17,6 +17,7 @@ import numpy as np
 import pluggy
 import pytest
 from PIL import Image
+from videos import BROKEN, GOOD, video_dir
 
 from plugins.readers import DecordReader, PyAVReader
 from vkr_core import hookspecs
@@ -33,11 +34,7 @@ from vkr_core.video import (
     sample_timestamps,
 )
 
-TESTDATA = Path(
-    os.environ.get("VKR_TESTDATA", Path(__file__).parents[2] / "shared/testdata/videos")
-)
-GOOD = ["flipping_a_pancake.mkv", "video_90.mov", "unordered.mov"]
-BROKEN = ["corrupted.mp4"]
+TESTDATA = video_dir()  # made by tests/videos.py, cached across sessions
 PANCAKE = TESTDATA / "flipping_a_pancake.mkv"
 
 
@@ -49,7 +46,7 @@ def pm() -> pluggy.PluginManager:
 def video(name: str) -> Path:
     path = TESTDATA / name
     if not path.is_file():
-        pytest.fail(f"test video {path} not found; set VKR_TESTDATA")
+        pytest.fail(f"test video {path} not found: tests/videos.py makes every test video")
     return path
 
 
