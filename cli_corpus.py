@@ -45,11 +45,26 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
     help="Share of examples to put in the SFT set (the rest go to RL).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same split.")
-def split(run_dirs: tuple[Path, ...], out: Path, sft_share: float, seed: int) -> None:
-    """Split the accepted examples of RUN_DIRS by video into an SFT set and an RL set."""
+@click.option(
+    "--exclude-unfinished",
+    is_flag=True,
+    help="Leave out videos a stopped run has not finished (listed) instead of refusing.",
+)
+def split(
+    run_dirs: tuple[Path, ...], out: Path, sft_share: float, seed: int, exclude_unfinished: bool
+) -> None:
+    """Split the accepted examples of RUN_DIRS by video into an SFT set and an RL set.
+
+    Every video must be finished (each planned round has an outcome); an unfinished one is
+    refused unless --exclude-unfinished, which leaves it out and lists it.
+    """
     from vkr_core.split import split_run_dirs
 
-    manifest = split_run_dirs(list(run_dirs), out, sft_share=sft_share, seed=seed)
+    manifest = split_run_dirs(
+        list(run_dirs), out, sft_share=sft_share, seed=seed, exclude_unfinished=exclude_unfinished
+    )
+    for line in manifest.excluded_unfinished:
+        click.echo(f"excluded unfinished video: {line}", err=True)
     total = manifest.sft.examples + manifest.rl.examples
     click.echo(
         f"SFT: {_count(manifest.sft.examples, 'example')} from "

@@ -34,6 +34,11 @@ log = get_logger("vkr.graph")
 GENERATOR = "example_generation"
 
 
+def example_id(video_id: str, skill: str, round: int) -> str:
+    """The id of one (skill, round) of a video: its outcome's key and the problem_id."""
+    return f"{video_id}-{skill}-{round}"
+
+
 def merge_outcomes(left: list[dict[str, Any]], right: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fan-in reducer: one outcome per example id, sorted so snapshots are stable."""
     merged = {o["example_id"]: o for o in left}
@@ -43,6 +48,8 @@ def merge_outcomes(left: list[dict[str, Any]], right: list[dict[str, Any]]) -> l
 
 class VideoState(TypedDict, total=False):
     video: dict[str, Any]
+    # skill -> rounds, fixed when the video starts, so collect knows when every round is in.
+    planned: dict[str, int]
     frames: list[dict[str, Any]]
     failure: str | None
     outcomes: Annotated[list[dict[str, Any]], merge_outcomes]
@@ -124,18 +131,18 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
             # A decoder that failed because the frames could not be written is not a bad video.
             if is_disk_full(exc) or run.store.low_on_space():
                 raise run.store.disk_full_error(exc) from None
-            return {"failure": str(exc), "frames": []}
-        return {"frames": [f.model_dump() for f in frames], "failure": None}
+            return {"failure": str(exc), "frames": [], "planned": run.planned_rounds()}
+        return {
+            "frames": [f.model_dump() for f in frames],
+            "failure": None,
+            "planned": run.planned_rounds(),
+        }
 
     def fan_out(state: VideoState, runtime: Runtime[RunContext]) -> list[Send] | str:
         if state.get("failure") or not state.get("frames"):
             return "collect"
-        run = runtime.context
-        skills = run.config.skills or sorted(registry.skills)
         sends = []
-        for skill_name in skills:
-            skill = registry.get("skill", skill_name)
-            rounds = run.config.rounds_per_skill or skill.rounds
+        for skill_name, rounds in state["planned"].items():
             for round_ in range(rounds):
                 payload = {
                     "video": state["video"],
@@ -156,7 +163,6 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
         ctx = step_context(payload, run)
         skill = registry.get("skill", payload["skill"])
         round_ = payload["round"]
-        example_id = f"{ctx.video.video_id}-{skill.name}-{round_}"
         try:
             candidate = await generator.generate(ctx, skill, round_)
         except ReplyError as exc:
@@ -164,7 +170,7 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
                 "outcomes": [
                     _rejection(
                         None,
-                        example_id=example_id,
+                        example_id=example_id(ctx.video.video_id, skill.name, round_),
                         skill=skill.name,
                         round=round_,
                         step=GENERATOR,
@@ -214,14 +220,28 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
     async def collect(state: VideoState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         run = runtime.context
         video = Video.model_validate(state["video"])
+        planned = state.get("planned") or {}
+        outcomes = state.get("outcomes") or []
+        if not state.get("failure"):
+            # LangGraph may run a deferred node at more than one superstep of a Send fan-out
+            # (seen with 0, 5 and 6 of 6 outcomes): only the call that sees every planned
+            # round writes the record, so a stopped run never leaves a partial one as done.
+            have = {o["example_id"] for o in outcomes}
+            if any(
+                example_id(video.video_id, skill, r) not in have
+                for skill, rounds in planned.items()
+                for r in range(rounds)
+            ):
+                return {}
         record = VideoRecord(
             video_id=video.video_id,
             video=video,
             status="failed" if state.get("failure") else "done",
             failure=state.get("failure"),
             frames=len(state.get("frames") or []),
+            planned=planned,
         )
-        for outcome in state.get("outcomes") or []:
+        for outcome in outcomes:
             if outcome["status"] == "accepted":
                 record.accepted.append(
                     to_accepted(Candidate.model_validate(outcome["candidate"]), video, run)
@@ -304,4 +324,11 @@ async def process_video(
         snapshot = await graph.aget_state(config)
     graph_input = None if snapshot.next else {"video": video.model_dump(), "outcomes": []}
     result = await graph.ainvoke(graph_input, config, context=run, durability="sync")
+    if "record" not in result:
+        planned = result.get("planned") or {}
+        have = len(result.get("outcomes") or [])
+        raise VkrError(
+            f"video {video.video_id} ended with {sum(planned.values()) - have} of "
+            f"{sum(planned.values())} rounds without an outcome"
+        )
     return VideoRecord.model_validate(result["record"])

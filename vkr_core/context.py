@@ -122,6 +122,14 @@ class RunContext:
     store: Any
     seed_bank: SeedBank
 
+    def planned_rounds(self) -> dict[str, int]:
+        """Rounds per skill every video gets: a video is done when each has an outcome."""
+        skills = self.config.skills or sorted(self.registry.skills)
+        return {
+            name: self.config.rounds_per_skill or self.registry.get("skill", name).rounds
+            for name in skills
+        }
+
 
 class StepContext:
     """The per-video view of a run that steps and gates use."""

@@ -290,15 +290,30 @@ def _validation_message(exc: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
-def load_accepted(run_dirs: Sequence[str | Path]) -> list[AcceptedExample]:
+def _unfinished_note(record: Any) -> str:
+    if record.status == "unfinished" or not record.planned:
+        return "stopped before its last round"
+    planned = sum(record.planned.values())
+    return f"{planned - sum(record.missing_rounds().values())} of {planned} rounds have an outcome"
+
+
+def load_accepted(
+    run_dirs: Sequence[str | Path],
+    exclude_unfinished: bool = False,
+    excluded: list[str] | None = None,
+) -> list[AcceptedExample]:
     """Every accepted example in the runs' ``records/*.json``, sorted by (video_id, problem_id).
 
-    A problem_id found twice (in one run or across runs) is an error naming both files.
+    A problem_id found twice (in one run or across runs) is an error naming both files. A
+    video that is not finished (a run stopped before every planned round had an outcome) is
+    refused, listing such videos, unless ``exclude_unfinished``: then its examples are left
+    out and ``"RUN_DIR/records/ID.json: why"`` is appended to ``excluded``.
     """
     from vkr_core.schemas import VideoRecord
 
     seen: dict[str, Path] = {}
     examples: list[AcceptedExample] = []
+    unfinished: list[str] = []
     for run_dir in run_dirs:
         records_dir = Path(run_dir) / "records"
         if not Path(run_dir).is_dir():
@@ -325,6 +340,9 @@ def load_accepted(run_dirs: Sequence[str | Path]) -> list[AcceptedExample]:
                     f"record {path} holds video {record.video_id!r}: the file name must be "
                     "the video id"
                 )
+            if not record.finished:
+                unfinished.append(f"{path}: {_unfinished_note(record)}")
+                continue
             for example in record.accepted:
                 if example.video_id != record.video_id:
                     raise InputError(
@@ -338,6 +356,16 @@ def load_accepted(run_dirs: Sequence[str | Path]) -> list[AcceptedExample]:
                     )
                 seen[example.problem_id] = path
                 examples.append(example)
+    if unfinished and not exclude_unfinished:
+        shown = "; ".join(unfinished[:5]) + (
+            f"; and {len(unfinished) - 5} more" if len(unfinished) > 5 else ""
+        )
+        raise InputError(
+            f"{len(unfinished)} video(s) are unfinished ({shown}): run the same `vkr run` "
+            "command again to finish them, or pass --exclude-unfinished to leave them out"
+        )
+    if excluded is not None:
+        excluded.extend(unfinished)
     examples.sort(key=lambda e: (e.video_id, e.problem_id))
     return examples
 

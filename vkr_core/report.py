@@ -223,8 +223,13 @@ def _share(part: float, whole: float) -> float | None:
     return part / whole if whole else None
 
 
-def _funnel_rows(outcomes: list[str | None], gates: list[str]) -> list[dict[str, Any]]:
-    """Stages from per-round outcomes: None = accepted, else the step that rejected it."""
+# The outcome of a planned round that has none yet (a video stopped or still running).
+NO_OUTCOME = "(no outcome)"
+
+
+def funnel_rows(outcomes: list[str | None], gates: list[str]) -> list[dict[str, Any]]:
+    """Stages from per-round outcomes: None = accepted, NO_OUTCOME = none yet, else the step
+    that rejected it. The "with an outcome" stage appears only when some round has none."""
     rejected_at = Counter(o for o in outcomes if o is not None)
     rounds = len(outcomes)
     rows = [
@@ -238,6 +243,8 @@ def _funnel_rows(outcomes: list[str | None], gates: list[str]) -> list[dict[str,
         }
     ]
     stages = [("generated", GENERATOR)] + [(f"after {g}", g) for g in gates]
+    if rejected_at[NO_OUTCOME]:
+        stages.insert(0, ("with an outcome", NO_OUTCOME))
     remaining = rounds
     for stage, step in stages:
         before = remaining
@@ -271,7 +278,8 @@ def _skill_order(skills: Iterable[str]) -> list[str]:
     return known + sorted(set(skills) - set(SKILLS))
 
 
-def _funnels(records: list[VideoRecord], gates: list[str]) -> dict[str, Any]:
+def funnels(records: Iterable[VideoRecord], gates: list[str]) -> dict[str, Any]:
+    """The funnel overall and per skill; planned rounds without an outcome count as such."""
     by_skill: dict[str, list[str | None]] = defaultdict(list)
     everything: list[str | None] = []
     for record in records:
@@ -281,9 +289,12 @@ def _funnels(records: list[VideoRecord], gates: list[str]) -> dict[str, Any]:
         for rejection in record.rejected:
             by_skill[rejection.skill].append(rejection.step)
             everything.append(rejection.step)
+        for skill, missing in record.missing_rounds().items():
+            by_skill[skill] += [NO_OUTCOME] * missing
+            everything += [NO_OUTCOME] * missing
     return {
-        "overall": _funnel_rows(everything, gates),
-        "by_skill": {s: _funnel_rows(by_skill[s], gates) for s in _skill_order(by_skill)},
+        "overall": funnel_rows(everything, gates),
+        "by_skill": {s: funnel_rows(by_skill[s], gates) for s in _skill_order(by_skill)},
     }
 
 
@@ -484,7 +495,7 @@ def _summarise(root: Path, gate_names: Sequence[str] | None) -> dict[str, Any]:
     calls = _read_calls(root, warnings)
     failures = _failures(root, records, warnings)
     gates = _gate_order(records, gate_names)
-    funnel = _funnels(records, gates)
+    funnel = funnels(records, gates)
 
     models: set[str] = {c.model for c in calls}
     for record in records:
@@ -498,15 +509,22 @@ def _summarise(root: Path, gate_names: Sequence[str] | None) -> dict[str, Any]:
     totals, per_model, per_step = _call_stats(calls, steps)
     accepted = funnel["overall"][-1]["count"]
     rounds = funnel["overall"][0]["count"]
-    done = sum(1 for r in records if r.status == "done")
+    done = sum(1 for r in records if r.status == "done" and r.finished)
+    unfinished = sorted(r.video_id for r in records if not r.finished)
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "run_dir": str(root.resolve()),
         "gates": gates,
         "totals": {
-            "videos": done + len(failures),
+            "videos": len(
+                {r.video_id for r in records if r.status == "done"}
+                | {f["video_id"] for f in failures}
+                | set(unfinished)
+            ),
             "videos_done": done,
             "videos_failed": len(failures),
+            # Started and not finished: a stopped run; the same command finishes them.
+            "videos_unfinished": len(unfinished),
             "frames": sum(r.frames for r in records),
             "rounds": rounds,
             "accepted": accepted,
@@ -519,6 +537,7 @@ def _summarise(root: Path, gate_names: Sequence[str] | None) -> dict[str, Any]:
         "models": per_model,
         "steps": per_step,
         "failures": failures,
+        "unfinished": unfinished,
         "warnings": warnings,
     }
     return report
@@ -583,10 +602,18 @@ def _call_cells(stats: dict[str, Any]) -> list[str]:
     return cells
 
 
+def _videos_line(totals: dict[str, Any]) -> str:
+    line = f"{totals['videos_done']} done, {totals['videos_failed']} failed"
+    unfinished = totals.get("videos_unfinished")
+    if unfinished:
+        line += f", {unfinished} unfinished (run the same command again to finish them)"
+    return line
+
+
 def _headline(report: dict[str, Any]) -> list[tuple[str, str]]:
     t = report["totals"]
     return [
-        ("videos", f"{t['videos_done']} done, {t['videos_failed']} failed"),
+        ("videos", _videos_line(t)),
         (
             "examples",
             f"{t['accepted']} accepted of {t['rounds']} rounds ({_pct(t['acceptance_rate'])})",
@@ -936,7 +963,7 @@ def summary_text(report: dict[str, Any]) -> str:
         f"{r['stage'].removeprefix('after ')} {r['count']}" for r in report["funnel"]["overall"]
     )
     lines = [
-        f"videos: {t['videos_done']} done, {t['videos_failed']} failed",
+        f"videos: {_videos_line(t)}",
         f"funnel: {stages} ({_pct(t['acceptance_rate'])} accepted)",
         f"spend: {_usd(t['spend_usd'])}, {_usd(t['cost_per_accepted_usd'])} per accepted example; "
         f"{t['paid_calls']} paid calls, {t['cache_hits']} from cache "

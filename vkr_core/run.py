@@ -5,7 +5,7 @@ Everything that can be wrong with the inputs is found here, before any call is p
 
 from __future__ import annotations
 
-from collections import Counter
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,13 @@ class Run:
         # Every skill needs seeds: its plugin's, or the --seed-bank's (which wins per skill).
         self.seed_bank = SeedBank.for_run(self.registry, skills, self.config.seed_bank)
         self.store = RunStore(run_dir)
-        self.store.check_config(self.snapshot(), force=force)
+        # Before anything is written: a second process on the same directory is refused.
+        self.store.run_lock.acquire(" ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]))
+        try:
+            self.store.check_config(self.snapshot(), force=force)
+        except BaseException:
+            self.store.run_lock.release()
+            raise
         self._checkpointer_cm: Any = None
         self.graph: Any = None
         self.caller: ModelCaller | None = None
@@ -123,16 +129,30 @@ class Run:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        if self._checkpointer_cm is not None:
-            await self._checkpointer_cm.__aexit__(*exc)
-        if self.caller is not None:
-            await self.caller.aclose()
+        try:
+            if self._checkpointer_cm is not None:
+                await self._checkpointer_cm.__aexit__(*exc)
+            if self.caller is not None:
+                await self.caller.aclose()
+        finally:
+            self.store.run_lock.release()
 
     async def process(self, video: Video) -> VideoRecord:
         """One video through the graph; a failure is recorded, never raised past the run."""
         from graphs.generation import process_video
 
         try:
+            if not self.store.record_path(video.video_id).exists():
+                # Until its last round has an outcome the video is unfinished on disk, so a
+                # run stopped in between is visible to split, export and the report.
+                self.store.write_record(
+                    VideoRecord(
+                        video_id=video.video_id,
+                        video=video,
+                        status="unfinished",
+                        planned=self.context.planned_rounds(),
+                    )
+                )
             return await process_video(
                 self.graph, video, self.context, retry_failed=self.config.retry_failed
             )
@@ -154,22 +174,10 @@ class Run:
 
 
 def funnel(records: list[VideoRecord], gate_names: list[str]) -> list[tuple[str, int]]:
-    """Examples left after each stage: generated, after each gate, accepted."""
-    rejected_at: Counter[str] = Counter()
-    accepted = 0
-    for record in records:
-        accepted += len(record.accepted)
-        for rejection in record.rejected:
-            rejected_at[rejection.step] += 1
-    attempted = accepted + sum(rejected_at.values())
-    rows = [("rounds", attempted)]
-    remaining = attempted - rejected_at["example_generation"]
-    rows.append(("generated", remaining))
-    for name in gate_names:
-        remaining -= rejected_at[name]
-        rows.append((f"after {name}", remaining))
-    rows.append(("accepted", accepted))
-    return rows
+    """Examples left after each stage (the report's funnel, as (stage, count) pairs)."""
+    from vkr_core.report import funnels
+
+    return [(row["stage"], row["count"]) for row in funnels(records, gate_names)["overall"]]
 
 
 async def generate_videos(

@@ -352,16 +352,45 @@ class AcceptedExample(Strict):
 
 
 class VideoRecord(Strict):
-    """Everything one video produced: written once per video to the run directory."""
+    """Everything one video produced, in the run directory's ``records/<video_id>.json``.
+
+    ``unfinished`` is written when a video starts and stays until every planned (skill,
+    round) has an outcome: a run stopped in between leaves it unfinished, never ``done``
+    with rounds missing.
+    """
 
     video_id: str
     video: Video
-    status: Literal["done", "failed"]
+    status: Literal["done", "failed", "unfinished"]
     failure: str | None = None
     frames: int = 0
     generated: int = 0
+    # The rounds the run planned for this video, per skill (None in records of older runs).
+    planned: dict[str, int] | None = None
     accepted: list[AcceptedExample] = Field(default_factory=list)
     rejected: list[Rejection] = Field(default_factory=list)
+
+    def outcomes(self) -> int:
+        return len(self.accepted) + len(self.rejected)
+
+    def missing_rounds(self) -> dict[str, int]:
+        """Planned rounds without an outcome (accepted or rejected), per skill."""
+        if not self.planned or self.status == "failed":
+            return {}
+        have: dict[str, int] = {}
+        for example in self.accepted:
+            have[example.skill] = have.get(example.skill, 0) + 1
+        for rejection in self.rejected:
+            have[rejection.skill] = have.get(rejection.skill, 0) + 1
+        missing = {skill: n - have.get(skill, 0) for skill, n in self.planned.items()}
+        return {skill: n for skill, n in missing.items() if n > 0}
+
+    @property
+    def finished(self) -> bool:
+        """Done with an outcome for every planned round, or failed: nothing more will come."""
+        if self.status == "failed":
+            return True
+        return self.status == "done" and not self.missing_rounds()
 
 
 class CallRecord(Strict):
@@ -434,6 +463,8 @@ class SplitManifest(Strict):
     # RL problem ids whose open-ended answer has fewer than two words ROUGE can score: even a
     # perfect response earns accuracy 2/3 (one word: no bigram for ROUGE-2) or 0 (none).
     open_ended_below_full_reward: list[str] = Field(default_factory=list)
+    # Videos left out because their run had not finished them (--exclude-unfinished).
+    excluded_unfinished: list[str] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------- evaluation sets

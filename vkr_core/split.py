@@ -176,7 +176,10 @@ def open_ended_below_full_reward(examples: Sequence[AcceptedExample]) -> list[st
 
 
 def write_split(
-    split: Split, out_dir: str | Path, run_dirs: Sequence[str | Path] = ()
+    split: Split,
+    out_dir: str | Path,
+    run_dirs: Sequence[str | Path] = (),
+    excluded_unfinished: Sequence[str] = (),
 ) -> SplitManifest:
     """Write ``sft.jsonl``, ``rl.jsonl`` and ``split.json`` into ``out_dir``."""
     out = Path(out_dir)
@@ -191,6 +194,7 @@ def write_split(
         sft=_side(split.sft, split.sft_videos),
         rl=_side(split.rl, split.rl_videos),
         open_ended_below_full_reward=open_ended_below_full_reward(split.rl),
+        excluded_unfinished=list(excluded_unfinished),
     )
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "sft.jsonl", sft_rows)
@@ -204,11 +208,21 @@ def split_run_dirs(
     out_dir: str | Path,
     sft_share: float = PAPER_SFT_SHARE,
     seed: int = 0,
+    exclude_unfinished: bool = False,
 ) -> SplitManifest:
-    """Load the accepted examples of ``run_dirs``, split them by video, write the split."""
-    examples = load_accepted(run_dirs)
+    """Load the accepted examples of ``run_dirs``, split them by video, write the split.
+
+    Unfinished videos are refused, or with ``exclude_unfinished`` left out and listed in
+    the manifest's ``excluded_unfinished``.
+    """
+    excluded: list[str] = []
+    examples = load_accepted(run_dirs, exclude_unfinished, excluded)
     if not examples:
         names = ", ".join(str(d) for d in run_dirs)
         raise InputError(f"no accepted examples in {names}: nothing to split")
-    split = split_examples(examples, sft_share, seed, video_files(run_dirs))
-    return write_split(split, out_dir, run_dirs)
+    return write_split(
+        split_examples(examples, sft_share, seed, video_files(run_dirs)),
+        out_dir,
+        run_dirs,
+        excluded_unfinished=excluded,
+    )

@@ -73,12 +73,72 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+class RunDirectoryInUse(InputError):
+    """Another process holds the run directory: two runs on one directory pay twice."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held for as long as a run is open.
+
+    An advisory ``flock`` on ``RUN_DIR/run.lock``: the kernel drops it when the holder
+    exits, however it dies (kill -9 included), so a stale lock never blocks a rerun. The
+    file says who holds it, for the refusal message.
+    """
+
+    def __init__(self, root: Path):
+        self.path = root / "run.lock"
+        self._fd: int | None = None
+
+    def acquire(self, command: str = "vkr") -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            try:
+                info = json.loads(holder)
+                who = f"PID {info['pid']} ({info.get('command', 'vkr')}, started {info.get('started', '?')})"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise RunDirectoryInUse(
+                f"run directory {self.path.parent} is in use by {who}: two runs on one "
+                "directory would pay for the same calls twice; wait for it to finish or stop "
+                "it, or use another --out"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        info = {
+            "pid": os.getpid(),
+            "command": command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            # Closing the descriptor drops the flock; the file stays (unlinking it would
+            # race with a process that opened it and is about to lock).
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
 class RunStore:
     def __init__(self, run_dir: str | Path):
         self.root = Path(run_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "records").mkdir(exist_ok=True)
         self._seen_inputs: dict[str, set[str]] = {}
+        self.run_lock = RunLock(self.root)
 
     def disk_full_error(self, exc: BaseException | None = None) -> DiskFull:
         return DiskFull(
