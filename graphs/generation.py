@@ -8,6 +8,7 @@ branch has ended). Steps come from the plugin registry; nothing here names a con
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from typing import Annotated, Any, Literal, TypedDict
 
 from langgraph.graph import END, START, StateGraph
@@ -32,6 +33,8 @@ from vkr_core.store import is_disk_full
 log = get_logger("vkr.graph")
 
 GENERATOR = "example_generation"
+# Videos whose frame lists stay in memory (a few KB each): those in flight, and some more.
+FRAME_CACHE_VIDEOS = 512
 
 
 def example_id(video_id: str, skill: str, round: int) -> str:
@@ -50,7 +53,7 @@ class VideoState(TypedDict, total=False):
     video: dict[str, Any]
     # skill -> rounds, fixed when the video starts, so collect knows when every round is in.
     planned: dict[str, int]
-    frames: list[dict[str, Any]]
+    frame_count: int
     failure: str | None
     outcomes: Annotated[list[dict[str, Any]], merge_outcomes]
     record: dict[str, Any]
@@ -111,12 +114,17 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
             )
         return Command(update={"outcomes": [_accepted(candidate)]})
 
-    async def prepare(state: VideoState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        run = runtime.context
-        video = Video.model_validate(state["video"])
+    # Frames travel by reference: state and Send payloads carry the video, never its frame
+    # list (64 frames repeated in ~30 checkpoints per video were most of their size). Each
+    # node gets the frames from this bounded cache, or after a resume from the frames
+    # manifest sample_frames left in the run directory (no decoding, under a millisecond).
+    frame_cache: OrderedDict[str, list[Frame]] = OrderedDict()
+
+    async def frames_of(video: Video, run: RunContext) -> list[Frame]:
         from vkr_core.video import sample_frames
 
-        try:
+        frames = frame_cache.get(video.video_id)
+        if frames is None:
             frames = await asyncio.to_thread(
                 sample_frames,
                 video.path,
@@ -127,40 +135,42 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
                 jpeg_quality=run.config.jpeg_quality,
                 timeout=run.config.decode_timeout,
             )
+            frame_cache[video.video_id] = frames
+            while len(frame_cache) > FRAME_CACHE_VIDEOS:
+                frame_cache.popitem(last=False)
+        else:
+            frame_cache.move_to_end(video.video_id)
+        return frames
+
+    async def prepare(state: VideoState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+        run = runtime.context
+        video = Video.model_validate(state["video"])
+        try:
+            frames = await frames_of(video, run)
         except VkrError as exc:
             # A decoder that failed because the frames could not be written is not a bad video.
             if is_disk_full(exc) or run.store.low_on_space():
                 raise run.store.disk_full_error(exc) from None
-            return {"failure": str(exc), "frames": [], "planned": run.planned_rounds()}
-        return {
-            "frames": [f.model_dump() for f in frames],
-            "failure": None,
-            "planned": run.planned_rounds(),
-        }
+            return {"failure": str(exc), "frame_count": 0, "planned": run.planned_rounds()}
+        return {"frame_count": len(frames), "failure": None, "planned": run.planned_rounds()}
 
     def fan_out(state: VideoState, runtime: Runtime[RunContext]) -> list[Send] | str:
-        if state.get("failure") or not state.get("frames"):
+        if state.get("failure") or not state.get("frame_count"):
             return "collect"
         sends = []
         for skill_name, rounds in state["planned"].items():
             for round_ in range(rounds):
-                payload = {
-                    "video": state["video"],
-                    "frames": state["frames"],
-                    "skill": skill_name,
-                    "round": round_,
-                }
+                payload = {"video": state["video"], "skill": skill_name, "round": round_}
                 sends.append(Send("generate", payload))
         return sends
 
-    def step_context(payload: dict[str, Any], run: RunContext) -> StepContext:
+    async def step_context(payload: dict[str, Any], run: RunContext) -> StepContext:
         video = Video.model_validate(payload["video"])
-        frames = [Frame.model_validate(f) for f in payload["frames"]]
-        return StepContext(run, video, frames)
+        return StepContext(run, video, await frames_of(video, run))
 
     async def generate(payload: dict[str, Any], runtime: Runtime[RunContext]) -> Any:
         run = runtime.context
-        ctx = step_context(payload, run)
+        ctx = await step_context(payload, run)
         skill = registry.get("skill", payload["skill"])
         round_ = payload["round"]
         try:
@@ -184,7 +194,7 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
 
     def make_gate_node(gate: Gate, index: int) -> Any:
         async def run_gate(payload: dict[str, Any], runtime: Runtime[RunContext]) -> Any:
-            ctx = step_context(payload, runtime.context)
+            ctx = await step_context(payload, runtime.context)
             candidate = Candidate.model_validate(payload["candidate"])
             base: dict[str, Any] = dict(
                 example_id=candidate.example_id,
@@ -238,7 +248,7 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
             video=video,
             status="failed" if state.get("failure") else "done",
             failure=state.get("failure"),
-            frames=len(state.get("frames") or []),
+            frames=state.get("frame_count") or 0,
             planned=planned,
         )
         for outcome in outcomes:
@@ -252,6 +262,7 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
             1 for r in record.rejected if r.step != GENERATOR
         )
         run.store.write_record(record)
+        frame_cache.pop(video.video_id, None)
         if record.failure:
             run.store.add_failure(video.video_id, record.failure, video.path)
         return {"record": record.model_dump()}

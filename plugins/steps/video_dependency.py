@@ -5,6 +5,7 @@ If both answer correctly the question does not need the video: drop it.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,14 @@ class VideoDependency(Gate):
         answers: dict[str, str] = {}
         right: dict[str, bool] = {}
         raws = []
-        for spec in ctx.fixed(self.name):
-            parsed, raw = await ctx.ask(self, spec, messages, meta={"skill": candidate.skill})
+        specs = ctx.fixed(self.name)
+        # The models answer independently: ask them at once, so the gate costs one model
+        # latency, not the sum. A reply that fails to parse still rejects the candidate, and
+        # the other reply is cached all the same.
+        replies = await asyncio.gather(
+            *(ctx.ask(self, spec, messages, meta={"skill": candidate.skill}) for spec in specs)
+        )
+        for spec, (parsed, raw) in zip(specs, replies, strict=True):
             assert isinstance(parsed, BlindAnswer)
             answers[spec.name] = parsed.answer
             right[spec.name] = answers_match(
