@@ -4,6 +4,9 @@ The cache key is a signature of everything that changes the answer (model, api_b
 prompt version, messages with images by content hash, sampling parameters, sample index)
 and nothing that does not (concurrency, batch size, API key). Frames are hashed once when
 they are encoded, so building a key never touches image bytes.
+
+Every request also reports to the run's model health (vkr_core.health): a model that stops
+answering is cooled down, its calls go to another model or wait for it.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    stop_after_attempt,
 )
 
 from vkr_core.config import ModelSpec
-from vkr_core.limits import ModelLimiter
+from vkr_core.health import ModelHealth, Route, route_for
+from vkr_core.limits import ModelLimiter, SpendLimit
 from vkr_core.log import get_logger, redact
 from vkr_core.schemas import CallRecord, Frame, VkrError
 from vkr_core.steps import ReplyError
@@ -51,6 +54,14 @@ class TransientError(VkrError):
 class PermanentError(VkrError):
     """A provider error that retrying cannot fix: 4xx, bad credentials, unknown model."""
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+# Refusals that concern every request to the model, not this one: the key or the model name.
+MODEL_DOWN_STATUSES = frozenset({401, 403, 404})
+
 
 class CallFailed(VkrError):
     """A call that did not get a reply after its retries: the video fails and can be rerun.
@@ -58,6 +69,23 @@ class CallFailed(VkrError):
     Unlike a malformed reply or a refusal this says nothing about the example, so it is
     never recorded as a rejection.
     """
+
+
+class ModelUnavailable(CallFailed):
+    """The call's model is cooled down and another model can take the instance: the step
+    runs again and the router picks that one."""
+
+
+class _Recheck(Exception):
+    """The model's breaker opened under this call: ask the health again before retrying."""
+
+
+@dataclass
+class _Waiting:
+    """One call's pause: whether it has waited, and since when another model answers."""
+
+    paused: bool = False
+    others_back: float | None = None
 
 
 @dataclass
@@ -97,6 +125,7 @@ class Journal:
 
 
 CALL_KEY_HEADER = "X-Vkr-Call"
+STEP_HEADER = "X-Vkr-Step"
 
 
 class Provider:
@@ -117,6 +146,19 @@ class Provider:
         headers: dict[str, str],
     ) -> ProviderReply:
         raise NotImplementedError
+
+    async def check(self, spec: ModelSpec) -> ProviderReply | None:
+        """The cheapest request proving the model is reachable and takes the key (preflight).
+
+        Raises like ``complete``. The default is a one-token completion, never cached; a
+        provider with a free way (a model list) overrides it and returns None.
+        """
+        return await self.complete(
+            spec,
+            [{"role": "user", "content": "Reply with OK."}],
+            {"max_tokens": 1},
+            {STEP_HEADER: "preflight"},
+        )
 
 
 # What one image costs in tokens at the sizes vkr sends (a 768 px frame is ~765 tokens at
@@ -195,15 +237,19 @@ class RetrySettings:
     maximum: float = 30.0
 
 
-def _wait(settings: RetrySettings) -> Callable[[RetryCallState], float]:
+def _wait(
+    settings: RetrySettings, failures: Callable[[], int]
+) -> Callable[[RetryCallState], float]:
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Recheck):
+            return 0.0  # the model health decides what happens next, at once
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             # The provider said when: wait that long, spread a little so a burst of callers
             # does not come back in the same millisecond.
             return float(retry_after) * random.uniform(1.0, 1.25)
-        backoff = min(settings.maximum, settings.initial * 2 ** (state.attempt_number - 1))
+        backoff = min(settings.maximum, settings.initial * 2 ** (max(1, failures()) - 1))
         return random.uniform(0, backoff)  # full jitter: retries from many tasks spread out
 
     return wait
@@ -218,6 +264,10 @@ class ModelCaller:
     retry: RetrySettings = field(default_factory=RetrySettings)
     on_record: Callable[[CallRecord], None] | None = None
     images: FrameImages = field(default_factory=FrameImages)
+    # Shared with the run's router: which models answer, which are cooled down.
+    health: ModelHealth = field(default_factory=ModelHealth)
+    # --max-spend: once reached no new request is sent (the ones in flight still land).
+    budget: SpendLimit | None = None
 
     def __post_init__(self) -> None:
         self.cache = diskcache.Cache(
@@ -275,8 +325,71 @@ class ModelCaller:
 
     def _emit(self, record: CallRecord) -> None:
         self.records.append(record)
+        if self.budget is not None and not record.cache_hit:
+            self.budget.add(record.cost_usd)
         if self.on_record:
             self.on_record(record)
+
+    def holding(self) -> bool:
+        """No new request may be sent: the run is stopping or its budget is spent."""
+        return self.stopping or (self.budget is not None and self.budget.reached)
+
+    async def _outside_flight(self, waiting: Any) -> Any:
+        """Await something during which this call holds no paid reply (a backoff, a pause),
+        so a stopping run does not wait for it."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+        try:
+            return await waiting
+        finally:
+            self.in_flight += 1
+            self._idle.clear()
+
+    async def _rest(self, seconds: float) -> None:
+        if seconds > 0:
+            await self._outside_flight(asyncio.sleep(seconds))
+
+    async def _admit(
+        self, spec: ModelSpec, step: str, route: Route | None, waiting: _Waiting
+    ) -> bool:
+        """Wait until a request may go to the model; True when it goes as the breaker's probe.
+
+        Raises ModelUnavailable when the model is cooled down and the instance can go to a
+        model that answers (or was not routed by a step, so nothing would wait for it).
+        """
+        while True:
+            if self.holding():
+                # A request not yet sent costs nothing: never send it; the run ends once the
+                # calls in flight have landed (see drain).
+                await self._outside_flight(asyncio.Event().wait())
+            decision = self.health.admit(spec.name)
+            if decision == "go":
+                return False
+            if decision == "probe":
+                return True
+            elsewhere = (
+                route is not None
+                and not route.fixed
+                and any(self.health.answering(m) for m in route.candidates if m != spec.name)
+            )
+            if elsewhere and waiting.paused:
+                # Rerouting costs the step's one retry, so a paused call keeps waiting while
+                # its own model may come back with the others; it moves only once its model
+                # has failed again after another one started answering.
+                if waiting.others_back is None:
+                    waiting.others_back = self.health.clock()
+                    elsewhere = False
+                else:
+                    elsewhere = self.health.failed_since(spec.name, waiting.others_back)
+            if decision == "excluded" or route is None or elsewhere:
+                raise ModelUnavailable(
+                    f"{step} call to {spec.name} not sent: {self.health.describe(spec.name)}"
+                    + ("; another model takes it" if elsewhere else "")
+                )
+            waiting.paused = True
+            self.health.note_pause(spec.name, step)
+            await self._outside_flight(self.health.wait(spec.name))
 
     async def call(
         self,
@@ -311,7 +424,7 @@ class ModelCaller:
             self._emit(record)
             return CallResult(hit["text"], hit["outcome"], record)
 
-        if self.stopping:
+        if self.holding():
             # A request cancelled mid-flight is still billed by the provider, so a stopping
             # run never cancels one: new calls wait here for the run to be cancelled, which
             # happens once every call in flight has landed in the cache (see drain).
@@ -359,21 +472,84 @@ class ModelCaller:
             raise VkrError(
                 f"model {spec.name!r} names provider {spec.provider!r}, which no plugin registers"
             )
-        attempts = 0
         # The step name and call key travel as headers: real providers ignore them, the fake
         # server reads the step, and the journal files raw replies under the key.
-        headers = {"X-Vkr-Step": step, CALL_KEY_HEADER: key}
+        headers = {STEP_HEADER: step, CALL_KEY_HEADER: key}
         send_params = dict(params, seed=sample) if "seed" not in params else dict(params)
+        route = route_for(step, spec.name)
+        since = time.monotonic()
+        waiting = _Waiting()
+        attempts = 0  # requests sent
+        failures = 0  # failed requests counted against the retry budget
+        health = self.health
+
+        async def attempt_once() -> ProviderReply:
+            nonlocal attempts, failures
+            probe = await self._admit(spec, step, route, waiting)
+            attempts += 1
+            try:
+                reply = await self._send(provider, spec, messages, send_params, headers)
+            except TransientError as exc:
+                if exc.status == 429:  # busy, not down: the limiter slows down, health is fine
+                    health.alive(spec.name, probe)
+                    failures += 1
+                    raise
+                reason = redact(str(exc))
+                health.failed(spec.name, reason, probe=probe, definitive=False)
+                if probe:
+                    raise _Recheck(reason) from None  # cooled again: wait or go elsewhere
+                failures += 1
+                if failures >= self.retry.attempts:
+                    health.gave_up(spec.name, reason, since)
+                    if route is not None and health.is_open(spec.name):
+                        raise _Recheck(reason) from None
+                raise
+            except PermanentError as exc:
+                if exc.status in MODEL_DOWN_STATUSES:
+                    health.failed(spec.name, redact(str(exc)), probe=probe, definitive=True)
+                    if route is not None:
+                        raise _Recheck(str(exc)) from None
+                else:
+                    health.alive(spec.name, probe)  # it answered: the request was wrong
+                raise
+            except BaseException:
+                if probe:
+                    health.abandon_probe(spec.name)
+                raise
+            health.alive(spec.name, probe)
+            return reply
+
+        def stop(state: RetryCallState) -> bool:
+            exc = state.outcome.exception() if state.outcome else None
+            return not isinstance(exc, _Recheck) and failures >= self.retry.attempts
+
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.retry.attempts),
-                wait=_wait(self.retry),
-                retry=retry_if_exception_type(TransientError),
+                stop=stop,
+                wait=_wait(self.retry, lambda: failures),
+                retry=retry_if_exception_type((TransientError, _Recheck)),
+                sleep=self._rest,
                 reraise=True,
             ):
                 with attempt:
-                    attempts += 1
-                    reply = await self._send(provider, spec, messages, send_params, headers)
+                    reply = await attempt_once()
+        except ModelUnavailable as exc:
+            if attempts:
+                self._emit(
+                    CallRecord(
+                        step=step,
+                        model=spec.name,
+                        video_id=video_id,
+                        cache_key=key,
+                        latency_s=time.perf_counter() - started,
+                        cache_hit=False,
+                        attempts=attempts,
+                        outcome="error",
+                        error=redact(str(exc)),
+                        rerouted_from=route.rerouted_from if route else None,
+                    )
+                )
+            raise
         except (TransientError, PermanentError) as exc:
             reason = redact(str(exc))
             self._emit(
@@ -387,6 +563,7 @@ class ModelCaller:
                     attempts=attempts,
                     outcome="error",
                     error=reason,
+                    rerouted_from=route.rerouted_from if route else None,
                 )
             )
             raise CallFailed(
@@ -412,6 +589,7 @@ class ModelCaller:
             # A reply replayed from the journal was paid by a run that died before recording
             # it: counted (once) here, but no request was sent now.
             attempts=0 if reply.recovered else attempts,
+            rerouted_from=route.rerouted_from if route else None,
         )
         if reply.refusal:
             # A refusal is terminal and never cached: it says nothing about the next request.

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from vkr_core.calls import ModelCaller, image_part
 from vkr_core.config import ModelSpec, RunConfig
+from vkr_core.health import set_route
 from vkr_core.router import Router, seeded_rng
 from vkr_core.schemas import Frame, SeedExample, Video
 from vkr_core.seeds import SeedBank
@@ -166,10 +167,18 @@ class StepContext:
         )
 
     def choose(self, step: str, *key: Any, exclude: tuple[str, ...] = ()) -> ModelSpec:
-        return self.run.router.choose(step, self.video.video_id, *key, exclude=exclude)
+        """The model for one instance of a step; a cooled-down model's instances go to
+        another eligible one, and the call made next in this task knows it (set_route)."""
+        spec, route = self.run.router.route(step, self.video.video_id, *key, exclude=exclude)
+        set_route(route)
+        return spec
 
     def fixed(self, step: str) -> list[ModelSpec]:
-        return self.run.router.fixed(step)
+        """Every model of a step's fixed set: a call to a cooled-down one waits for it,
+        since the step's verdict needs each of them."""
+        specs, route = self.run.router.fixed_route(step)
+        set_route(route)
+        return specs
 
     async def ask(
         self,

@@ -77,3 +77,33 @@ class ModelLimiter:
             elif ok:
                 self.limit = min(float(self.max_concurrency), self.limit + 1.0 / self.limit)
             self._changed.notify_all()
+
+
+@dataclass
+class SpendLimit:
+    """A run's budget (``--max-spend``): what the run directory has paid, against a limit.
+
+    ``spent`` starts at what earlier invocations on the same run directory paid, so a rerun
+    with the same limit does not spend it a second time.
+    """
+
+    limit_usd: float
+    spent_usd: float = 0.0
+    _reached: asyncio.Event | None = field(default=None, init=False, repr=False)
+
+    @property
+    def reached(self) -> bool:
+        return self.spent_usd >= self.limit_usd
+
+    def add(self, cost_usd: float) -> None:
+        self.spent_usd += cost_usd
+        if self.reached and self._reached is not None:
+            self._reached.set()
+
+    async def wait(self) -> None:
+        """Return once the spend has reached the limit."""
+        if self._reached is None:
+            self._reached = asyncio.Event()
+        if self.reached:
+            return
+        await self._reached.wait()

@@ -408,6 +408,9 @@ class CallRecord(Strict):
     attempts: int = 1
     outcome: Literal["ok", "malformed", "refusal", "error"]
     error: str | None = None
+    # The model the router picked first for this instance, when it was cooled down and this
+    # call went to another eligible model instead.
+    rerouted_from: str | None = None
 
 
 Candidate.model_rebuild()

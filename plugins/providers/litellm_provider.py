@@ -209,7 +209,10 @@ class LitellmProvider(Provider):
                 text=redact(str(exc))[:500], finish_reason="content_filter", refusal=True
             )
         except Exception as exc:  # 4xx and everything else: retrying cannot help
-            raise PermanentError(f"{type(exc).__name__}: {redact(str(exc))[:300]}") from None
+            raise PermanentError(
+                f"{type(exc).__name__}: {redact(str(exc))[:300]}",
+                getattr(exc, "status_code", None),
+            ) from None
 
         choice = response.choices[0]
         message = choice.message
@@ -228,6 +231,37 @@ class LitellmProvider(Provider):
             cost_usd=cost,
             refusal=finish == "content_filter" or bool(refusal_text),
         )
+
+    async def check(self, spec: ModelSpec) -> ProviderReply | None:
+        """Preflight. For OpenAI-compatible endpoints the model list is free and proves the
+        host answers, takes the key and serves the model; elsewhere, or when the list does
+        not name the model, a one-token completion."""
+        if not spec.model.startswith("openai/"):
+            return await super().check(spec)
+        import httpx
+
+        base = (spec.api_base or "https://api.openai.com/v1").rstrip("/")
+        api_key = spec.api_key() or ("EMPTY" if spec.api_base else None)
+        register_secrets([api_key])
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        try:
+            async with httpx.AsyncClient(timeout=spec.timeout) as client:
+                response = await client.get(f"{base}/models", headers=headers)
+        except httpx.HTTPError as exc:
+            raise TransientError(f"{type(exc).__name__}: {redact(str(exc))[:300]}") from None
+        status = response.status_code
+        if status in (401, 403):
+            raise PermanentError(f"HTTP {status}: {redact(response.text)[:300]}", status)
+        if status == 429 or status >= 500:
+            raise TransientError(f"HTTP {status}: {redact(response.text)[:300]}", status=status)
+        if status == 200:
+            try:
+                listed = {str(m.get("id")) for m in response.json().get("data") or []}
+            except (ValueError, AttributeError):
+                listed = set()
+            if spec.model.removeprefix("openai/") in listed:
+                return None
+        return await super().check(spec)
 
 
 @hookimpl
