@@ -29,6 +29,27 @@ class VkrGroup(click.Group):
             raise click.ClickException(redact(str(exc))) from None
 
 
+class ExitWith(click.ClickException):
+    """A one-line message and one of the documented exit codes (vkr_core.batch.ExitCode)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.exit_code = code
+
+
+EXIT_CODES_HELP = """
+\b
+Exit codes:
+  0    every video done
+  1    bad input, or an error that stopped the run (message on stderr)
+  2    a wrong command-line option
+  3    finished, but some videos failed (RUN_DIR/failures.jsonl)
+  4    --max-spend reached: work is left; rerun with a higher budget
+  5    preflight: a model the run needs has no key or does not answer
+  130  interrupted (Ctrl-C): rerun the same command to resume
+"""
+
+
 @click.group(cls=VkrGroup)
 @click.version_option(package_name="vkr")
 def cli() -> None:
@@ -86,7 +107,31 @@ def pipeline_options(func: Any) -> Any:
     return func
 
 
-@cli.command()
+def outage_options(func: Any) -> Any:
+    """Preflight and cool-down settings: they change no result, so no config snapshot."""
+    options = [
+        click.option(
+            "--skip-preflight",
+            is_flag=True,
+            help="Do not check that every model answers before the first video "
+            "(key variables are still checked).",
+        ),
+        click.option(
+            "--cooldown",
+            default=10.0,
+            show_default=True,
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            help="How long a model whose calls keep failing rests before it is tried again; "
+            "doubles while it keeps failing (up to 10 minutes).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.option(
     "--video-id", required=True, help="Id of the video (its file name without extension)."
 )
@@ -107,6 +152,7 @@ def pipeline_options(func: Any) -> Any:
 @click.option("--subject", help="Subject, shown to KnowVid and KnowVidR generation.")
 @click.option("--knowledge-point", help="Knowledge point term, shown to KnowVid and KnowVidR.")
 @pipeline_options
+@outage_options
 @click.option("--log-level", default="WARNING", show_default=True)
 def generate(
     video_id: str,
@@ -122,9 +168,11 @@ def generate(
     **settings: Any,
 ) -> None:
     """Generate verified QA examples for one video."""
+    from vkr_core.batch import ExitCode
     from vkr_core.config import RunConfig
     from vkr_core.log import configure_logging
     from vkr_core.plugins import get_plugin_manager
+    from vkr_core.preflight import PreflightError
     from vkr_core.run import format_funnel, funnel, generate_videos
     from vkr_core.sources import place_in_root
 
@@ -140,16 +188,22 @@ def generate(
     # Any source's file must sit under --videos-dir: checked here, before a call is paid for.
     video = place_in_root(video, videos_dir)
     config = RunConfig(video_root=os.path.abspath(videos_dir), **settings)
-    [record] = asyncio.run(generate_videos([video], run_dir, pool, config, pm, force))
+    try:
+        [record] = asyncio.run(generate_videos([video], run_dir, pool, config, pm, force))
+    except PreflightError as exc:
+        raise ExitWith(str(exc), ExitCode.PREFLIGHT) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished work is saved; run the same command to resume", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
     if record.status == "failed":
-        raise click.ClickException(f"video {video_id} failed: {record.failure}")
+        raise ExitWith(f"video {video_id} failed: {record.failure}", ExitCode.VIDEOS_FAILED)
     gates = [g.name for g in pm.registry.gates()]
     click.echo(f"video {video_id}: {record.frames} frames")
     click.echo(format_funnel(funnel([record], gates)))
     click.echo(f"record: {run_dir}/records/{video_id}.json")
 
 
-@cli.command("run")
+@cli.command("run", epilog=EXIT_CODES_HELP)
 @click.option(
     "--videos",
     "manifest",
@@ -181,6 +235,14 @@ def generate(
     help="Stop launching new videos once this many examples are accepted.",
 )
 @pipeline_options
+@outage_options
+@click.option(
+    "--max-spend",
+    type=click.FloatRange(min=0),
+    metavar="USD",
+    help="Stop starting videos and model calls once the run directory has spent this much "
+    "(earlier invocations included); calls in flight still land. Rerun to go on.",
+)
 @click.option(
     "--strict-manifest", is_flag=True, help="Refuse to start if any manifest line is bad."
 )
@@ -205,10 +267,12 @@ def run_command(
     **settings: Any,
 ) -> None:
     """Generate verified examples for every video of a manifest; resumable after any kill."""
+    from vkr_core.batch import ExitCode
     from vkr_core.config import RunConfig
     from vkr_core.log import configure_logging
     from vkr_core.manifest import load_manifest
     from vkr_core.plugins import get_plugin_manager
+    from vkr_core.preflight import PreflightError
     from vkr_core.run import format_funnel, funnel, run_manifest
 
     configure_logging(log_level)
@@ -234,9 +298,11 @@ def run_command(
                 problems=loaded.problems,
             )
         )
+    except PreflightError as exc:
+        raise ExitWith(str(exc), ExitCode.PREFLIGHT) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo("interrupted: finished work is saved; run the same command to resume", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     from vkr_core.report import build_report, summary_text, write_report
 
     gates = [g.name for g in pm.registry.gates()]
@@ -249,6 +315,15 @@ def run_command(
     failed = len(loaded.problems) + counters.failed
     if failed:
         click.echo(f"{failed} video(s) failed: see {run_dir}/failures.jsonl")
+    if counters.stopped == "budget":
+        raise ExitWith(
+            f"--max-spend reached: {counters.total - counters.done - counters.failed} video(s) "
+            "not finished; finished work is saved; rerun with a higher --max-spend (or without "
+            "it) to go on",
+            ExitCode.BUDGET,
+        )
+    if failed:
+        sys.exit(ExitCode.VIDEOS_FAILED)
 
 
 @cli.command("plugins")

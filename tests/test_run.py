@@ -59,7 +59,8 @@ def test_bad_videos_are_failures_and_every_other_video_is_processed(tmp_path, te
         handle.write("{not json\n")
         handle.write(json.dumps({"video_id": "good0", "path": "good0.mkv"}) + "\n")
         handle.write(json.dumps({"video_id": "../escape", "path": "good0.mkv"}) + "\n")
-    result = vkr_run(manifest, vkr_pool, tmp_path / "run")
+    result = vkr_run(manifest, vkr_pool, tmp_path / "run", check=False)
+    assert result.returncode == 3, result.stdout + result.stderr  # some videos failed
     assert "line 8 is not JSON" in result.stderr
     assert "duplicate video id 'good0' (first on line 1)" in result.stderr
     assert "unsafe video id '../escape'" in result.stderr
@@ -154,7 +155,8 @@ def test_canary_key_never_reaches_a_file_or_a_log(tmp_path, testdata, vkr_pool, 
     vkr_fake_server.set_policy({"script": ["429", "500"], "retry_after_s": 0.05})
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=True)
     env = dict(os.environ, VKR_FAKE_API_KEY=CANARY)
-    result = vkr_run(manifest, vkr_pool, tmp_path / "run", "--log-level", "DEBUG", env=env)
+    result = vkr_run(manifest, vkr_pool, tmp_path / "run", "--log-level", "DEBUG", env=env, check=False)
+    assert result.returncode == 3, result.stdout + result.stderr  # the bad videos failed
     # The key was really used: the server saw it.
     assert vkr_fake_server.stats()["authorization"]["present"] > 0
     hits = [str(p) for p in (tmp_path / "run").rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]

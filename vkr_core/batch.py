@@ -7,13 +7,28 @@ video that fails is recorded and the batch goes on.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 from vkr_core.schemas import CallRecord, Video, VideoRecord
+
+
+class ExitCode(IntEnum):
+    """How `vkr run` and `vkr generate` end (documented in the README and `vkr run --help`)."""
+
+    DONE = 0  # every video done
+    ERROR = 1  # bad input, or an error that stopped the run (message on stderr)
+    USAGE = 2  # a command-line option is wrong (click's own code)
+    VIDEOS_FAILED = 3  # the run finished, some videos failed (failures.jsonl)
+    BUDGET = 4  # --max-spend reached: work left; rerun with a higher budget to go on
+    PREFLIGHT = 5  # a model the run needs has no key or does not answer: nothing started
+    INTERRUPTED = 130  # Ctrl-C: finished work is saved; rerun to resume
 
 
 @dataclass
@@ -28,6 +43,8 @@ class BatchCounters:
     cached_calls: int = 0
     spend_usd: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    # Why the batch stopped before every video was processed ("budget"), if it did.
+    stopped: str | None = None
 
     def on_call(self, record: CallRecord) -> None:
         if record.cache_hit:
@@ -108,16 +125,19 @@ async def run_batch(
     target_accepted: int | None = None,
     on_video: Callable[[VideoRecord], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    records: list[VideoRecord] | None = None,
 ) -> list[VideoRecord]:
     """Process videos with at most ``concurrency`` in flight; stop launching at the target.
 
     When a video raises (say, the disk is full) no new video starts, but the
     ones in flight are left to finish: cancelling them would drop replies already paid for.
     The first such error is raised once they have. Cancelling ``run_batch`` itself (a second
-    Ctrl-C) cancels everything at once.
+    Ctrl-C) cancels everything at once; ``records``, when given, keeps the videos finished
+    by then.
     """
     slots = asyncio.Semaphore(concurrency)
-    records: list[VideoRecord] = []
+    if records is None:
+        records = []
     tasks: list[asyncio.Task[None]] = []
     errors: list[BaseException] = []
 
@@ -153,3 +173,20 @@ async def run_batch(
     if errors:
         raise errors[0]
     return sorted(records, key=lambda r: r.video_id)
+
+
+def spent_in(run_dir: str | Path) -> float:
+    """USD the run directory's calls have cost so far (paid calls in ``calls.jsonl``)."""
+    path = Path(run_dir) / "calls.jsonl"
+    total = 0.0
+    if not path.exists():
+        return total
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                call = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: its call is paid for again anyway
+            if isinstance(call, dict) and not call.get("cache_hit"):
+                total += float(call.get("cost_usd") or 0.0)
+    return total

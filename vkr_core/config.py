@@ -160,6 +160,16 @@ class RunConfig(Strict):
     video_root: str | None = None
     # Not part of what a run produces, so left out of the config snapshot.
     retry_failed: bool = Field(default=False, exclude=True)
+    skip_preflight: bool = Field(
+        default=False, exclude=True, description="skip the reach check (keys are still checked)"
+    )
+    preflight_timeout: float = Field(default=15.0, gt=0, exclude=True)
+    cooldown: float = Field(
+        default=10.0, gt=0, exclude=True, description="first cool-down of a failing model (s)"
+    )
+    max_spend: float | None = Field(
+        default=None, ge=0, exclude=True, description="USD the run directory may spend in all"
+    )
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

@@ -92,6 +92,13 @@ class Run:
         self.call_listeners: list[Callable[[CallRecord], None]] = []
         self.drain_task: Any = None
 
+    def _on_preflight(self, record: CallRecord) -> None:
+        # Beside calls.jsonl, not in it: a reach check is not a step's call (most are free).
+        with (self.store.root / "preflight.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(record.model_dump_json() + "\n")
+        if self.caller is not None and self.caller.budget is not None:
+            self.caller.budget.add(record.cost_usd)
+
     def _on_call(self, record: CallRecord) -> None:
         self.store.append_call(record)
         for listener in self.call_listeners:
@@ -109,12 +116,38 @@ class Run:
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
         from graphs.generation import build_graph
+        from vkr_core.batch import spent_in
+        from vkr_core.limits import SpendLimit
+        from vkr_core.preflight import preflight
 
+        health = self.router.health
+        health.cooldown = self.config.cooldown
+        health.notify = _tell
+        budget = None
+        if self.config.max_spend is not None:
+            # The limit is for the run directory: what earlier invocations paid counts.
+            budget = SpendLimit(self.config.max_spend, spent_in(self.store.root))
         self.caller = ModelCaller(
             cache_dir=self.store.cache_dir,
             providers=self.registry.providers,
             on_record=self._on_call,
+            health=health,
+            budget=budget,
         )
+        try:
+            await preflight(
+                self.router,
+                model_steps(self.registry),
+                self.registry.providers,
+                health,
+                reach=not self.config.skip_preflight,
+                timeout=self.config.preflight_timeout,
+                on_record=self._on_preflight,
+                warn=_tell,
+            )
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         self._checkpointer_cm = AsyncSqliteSaver.from_conn_string(str(self.store.checkpoint_path))
         checkpointer = await self._checkpointer_cm.__aenter__()
         self.graph = build_graph(self.registry, checkpointer)
@@ -215,26 +248,69 @@ async def run_manifest(
     progress: bool = True,
     problems: list[Any] = (),  # type: ignore[assignment]
 ) -> tuple[list[VideoRecord], Any]:
-    """`vkr run`: many videos at once in one run directory; returns records and counters."""
+    """`vkr run`: many videos at once in one run directory; returns records and counters.
+
+    With ``config.max_spend``, no video and no request starts once the run directory's
+    spend reaches it; the calls in flight land, and ``counters.stopped`` says "budget".
+    """
+    import asyncio
+
     from vkr_core.batch import BatchCounters, ProgressDisplay, run_batch
 
     counters = BatchCounters(total=len(videos))
+    records: list[VideoRecord] = []
     async with Run(run_dir, pool, config, pm, force) as run:
         stop_on_interrupt(run)
         for problem in problems:  # manifest lines that never became a video
             run.store.add_failure(f"manifest-line-{problem.line}", problem.reason, problem.path)
         run.call_listeners.append(counters.on_call)
+        caller = run.caller
+        assert caller is not None
+        budget = caller.budget
         with ProgressDisplay(counters, enabled=progress) as display:
-            records = await run_batch(
-                run.process,
-                videos,
-                counters,
-                concurrency,
-                target_accepted,
-                on_video=lambda _record: display.update(),
-                should_stop=lambda: run.caller is not None and run.caller.stopping,
+            batch = asyncio.create_task(
+                run_batch(
+                    run.process,
+                    videos,
+                    counters,
+                    concurrency,
+                    target_accepted,
+                    on_video=lambda _record: display.update(),
+                    should_stop=caller.holding,
+                    records=records,
+                )
             )
-    return records, counters
+
+            async def stop_at_budget() -> None:
+                assert budget is not None
+                await budget.wait()
+                if batch.done():
+                    return
+                _tell(
+                    f"stopping: --max-spend ${budget.limit_usd:g} reached (this run directory "
+                    f"has spent ${budget.spent_usd:.4f}); finishing the model calls in flight"
+                )
+                await caller.drain()
+                batch.cancel()
+
+            watcher = asyncio.create_task(stop_at_budget()) if budget is not None else None
+            try:
+                await batch
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # Ctrl-C: the caller of run_manifest says so
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+        if budget is not None and budget.reached and len(records) < len(videos):
+            counters.stopped = "budget"
+    return sorted(records, key=lambda r: r.video_id), counters
+
+
+def _tell(message: str) -> None:
+    """A line for the person running vkr: outages, pauses, budget (stderr, not the log)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def stop_on_interrupt(run: Run) -> None:
