@@ -15,7 +15,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Command, RetryPolicy, Send
 
-from vkr_core.calls import CallFailed
+from vkr_core.calls import CallFailed, ModelUnavailable
 from vkr_core.context import RunContext, StepContext
 from vkr_core.log import get_logger
 from vkr_core.schemas import (
@@ -61,7 +61,13 @@ class VideoState(TypedDict, total=False):
 
 # Transport failures are already retried per call; a node retry gives a model that was
 # down a second chance. Malformed replies and refusals are outcomes, never retried here.
-NODE_RETRY = RetryPolicy(max_attempts=2, initial_interval=1.0, retry_on=CallFailed)
+# A model cooled down by the run's health check makes its node fail fast so the router can
+# send the instance elsewhere: that retry is free and immediate, and an outage may hit the
+# replacement too, so it gets more attempts (the first matching policy applies).
+NODE_RETRY = (
+    RetryPolicy(max_attempts=5, initial_interval=0.0, jitter=False, retry_on=ModelUnavailable),
+    RetryPolicy(max_attempts=2, initial_interval=1.0, retry_on=CallFailed),
+)
 
 
 def _rejection(
