@@ -6,6 +6,7 @@ Imported by cli.py at every start: library imports stay inside the commands.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,6 +21,182 @@ def qualify() -> None:
     A model is eligible for a step when experts find at most 3 % errors (hard compliance
     failures plus soft content failures) in its outputs on a pilot of real inputs.
     """
+
+
+@qualify.command()
+@click.option(
+    "--out",
+    default="pool.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Pool file to write (never over an existing one).",
+)
+@click.option(
+    "--registry",
+    default="eligibility.yaml",
+    show_default=True,
+    help="Registry the pool names (written later by `vkr qualify score`).",
+)
+def init(out: Path, registry: str) -> None:
+    """Write a commented starter pool file: the candidate models of every step."""
+    from qualification.bootstrap import write_starter_pool
+
+    write_starter_pool(out, registry)
+    click.echo(f"wrote {out}: put your models in it, then make pilot inputs:")
+    click.echo(f"  vkr qualify inputs --videos manifest.jsonl --pool {out} --out pilot-inputs")
+
+
+@qualify.command()
+@click.option(
+    "--videos",
+    "manifest",
+    type=click.Path(dir_okay=False),
+    help="Manifest, as for `vkr run` (jsonl: video_id, path, discipline, ...).",
+)
+@click.option(
+    "--videos-dir",
+    type=click.Path(file_okay=False),
+    help="Or a folder of videos with optional <video-id>.json metadata.",
+)
+@click.option(
+    "--video-root",
+    type=click.Path(file_okay=False),
+    help="With --videos: the folder holding every video, as for `vkr run` [default: the "
+    "manifest's folder].",
+)
+@click.option("--pool", required=True, type=click.Path(dir_okay=False), help="Model pool YAML.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Pilot-inputs directory to write (its own, not a run's).",
+)
+@click.option(
+    "--steps",
+    help="Comma-separated model steps [default: every model step of the pipeline].",
+)
+@click.option(
+    "--n",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Distinct inputs to collect per step (a pilot samples this many).",
+)
+@click.option(
+    "--concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Videos in flight at once (per-model limits come from the pool).",
+)
+@click.option(
+    "--max-spend",
+    type=click.FloatRange(min=0),
+    help="Dollars: start no new video once this directory's calls have cost this much.",
+)
+@click.option("--seed-bank", type=click.Path(dir_okay=False), help="Seed-example bank (jsonl).")
+@click.option("--seed", default=0, show_default=True, help="Model choice, seeds, frames, order.")
+@click.option(
+    "--fps",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Frame sampling rate: the one you will give `vkr run`.",
+)
+@click.option(
+    "--max-frames",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="At most this many frames: as you will give `vkr run`.",
+)
+@click.option(
+    "--rounds-per-skill",
+    type=click.IntRange(min=1),
+    help="Generation rounds per skill and video [default: each skill's own, 2].",
+)
+@click.option("--force", is_flag=True, help="Reuse a directory made with other settings.")
+@click.option("--log-level", default="WARNING", show_default=True)
+def inputs(
+    manifest: str | None,
+    videos_dir: str | None,
+    video_root: str | None,
+    pool: str,
+    out: Path,
+    steps: str | None,
+    n: int,
+    concurrency: int,
+    max_spend: float | None,
+    force: bool,
+    log_level: str,
+    **settings: Any,
+) -> None:
+    """The first run: record every model step's inputs for pilots, before any registry.
+
+    Every pool model that can serve a step is a candidate for it. The generator's candidates
+    write examples for the videos and the gates' candidates check every one, until each step
+    has N distinct inputs. Writes no corpus records and no registry; a rerun pays nothing
+    twice (the call cache is in OUT/cache).
+    """
+    from qualification.bootstrap import collect_pilot_inputs
+    from vkr_core.config import RunConfig
+    from vkr_core.log import configure_logging
+
+    configure_logging(log_level)
+    # Pass the settings you will give `vkr run`: they change what each step is sent.
+    config = RunConfig(**{k: v for k, v in settings.items() if v is not None})
+    step_names = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
+    result = collect_pilot_inputs(
+        pool,
+        out,
+        manifest=manifest,
+        videos_dir=videos_dir,
+        video_root=video_root,
+        steps=step_names,
+        n=n,
+        config=config,
+        concurrency=concurrency,
+        max_spend=max_spend,
+        force=force,
+        progress=click.echo,
+    )
+    manifest_obj = result.manifest
+    spend = result.spend
+    click.echo(
+        f"pilot inputs in {out}: {len(result.videos_now)} video(s) this time, "
+        f"{len(manifest_obj.videos_used)} in all, of {result.videos_total}"
+    )
+    for name, info in manifest_obj.steps.items():
+        strata = ", ".join(f"{k}: {v}" for k, v in info.strata.items()) or "none"
+        click.echo(f"  {name}: {info.inputs} inputs ({strata})")
+    click.echo(
+        f"model calls: {spend.calls} made (${spend.cost_usd:.4f}), {spend.cache_hits} from the "
+        f"cache; this directory has cost ${manifest_obj.cost_usd:.4f} in "
+        f"{manifest_obj.calls_paid} calls"
+    )
+    for model, used in sorted(spend.by_model.items()):
+        click.echo(f"  {model}: {used.calls} made, {used.cache_hits} cached, ${used.cost_usd:.4f}")
+    if result.failures:
+        click.echo(
+            f"{len(result.failures)} failure(s), see {out}/failures.jsonl; rerun to retry "
+            f"(answered calls are cached): {result.failures[0]}",
+            err=True,
+        )
+    if result.stopped == "budget":
+        click.echo(f"stopped at --max-spend ${max_spend}: raise it and rerun to go on", err=True)
+    for name, have in result.short().items():
+        click.echo(
+            f"short: {name} has {have} of {n} inputs: add videos and rerun (pilots of "
+            f"{have} are below the paper's 100)",
+            err=True,
+        )
+    registry = result.pool.registry_path()
+    if registry is None:
+        click.echo(f"note: {pool} names no registry: add `registry: eligibility.yaml` to it")
+    click.echo("next:")
+    # `vkr run` reads a manifest, not a folder.
+    for line in result.next_commands(manifest or "MANIFEST.jsonl", video_root):
+        click.echo(f"  {line}")
 
 
 @qualify.command()

@@ -81,6 +81,33 @@ class PilotItem(Strict):
     auto_label: AutoLabel | None = None
 
 
+# The file `vkr qualify inputs` writes beside the step inputs it recorded.
+PILOT_INPUTS_MANIFEST = "pilot-inputs.json"
+
+
+class StepInputs(Strict):
+    """How many distinct inputs of one step a pilot-inputs directory holds, and of what kind."""
+
+    prompt_version: str
+    inputs: int
+    strata: dict[str, int] = Field(description='"discipline / skill" -> inputs')
+    candidates: list[str] = Field(description="the pool models a pilot may qualify for it")
+
+
+class PilotInputsManifest(Strict):
+    """pilot-inputs.json: what `vkr qualify inputs` collected and what it has cost so far."""
+
+    pool: str
+    videos: str
+    n: int = Field(description="distinct inputs asked for per step")
+    config: dict[str, Any]
+    steps: dict[str, StepInputs]
+    videos_used: dict[str, str] = Field(description="video id -> file, for pilot items")
+    calls_paid: int = Field(description="calls sent to providers, every invocation included")
+    cost_usd: float
+    updated: str
+
+
 class Label(Strict):
     """One expert (or automatic) judgement of one item, as stored in labels.sqlite."""
 

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from qualification.labels import LabelStore
-from qualification.models import AUTO_ANNOTATOR, AutoLabel, PilotFrame, PilotItem, PilotManifest
+from qualification.models import (
+    AUTO_ANNOTATOR,
+    PILOT_INPUTS_MANIFEST,
+    AutoLabel,
+    PilotFrame,
+    PilotInputsManifest,
+    PilotItem,
+    PilotManifest,
+)
 from vkr_core.calls import CallFailed, ModelCaller
 from vkr_core.config import Pool, fingerprint, load_pool
 from vkr_core.log import register_secrets
@@ -191,6 +199,15 @@ def frame_clocks(messages: list[dict[str, Any]]) -> dict[str, str | None]:
 def _video_paths(run_dirs: list[Path]) -> dict[str, str]:
     paths: dict[str, str] = {}
     for run_dir in run_dirs:
+        # A pilot-inputs directory (`vkr qualify inputs`) has no records: it lists its videos.
+        listing = run_dir / PILOT_INPUTS_MANIFEST
+        if listing.is_file():
+            try:
+                used = PilotInputsManifest.model_validate_json(listing.read_text()).videos_used
+            except ValueError:
+                used = {}
+            for video_id, video_file in used.items():
+                paths.setdefault(video_id, video_file)
         for path in sorted((run_dir / "records").glob("*.json")):
             try:
                 record = VideoRecord.model_validate_json(path.read_text())
@@ -255,7 +272,8 @@ def select_inputs(
     if not recorded:
         raise InputError(
             f"no inputs of step {step_name!r} are recorded in {where}: a run records them in "
-            f"RUN_DIR/inputs/{step_name}.jsonl when it calls the step (run `vkr generate`)"
+            f"RUN_DIR/inputs/{step_name}.jsonl when it calls the step; before any model is "
+            "qualified, `vkr qualify inputs` records them for every model step"
         )
     # An input recorded under another prompt version is not what the step sends today.
     current = [r for r in recorded if r.record.get("prompt_version") in (None, current_version)]
