@@ -134,6 +134,13 @@ class Provider:
     async def aclose(self) -> None:
         """Release connections; called when a run ends."""
 
+    def warm_up(self) -> None:
+        """Start slow set-up (say, a heavy import) in the background; must not block.
+
+        Called when a run opens, so the first call does not wait for it, nor stop the event
+        loop while it runs.
+        """
+
     name: str = ""
     # True when ``complete`` accepts ``journal=`` and replays a journalled raw reply.
     supports_journal: bool = False

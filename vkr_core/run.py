@@ -120,6 +120,10 @@ class Run:
         from vkr_core.limits import SpendLimit
         from vkr_core.preflight import preflight
 
+        for name in sorted({spec.provider for spec in self.pool.models}):
+            provider = self.registry.providers.get(name)
+            if provider is not None:
+                provider.warm_up()  # in the background, while preflight and decoding run
         health = self.router.health
         health.cooldown = self.config.cooldown
         health.notify = _tell

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
+import threading
 from typing import Any
 
 from vkr_core.calls import (
@@ -20,24 +22,75 @@ from vkr_core.hookspecs import hookimpl
 from vkr_core.log import redact, register_secrets
 
 _litellm: Any = None
+_import_lock = threading.Lock()  # held for the whole import
+_start_lock = threading.Lock()  # held only to start the thread: never blocks the loop
+_importing: concurrent.futures.Future[Any] | None = None
 
 
 def _import_litellm() -> Any:
-    """Import litellm on first use: it is slow to import and fetches a cost map unless told not to."""
+    """Import litellm (slow: seconds); it fetches a cost map unless told not to."""
     global _litellm
-    if _litellm is None:
-        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-        if os.environ.get("LITELLM_LOG") == "":
-            del os.environ["LITELLM_LOG"]  # an empty value makes the import fail
-        import litellm
+    with _import_lock:  # one import, whether from the warm-up thread or a caller
+        if _litellm is None:
+            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            if os.environ.get("LITELLM_LOG") == "":
+                del os.environ["LITELLM_LOG"]  # an empty value makes the import fail
+            import litellm
 
-        litellm.drop_params = True  # a provider without `seed` support must not fail the call
-        litellm.suppress_debug_info = True
-        litellm.redact_messages_in_exceptions = True
-        litellm.turn_off_message_logging = True
-        litellm.telemetry = False
-        _litellm = litellm
+            litellm.drop_params = True  # a provider without `seed` support must not fail
+            litellm.suppress_debug_info = True
+            litellm.redact_messages_in_exceptions = True
+            litellm.turn_off_message_logging = True
+            litellm.telemetry = False
+            _litellm = litellm
     return _litellm
+
+
+def _start_import() -> concurrent.futures.Future[Any]:
+    """litellm's import in a thread of its own, started once per process."""
+    global _importing
+    with _start_lock:
+        if _importing is None:
+            _importing = concurrent.futures.Future()
+            future = _importing
+
+            def target() -> None:
+                try:
+                    future.set_result(_import_litellm())
+                except BaseException as exc:  # the caller that awaits it sees the error
+                    future.set_exception(exc)
+
+            threading.Thread(target=target, name="vkr-import-litellm", daemon=True).start()
+    return _importing
+
+
+async def _litellm_module() -> Any:
+    """litellm, imported off the event loop: an import on the loop stops every call and
+    decode of the run for the ~5 s it takes."""
+    if _litellm is not None:
+        return _litellm
+    return await asyncio.wrap_future(_start_import())
+
+
+# Sampling parameters every OpenAI-compatible server takes as they are: a request with only
+# these needs nothing of litellm's parameter mapping (see LitellmProvider._complete_plain).
+PLAIN_PARAMS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "seed",
+        "stop",
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+    }
+)
+# Statuses litellm maps to its retryable errors (timeouts, conflicts, rate limits, 5xx).
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
 
 def _retry_after(exc: Any) -> float | None:
@@ -57,19 +110,36 @@ def _retry_after(exc: Any) -> float | None:
     return None
 
 
-def _cost(
-    litellm: Any, spec: ModelSpec, prompt_tokens: int, completion_tokens: int
-) -> float | None:
-    """litellm's price for the tokens, or None when the pool sets its own prices."""
-    if spec.input_cost_per_token is not None or spec.output_cost_per_token is not None:
-        return None
+def _litellm_cost(litellm: Any, model: str, prompt_tokens: int, completion_tokens: int) -> float:
     try:
         prompt_cost, completion_cost = litellm.cost_per_token(
-            model=spec.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+            model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
         )
         return float(prompt_cost + completion_cost)
     except Exception:
         return 0.0  # a model missing from litellm's price map
+
+
+def _token_prices(litellm: Any, model: str) -> tuple[float, float] | None:
+    """A model's (input, output) price per token from litellm's cost map, or None when its
+    price is not linear in the tokens (tiers above a context size, discounts): litellm then
+    prices each call itself."""
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:
+        return (0.0, 0.0)  # not in the map: litellm prices it at 0 as well
+    if any("_above_" in key and value for key, value in info.items()):
+        return None
+    prices = (info.get("input_cost_per_token"), info.get("output_cost_per_token"))
+    if prices[0] is None or prices[1] is None:
+        return None
+    linear = (float(prices[0]), float(prices[1]))
+    # Checked once against litellm's own answer, so a cost-map shape this code does not
+    # know never makes vkr's price differ from litellm's.
+    expected = _litellm_cost(litellm, model, 1000, 1000)
+    if abs(1000 * linear[0] + 1000 * linear[1] - expected) > 1e-12 * max(1.0, expected):
+        return None
+    return linear
 
 
 def reply_from_openai_body(raw: bytes) -> tuple[str, str | None, int, int, bool]:
@@ -96,6 +166,25 @@ class LitellmProvider(Provider):
 
     def __init__(self) -> None:
         self._clients: dict[tuple[Any, ...], Any] = {}
+        # model -> (input, output) price per token, looked up once: litellm's per-call cost
+        # calculation is a third of its CPU per call.
+        self._prices: dict[str, tuple[float, float] | None] = {}
+
+    def warm_up(self) -> None:
+        _start_import()
+
+    def _cost(
+        self, litellm: Any, spec: ModelSpec, prompt_tokens: int, completion_tokens: int
+    ) -> float | None:
+        """The call's price from litellm's cost map, or None when the pool sets its own prices."""
+        if spec.input_cost_per_token is not None or spec.output_cost_per_token is not None:
+            return None
+        if spec.model not in self._prices:
+            self._prices[spec.model] = _token_prices(litellm, spec.model)
+        prices = self._prices[spec.model]
+        if prices is None:
+            return _litellm_cost(litellm, spec.model, prompt_tokens, completion_tokens)
+        return prices[0] * prompt_tokens + prices[1] * completion_tokens
 
     async def aclose(self) -> None:
         """Close the HTTP clients this provider opened (at the end of a run)."""
@@ -151,7 +240,7 @@ class LitellmProvider(Provider):
         headers: dict[str, str],
         journal: Journal | None = None,
     ) -> ProviderReply:
-        litellm = _import_litellm()
+        litellm = await _litellm_module()
         call_key = headers.get(CALL_KEY_HEADER)
         if journal is not None and call_key:
             raw = journal.load(call_key)
@@ -166,7 +255,7 @@ class LitellmProvider(Provider):
                     completion_tokens=completion_tokens,
                     refusal=refusal,
                     recovered=True,
-                    cost_usd=_cost(litellm, spec, prompt_tokens, completion_tokens),
+                    cost_usd=self._cost(litellm, spec, prompt_tokens, completion_tokens),
                 )
         api_key = spec.api_key()
         register_secrets([api_key])
@@ -176,7 +265,10 @@ class LitellmProvider(Provider):
             api_key = "EMPTY"
         extra: dict[str, Any] = {}
         if journal is not None and spec.model.startswith("openai/"):
-            extra["client"] = self._journalling_client(spec, api_key, journal)
+            client = self._journalling_client(spec, api_key, journal)
+            if spec.api_base and set(params) <= PLAIN_PARAMS:
+                return await self._complete_plain(litellm, client, spec, messages, params, headers)
+            extra["client"] = client
         try:
             response = await litellm.acompletion(
                 model=spec.model,
@@ -222,7 +314,7 @@ class LitellmProvider(Provider):
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        cost = _cost(litellm, spec, prompt_tokens, completion_tokens)
+        cost = self._cost(litellm, spec, prompt_tokens, completion_tokens)
         return ProviderReply(
             text=text or (refusal_text or ""),
             finish_reason=finish,
@@ -230,6 +322,72 @@ class LitellmProvider(Provider):
             completion_tokens=completion_tokens,
             cost_usd=cost,
             refusal=finish == "content_filter" or bool(refusal_text),
+        )
+
+    async def _complete_plain(
+        self,
+        litellm: Any,
+        client: Any,
+        spec: ModelSpec,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        headers: dict[str, str],
+    ) -> ProviderReply:
+        """An OpenAI-compatible server (vLLM, the fake server) asked with parameters every
+        such server takes: the request goes out as is over litellm's transport and the body
+        is read the way a journalled one is. ``litellm.acompletion`` would add ~4 ms of CPU
+        per call (cost calculation, logging payloads, redaction copies) for nothing to map,
+        which at a few hundred calls a second is the run's limit (bench/bench_throughput.py).
+        """
+        import httpx
+        import openai
+
+        body = {"model": spec.model.removeprefix("openai/"), "messages": messages, **params}
+        try:
+            response = await client.post(
+                "/chat/completions",
+                body=body,
+                cast_to=httpx.Response,
+                options={"headers": headers, "timeout": spec.timeout},
+            )
+            raw = await response.aread()
+        except openai.BadRequestError as exc:
+            if "content_policy" in str(exc) or "content_filter" in str(exc):
+                return ProviderReply(
+                    text=redact(str(exc))[:500], finish_reason="content_filter", refusal=True
+                )
+            raise PermanentError(f"BadRequestError: {redact(str(exc))[:300]}", 400) from None
+        except (openai.RateLimitError, openai.InternalServerError) as exc:
+            raise TransientError(
+                f"{type(exc).__name__}: {redact(str(exc))[:300]}",
+                _retry_after(exc),
+                exc.status_code,
+            ) from None
+        except openai.APIStatusError as exc:
+            if exc.status_code in TRANSIENT_STATUSES:
+                raise TransientError(
+                    f"{type(exc).__name__}: {redact(str(exc))[:300]}",
+                    _retry_after(exc),
+                    exc.status_code,
+                ) from None
+            raise PermanentError(
+                f"{type(exc).__name__}: {redact(str(exc))[:300]}", exc.status_code
+            ) from None
+        except (openai.APIConnectionError, httpx.HTTPError) as exc:  # timeouts included
+            raise TransientError(f"{type(exc).__name__}: {redact(str(exc))[:300]}") from None
+        try:
+            text, finish, prompt_tokens, completion_tokens, refusal = reply_from_openai_body(raw)
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise PermanentError(
+                f"unreadable reply from {spec.name}: {type(exc).__name__}: {redact(str(exc))[:200]}"
+            ) from None
+        return ProviderReply(
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=self._cost(litellm, spec, prompt_tokens, completion_tokens),
+            refusal=refusal,
         )
 
     async def check(self, spec: ModelSpec) -> ProviderReply | None:

@@ -1,0 +1,149 @@
+"""What `vkr run` needs to keep up with the models: litellm imported off the event loop,
+calls priced by vkr (not by litellm's per-call machinery), small checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugins.providers.litellm_provider import LitellmProvider, _import_litellm
+from vkr_core.calls import ModelCaller, RetrySettings
+from vkr_core.config import ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A fresh interpreter (litellm not imported yet) opens a run and makes its first call while
+# a ticker measures how long the event loop was ever kept from running it once the run is
+# open (the run's other calls, decodes and checkpoints all wait while it is held).
+FIRST_CALL = r"""
+import asyncio, json, sys, time
+from vkr_core.run import Run
+
+async def main(run_dir, pool):
+    gaps = []
+
+    async def tick():
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    assert "litellm" not in sys.modules
+    async with Run(run_dir, pool) as run:
+        gaps.clear()  # opening a run imports its graph; from here on videos are processed
+        spec = run.pool.models[0]
+        result = await run.caller.call(
+            spec=spec,
+            step="self_consistency",
+            prompt_version="t",
+            messages=[{"role": "user", "content": "Question: [q:0000000a:mc] Which?"}],
+            params={"temperature": 0},
+        )
+    ticker.cancel()
+    print(json.dumps({"max_gap": max(gaps), "text": bool(result.text), "litellm": "litellm" in sys.modules}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_the_first_call_of_a_run_never_stops_the_event_loop_for_litellms_import(tmp_path, vkr_pool):
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_CALL, str(tmp_path / "run"), str(vkr_pool)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["text"] and seen["litellm"]
+    # Importing litellm takes seconds; on the loop it held up every call and decode.
+    assert seen["max_gap"] < 0.5, seen
+
+
+def spec_for(model: str, url: str | None = None, **prices: float) -> ModelSpec:
+    return ModelSpec(name=model.replace("/", "-"), model=model, api_base=url, **prices)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gpt-4o-mini",
+        "openai/gpt-4o",
+        "anthropic/claude-3-5-sonnet-20240620",
+        "gemini/gemini-1.5-pro",  # priced in tiers above 128k tokens
+        "openai/fake-a",  # not in litellm's map: free, as litellm says
+    ],
+)
+@pytest.mark.parametrize("tokens", [(1, 0), (1234, 567), (200_000, 9_000)])
+def test_prices_are_litellms_for_every_model_and_size(model, tokens):
+    litellm = _import_litellm()
+    provider = LitellmProvider()
+    try:
+        prompt_cost, completion_cost = litellm.cost_per_token(
+            model=model, prompt_tokens=tokens[0], completion_tokens=tokens[1]
+        )
+        expected = prompt_cost + completion_cost
+    except Exception:
+        expected = 0.0
+    for _ in range(2):  # the first looks the model up, the second uses what it found
+        cost = provider._cost(litellm, spec_for(model), *tokens)
+        assert cost == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    # A pool's own prices win: the caller applies them.
+    assert provider._cost(litellm, spec_for(model, input_cost_per_token=1e-6), *tokens) is None
+
+
+def test_a_call_to_an_openai_compatible_server_costs_no_litellm_cost_or_logging_work(
+    tmp_path, vkr_fake_server, monkeypatch
+):
+    """litellm's per-call cost calculation and logging payloads were ~40 % of its CPU per
+    call; the record's tokens and cost come out the same without them."""
+    litellm = _import_litellm()
+    from litellm.litellm_core_utils.litellm_logging import Logging
+
+    used: list[str] = []
+    for name in ("response_cost_calculator", "async_success_handler"):
+        real = getattr(Logging, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            used.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Logging, name, spy)
+
+    import asyncio
+
+    async def one() -> tuple:
+        caller = ModelCaller(
+            cache_dir=tmp_path / "cache",
+            providers={"litellm": LitellmProvider()},
+            retry=RetrySettings(attempts=1),
+        )
+        # gpt-4o-mini is in litellm's price map: the fake server answers for any name.
+        spec = spec_for("openai/gpt-4o-mini", vkr_fake_server.base_url)
+        result = await caller.call(
+            spec=spec,
+            step="self_consistency",
+            prompt_version="t",
+            messages=[{"role": "user", "content": "Question: [q:0000000a:mc] Which?"}],
+            params={"temperature": 0},
+        )
+        await caller.aclose()
+        return result.record
+
+    record = asyncio.run(one())
+    assert record.outcome == "ok" and record.prompt_tokens > 0 and record.completion_tokens > 0
+    prompt_cost, completion_cost = litellm.cost_per_token(
+        model="openai/gpt-4o-mini",
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+    )
+    assert record.cost_usd == pytest.approx(prompt_cost + completion_cost, rel=1e-9)
+    assert used == []
