@@ -284,7 +284,7 @@ def run_command(
     pm = get_plugin_manager()
     config = RunConfig(video_root=loaded.video_root, **settings)
     try:
-        records, counters = asyncio.run(
+        counters = asyncio.run(
             run_manifest(
                 loaded.videos,
                 run_dir,
@@ -307,7 +307,8 @@ def run_command(
 
     gates = [g.name for g in pm.registry.gates()]
     click.echo(counters.line())
-    click.echo(format_funnel(funnel(records, gates)))
+    # From the counts the run kept, not from its records: those are on disk only.
+    click.echo(format_funnel(funnel(counters.funnel, gates)))
     # Every run leaves its report beside its records; `vkr report` rebuilds it any time.
     report = build_report(run_dir, gates)
     write_report(report, run_dir)

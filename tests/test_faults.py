@@ -12,6 +12,7 @@ import yaml
 from vkr_core.config import RunConfig
 from vkr_core.run import run_manifest
 from vkr_core.schemas import Video
+from vkr_core.store import RunStore
 
 
 @pytest.fixture
@@ -27,10 +28,11 @@ def videos(tmp_path: Path, testdata: Path) -> list[Video]:
 
 
 def run(videos, run_dir, pool, pm, concurrency=3):
-    records, counters = asyncio.run(
+    counters = asyncio.run(
         run_manifest(videos, run_dir, pool, RunConfig(), pm, concurrency=concurrency, progress=False)
     )
-    return records, counters
+    # A run keeps counters, not records: the records are read back from the run directory.
+    return RunStore(run_dir).records(), counters
 
 
 def outcome(records):

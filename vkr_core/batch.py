@@ -1,7 +1,9 @@
 """Many videos at once on one machine: bounded concurrency, a stop target, live counters.
 
 Each video runs its own checkpointed graph, so a killed batch resumes video by video; a
-video that fails is recorded and the batch goes on.
+video that fails is recorded and the batch goes on. Records and call records go to the run
+directory as they are made; the batch keeps counters only, so its memory does not grow
+with the number of videos.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from vkr_core.report import FunnelCounts
 from vkr_core.schemas import CallRecord, Video, VideoRecord
 
 
@@ -33,11 +36,13 @@ class ExitCode(IntEnum):
 
 @dataclass
 class BatchCounters:
-    """What the progress bar shows."""
+    """What the progress bar and the end of a run show, counted as videos and calls end."""
 
     total: int = 0
     done: int = 0
     failed: int = 0
+    # Videos launched; those still without a record are in flight, or were cut short.
+    launched: int = 0
     accepted: int = 0
     paid_calls: int = 0
     cached_calls: int = 0
@@ -45,6 +50,12 @@ class BatchCounters:
     started: float = field(default_factory=time.monotonic)
     # Why the batch stopped before every video was processed ("budget"), if it did.
     stopped: str | None = None
+    # Examples per stage and skill (the funnel), from the records of this invocation.
+    funnel: FunnelCounts = field(default_factory=FunnelCounts)
+
+    @property
+    def unfinished(self) -> int:
+        return self.launched - self.done - self.failed
 
     def on_call(self, record: CallRecord) -> None:
         if record.cache_hit:
@@ -59,6 +70,7 @@ class BatchCounters:
         else:
             self.failed += 1
         self.accepted += len(record.accepted)
+        self.funnel.add(record)
 
     def line(self) -> str:
         return (
@@ -119,26 +131,26 @@ class ProgressDisplay:
 
 async def run_batch(
     process: Callable[[Video], Any],
-    videos: list[Video],
+    videos: Iterable[Video],
     counters: BatchCounters,
     concurrency: int = 4,
     target_accepted: int | None = None,
     on_video: Callable[[VideoRecord], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    records: list[VideoRecord] | None = None,
-) -> list[VideoRecord]:
+) -> BatchCounters:
     """Process videos with at most ``concurrency`` in flight; stop launching at the target.
 
-    When a video raises (say, the disk is full) no new video starts, but the
-    ones in flight are left to finish: cancelling them would drop replies already paid for.
-    The first such error is raised once they have. Cancelling ``run_batch`` itself (a second
-    Ctrl-C) cancels everything at once; ``records``, when given, keeps the videos finished
-    by then.
+    Each finished video's record goes to ``counters`` (and ``on_video``) and is dropped:
+    it is on disk already. When a video raises (say, the disk is full) no new video starts,
+    but the ones in flight are left to finish: cancelling them would drop replies already
+    paid for. The first such error is raised once they have. Cancelling ``run_batch`` itself
+    (a second Ctrl-C) cancels everything at once; ``counters`` keeps the videos finished by
+    then.
     """
     slots = asyncio.Semaphore(concurrency)
-    if records is None:
-        records = []
-    tasks: list[asyncio.Task[None]] = []
+    # Only the videos in flight: a finished task leaves the set, so 100,000 videos do not
+    # leave 100,000 task objects behind.
+    tasks: set[asyncio.Task[None]] = set()
     errors: list[BaseException] = []
 
     def stop_launching() -> bool:
@@ -148,7 +160,6 @@ async def run_batch(
     async def one(video: Video) -> None:
         try:
             record = await process(video)
-            records.append(record)
             counters.on_video(record)
             if on_video:
                 on_video(record)
@@ -163,16 +174,19 @@ async def run_batch(
             if stop_launching():
                 slots.release()
                 break
-            tasks.append(asyncio.create_task(one(video), name=f"video:{video.video_id}"))
+            counters.launched += 1
+            task = asyncio.create_task(one(video), name=f"video:{video.video_id}")
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
     except BaseException:
-        for task in tasks:
+        for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     if errors:
         raise errors[0]
-    return sorted(records, key=lambda r: r.video_id)
+    return counters
 
 
 def spent_in(run_dir: str | Path) -> float:

@@ -17,8 +17,10 @@ import gc
 import html
 import json
 import math
+import os
 import re
 import time
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -67,101 +69,124 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _read_records(root: Path, warnings: list[str]) -> list[VideoRecord]:
-    records = []
-    for path in sorted((root / "records").glob("*.json")):
+def _read_records(root: Path, warnings: list[str]) -> Iterator[VideoRecord]:
+    """Records one at a time: a report over 100,000 videos never holds more than one."""
+    folder = root / "records"
+    # File names, not Path objects: the sorted list is the one thing here that grows with N.
+    names = sorted(
+        entry.name
+        for entry in (os.scandir(folder) if folder.is_dir() else ())
+        if entry.name.endswith(".json") and not entry.name.startswith(".")
+    )
+    for name in names:
+        path = folder / name
         try:
-            records.append(VideoRecord.model_validate_json(path.read_text()))
+            record = VideoRecord.model_validate_json(path.read_text())
         except ValidationError as exc:
             error = exc.errors()[0]
             field = ".".join(str(x) for x in error["loc"]) or "(file)"
             warnings.append(f"skipped unreadable record {path}: {field}: {error['msg']}")
+            continue
         except (OSError, UnicodeDecodeError) as exc:
             warnings.append(f"skipped unreadable record {path}: {exc}")
-    return records
+            continue
+        yield record
 
 
-def _read_jsonl(path: Path, warnings: list[str]) -> list[tuple[int, dict[str, Any]]]:
-    """Lines of a jsonl log; a line cut short by a killed run is skipped with a warning."""
+def _read_jsonl(path: Path, warnings: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Lines of a jsonl log, one at a time; a line cut short by a killed run is skipped with a
+    warning."""
     if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.append(f"skipped unreadable line {number} of {path}")
-            continue
-        if isinstance(data, dict):
-            rows.append((number, data))
-        else:
-            warnings.append(f"skipped line {number} of {path}: not a JSON object")
-    return rows
+        return
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.append(f"skipped unreadable line {number} of {path}")
+                continue
+            if isinstance(data, dict):
+                yield number, data
+            else:
+                warnings.append(f"skipped line {number} of {path}: not a JSON object")
 
 
-def _read_calls(root: Path, warnings: list[str]) -> list[CallRecord]:
+def _read_calls(root: Path, warnings: list[str]) -> Iterator[CallRecord]:
+    """Call records one at a time, straight from each line of ``calls.jsonl``."""
     path = root / "calls.jsonl"
     if not path.exists():
-        return []
-    calls = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            # Straight from JSON text: about twice as fast as json.loads then validate.
-            calls.append(CallRecord.model_validate_json(line))
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            if error["type"] == "json_invalid":
-                warnings.append(f"skipped unreadable line {number} of {path}")
-            else:
-                field = ".".join(str(x) for x in error["loc"]) or "(line)"
-                warnings.append(f"skipped line {number} of {path}: bad call record ({field})")
-    return calls
+        return
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                # Straight from JSON text: about twice as fast as json.loads then validate.
+                yield CallRecord.model_validate_json(line)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                if error["type"] == "json_invalid":
+                    warnings.append(f"skipped unreadable line {number} of {path}")
+                else:
+                    field = ".".join(str(x) for x in error["loc"]) or "(line)"
+                    warnings.append(f"skipped line {number} of {path}: bad call record ({field})")
 
 
-def _failures(root: Path, records: list[VideoRecord], warnings: list[str]) -> list[dict[str, Any]]:
-    """The latest failure of each video that has not succeeded since."""
-    done = {r.video_id for r in records if r.status == "done"}
-    latest: dict[str, dict[str, Any]] = {}
-    attempts: Counter[str] = Counter()
-    path = root / "failures.jsonl"
-    for number, data in _read_jsonl(path, warnings):
-        video_id = data.get("video_id")
-        if not isinstance(video_id, str):
-            warnings.append(f"skipped line {number} of {path}: no video_id")
-            continue
-        attempts[video_id] += 1
-        when = data.get("time")
-        at = float(when) if isinstance(when, (int, float)) else None
-        entry: dict[str, Any] = {
-            "video_id": video_id,
-            "path": data.get("path"),
-            "reason": str(data.get("reason") or ""),
-            "time": at,
-        }
-        previous = latest.get(video_id)
-        # Appended in time order; the recorded time only decides between reordered lines.
-        if previous is None or (at or 0.0) >= (previous["time"] or 0.0):
-            latest[video_id] = entry
-    # A failed record without a log line (log lost or written by an older version) still counts.
-    for record in records:
-        if record.status == "failed" and record.video_id not in latest:
-            latest[record.video_id] = {
+class _Failures:
+    """The latest failure of each video that has not succeeded since.
+
+    ``failures.jsonl`` is read first (one entry per failing video); the records, fed one at a
+    time, then drop the videos that are done and add failed ones the log lacks.
+    """
+
+    def __init__(self, root: Path, warnings: list[str]):
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.attempts: Counter[str] = Counter()
+        self.done: set[str] = set()
+        path = root / "failures.jsonl"
+        for number, data in _read_jsonl(path, warnings):
+            video_id = data.get("video_id")
+            if not isinstance(video_id, str):
+                warnings.append(f"skipped line {number} of {path}: no video_id")
+                continue
+            self.attempts[video_id] += 1
+            when = data.get("time")
+            at = float(when) if isinstance(when, (int, float)) else None
+            entry: dict[str, Any] = {
+                "video_id": video_id,
+                "path": data.get("path"),
+                "reason": str(data.get("reason") or ""),
+                "time": at,
+            }
+            previous = self.latest.get(video_id)
+            # Appended in time order; the recorded time only decides between reordered lines.
+            if previous is None or (at or 0.0) >= (previous["time"] or 0.0):
+                self.latest[video_id] = entry
+        self.logged = set(self.latest)
+
+    def add(self, record: VideoRecord) -> None:
+        if record.status == "done":
+            # Only ids that failed at some point are kept: the set stays as small as the log.
+            if record.video_id in self.latest:
+                self.done.add(record.video_id)
+        elif record.status == "failed" and record.video_id not in self.logged:
+            # A failed record without a log line (log lost or written by an older version).
+            self.latest[record.video_id] = {
                 "video_id": record.video_id,
                 "path": record.video.path,
                 "reason": record.failure or "",
                 "time": None,
             }
-            attempts[record.video_id] += 1
-    rows = []
-    for video_id in sorted(latest):
-        if video_id in done:
-            continue
-        rows.append({**latest[video_id], "attempts": attempts[video_id]})
-    return rows
+            self.attempts[record.video_id] += 1
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {**self.latest[video_id], "attempts": self.attempts[video_id]}
+            for video_id in sorted(self.latest)
+            if video_id not in self.done
+        ]
 
 
 # ---------------------------------------------------------------- gate order
@@ -194,19 +219,21 @@ def merge_orders(sequences: Iterable[Sequence[str]]) -> list[str]:
     return order
 
 
-def _gate_order(records: list[VideoRecord], known: Sequence[str] | None) -> list[str]:
-    # Distinct sequences only, in first-seen order: a big run repeats the same few paths.
-    sequences: dict[tuple[str, ...], None] = {}
-    for record in records:
-        for example in record.accepted:
-            sequences[tuple(v.step for v in example.verdicts)] = None
-        for rejection in record.rejected:
-            if rejection.step == GENERATOR:
-                continue
-            passed = [v.step for v in rejection.candidate.verdicts] if rejection.candidate else []
-            if not passed or passed[-1] != rejection.step:
-                passed.append(rejection.step)
-            sequences[tuple(passed)] = None
+def _add_gate_sequences(record: VideoRecord, sequences: dict[tuple[str, ...], None]) -> None:
+    """The gate paths a record's examples took (distinct ones, in first-seen order: a big run
+    repeats the same few paths, so this stays small)."""
+    for example in record.accepted:
+        sequences[tuple(v.step for v in example.verdicts)] = None
+    for rejection in record.rejected:
+        if rejection.step == GENERATOR:
+            continue
+        passed = [v.step for v in rejection.candidate.verdicts] if rejection.candidate else []
+        if not passed or passed[-1] != rejection.step:
+            passed.append(rejection.step)
+        sequences[tuple(passed)] = None
+
+
+def _gate_order(sequences: dict[tuple[str, ...], None], known: Sequence[str] | None) -> list[str]:
     seen = {name for sequence in sequences for name in sequence}
     ordered: list[Sequence[str]] = list(sequences)
     if known:
@@ -227,11 +254,14 @@ def _share(part: float, whole: float) -> float | None:
 NO_OUTCOME = "(no outcome)"
 
 
-def funnel_rows(outcomes: list[str | None], gates: list[str]) -> list[dict[str, Any]]:
+def funnel_rows(
+    outcomes: Iterable[str | None] | Counter[str | None], gates: list[str]
+) -> list[dict[str, Any]]:
     """Stages from per-round outcomes: None = accepted, NO_OUTCOME = none yet, else the step
-    that rejected it. The "with an outcome" stage appears only when some round has none."""
-    rejected_at = Counter(o for o in outcomes if o is not None)
-    rounds = len(outcomes)
+    that rejected it; a Counter of them serves as well as a list. The "with an outcome"
+    stage appears only when some round has none."""
+    counts = outcomes if isinstance(outcomes, Counter) else Counter(outcomes)
+    rounds = sum(counts.values())
     rows = [
         {
             "stage": "rounds",
@@ -243,23 +273,23 @@ def funnel_rows(outcomes: list[str | None], gates: list[str]) -> list[dict[str, 
         }
     ]
     stages = [("generated", GENERATOR)] + [(f"after {g}", g) for g in gates]
-    if rejected_at[NO_OUTCOME]:
+    if counts[NO_OUTCOME]:
         stages.insert(0, ("with an outcome", NO_OUTCOME))
     remaining = rounds
     for stage, step in stages:
         before = remaining
-        remaining -= rejected_at[step]
+        remaining -= counts[step]
         rows.append(
             {
                 "stage": stage,
                 "step": step,
                 "count": remaining,
-                "rejected": rejected_at[step],
+                "rejected": counts[step],
                 "kept_share": _share(remaining, before),
                 "share_of_rounds": _share(remaining, rounds),
             }
         )
-    accepted = sum(1 for o in outcomes if o is None)
+    accepted = counts[None]
     rows.append(
         {
             "stage": "accepted",
@@ -278,24 +308,45 @@ def _skill_order(skills: Iterable[str]) -> list[str]:
     return known + sorted(set(skills) - set(SKILLS))
 
 
-def funnels(records: Iterable[VideoRecord], gates: list[str]) -> dict[str, Any]:
-    """The funnel overall and per skill; planned rounds without an outcome count as such."""
-    by_skill: dict[str, list[str | None]] = defaultdict(list)
-    everything: list[str | None] = []
-    for record in records:
+class FunnelCounts:
+    """The funnel's counts, fed one record at a time: per skill, how many rounds were
+    accepted (None), have no outcome yet (NO_OUTCOME) or were rejected at each step.
+
+    A run keeps one of these instead of its records, so its memory does not grow with the
+    number of videos; ``rows`` gives the funnel overall and per skill.
+    """
+
+    def __init__(self) -> None:
+        self.by_skill: dict[str, Counter[str | None]] = defaultdict(Counter)
+
+    def add(self, record: VideoRecord) -> None:
         for example in record.accepted:
-            by_skill[example.skill].append(None)
-            everything.append(None)
+            self.by_skill[example.skill][None] += 1
         for rejection in record.rejected:
-            by_skill[rejection.skill].append(rejection.step)
-            everything.append(rejection.step)
+            self.by_skill[rejection.skill][rejection.step] += 1
         for skill, missing in record.missing_rounds().items():
-            by_skill[skill] += [NO_OUTCOME] * missing
-            everything += [NO_OUTCOME] * missing
-    return {
-        "overall": funnel_rows(everything, gates),
-        "by_skill": {s: funnel_rows(by_skill[s], gates) for s in _skill_order(by_skill)},
-    }
+            self.by_skill[skill][NO_OUTCOME] += missing
+
+    def rows(self, gates: list[str]) -> dict[str, Any]:
+        overall: Counter[str | None] = Counter()
+        for counts in self.by_skill.values():
+            overall.update(counts)
+        return {
+            "overall": funnel_rows(overall, gates),
+            "by_skill": {
+                s: funnel_rows(self.by_skill[s], gates) for s in _skill_order(self.by_skill)
+            },
+        }
+
+
+def funnels(records: Iterable[VideoRecord] | FunnelCounts, gates: list[str]) -> dict[str, Any]:
+    """The funnel overall and per skill; planned rounds without an outcome count as such."""
+    if isinstance(records, FunnelCounts):
+        return records.rows(gates)
+    counts = FunnelCounts()
+    for record in records:
+        counts.add(record)
+    return counts.rows(gates)
 
 
 # ---------------------------------------------------------------- rejection reasons
@@ -324,8 +375,15 @@ def normalise_reason(reason: str, models: Iterable[str] | re.Pattern[str] | None
     ``models`` are model names (or a compiled pattern of them) that become ``{model}``.
     """
     pattern = models if isinstance(models, re.Pattern) else _names_pattern(models or ())
-    text = _SPACES.sub(" ", reason).strip()
-    text = _QUOTED.sub("'…'", text)
+    return _finish_reason(_start_reason(reason), pattern)
+
+
+def _start_reason(reason: str) -> str:
+    """The part of normalising that needs no model names (they are known only at the end)."""
+    return _QUOTED.sub("'…'", _SPACES.sub(" ", reason).strip())
+
+
+def _finish_reason(text: str, pattern: re.Pattern[str] | None) -> str:
     if pattern is not None:
         text = pattern.sub("{model}", text)
     text = _TAG.sub("{id}", text)
@@ -349,44 +407,91 @@ def collapse_free_text(counts: Counter[str]) -> dict[str, str]:
     return mapping
 
 
-def _rejections(
-    records: list[VideoRecord], steps: list[str], models: set[str]
-) -> dict[str, dict[str, Any]]:
-    pattern = _names_pattern(models)
-    by_step: dict[str, list[tuple[str, Any]]] = defaultdict(list)
-    for record in records:
-        for rejection in record.rejected:
-            by_step[rejection.step].append((normalise_reason(rejection.reason, pattern), rejection))
-    out: dict[str, dict[str, Any]] = {}
-    for step in merge_orders([steps, sorted(by_step)]):
-        if step not in by_step:
-            continue
-        mapping = collapse_free_text(Counter(key for key, _ in by_step[step]))
+class _ReasonTally:
+    """Rejections of one step, fed one at a time and kept as counters per reason.
+
+    Reasons are grouped by their normalised text, which needs every model name of the run
+    (known only once everything is read): until then they are counted under the part of the
+    normalisation that needs none, with their kinds and their first few raw texts, tagged
+    with the order they were seen in so the examples come out as a single pass would pick
+    them.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.kinds: dict[str, Counter[str]] = defaultdict(Counter)
+        self.examples: dict[str, list[tuple[int, str]]] = defaultdict(list)
+
+    def add(self, reason: str, kind: str, seen: int) -> None:
+        key = _start_reason(reason)
+        self.counts[key] += 1
+        self.kinds[key][kind] += 1
+        examples = self.examples[key]
+        if len(examples) < EXAMPLES_PER_REASON and all(raw != reason for _, raw in examples):
+            examples.append((seen, reason))
+
+    def result(self, pattern: re.Pattern[str] | None) -> dict[str, Any]:
+        normalised = {key: _finish_reason(key, pattern) for key in self.counts}
+        counts: Counter[str] = Counter()
+        for key, count in self.counts.items():
+            counts[normalised[key]] += count
+        mapping = collapse_free_text(counts)
         grouped: dict[str, dict[str, Any]] = {}
+        seen: dict[str, list[tuple[int, str]]] = defaultdict(list)
         kinds: Counter[str] = Counter()
-        for key, rejection in by_step[step]:
-            reason = mapping[key]
+        for key, count in self.counts.items():
+            reason = mapping[normalised[key]]
             group = grouped.setdefault(
                 reason, {"reason": reason, "count": 0, "kinds": Counter(), "examples": []}
             )
-            group["count"] += 1
-            group["kinds"][rejection.kind] += 1
-            kinds[rejection.kind] += 1
-            if len(group["examples"]) < EXAMPLES_PER_REASON and (
-                rejection.reason not in group["examples"]
-            ):
-                group["examples"].append(rejection.reason)
+            group["count"] += count
+            group["kinds"].update(self.kinds[key])
+            kinds.update(self.kinds[key])
+            seen[reason] += self.examples[key]
+        for reason, group in grouped.items():
+            # A raw text belongs to one key, so the group's first distinct texts are among
+            # its keys' first ones: the earliest few of those, in the order they were seen.
+            group["examples"] = [raw for _, raw in sorted(seen[reason])[:EXAMPLES_PER_REASON]]
         groups = sorted(grouped.values(), key=lambda g: (-g["count"], g["reason"]))
         for group in groups:
             group["kinds"] = dict(sorted(group["kinds"].items()))
-        out[step] = {
+        return {
             "total": sum(g["count"] for g in groups),
             "kinds": dict(sorted(kinds.items())),
             "distinct_reasons": len(groups),
             "reasons": groups[:TOP_REASONS],
             "other": sum(g["count"] for g in groups[TOP_REASONS:]),
         }
-    return out
+
+
+class _Rejections:
+    """Rejection reasons per step, fed one record at a time."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[str, _ReasonTally] = defaultdict(_ReasonTally)
+        self.seen = 0
+
+    def add(self, record: VideoRecord) -> None:
+        for rejection in record.rejected:
+            self.by_step[rejection.step].add(rejection.reason, rejection.kind, self.seen)
+            self.seen += 1
+
+    def result(self, steps: list[str], models: set[str]) -> dict[str, dict[str, Any]]:
+        pattern = _names_pattern(models)
+        return {
+            step: self.by_step[step].result(pattern)
+            for step in merge_orders([steps, sorted(self.by_step)])
+            if step in self.by_step
+        }
+
+
+def _rejections(
+    records: Iterable[VideoRecord], steps: list[str], models: set[str]
+) -> dict[str, dict[str, Any]]:
+    tally = _Rejections()
+    for record in records:
+        tally.add(record)
+    return tally.result(steps, models)
 
 
 # ---------------------------------------------------------------- calls and spend
@@ -411,7 +516,8 @@ class _CallTally:
         self.prompt_tokens = self.completion_tokens = 0
         self.spend = self.saved = 0.0
         self.outcomes: Counter[str] = Counter()
-        self.latencies: list[float] = []
+        # 8 bytes a call (a list of floats takes 32): exact percentiles at any run size.
+        self.latencies = array("d")
 
     def add(self, call: CallRecord) -> None:
         self.calls += 1
@@ -449,23 +555,39 @@ class _CallTally:
         }
 
 
+class _CallStats:
+    """Totals, per model and per step, fed one call record at a time."""
+
+    def __init__(self) -> None:
+        self.total = _CallTally()
+        self.models: dict[str, _CallTally] = defaultdict(_CallTally)
+        self.by_step: dict[str, _CallTally] = defaultdict(_CallTally)
+
+    def add(self, call: CallRecord) -> None:
+        self.total.add(call)
+        self.models[call.model].add(call)
+        self.by_step[call.step].add(call)
+
+    def result(
+        self, steps: Sequence[str]
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Totals, per model and per step (steps in pipeline order, then any others)."""
+        step_order = [s for s in merge_orders([steps, sorted(self.by_step)]) if s in self.by_step]
+        return (
+            self.total.result(),
+            {name: self.models[name].result() for name in sorted(self.models)},
+            {name: self.by_step[name].result() for name in step_order},
+        )
+
+
 def _call_stats(
-    calls: list[CallRecord], steps: Sequence[str]
+    calls: Iterable[CallRecord], steps: Sequence[str]
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Totals, per model and per step (steps in pipeline order, then any others)."""
-    total = _CallTally()
-    models: dict[str, _CallTally] = defaultdict(_CallTally)
-    by_step: dict[str, _CallTally] = defaultdict(_CallTally)
+    stats = _CallStats()
     for call in calls:
-        total.add(call)
-        models[call.model].add(call)
-        by_step[call.step].add(call)
-    step_order = [s for s in merge_orders([steps, sorted(by_step)]) if s in by_step]
-    return (
-        total.result(),
-        {name: models[name].result() for name in sorted(models)},
-        {name: by_step[name].result() for name in step_order},
-    )
+        stats.add(call)
+    return stats.result(steps)
 
 
 # ---------------------------------------------------------------- the report
@@ -490,42 +612,58 @@ def build_report(run_dir: str | Path, gate_names: Sequence[str] | None = None) -
 
 
 def _summarise(root: Path, gate_names: Sequence[str] | None) -> dict[str, Any]:
-    warnings: list[str] = []
-    records = _read_records(root, warnings)
-    calls = _read_calls(root, warnings)
-    failures = _failures(root, records, warnings)
-    gates = _gate_order(records, gate_names)
-    funnel = funnels(records, gates)
-
-    models: set[str] = {c.model for c in calls}
-    for record in records:
+    # One pass over the records and one over the calls, each read one at a time into
+    # counters: the report's memory does not grow with the number of videos or calls.
+    record_warnings: list[str] = []
+    call_warnings: list[str] = []
+    failure_warnings: list[str] = []
+    failed = _Failures(root, failure_warnings)
+    funnel_counts = FunnelCounts()
+    sequences: dict[tuple[str, ...], None] = {}
+    rejections = _Rejections()
+    models: set[str] = set()
+    frames = done = 0
+    unfinished: list[str] = []
+    for record in _read_records(root, record_warnings):
+        failed.add(record)
+        funnel_counts.add(record)
+        _add_gate_sequences(record, sequences)
+        rejections.add(record)
+        frames += record.frames
+        if not record.finished:
+            unfinished.append(record.video_id)
+        elif record.status == "done":
+            done += 1
         for example in record.accepted:
             models.update(m for ms in example.models.values() for m in ms)
         for rejection in record.rejected:
             if rejection.candidate:
                 models.update(m for ms in rejection.candidate.models.values() for m in ms)
+    calls = _CallStats()
+    for call in _read_calls(root, call_warnings):
+        calls.add(call)
+        models.add(call.model)
+    failures = failed.rows()
+    gates = _gate_order(sequences, gate_names)
+    funnel = funnel_counts.rows(gates)
     steps = [GENERATOR, *gates]
 
-    totals, per_model, per_step = _call_stats(calls, steps)
+    totals, per_model, per_step = calls.result(steps)
     accepted = funnel["overall"][-1]["count"]
     rounds = funnel["overall"][0]["count"]
-    done = sum(1 for r in records if r.status == "done" and r.finished)
-    unfinished = sorted(r.video_id for r in records if not r.finished)
+    unfinished.sort()
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "run_dir": str(root.resolve()),
         "gates": gates,
         "totals": {
-            "videos": len(
-                {r.video_id for r in records if r.status == "done"}
-                | {f["video_id"] for f in failures}
-                | set(unfinished)
-            ),
+            # Done and finished, failed, or started and not finished: each video once.
+            "videos": done + len({f["video_id"] for f in failures} | set(unfinished)),
             "videos_done": done,
             "videos_failed": len(failures),
             # Started and not finished: a stopped run; the same command finishes them.
             "videos_unfinished": len(unfinished),
-            "frames": sum(r.frames for r in records),
+            "frames": frames,
             "rounds": rounds,
             "accepted": accepted,
             "acceptance_rate": _share(accepted, rounds),
@@ -533,12 +671,12 @@ def _summarise(root: Path, gate_names: Sequence[str] | None) -> dict[str, Any]:
             **totals,
         },
         "funnel": funnel,
-        "rejections": _rejections(records, steps, models),
+        "rejections": rejections.result(steps, models),
         "models": per_model,
         "steps": per_step,
         "failures": failures,
         "unfinished": unfinished,
-        "warnings": warnings,
+        "warnings": record_warnings + call_warnings + failure_warnings,
     }
     return report
 

@@ -6,9 +6,9 @@ Everything that can be wrong with the inputs is found here, before any call is p
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vkr_core.calls import CallFailed, ModelCaller
 from vkr_core.config import (
@@ -25,6 +25,10 @@ from vkr_core.router import Router
 from vkr_core.schemas import CallRecord, InputError, Video, VideoRecord, VkrError
 from vkr_core.seeds import SeedBank
 from vkr_core.store import DiskFull, RunStore, is_disk_full
+
+if TYPE_CHECKING:
+    from vkr_core.batch import BatchCounters
+    from vkr_core.report import FunnelCounts
 
 log = get_logger("vkr.run")
 
@@ -210,8 +214,11 @@ class Run:
         return VideoRecord(video_id=video.video_id, video=video, status="failed", failure=reason)
 
 
-def funnel(records: list[VideoRecord], gate_names: list[str]) -> list[tuple[str, int]]:
-    """Examples left after each stage (the report's funnel, as (stage, count) pairs)."""
+def funnel(
+    records: Iterable[VideoRecord] | FunnelCounts, gate_names: list[str]
+) -> list[tuple[str, int]]:
+    """Examples left after each stage (the report's funnel, as (stage, count) pairs), from
+    records or from the counts a run kept of them."""
     from vkr_core.report import funnels
 
     return [(row["stage"], row["count"]) for row in funnels(records, gate_names)["overall"]]
@@ -225,7 +232,10 @@ async def generate_videos(
     pm: VkrPluginManager | None = None,
     force: bool = False,
 ) -> list[VideoRecord]:
-    """Process videos one after another in one run directory; returns their records."""
+    """Process a few videos one after another in one run directory; returns their records.
+
+    For many videos use ``run_manifest``, which keeps counters instead of records.
+    """
     seen: set[str] = set()
     for video in videos:
         if video.video_id in seen:
@@ -251,18 +261,21 @@ async def run_manifest(
     target_accepted: int | None = None,
     progress: bool = True,
     problems: list[Any] = (),  # type: ignore[assignment]
-) -> tuple[list[VideoRecord], Any]:
-    """`vkr run`: many videos at once in one run directory; returns records and counters.
+) -> BatchCounters:
+    """`vkr run`: many videos at once in one run directory; returns the run's counters.
 
-    With ``config.max_spend``, no video and no request starts once the run directory's
-    spend reaches it; the calls in flight land, and ``counters.stopped`` says "budget".
+    Records and call records are in the run directory (``RunStore.iter_records``,
+    ``iter_calls``); the counters hold what the end of a run prints (videos done, failed
+    and unfinished, the funnel per stage and skill, calls and spend), so memory stays flat
+    however many videos there are. With ``config.max_spend``, no video and no request
+    starts once the run directory's spend reaches it; the calls in flight land, and
+    ``counters.stopped`` says "budget".
     """
     import asyncio
 
     from vkr_core.batch import BatchCounters, ProgressDisplay, run_batch
 
     counters = BatchCounters(total=len(videos))
-    records: list[VideoRecord] = []
     async with Run(run_dir, pool, config, pm, force) as run:
         stop_on_interrupt(run)
         for problem in problems:  # manifest lines that never became a video
@@ -281,7 +294,6 @@ async def run_manifest(
                     target_accepted,
                     on_video=lambda _record: display.update(),
                     should_stop=caller.holding,
-                    records=records,
                 )
             )
 
@@ -307,9 +319,9 @@ async def run_manifest(
             finally:
                 if watcher is not None:
                     watcher.cancel()
-        if budget is not None and budget.reached and len(records) < len(videos):
+        if budget is not None and budget.reached and counters.done + counters.failed < len(videos):
             counters.stopped = "budget"
-    return sorted(records, key=lambda r: r.video_id), counters
+    return counters
 
 
 def _tell(message: str) -> None:

@@ -21,6 +21,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +191,14 @@ class RunStore:
             return None
         return VideoRecord.model_validate_json(path.read_text())
 
+    def iter_records(self) -> Iterator[VideoRecord]:
+        """The records in video-id order, one at a time (a big run's do not fit in memory)."""
+        for path in sorted((self.root / "records").glob("*.json")):
+            yield VideoRecord.model_validate_json(path.read_text())
+
     def records(self) -> list[VideoRecord]:
-        return [
-            VideoRecord.model_validate_json(p.read_text())
-            for p in sorted((self.root / "records").glob("*.json"))
-        ]
+        """Every record at once: for a few videos; ``iter_records`` for a run."""
+        return list(self.iter_records())
 
     def _append(self, name: str, data: dict[str, Any]) -> None:
         path = self.root / name
@@ -205,13 +209,19 @@ class RunStore:
     def append_call(self, record: CallRecord) -> None:
         self._append("calls.jsonl", record.model_dump())
 
-    def calls(self) -> list[CallRecord]:
+    def iter_calls(self) -> Iterator[CallRecord]:
+        """The call records in the order they were made, one line at a time."""
         path = self.root / "calls.jsonl"
         if not path.exists():
-            return []
-        return [
-            CallRecord.model_validate_json(line) for line in path.read_text().splitlines() if line
-        ]
+            return
+        with path.open("rb") as handle:
+            for line in handle:
+                if line.strip():
+                    yield CallRecord.model_validate_json(line)
+
+    def calls(self) -> list[CallRecord]:
+        """Every call record at once: for a few videos; ``iter_calls`` for a run."""
+        return list(self.iter_calls())
 
     def add_failure(self, video_id: str, reason: str, path: str | None = None) -> None:
         self._append(
