@@ -113,7 +113,8 @@ def test_sigkill_at_random_moments_pays_no_call_twice(tmp_path, testdata, vkr_po
     read it) is billed and lost whatever the client does; those are counted, and bounded by
     what can be in flight at a kill.
     """
-    vkr_fake_server.set_policy({"latency_ms": 40})
+    # Slow enough that a run lasts past the kills (at 40 ms it ended before the first).
+    vkr_fake_server.set_policy({"latency_ms": 800})
     manifest = write_manifest(tmp_path / "videos", testdata, good=4, bad=False)
     # The reference: one uninterrupted run.
     vkr_run(manifest, vkr_pool, tmp_path / "reference")

@@ -4,11 +4,13 @@ calls priced by vkr (not by litellm's per-call machinery), small checkpoints."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from plugins.providers.litellm_provider import LitellmProvider, _import_litellm
 from vkr_core.calls import ModelCaller, RetrySettings
@@ -53,18 +55,34 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-def test_the_first_call_of_a_run_never_stops_the_event_loop_for_litellms_import(tmp_path, vkr_pool):
+def first_call(run_dir: Path, pool: Path) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", FIRST_CALL, str(tmp_path / "run"), str(vkr_pool)],
+        [sys.executable, "-c", FIRST_CALL, str(run_dir), str(pool)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_first_call_of_a_run_never_stops_the_event_loop_for_litellms_import(tmp_path, vkr_pool):
+    # Without the pool's own prices the run needs litellm's price map, so litellm's import.
+    pool = yaml.safe_load(vkr_pool.read_text())
+    for model in pool["models"]:
+        model.pop("input_cost_per_token", None)
+        model.pop("output_cost_per_token", None)
+    vkr_pool.write_text(yaml.safe_dump(pool))
+    seen = first_call(tmp_path / "run", vkr_pool)
     assert seen["text"] and seen["litellm"]
     # Importing litellm takes seconds; on the loop it held up every call and decode.
+    assert seen["max_gap"] < 0.5, seen
+
+
+def test_a_pool_of_priced_openai_compatible_servers_never_imports_litellm(tmp_path, vkr_pool):
+    seen = first_call(tmp_path / "run", vkr_pool)
+    assert seen["text"] and not seen["litellm"]
     assert seen["max_gap"] < 0.5, seen
 
 
@@ -147,3 +165,36 @@ def test_a_call_to_an_openai_compatible_server_costs_no_litellm_cost_or_logging_
     )
     assert record.cost_usd == pytest.approx(prompt_cost + completion_cost, rel=1e-9)
     assert used == []
+
+
+def test_a_64_frame_video_leaves_under_a_tenth_of_the_old_checkpoint_bytes(
+    tmp_path, testdata, vkr_pool
+):
+    """669 KB of checkpoints per 64-frame video before frames travelled by reference and a
+    thread kept only its latest checkpoint; a tenth of that is the bound."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    lines = []
+    for i in range(3):
+        shutil.copy(testdata / "flipping_a_pancake.mkv", folder / f"v{i}.mkv")
+        lines.append(
+            json.dumps(
+                {"video_id": f"v{i}", "path": f"v{i}.mkv", "discipline": "cooking"}
+                | {"subject": "batter cookery", "knowledge_point": "Maillard reaction"}
+            )
+        )
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    vkr = str(Path(sys.executable).parent / "vkr")
+    command = [vkr, "run", "--videos", str(folder / "manifest.jsonl"), "--pool", str(vkr_pool)]
+    command += ["--out", str(out), "--no-progress", "--fps", "8", "--max-frames", "64"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for i in range(3):
+        record = json.loads((out / "records" / f"v{i}.json").read_text())
+        assert record["status"] == "done" and record["frames"] == 64
+    on_disk = sum(p.stat().st_size for p in out.glob("checkpoints.sqlite*"))
+    assert on_disk / 3 <= 669 * 1024 / 10, on_disk
+    # A finished video can still be replayed from its checkpoint, without a call.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "calls paid 0" in again.stdout + again.stderr, again.stdout

@@ -16,7 +16,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -134,8 +134,9 @@ class Provider:
     async def aclose(self) -> None:
         """Release connections; called when a run ends."""
 
-    def warm_up(self) -> None:
-        """Start slow set-up (say, a heavy import) in the background; must not block.
+    def warm_up(self, specs: Sequence[ModelSpec] = ()) -> None:
+        """Start slow set-up (say, a heavy import) for these models in the background; must
+        not block.
 
         Called when a run opens, so the first call does not wait for it, nor stop the event
         loop while it runs.

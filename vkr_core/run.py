@@ -117,17 +117,16 @@ class Run:
         }
 
     async def __aenter__(self) -> Run:
-        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
         from graphs.generation import build_graph
         from vkr_core.batch import spent_in
+        from vkr_core.checkpoints import open_checkpointer
         from vkr_core.limits import SpendLimit
         from vkr_core.preflight import preflight
 
         for name in sorted({spec.provider for spec in self.pool.models}):
             provider = self.registry.providers.get(name)
-            if provider is not None:
-                provider.warm_up()  # in the background, while preflight and decoding run
+            if provider is not None:  # in the background, while preflight and decoding run
+                provider.warm_up([s for s in self.pool.models if s.provider == name])
         health = self.router.health
         health.cooldown = self.config.cooldown
         health.notify = _tell
@@ -156,7 +155,7 @@ class Run:
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
-        self._checkpointer_cm = AsyncSqliteSaver.from_conn_string(str(self.store.checkpoint_path))
+        self._checkpointer_cm = open_checkpointer(self.store.checkpoint_path)
         checkpointer = await self._checkpointer_cm.__aenter__()
         self.graph = build_graph(self.registry, checkpointer)
         self.context = RunContext(

@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from vkr_core.calls import (
@@ -89,13 +90,23 @@ PLAIN_PARAMS = frozenset(
         "top_logprobs",
     }
 )
-# Statuses litellm maps to its retryable errors (timeouts, conflicts, rate limits, 5xx).
+# Statuses litellm maps to its retryable errors (timeouts, conflicts, rate limits; and 5xx).
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
 
+def _plain_route(spec: ModelSpec) -> bool:
+    """An OpenAI-compatible server the pool names by address (vLLM, the fake server)."""
+    return spec.model.startswith("openai/") and bool(spec.api_base)
+
+
+def _pool_priced(spec: ModelSpec) -> bool:
+    return spec.input_cost_per_token is not None or spec.output_cost_per_token is not None
+
+
 def _retry_after(exc: Any) -> float | None:
-    """Seconds the provider asked to wait: OpenAI's retry-after-ms, else Retry-After."""
-    response = getattr(exc, "response", None)
+    """Seconds the provider asked to wait: OpenAI's retry-after-ms, else Retry-After (from an
+    error carrying a response, or a response)."""
+    response = getattr(exc, "response", exc)
     headers = getattr(response, "headers", None) or {}
     if not hasattr(headers, "get"):
         return None
@@ -166,18 +177,29 @@ class LitellmProvider(Provider):
 
     def __init__(self) -> None:
         self._clients: dict[tuple[Any, ...], Any] = {}
+        self._sessions: dict[tuple[Any, ...], Any] = {}
         # model -> (input, output) price per token, looked up once: litellm's per-call cost
         # calculation is a third of its CPU per call.
         self._prices: dict[str, tuple[float, float] | None] = {}
 
-    def warm_up(self) -> None:
-        _start_import()
+    def warm_up(self, specs: Sequence[ModelSpec] = ()) -> None:
+        # Only when a model needs it: the import is ~5 s of CPU holding the GIL against the
+        # run's own work, and a pool of priced OpenAI-compatible servers never needs it.
+        if any(not (_plain_route(spec) and _pool_priced(spec)) for spec in specs):
+            _start_import()
+
+    async def _price(
+        self, spec: ModelSpec, prompt_tokens: int, completion_tokens: int
+    ) -> float | None:
+        if _pool_priced(spec):
+            return None  # ModelCaller applies the pool's prices
+        return self._cost(await _litellm_module(), spec, prompt_tokens, completion_tokens)
 
     def _cost(
         self, litellm: Any, spec: ModelSpec, prompt_tokens: int, completion_tokens: int
     ) -> float | None:
         """The call's price from litellm's cost map, or None when the pool sets its own prices."""
-        if spec.input_cost_per_token is not None or spec.output_cost_per_token is not None:
+        if _pool_priced(spec):
             return None
         if spec.model not in self._prices:
             self._prices[spec.model] = _token_prices(litellm, spec.model)
@@ -191,6 +213,9 @@ class LitellmProvider(Provider):
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.close()
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
     def _journalling_client(self, spec: ModelSpec, api_key: str | None, journal: Journal) -> Any:
         """An OpenAI client whose HTTP layer journals each 200 body the moment it is read.
@@ -240,7 +265,6 @@ class LitellmProvider(Provider):
         headers: dict[str, str],
         journal: Journal | None = None,
     ) -> ProviderReply:
-        litellm = await _litellm_module()
         call_key = headers.get(CALL_KEY_HEADER)
         if journal is not None and call_key:
             raw = journal.load(call_key)
@@ -255,7 +279,7 @@ class LitellmProvider(Provider):
                     completion_tokens=completion_tokens,
                     refusal=refusal,
                     recovered=True,
-                    cost_usd=self._cost(litellm, spec, prompt_tokens, completion_tokens),
+                    cost_usd=await self._price(spec, prompt_tokens, completion_tokens),
                 )
         api_key = spec.api_key()
         register_secrets([api_key])
@@ -263,12 +287,12 @@ class LitellmProvider(Provider):
             # Local OpenAI-compatible servers (vLLM, the fake server) need no key, but the
             # OpenAI client refuses to send a request without one: vLLM's convention.
             api_key = "EMPTY"
+        if journal is not None and _plain_route(spec) and set(params) <= PLAIN_PARAMS:
+            return await self._complete_plain(spec, messages, params, headers, api_key, journal)
+        litellm = await _litellm_module()
         extra: dict[str, Any] = {}
         if journal is not None and spec.model.startswith("openai/"):
-            client = self._journalling_client(spec, api_key, journal)
-            if spec.api_base and set(params) <= PLAIN_PARAMS:
-                return await self._complete_plain(litellm, client, spec, messages, params, headers)
-            extra["client"] = client
+            extra["client"] = self._journalling_client(spec, api_key, journal)
         try:
             response = await litellm.acompletion(
                 model=spec.model,
@@ -326,69 +350,73 @@ class LitellmProvider(Provider):
 
     async def _complete_plain(
         self,
-        litellm: Any,
-        client: Any,
         spec: ModelSpec,
         messages: list[dict[str, Any]],
         params: dict[str, Any],
         headers: dict[str, str],
+        api_key: str | None,
+        journal: Journal,
     ) -> ProviderReply:
         """An OpenAI-compatible server (vLLM, the fake server) asked with parameters every
-        such server takes: the request goes out as is over litellm's transport and the body
-        is read the way a journalled one is. ``litellm.acompletion`` would add ~4 ms of CPU
-        per call (cost calculation, logging payloads, redaction copies) for nothing to map,
-        which at a few hundred calls a second is the run's limit (bench/bench_throughput.py).
-        """
-        import httpx
-        import openai
+        such server takes: nothing for litellm to map, so the request is one POST and the
+        body is read the way a journalled one is.
 
-        body = {"model": spec.model.removeprefix("openai/"), "messages": messages, **params}
-        try:
-            response = await client.post(
-                "/chat/completions",
-                body=body,
-                cast_to=httpx.Response,
-                options={"headers": headers, "timeout": spec.timeout},
+        Through ``litellm.acompletion`` the same request cost ~6 ms of CPU (cost
+        calculation, logging payloads, redaction copies, the SDK's models), a plain POST
+        ~0.3 ms; at a few hundred calls a second on one event loop that difference is the
+        run's limit (docs/BENCHMARKS.md, throughput). Errors are sorted as litellm sorts
+        them: timeouts, 408, 409, 429 and 5xx are retried, a content-policy 400 is a
+        refusal, any other 4xx is permanent.
+        """
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        key = (spec.api_base, api_key, spec.timeout, id(loop))
+        session = self._sessions.get(key)
+        if session is None:
+            session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=spec.timeout),
+                connector=aiohttp.TCPConnector(limit=0),  # vkr's limiter bounds concurrency
+                headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             )
-            raw = await response.aread()
-        except openai.BadRequestError as exc:
-            if "content_policy" in str(exc) or "content_filter" in str(exc):
-                return ProviderReply(
-                    text=redact(str(exc))[:500], finish_reason="content_filter", refusal=True
-                )
-            raise PermanentError(f"BadRequestError: {redact(str(exc))[:300]}", 400) from None
-        except (openai.RateLimitError, openai.InternalServerError) as exc:
-            raise TransientError(
-                f"{type(exc).__name__}: {redact(str(exc))[:300]}",
-                _retry_after(exc),
-                exc.status_code,
-            ) from None
-        except openai.APIStatusError as exc:
-            if exc.status_code in TRANSIENT_STATUSES:
-                raise TransientError(
-                    f"{type(exc).__name__}: {redact(str(exc))[:300]}",
-                    _retry_after(exc),
-                    exc.status_code,
-                ) from None
-            raise PermanentError(
-                f"{type(exc).__name__}: {redact(str(exc))[:300]}", exc.status_code
-            ) from None
-        except (openai.APIConnectionError, httpx.HTTPError) as exc:  # timeouts included
-            raise TransientError(f"{type(exc).__name__}: {redact(str(exc))[:300]}") from None
+            self._sessions[key] = session
+        body = {"model": spec.model.removeprefix("openai/"), "messages": messages, **params}
+        url = str(spec.api_base).rstrip("/") + "/chat/completions"
         try:
-            text, finish, prompt_tokens, completion_tokens, refusal = reply_from_openai_body(raw)
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise PermanentError(
-                f"unreadable reply from {spec.name}: {type(exc).__name__}: {redact(str(exc))[:200]}"
-            ) from None
-        return ProviderReply(
-            text=text,
-            finish_reason=finish,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cost_usd=self._cost(litellm, spec, prompt_tokens, completion_tokens),
-            refusal=refusal,
-        )
+            async with session.post(url, json=body, headers=headers) as response:
+                raw = await response.read()
+                status = response.status
+                retry_after = _retry_after(response)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransientError(f"{type(exc).__name__}: {redact(str(exc))[:300]}") from None
+        if status == 200:
+            call_key = headers.get(CALL_KEY_HEADER)
+            if call_key:
+                journal.save(call_key, raw)  # before parsing: a crash now costs nothing
+            try:
+                text, finish, prompt_tokens, completion_tokens, refusal = reply_from_openai_body(
+                    raw
+                )
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+                raise PermanentError(
+                    f"unreadable reply from {spec.name}: {type(exc).__name__}: "
+                    f"{redact(str(exc))[:200]}"
+                ) from None
+            return ProviderReply(
+                text=text,
+                finish_reason=finish,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cost_usd=await self._price(spec, prompt_tokens, completion_tokens),
+                refusal=refusal,
+            )
+        detail = redact(raw.decode("utf-8", "replace"))[:300]
+        message = f"HTTP {status} from {spec.name}: {detail}"
+        if status in TRANSIENT_STATUSES or status >= 500:
+            raise TransientError(message, retry_after, status)
+        if status == 400 and ("content_policy" in detail or "content_filter" in detail):
+            return ProviderReply(text=detail, finish_reason="content_filter", refusal=True)
+        raise PermanentError(message, status)
 
     async def check(self, spec: ModelSpec) -> ProviderReply | None:
         """Preflight. For OpenAI-compatible endpoints the model list is free and proves the
