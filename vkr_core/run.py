@@ -282,6 +282,9 @@ async def run_manifest(
         run.call_listeners.append(counters.on_call)
         caller = run.caller
         assert caller is not None
+        # The caller lists every record it emits (for a pilot's few calls); over a run that
+        # list would grow by ~30 records a video. They are in calls.jsonl and the counters.
+        run.call_listeners.append(lambda _record: caller.records.clear())
         budget = caller.budget
         with ProgressDisplay(counters, enabled=progress) as display:
             batch = asyncio.create_task(

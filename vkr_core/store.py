@@ -15,6 +15,7 @@ Layout::
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -35,6 +36,12 @@ from vkr_core.schemas import (
     VkrError,
     check_video_id,
 )
+
+
+def _input_digest(key: str) -> int:
+    """A 64-bit digest of an input key (a collision, about 1 in 30 million at a million
+    inputs, would only leave one input out of the pilots' pool)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
 class DiskFull(VkrError):
@@ -138,7 +145,9 @@ class RunStore:
         self.root = Path(run_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "records").mkdir(exist_ok=True)
-        self._seen_inputs: dict[str, set[str]] = {}
+        # 64-bit digests of the input keys seen per step: a run sees ~30 inputs per video,
+        # and a set of ints costs a third of a set of the 64-character keys.
+        self._seen_inputs: dict[str, set[int]] = {}
         self.run_lock = RunLock(self.root)
 
     def disk_full_error(self, exc: BaseException | None = None) -> DiskFull:
@@ -244,13 +253,15 @@ class RunStore:
         if seen is None:
             seen = set()
             if path.exists():
-                for line in path.read_text().splitlines():
-                    if line:
-                        seen.add(json.loads(line)["key"])
+                with path.open(encoding="utf-8") as handle:
+                    for line in handle:
+                        if line.strip():
+                            seen.add(_input_digest(json.loads(line)["key"]))
             self._seen_inputs[step] = seen
-        if key in seen:
+        digest = _input_digest(key)
+        if digest in seen:
             return
-        seen.add(key)
+        seen.add(digest)
         frames = [
             {"sha256": p["sha256"], "path": p["path"]}
             for m in messages
