@@ -297,11 +297,7 @@ class VkrSide:
         return one
 
     async def close(self) -> None:
-        self.caller.close()
-        # ModelCaller.close() leaves the provider's HTTP clients open; a run has one caller,
-        # but this benchmark makes one per repeat.
-        for client in self.provider._clients.values():
-            await client.close()
+        await self.caller.aclose()  # the cache and the provider's connections
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -378,6 +378,7 @@ class LitellmProvider(Provider):
                 timeout=aiohttp.ClientTimeout(total=spec.timeout),
                 connector=aiohttp.TCPConnector(limit=0),  # vkr's limiter bounds concurrency
                 headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+                trust_env=True,  # HTTP(S)_PROXY and NO_PROXY, as litellm's transport reads them
             )
             self._sessions[key] = session
         body = {"model": spec.model.removeprefix("openai/"), "messages": messages, **params}
@@ -398,6 +399,8 @@ class LitellmProvider(Provider):
                     raw
                 )
             except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+                if call_key:
+                    journal.drop(call_key)  # replaying it could only fail the same way
                 raise PermanentError(
                     f"unreadable reply from {spec.name}: {type(exc).__name__}: "
                     f"{redact(str(exc))[:200]}"
