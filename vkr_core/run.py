@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from vkr_core.report import FunnelCounts
 
 log = get_logger("vkr.run")
+# SQLite pages of the call cache a run keeps in memory (4 KB each): SQLite's own default.
+CALL_CACHE_PAGES = 500
 
 
 def model_steps(registry: Any) -> list[str]:
@@ -285,6 +287,11 @@ async def run_manifest(
         # The caller lists every record it emits (for a pilot's few calls); over a run that
         # list would grow by ~30 records a video. They are in calls.jsonl and the counters.
         run.call_listeners.append(lambda _record: caller.records.clear())
+        # diskcache's defaults map up to 64 MB of cache.db into memory and keep up to 32 MB
+        # of its pages: both fill as the cache grows with the run (40 MB of cache.db at 2,000
+        # videos). Lookups are by key; the OS file cache serves them as well.
+        caller.cache.reset("sqlite_mmap_size", 0)
+        caller.cache.reset("sqlite_cache_size", CALL_CACHE_PAGES)
         budget = caller.budget
         with ProgressDisplay(counters, enabled=progress) as display:
             batch = asyncio.create_task(
