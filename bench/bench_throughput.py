@@ -1,0 +1,226 @@
+"""`vkr run` throughput against the model latency: achieved / ideal wall time per concurrency.
+
+A user's run: ``vkr run`` in its own process, ``vkr dev fake-server`` in another, every
+reply taking ``--latency`` seconds and every gate passing, so each of a video's six rounds
+walks the whole path: generate, self_consistency, video_dependency (its two models at
+once), cot_verification = 4 model latencies. Per-model limits are raised out of the way.
+With C videos in flight the ideal wall time is ceil(N / C) x 4 x latency; the ratio
+ideal / measured says how close vkr comes to running at the models' speed.
+
+Two ratios per run: end to end (the whole command, start-up and report included) and
+steady (minus the start-up of the same command on a finished directory: interpreter,
+imports, plugin loading, opening the run). Also the checkpoint bytes per video.
+
+    .venv/bin/python bench/bench_throughput.py [--videos 128] [--concurrency 8 32 64]
+        [--latency 1.0] [--repeats 1] [--frames-videos 8]
+
+Last, the checkpoint bytes per video of a run sampling 64 frames per video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_calls import VKR, FakeServerProcess, write_results  # noqa: E402
+
+CPU_SECONDS: list[float] = []
+HOPS = 4  # generate, self_consistency, video_dependency (both models at once), cot_verification
+ALL_PASS = {
+    "steps": {
+        "self_consistency": {"accuracy": 1.0},
+        "video_dependency": {"accuracy": 0.0},
+        "cot_verification": {"cot_pass": 1.0},
+    }
+}
+
+
+def clip() -> Path:
+    """The pancake clip: the shared test file if present, else the one the tests make."""
+    shared = Path(os.environ.get("VKR_TESTDATA", ROOT.parent / "shared" / "testdata" / "videos"))
+    if (shared / "flipping_a_pancake.mkv").is_file():
+        return shared / "flipping_a_pancake.mkv"
+    from videos import PANCAKE, video_dir  # tests/videos.py
+
+    return video_dir() / PANCAKE
+
+
+def write_manifest(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    source = clip()
+    lines = []
+    for i in range(count):
+        target = folder / f"v{i:05d}.mkv"
+        if not target.exists():
+            shutil.copy(source, target)
+        lines.append(
+            json.dumps(
+                {
+                    "video_id": f"v{i:05d}",
+                    "path": target.name,
+                    "discipline": "cooking",
+                    "subject": "batter cookery",
+                    "knowledge_point": "Maillard reaction",
+                    # Every video one clip, but each with its own title: its prompts differ,
+                    # so no call is answered from another video's cache entry and every
+                    # round walks its four hops (what the ideal wall time assumes).
+                    "title": f"Pancake flip number {i}",
+                }
+            )
+        )
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def unbounded_pool(pool: Path) -> None:
+    """Raise every model's concurrency limit far above what the run can offer."""
+    data = yaml.safe_load(pool.read_text())
+    for model in data["models"]:
+        model["max_concurrency"] = 100_000
+    pool.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(manifest: Path, pool: Path, out: Path, concurrency: int, *options: str) -> float:
+    """Wall seconds of one `vkr run`; its CPU seconds (decoder processes included) go to
+    CPU_SECONDS."""
+    started, cpu = time.monotonic(), children_cpu()
+    result = subprocess.run(
+        [
+            VKR,
+            "run",
+            "--videos",
+            str(manifest),
+            "--pool",
+            str(pool),
+            "--out",
+            str(out),
+            "--concurrency",
+            str(concurrency),
+            "--no-progress",
+            "--skip-preflight",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.monotonic() - started
+    CPU_SECONDS.append(children_cpu() - cpu)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"vkr run failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return wall
+
+
+def checkpoint_bytes(run_dir: Path) -> int:
+    return sum(p.stat().st_size for p in run_dir.glob("checkpoints.sqlite*"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--latency", type=float, default=1.0, help="seconds per reply")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--frames-videos",
+        type=int,
+        default=8,
+        help="videos sampled at 64 frames for the checkpoint-size figure (0: skip it)",
+    )
+    args = parser.parse_args()
+    began, load_start = time.monotonic(), os.getloadavg()[0]
+
+    work = Path(tempfile.mkdtemp(prefix="vkr-bench-throughput-"))
+    results: dict[str, Any] = {"levels": {}}
+    try:
+        manifest = write_manifest(work / "videos", args.videos)
+        pool = work / "pool.yaml"
+        server = FakeServerProcess(pool)
+        try:
+            unbounded_pool(pool)
+            server.set_policy({**ALL_PASS, "latency_ms": args.latency * 1000})
+            # Start-up alone: the same command over a directory whose videos are all done.
+            small = write_manifest(work / "one", 1)
+            run(small, pool, work / "startup", 1)
+            startup = statistics.median(run(small, pool, work / "startup", 1) for _ in range(3))
+            results["startup_s"] = startup
+            print(f"start-up of `vkr run` on a finished directory: {startup:.2f} s (median of 3)")
+            print(
+                f"{'C':>4} {'ideal s':>8} {'wall s':>8} {'e2e':>6} {'steady':>7} "
+                f"{'calls':>6} {'ckpt KB/video':>14} {'CPU s':>6}"
+            )
+            for concurrency in args.concurrency:
+                ideal = math.ceil(args.videos / concurrency) * HOPS * args.latency
+                walls, calls, per_video, cpus = [], [], [], []
+                for repeat in range(args.repeats):
+                    out = work / f"run-c{concurrency}-{repeat}"
+                    before = server.completions()
+                    walls.append(run(manifest, pool, out, concurrency))
+                    cpus.append(CPU_SECONDS[-1])
+                    calls.append(server.completions() - before)
+                    per_video.append(checkpoint_bytes(out) / args.videos)
+                    shutil.rmtree(out)
+                wall = statistics.median(walls)
+                level = {
+                    "ideal_s": ideal,
+                    "walls_s": walls,
+                    "wall_s": wall,
+                    "end_to_end": ideal / wall,
+                    "steady": ideal / max(wall - startup, 1e-9),
+                    "calls": statistics.median(calls),
+                    "checkpoint_bytes_per_video": statistics.median(per_video),
+                    "cpu_s": statistics.median(cpus),
+                }
+                results["levels"][str(concurrency)] = level
+                print(
+                    f"{concurrency:>4} {ideal:>8.1f} {wall:>8.1f} {level['end_to_end']:>6.2f} "
+                    f"{level['steady']:>7.2f} {level['calls']:>6.0f} "
+                    f"{level['checkpoint_bytes_per_video'] / 1024:>14.1f} {level['cpu_s']:>6.1f}",
+                    flush=True,
+                )
+            if args.frames_videos:
+                # The clip is 10 s long: 8 fps gives the 64 frames the issue's 669 KB was for.
+                many = write_manifest(work / "frames64", args.frames_videos)
+                out = work / "frames64-run"
+                options = ("--fps", "8", "--max-frames", "64")
+                run(many, pool, out, min(8, args.frames_videos), *options)
+                frames = json.loads(next((out / "records").glob("*.json")).read_text())["frames"]
+                per_video = checkpoint_bytes(out) / args.frames_videos
+                results["checkpoint_64_frames"] = {"frames": frames, "bytes_per_video": per_video}
+                print(
+                    f"checkpoint bytes per {frames}-frame video: {per_video / 1024:.1f} KB "
+                    f"({args.frames_videos} videos)"
+                )
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_results(results, "throughput.json", args, began, load_start)
+
+
+if __name__ == "__main__":
+    main()
