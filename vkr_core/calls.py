@@ -32,7 +32,7 @@ from vkr_core.config import ModelSpec
 from vkr_core.health import ModelHealth, Route, route_for
 from vkr_core.limits import ModelLimiter, SpendLimit
 from vkr_core.log import get_logger, redact
-from vkr_core.schemas import CallRecord, Frame, VkrError
+from vkr_core.schemas import CallRecord, DiskFull, Frame, VkrError, is_disk_full
 from vkr_core.steps import ReplyError
 from vkr_core.video import FrameImages
 
@@ -498,6 +498,12 @@ class ModelCaller:
             try:
                 reply = await self._send(provider, spec, messages, send_params, headers)
             except TransientError as exc:
+                if is_disk_full(exc):
+                    # Our disk, not the model: the journal could not keep the reply. Stop
+                    # the run (it resumes after space is freed); never cool the model down.
+                    if probe:
+                        health.abandon_probe(spec.name)
+                    raise DiskFull(f"no space left to keep a reply: {redact(str(exc))}") from exc
                 if exc.status == 429:  # busy, not down: the limiter slows down, health is fine
                     health.alive(spec.name, probe)
                     failures += 1

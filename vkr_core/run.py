@@ -198,8 +198,8 @@ class Run:
             return await process_video(
                 self.graph, video, self.context, retry_failed=self.config.retry_failed
             )
-        except DiskFull:
-            raise
+        except DiskFull as exc:
+            raise self.store.disk_full_error(exc) from None
         except CallFailed as exc:
             reason = f"model calls failed: {exc}"
         except VkrError as exc:

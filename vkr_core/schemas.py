@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any, Literal
 
@@ -29,6 +30,26 @@ class VkrError(Exception):
 
 class InputError(VkrError):
     """Bad input from the user: a file, an id, a config value."""
+
+
+class DiskFull(VkrError):
+    """The run directory's disk is full: the whole run stops; rerunning resumes it."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from the OS, or SQLite's 'database or disk is full', here or in what
+    caused it (a provider's transport wraps the journal's failed write in its own error)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(current)
+        if "No space left on device" in text or "disk is full" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class Strict(BaseModel):

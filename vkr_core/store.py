@@ -14,12 +14,10 @@ Layout::
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,13 +26,15 @@ from typing import Any
 
 from vkr_core.calls import key_messages
 from vkr_core.log import redact
-from vkr_core.schemas import (
+from vkr_core.schemas import (  # noqa: F401  # DiskFull, is_disk_full: re-exported
     CallRecord,
+    DiskFull,
     InputError,
     Video,
     VideoRecord,
     VkrError,
     check_video_id,
+    is_disk_full,
 )
 
 
@@ -42,19 +42,6 @@ def _input_digest(key: str) -> int:
     """A 64-bit digest of an input key (a collision, about 1 in 30 million at a million
     inputs, would only leave one input out of the pilots' pool)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
-class DiskFull(VkrError):
-    """The run directory's disk is full: the whole run stops; rerunning resumes it."""
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC/EDQUOT from the OS, or SQLite's (checkpoints, cache) 'database or disk is full'."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc):
-        return True
-    return "No space left on device" in str(exc) or "disk is full" in str(exc)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -151,6 +138,8 @@ class RunStore:
         self.run_lock = RunLock(self.root)
 
     def disk_full_error(self, exc: BaseException | None = None) -> DiskFull:
+        if isinstance(exc, DiskFull) and str(exc).startswith("the disk holding"):
+            return exc  # already says where and what to do
         return DiskFull(
             f"the disk holding {self.root} is full"
             + (f" ({type(exc).__name__}: {exc})" if exc else "")
