@@ -14,12 +14,15 @@ Layout::
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import heapq
 import json
 import os
 import shutil
 import tempfile
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,36 @@ from vkr_core.schemas import (  # noqa: F401  # DiskFull, is_disk_full: re-expor
     check_video_id,
     is_disk_full,
 )
+
+
+class DigestSet:
+    """A set of 64-bit digests at 8 bytes each (a set of Python ints costs ~70).
+
+    A sorted array plus a small set of recent additions, merged into the array (streaming,
+    no list of ints) once the recent set passes 1/16 of it: O(log n) lookups, amortised
+    O(log n) additions.
+    """
+
+    def __init__(self) -> None:
+        self._sorted = array("Q")
+        self._recent: set[int] = set()
+
+    def __contains__(self, digest: int) -> bool:
+        if digest in self._recent:
+            return True
+        at = bisect.bisect_left(self._sorted, digest)
+        return at < len(self._sorted) and self._sorted[at] == digest
+
+    def add(self, digest: int) -> None:
+        if digest in self:
+            return
+        self._recent.add(digest)
+        if len(self._recent) > max(1024, len(self._sorted) // 16):
+            self._sorted = array("Q", heapq.merge(self._sorted, sorted(self._recent)))
+            self._recent.clear()
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent)
 
 
 def _input_digest(key: str) -> int:
@@ -132,9 +165,8 @@ class RunStore:
         self.root = Path(run_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "records").mkdir(exist_ok=True)
-        # 64-bit digests of the input keys seen per step: a run sees ~30 inputs per video,
-        # and a set of ints costs a third of a set of the 64-character keys.
-        self._seen_inputs: dict[str, set[int]] = {}
+        # 64-bit digests of the input keys seen per step: a run sees ~30 inputs per video.
+        self._seen_inputs: dict[str, DigestSet] = {}
         self.run_lock = RunLock(self.root)
 
     def disk_full_error(self, exc: BaseException | None = None) -> DiskFull:
@@ -240,7 +272,7 @@ class RunStore:
         seen = self._seen_inputs.get(step)
         path = self.root / "inputs" / f"{step}.jsonl"
         if seen is None:
-            seen = set()
+            seen = DigestSet()
             if path.exists():
                 with path.open(encoding="utf-8") as handle:
                     for line in handle:
