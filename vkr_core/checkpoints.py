@@ -72,12 +72,16 @@ class _GroupWriter:
             batch, self._queue = self._queue, []
             try:
                 await loop.run_in_executor(self._thread, self._commit, [s for s, _ in batch])
+            except asyncio.CancelledError:
+                # The loop is shutting down: the writes may or may not have landed (a
+                # resume reads whatever did); nobody is left to tell.
+                for _, done in batch + self._queue:
+                    done.cancel()
+                raise
             except BaseException as exc:
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
             else:
                 for _, done in batch:
                     if not done.done():
