@@ -52,9 +52,21 @@ from vkr_core.config import ModelSpec  # noqa: E402
 from vkr_core.schemas import Frame  # noqa: E402
 
 VKR = str(Path(sys.executable).parent / "vkr")
-VIDEO = Path(os.environ.get("VKR_TESTDATA", "/work/shared/testdata/videos")) / (
-    "flipping_a_pancake.mkv"
-)
+
+
+def clip() -> Path:
+    """The pancake clip: ``VKR_TESTDATA``'s if set, else the one the tests make (a fresh
+    clone has nothing beside it)."""
+    given = os.environ.get("VKR_TESTDATA")
+    if given and (Path(given) / "flipping_a_pancake.mkv").is_file():
+        return Path(given) / "flipping_a_pancake.mkv"
+    sys.path.insert(0, str(ROOT / "tests"))
+    from videos import PANCAKE, video_dir  # tests/videos.py
+
+    return video_dir() / PANCAKE
+
+
+VIDEO = clip()
 RESULTS = ROOT / "bench" / "results"
 STEP = "self_consistency"
 MODEL = "openai/fake-a"
@@ -129,6 +141,60 @@ def fake_server(pool_file: Path | None = None) -> Iterator[FakeServerProcess]:
         yield server
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- end-to-end run set-up
+
+# Every gate passes, so each round walks the whole path and writes a full record.
+ALL_PASS = {
+    "steps": {
+        "self_consistency": {"accuracy": 1.0},
+        "video_dependency": {"accuracy": 0.0},
+        "cot_verification": {"cot_pass": 1.0},
+    }
+}
+
+
+def write_manifest(folder: Path, count: int, name: str = "manifest.jsonl") -> Path:
+    """``count`` videos (hard links to one clip where the file system allows) and a manifest.
+
+    Every video is one clip but each has its own title: its prompts differ, so no call is
+    answered from another video's cache entry and every round walks its four hops.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        target = folder / f"v{i:05d}.mkv"
+        if not target.exists():
+            try:
+                os.link(VIDEO, target)
+            except OSError:  # another file system
+                shutil.copy(VIDEO, target)
+        lines.append(
+            json.dumps(
+                {
+                    "video_id": f"v{i:05d}",
+                    "path": target.name,
+                    "discipline": "cooking",
+                    "subject": "batter cookery",
+                    "knowledge_point": "Maillard reaction",
+                    "title": f"Pancake flip number {i}",
+                }
+            )
+        )
+    manifest = folder / name
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def unbounded_pool(pool: Path) -> None:
+    """Raise every model's concurrency limit far above what the run can offer."""
+    import yaml
+
+    data = yaml.safe_load(pool.read_text())
+    for model in data["models"]:
+        model["max_concurrency"] = 100_000
+    pool.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 # ---------------------------------------------------------------- payloads

@@ -17,7 +17,6 @@ folder) with the same interpreter and packages, for a before/after in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,69 +26,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench_calls import VKR, FakeServerProcess, write_results  # noqa: E402
+from bench_calls import (  # noqa: E402
+    ALL_PASS,
+    VKR,
+    FakeServerProcess,
+    unbounded_pool,
+    write_manifest,
+    write_results,
+)
 from bench_run import Watcher  # noqa: E402
 
 # Every gate passes, so each round walks the whole path and writes a full record.
-ALL_PASS = {
-    "steps": {
-        "self_consistency": {"accuracy": 1.0},
-        "video_dependency": {"accuracy": 0.0},
-        "cot_verification": {"cot_pass": 1.0},
-    }
-}
-
-
-def clip() -> Path:
-    """The pancake clip: the shared test file if present, else the one the tests make."""
-    shared = Path(os.environ.get("VKR_TESTDATA", ROOT.parent / "shared" / "testdata" / "videos"))
-    if (shared / "flipping_a_pancake.mkv").is_file():
-        return shared / "flipping_a_pancake.mkv"
-    from videos import PANCAKE, video_dir  # tests/videos.py
-
-    return video_dir() / PANCAKE
-
-
-def write_manifest(folder: Path, count: int) -> Path:
-    """``count`` videos (hard links to one clip, so 2,000 cost no disk) and their manifest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    source = clip()
-    lines = []
-    for i in range(count):
-        target = folder / f"v{i:05d}.mkv"
-        if not target.exists():
-            try:
-                os.link(source, target)
-            except OSError:  # another file system
-                shutil.copy(source, target)
-        lines.append(
-            json.dumps(
-                {
-                    "video_id": f"v{i:05d}",
-                    "path": target.name,
-                    "discipline": "cooking",
-                    "subject": "batter cookery",
-                    "knowledge_point": "Maillard reaction",
-                    "title": f"Flipping a pancake, take {i}",
-                }
-            )
-        )
-    manifest = folder / f"manifest-{count}.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
-
-
-def unbounded_pool(pool: Path) -> None:
-    data = yaml.safe_load(pool.read_text())
-    for model in data["models"]:
-        model["max_concurrency"] = 100_000
-    pool.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 class SplitWatcher(Watcher):
@@ -163,7 +114,7 @@ def main() -> None:
             f"{'report s':>9} {'report RSS MB':>14}"
         )
         for count in args.videos:
-            manifest = write_manifest(work / "videos", count)
+            manifest = write_manifest(work / "videos", count, f"manifest-{count}.jsonl")
             out = work / f"run-{count}"
             shutil.rmtree(out, ignore_errors=True)
             command = [

@@ -37,6 +37,8 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_calls import VIDEO  # noqa: E402  # the pancake clip, made if absent
+
 from plugins.providers.fake_server import (  # noqa: E402
     FakeModelServer,
     make_tag,
@@ -58,9 +60,6 @@ from vkr_core.probe import (  # noqa: E402
 from vkr_core.steps import extract_json  # noqa: E402
 from vkr_core.video import FrameImages, sample_frames  # noqa: E402
 
-VIDEO = Path(os.environ.get("VKR_TESTDATA", "/work/shared/testdata/videos")) / (
-    "flipping_a_pancake.mkv"
-)
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ["fake-a", "fake-b", "fake-c"]
 TRIALS = 3

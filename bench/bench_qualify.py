@@ -34,9 +34,8 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VIDEO = Path(os.environ.get("VKR_TESTDATA", "/work/shared/testdata/videos")) / (
-    "flipping_a_pancake.mkv"
-)
+from bench_calls import VIDEO  # noqa: E402  # the pancake clip, made if absent
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STEP = "example_generation"
 

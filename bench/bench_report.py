@@ -40,7 +40,10 @@ from vkr_core.report import build_report, write_report  # noqa: E402
 from vkr_core.run import generate_videos  # noqa: E402
 from vkr_core.schemas import Video  # noqa: E402
 
-TESTDATA = Path(os.environ.get("VKR_TESTDATA", "/work/shared/testdata/videos"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from videos import video_dir  # noqa: E402  # tests/videos.py: the test videos, made if absent
+
+TESTDATA = Path(os.environ["VKR_TESTDATA"]) if os.environ.get("VKR_TESTDATA") else video_dir()
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED_VIDEOS = {
     "pancake": "flipping_a_pancake.mkv",

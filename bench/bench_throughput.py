@@ -33,69 +33,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench_calls import VKR, FakeServerProcess, write_results  # noqa: E402
+from bench_calls import (  # noqa: E402
+    ALL_PASS,
+    VKR,
+    FakeServerProcess,
+    unbounded_pool,
+    write_manifest,
+    write_results,
+)
 
 CPU_SECONDS: list[float] = []
 HOPS = 4  # generate, self_consistency, video_dependency (both models at once), cot_verification
-ALL_PASS = {
-    "steps": {
-        "self_consistency": {"accuracy": 1.0},
-        "video_dependency": {"accuracy": 0.0},
-        "cot_verification": {"cot_pass": 1.0},
-    }
-}
-
-
-def clip() -> Path:
-    """The pancake clip: the shared test file if present, else the one the tests make."""
-    shared = Path(os.environ.get("VKR_TESTDATA", ROOT.parent / "shared" / "testdata" / "videos"))
-    if (shared / "flipping_a_pancake.mkv").is_file():
-        return shared / "flipping_a_pancake.mkv"
-    from videos import PANCAKE, video_dir  # tests/videos.py
-
-    return video_dir() / PANCAKE
-
-
-def write_manifest(folder: Path, count: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    source = clip()
-    lines = []
-    for i in range(count):
-        target = folder / f"v{i:05d}.mkv"
-        if not target.exists():
-            shutil.copy(source, target)
-        lines.append(
-            json.dumps(
-                {
-                    "video_id": f"v{i:05d}",
-                    "path": target.name,
-                    "discipline": "cooking",
-                    "subject": "batter cookery",
-                    "knowledge_point": "Maillard reaction",
-                    # Every video one clip, but each with its own title: its prompts differ,
-                    # so no call is answered from another video's cache entry and every
-                    # round walks its four hops (what the ideal wall time assumes).
-                    "title": f"Pancake flip number {i}",
-                }
-            )
-        )
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
-
-
-def unbounded_pool(pool: Path) -> None:
-    """Raise every model's concurrency limit far above what the run can offer."""
-    data = yaml.safe_load(pool.read_text())
-    for model in data["models"]:
-        model["max_concurrency"] = 100_000
-    pool.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def children_cpu() -> float:
