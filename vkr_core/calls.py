@@ -547,8 +547,11 @@ class ModelCaller:
             ):
                 with attempt:
                     reply = await attempt_once()
-        except ModelUnavailable as exc:
-            if attempts:
+        except (ModelUnavailable, TransientError, PermanentError) as exc:
+            reason = redact(str(exc))
+            # A call that gave up on its model: recorded once it sent something (a reroute
+            # before any request is no call), then handed on for the node to reroute or fail.
+            if attempts or not isinstance(exc, ModelUnavailable):
                 self._emit(
                     CallRecord(
                         step=step,
@@ -559,27 +562,12 @@ class ModelCaller:
                         cache_hit=False,
                         attempts=attempts,
                         outcome="error",
-                        error=redact(str(exc)),
+                        error=reason,
                         rerouted_from=route.rerouted_from if route else None,
                     )
                 )
-            raise
-        except (TransientError, PermanentError) as exc:
-            reason = redact(str(exc))
-            self._emit(
-                CallRecord(
-                    step=step,
-                    model=spec.name,
-                    video_id=video_id,
-                    cache_key=key,
-                    latency_s=time.perf_counter() - started,
-                    cache_hit=False,
-                    attempts=attempts,
-                    outcome="error",
-                    error=reason,
-                    rerouted_from=route.rerouted_from if route else None,
-                )
-            )
+            if isinstance(exc, ModelUnavailable):
+                raise
             raise CallFailed(
                 f"{step} call to {spec.name} failed after {attempts} attempt(s): {reason}"
             ) from None
