@@ -391,9 +391,6 @@ class VideoRecord(Strict):
     accepted: list[AcceptedExample] = Field(default_factory=list)
     rejected: list[Rejection] = Field(default_factory=list)
 
-    def outcomes(self) -> int:
-        return len(self.accepted) + len(self.rejected)
-
     def missing_rounds(self) -> dict[str, int]:
         """Planned rounds without an outcome (accepted or rejected), per skill."""
         if not self.planned or self.status == "failed":

@@ -155,10 +155,6 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
 
 class RunStore:
     def __init__(self, run_dir: str | Path):
