@@ -303,7 +303,7 @@ def run_command(
     except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo("interrupted: finished work is saved; run the same command to resume", err=True)
         sys.exit(ExitCode.INTERRUPTED)
-    from vkr_core.report import build_report, summary_text, write_report
+    from corpus.report import build_report, summary_text, write_report
 
     gates = [g.name for g in pm.registry.gates()]
     click.echo(counters.line())

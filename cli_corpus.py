@@ -58,7 +58,7 @@ def split(
     Every video must be finished (each planned round has an outcome); an unfinished one is
     refused unless --exclude-unfinished, which leaves it out and lists it.
     """
-    from vkr_core.split import split_run_dirs
+    from corpus.split import split_run_dirs
 
     manifest = split_run_dirs(
         list(run_dirs), out, sft_share=sft_share, seed=seed, exclude_unfinished=exclude_unfinished
@@ -133,7 +133,7 @@ def export(
     options = _parse_options(option_pairs)
     exporter = get_plugin_manager().registry.get("exporter", format_name)
     if video_root is None:
-        from vkr_core.exporters import recorded_video_roots
+        from corpus.exporters import recorded_video_roots
 
         roots = sorted(set(recorded_video_roots(input_dir).values()))
         if len(roots) == 1:

@@ -134,7 +134,7 @@ def decontam(
         raise click.UsageError("give --bench (benchmark videos) and/or --bench-ids (id lists)")
     assert train is not None and out is not None
 
-    from vkr_core import decontam as dc
+    from corpus import decontam as dc
     from vkr_core.schemas import VkrError
 
     try:
@@ -267,7 +267,7 @@ def calibrate(
     Copies: re-encoded at a low bitrate, resized to half, 5 % cropped on every side,
     brightness +40. Prints a table and the recommended --hash-bits/--distance/--share.
     """
-    from vkr_core import decontam as dc
+    from corpus import decontam as dc
     from vkr_core.schemas import VkrError
 
     try:

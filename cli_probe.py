@@ -131,8 +131,8 @@ def probe(
     log_level: str,
 ) -> None:
     """Find evaluation questions answerable from one random frame; keep only the others."""
+    from corpus.probe import ProbeOptions, run_probe
     from vkr_core.log import configure_logging, redact
-    from vkr_core.probe import ProbeOptions, run_probe
     from vkr_core.schemas import VkrError
 
     configure_logging(log_level)

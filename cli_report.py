@@ -32,7 +32,7 @@ def report(run_dir: Path, out: Path | None) -> None:
     """Summarise RUN_DIR: funnel per skill, rejection reasons, spend per model and step."""
     from rich.console import Console
 
-    from vkr_core.report import build_report, summary_renderables, write_report
+    from corpus.report import build_report, summary_renderables, write_report
 
     data = build_report(run_dir, gate_names=_known_gate_order())
     paths = write_report(data, out or run_dir)

@@ -25,6 +25,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from corpus.exporters import load_accepted  # noqa: E402
+from corpus.reward import compute_score  # noqa: E402
+from corpus.split import PAPER_SFT_SHARE, split_run_dirs  # noqa: E402
 from plugins.exporters.builtin import (  # noqa: E402
     EvalExporter,
     HuggingFaceExporter,
@@ -32,10 +35,7 @@ from plugins.exporters.builtin import (  # noqa: E402
     VerlExporter,
     VideoKRExporter,
 )
-from vkr_core.exporters import load_accepted  # noqa: E402
-from vkr_core.reward import compute_score  # noqa: E402
 from vkr_core.schemas import SKILLS, AcceptedExample, Verdict, Video, VideoRecord  # noqa: E402
-from vkr_core.split import PAPER_SFT_SHARE, split_run_dirs  # noqa: E402
 
 WORDS = "the pan heat batter flips force cart cell water moves browns reaction acid base".split()
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 TESTDATA = ROOT.parent / "shared/testdata/videos"
 PANCAKE = TESTDATA / "flipping_a_pancake.mkv"
 
-from vkr_core import decontam as dc  # noqa: E402
-from vkr_core import phash  # noqa: E402
+from corpus import decontam as dc  # noqa: E402
+from corpus import phash  # noqa: E402
 
 
 def timed_round_robin(variants: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:

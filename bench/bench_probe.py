@@ -39,6 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_calls import VIDEO  # noqa: E402  # the pancake clip, made if absent
 
+from corpus.probe import (  # noqa: E402
+    PROBE_STEP,
+    ProbeOptions,
+    load_eval_set,
+    probe_eval_set,
+    trial_frames,
+    video_key,
+)
 from plugins.providers.fake_server import (  # noqa: E402
     FakeModelServer,
     make_tag,
@@ -49,14 +57,6 @@ from vkr_core.answers import answers_match  # noqa: E402
 from vkr_core.calls import ModelCaller  # noqa: E402
 from vkr_core.config import load_pool  # noqa: E402
 from vkr_core.plugins import get_plugin_manager  # noqa: E402
-from vkr_core.probe import (  # noqa: E402
-    PROBE_STEP,
-    ProbeOptions,
-    load_eval_set,
-    probe_eval_set,
-    trial_frames,
-    video_key,
-)
 from vkr_core.steps import extract_json  # noqa: E402
 from vkr_core.video import FrameImages, sample_frames  # noqa: E402
 

@@ -33,10 +33,10 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from corpus.report import build_report, write_report  # noqa: E402
 from plugins.providers.fake_server import FakeModelServer, write_pool  # noqa: E402
 from vkr_core.config import RunConfig  # noqa: E402
 from vkr_core.plugins import get_plugin_manager  # noqa: E402
-from vkr_core.report import build_report, write_report  # noqa: E402
 from vkr_core.run import generate_videos  # noqa: E402
 from vkr_core.schemas import Video  # noqa: E402
 

@@ -22,8 +22,8 @@ from scipy.fft import dctn
 from videos import video_dir
 
 from cli import cli
-from vkr_core import decontam as dc
-from vkr_core import phash
+from corpus import decontam as dc
+from corpus import phash
 from vkr_core.schemas import InputError
 
 TESTDATA = video_dir()  # made by tests/videos.py, cached across sessions

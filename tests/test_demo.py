@@ -19,13 +19,21 @@ def free_port() -> int:
 
 def test_demo_twice(tmp_path):
     port = str(free_port())
-    first = subprocess.run([VKR, "demo", "--out", str(tmp_path), "--port", port],
-                           capture_output=True, text=True, check=True).stdout
+    first = subprocess.run(
+        [VKR, "demo", "--out", str(tmp_path), "--port", port],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     accepted = int(re.search(r"^\s+accepted\s+(\d+)$", first, re.MULTILINE).group(1))
     assert accepted >= 1
     assert re.search(r"model calls made this run: [1-9]\d*", first)
     assert "SCRIPTED local endpoint" in first and "vkr generate" in first
-    second = subprocess.run([VKR, "demo", "--out", str(tmp_path), "--port", port],
-                            capture_output=True, text=True, check=True).stdout
+    second = subprocess.run(
+        [VKR, "demo", "--out", str(tmp_path), "--port", port],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "model calls made this run: 0 (server /stats)" in second
     assert re.search(r"^\s+accepted\s+(\d+)$", second, re.MULTILINE).group(1) == str(accepted)

@@ -25,9 +25,9 @@ import yaml
 from click.testing import CliRunner
 
 from cli import cli
+from corpus.exporters import SplitData, to_rl
+from corpus.reward import compute_score
 from plugins.exporters import builtin
-from vkr_core.exporters import SplitData, to_rl
-from vkr_core.reward import compute_score
 from vkr_core.schemas import AcceptedExample, InputError, Verdict
 
 # A checkout (or bare git dir) of github.com/Fu-Fu-Fu-Fu/VideoKR named by VKR_VIDEOKR_REPO;
@@ -158,7 +158,7 @@ def test_verl_prompt_is_the_official_rl_prompt(pair, tmp_path: Path) -> None:
 
 
 def test_training_prompts_end_with_the_instruction_the_model_is_evaluated_with(pair) -> None:
-    from vkr_core.exporters import eval_prompt, user_prompt
+    from corpus.exporters import eval_prompt, user_prompt
 
     # lmms-eval videokr_eval doc_to_text: question, options one per line (no header), post_prompt.
     assert eval_prompt(pair["mc"]) == (
@@ -636,7 +636,7 @@ def test_eval_export_reads_as_the_official_lmms_eval_task(
     utils = importlib.import_module("lmms_eval.tasks.videokr_eval.utils")
     import datasets
 
-    from vkr_core.exporters import eval_prompt
+    from corpus.exporters import eval_prompt
 
     # As lmms-eval loads the task: dataset_path (our export folder) with its data_files.
     docs = datasets.load_dataset(

@@ -17,14 +17,14 @@ from click.testing import CliRunner
 from corpus_factory import make_example, make_run, read_jsonl
 
 from cli import cli
+from corpus.exporters import Exporter, SplitData, load_split
+from corpus.reward import compute_score
+from corpus.split import split_run_dirs
 from plugins.exporters import builtin
 from vkr_core import hookspecs
-from vkr_core.exporters import Exporter, SplitData, load_split
 from vkr_core.hookspecs import hookimpl
 from vkr_core.plugins import collect
-from vkr_core.reward import compute_score
 from vkr_core.schemas import InputError
-from vkr_core.split import split_run_dirs
 
 FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 

@@ -23,13 +23,17 @@ def videos(tmp_path: Path, testdata: Path) -> list[Video]:
     for i in range(3):
         path = folder / f"clip{i}.mkv"
         shutil.copy(testdata / "flipping_a_pancake.mkv", path)
-        out.append(Video(video_id=f"clip{i}", path=str(path), discipline="cooking", title=f"clip {i}"))
+        out.append(
+            Video(video_id=f"clip{i}", path=str(path), discipline="cooking", title=f"clip {i}")
+        )
     return out
 
 
 def run(videos, run_dir, pool, pm, concurrency=3):
     counters = asyncio.run(
-        run_manifest(videos, run_dir, pool, RunConfig(), pm, concurrency=concurrency, progress=False)
+        run_manifest(
+            videos, run_dir, pool, RunConfig(), pm, concurrency=concurrency, progress=False
+        )
     )
     # A run keeps counters, not records: the records are read back from the run directory.
     return RunStore(run_dir).records(), counters
@@ -89,7 +93,9 @@ def test_429_storm_shrinks_the_models_concurrency_and_honours_retry_after(
     assert elapsed >= 0.1
 
 
-def test_timeouts_are_retried(videos, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager, reference):
+def test_timeouts_are_retried(
+    videos, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager, reference
+):
     pool = yaml.safe_load(vkr_pool.read_text())
     for model in pool["models"]:
         model["timeout"] = 1.0
@@ -104,14 +110,20 @@ def test_timeouts_are_retried(videos, tmp_path, vkr_pool, vkr_fake_server, vkr_p
 def test_a_malformed_reply_is_one_rejection_with_its_raw_text_and_the_run_goes_on(
     videos, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager
 ):
-    vkr_fake_server.set_policy({"model_steps": {"fake-a|example_generation": {"script": ["malformed"]}}})
+    vkr_fake_server.set_policy(
+        {"model_steps": {"fake-a|example_generation": {"script": ["malformed"]}}}
+    )
     records, _ = run(videos, tmp_path / "run", vkr_pool, vkr_plugin_manager, concurrency=1)
     malformed = [x for r in records for x in r.rejected if x.kind == "malformed"]
-    assert len(malformed) == 1 and malformed[0].raw_reply and malformed[0].step == "example_generation"
+    assert (
+        len(malformed) == 1 and malformed[0].raw_reply and malformed[0].step == "example_generation"
+    )
     assert sum(r.generated for r in records) == 17
 
 
-def test_refusals_are_terminal_never_retried_never_cached(videos, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager):
+def test_refusals_are_terminal_never_retried_never_cached(
+    videos, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager
+):
     vkr_fake_server.set_policy({"steps": {"self_consistency": {"refusal": 1.0}}})
     records, _ = run(videos, tmp_path / "run", vkr_pool, vkr_plugin_manager)
     refused = [x for r in records for x in r.rejected if x.kind == "refusal"]

@@ -84,6 +84,11 @@ def test_concurrency_limit_holds_under_load():
 
 @pytest.mark.parametrize("field", ["rpm", "tpm", "max_concurrency"])
 def test_negative_or_zero_limits_in_a_pool_are_clear_errors(tmp_path, field):
-    (tmp_path / "pool.yaml").write_text(f"models:\n  - name: a\n    model: openai/a\n    {field}: -5\n")
-    with pytest.raises(InputError, match=rf"pool file .* is invalid: models\.0\.{field}: .*greater than or equal to 1"):
+    (tmp_path / "pool.yaml").write_text(
+        f"models:\n  - name: a\n    model: openai/a\n    {field}: -5\n"
+    )
+    with pytest.raises(
+        InputError,
+        match=rf"pool file .* is invalid: models\.0\.{field}: .*greater than or equal to 1",
+    ):
         load_pool(tmp_path / "pool.yaml")

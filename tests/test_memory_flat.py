@@ -19,12 +19,12 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
+from corpus.report import build_report
 from plugins.providers.fake_server import FakeModelServer, write_pool
 from vkr_core.batch import BatchCounters
 from vkr_core.config import RunConfig
 from vkr_core.manifest import load_manifest
 from vkr_core.plugins import get_plugin_manager
-from vkr_core.report import build_report
 from vkr_core.run import format_funnel, funnel, run_manifest
 from vkr_core.store import RunStore
 
@@ -71,7 +71,7 @@ def test_a_run_returns_counters_that_print_the_funnel_of_its_records(made: Any) 
     )
     # Counters, not a list of every record: the records are in the run directory.
     assert isinstance(counters, BatchCounters)
-    from vkr_core.report import funnels
+    from corpus.report import funnels
 
     records = RunStore(run_dir).records()
     assert (counters.done, counters.failed, counters.unfinished) == (2, 1, 0)

@@ -125,20 +125,44 @@ def test_third_party_gate_runs_in_the_graph_in_its_declared_order(
     import json
     import shutil
 
-    vkr_fake_server.set_policy({"steps": {"self_consistency": {"accuracy": 1.0},
-                                          "video_dependency": {"accuracy": 0.0},
-                                          "cot_verification": {"cot_pass": 1.0}}})
+    vkr_fake_server.set_policy(
+        {
+            "steps": {
+                "self_consistency": {"accuracy": 1.0},
+                "video_dependency": {"accuracy": 0.0},
+                "cot_verification": {"cot_pass": 1.0},
+            }
+        }
+    )
     videos = tmp_path / "videos"
     videos.mkdir()
     shutil.copy(testdata / "flipping_a_pancake.mkv", videos / "pancake.mkv")
     subprocess.run(
-        [VKR, "generate", "--video-id", "pancake", "--videos-dir", str(videos), "--pool", str(vkr_pool),
-         "--out", str(tmp_path / "run"), "--discipline", "cooking"],
-        env=vkr_env(third_party_site), check=True, capture_output=True, text=True,
+        [
+            VKR,
+            "generate",
+            "--video-id",
+            "pancake",
+            "--videos-dir",
+            str(videos),
+            "--pool",
+            str(vkr_pool),
+            "--out",
+            str(tmp_path / "run"),
+            "--discipline",
+            "cooking",
+        ],
+        env=vkr_env(third_party_site),
+        check=True,
+        capture_output=True,
+        text=True,
     )
     record = json.loads((tmp_path / "run" / "records" / "pancake.json").read_text())
     assert record["accepted"]
     for example in record["accepted"]:
         assert [v["step"] for v in example["verdicts"]] == [
-            "self_consistency", "answer_leak", "video_dependency", "cot_verification"
+            "self_consistency",
+            "answer_leak",
+            "video_dependency",
+            "cot_verification",
         ]

@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from cli import cli
+from corpus.probe import ProbeOptions, run_probe
 from plugins.providers.fake_server import make_tag, truth_for_tag
-from vkr_core.probe import ProbeOptions, run_probe
 from vkr_core.run import model_steps
 from vkr_core.schemas import InputError
 from vkr_core.steps import Gate, Generator, Step

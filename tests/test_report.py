@@ -21,6 +21,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
+from corpus.report import (
+    build_report,
+    normalise_reason,
+    report_png,
+    summary_text,
+    write_report,
+)
 from plugins.providers.fake_server import (
     INPUT_COST_PER_TOKEN,
     OUTPUT_COST_PER_TOKEN,
@@ -29,13 +36,6 @@ from plugins.providers.fake_server import (
 )
 from vkr_core.config import RunConfig
 from vkr_core.plugins import get_plugin_manager
-from vkr_core.report import (
-    build_report,
-    normalise_reason,
-    report_png,
-    summary_text,
-    write_report,
-)
 from vkr_core.run import generate_videos
 from vkr_core.schemas import InputError, Video, VideoRecord
 from vkr_core.store import RunStore

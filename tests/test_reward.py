@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vkr_core.reward import compute_score, rouge_reward
+from corpus.reward import compute_score, rouge_reward
 
 MC = {"problem_type": "multiple choice"}
 OPEN = {"problem_type": "open-ended"}

@@ -21,27 +21,53 @@ def write_manifest(folder: Path, testdata: Path, good: int = 4, bad: bool = True
     lines = []
     for i in range(good):
         shutil.copy(testdata / "flipping_a_pancake.mkv", folder / f"good{i}.mkv")
-        lines.append({"video_id": f"good{i}", "path": f"good{i}.mkv", "discipline": "cooking",
-                      "subject": "batter cookery", "knowledge_point": "Maillard reaction",
-                      "title": f"Pancake flip number {i}"})
+        lines.append(
+            {
+                "video_id": f"good{i}",
+                "path": f"good{i}.mkv",
+                "discipline": "cooking",
+                "subject": "batter cookery",
+                "knowledge_point": "Maillard reaction",
+                "title": f"Pancake flip number {i}",
+            }
+        )
     if bad:
         shutil.copy(testdata / "corrupted.mp4", folder / "corrupted.mp4")
         data = (testdata / "flipping_a_pancake.mkv").read_bytes()
         (folder / "truncated.mkv").write_bytes(data[: len(data) // 2])
         (folder / "notes.mp4").write_text("minutes of the meeting, not a video\n")
-        lines += [{"video_id": "corrupted", "path": "corrupted.mp4"},
-                  {"video_id": "truncated", "path": "truncated.mkv"},
-                  {"video_id": "notes", "path": "notes.mp4"}]
+        lines += [
+            {"video_id": "corrupted", "path": "corrupted.mp4"},
+            {"video_id": "truncated", "path": "truncated.mkv"},
+            {"video_id": "notes", "path": "notes.mp4"},
+        ]
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return manifest
 
 
 def vkr_run(manifest: Path, pool: Path, out: Path, *extra: str, env=None, check=True):
-    result = subprocess.run([VKR, "run", "--videos", str(manifest), "--pool", str(pool), "--out", str(out),
-                             "--no-progress", *extra], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            VKR,
+            "run",
+            "--videos",
+            str(manifest),
+            "--pool",
+            str(pool),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"vkr run failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"vkr run failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -53,7 +79,9 @@ def accepted(run_dir: Path) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def test_bad_videos_are_failures_and_every_other_video_is_processed(tmp_path, testdata, vkr_pool, vkr_fake_server):
+def test_bad_videos_are_failures_and_every_other_video_is_processed(
+    tmp_path, testdata, vkr_pool, vkr_fake_server
+):
     manifest = write_manifest(tmp_path / "videos", testdata)
     with manifest.open("a") as handle:
         handle.write("{not json\n")
@@ -64,7 +92,9 @@ def test_bad_videos_are_failures_and_every_other_video_is_processed(tmp_path, te
     assert "line 8 is not JSON" in result.stderr
     assert "duplicate video id 'good0' (first on line 1)" in result.stderr
     assert "unsafe video id '../escape'" in result.stderr
-    failures = [json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]
+    failures = [
+        json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()
+    ]
     failed = {f["video_id"]: f["reason"] for f in failures}
     assert {"corrupted", "truncated", "notes"} <= set(failed)
     assert "corrupted.mp4" in failed["corrupted"] and "truncated.mkv" in failed["truncated"]
@@ -76,9 +106,15 @@ def test_bad_videos_are_failures_and_every_other_video_is_processed(tmp_path, te
 
 
 def test_target_accepted_stops_launching_new_videos(tmp_path, testdata, vkr_pool, vkr_fake_server):
-    vkr_fake_server.set_policy({"steps": {"self_consistency": {"accuracy": 1.0},
-                                          "video_dependency": {"accuracy": 0.0},
-                                          "cot_verification": {"cot_pass": 1.0}}})
+    vkr_fake_server.set_policy(
+        {
+            "steps": {
+                "self_consistency": {"accuracy": 1.0},
+                "video_dependency": {"accuracy": 0.0},
+                "cot_verification": {"cot_pass": 1.0},
+            }
+        }
+    )
     manifest = write_manifest(tmp_path / "videos", testdata, good=6, bad=False)
     vkr_run(manifest, vkr_pool, tmp_path / "run", "--concurrency", "1", "--target-accepted", "7")
     # Each video yields 6 accepted examples: the second video crosses 7, the third never starts.
@@ -86,7 +122,9 @@ def test_target_accepted_stops_launching_new_videos(tmp_path, testdata, vkr_pool
     assert vkr_fake_server.stats()["by_step"]["example_generation"] == 12
 
 
-def test_rerun_refuses_a_different_config_unless_forced(tmp_path, testdata, vkr_pool, vkr_fake_server):
+def test_rerun_refuses_a_different_config_unless_forced(
+    tmp_path, testdata, vkr_pool, vkr_fake_server
+):
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
     vkr_run(manifest, vkr_pool, tmp_path / "run")
     refused = vkr_run(manifest, vkr_pool, tmp_path / "run", "--fps", "0.5", check=False)
@@ -106,7 +144,9 @@ def keys_vkr_holds(run_dir: Path) -> set[str]:
         return {str(k).removeprefix("raw:") for k in cache.iterkeys()}
 
 
-def test_sigkill_at_random_moments_pays_no_call_twice(tmp_path, testdata, vkr_pool, vkr_fake_server):
+def test_sigkill_at_random_moments_pays_no_call_twice(
+    tmp_path, testdata, vkr_pool, vkr_fake_server
+):
     """kill -9 at random moments: no reply that reached vkr is ever paid for again.
 
     A reply still on the wire when the process dies (the provider has answered, vkr has not
@@ -130,9 +170,21 @@ def test_sigkill_at_random_moments_pays_no_call_twice(tmp_path, testdata, vkr_po
         repaid: set[str] = set()
         seen_repeats = 0
         for _ in range(3):
-            proc = subprocess.Popen([VKR, "run", "--videos", str(manifest), "--pool", str(vkr_pool),
-                                     "--out", str(run_dir), "--no-progress"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [
+                    VKR,
+                    "run",
+                    "--videos",
+                    str(manifest),
+                    "--pool",
+                    str(vkr_pool),
+                    "--out",
+                    str(run_dir),
+                    "--no-progress",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(rng.uniform(1.5, 4.0))
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -156,21 +208,42 @@ def test_canary_key_never_reaches_a_file_or_a_log(tmp_path, testdata, vkr_pool, 
     vkr_fake_server.set_policy({"script": ["429", "500"], "retry_after_s": 0.05})
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=True)
     env = dict(os.environ, VKR_FAKE_API_KEY=CANARY)
-    result = vkr_run(manifest, vkr_pool, tmp_path / "run", "--log-level", "DEBUG", env=env, check=False)
+    result = vkr_run(
+        manifest, vkr_pool, tmp_path / "run", "--log-level", "DEBUG", env=env, check=False
+    )
     assert result.returncode == 3, result.stdout + result.stderr  # the bad videos failed
     # The key was really used: the server saw it.
     assert vkr_fake_server.stats()["authorization"]["present"] > 0
-    hits = [str(p) for p in (tmp_path / "run").rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    hits = [
+        str(p)
+        for p in (tmp_path / "run").rglob("*")
+        if p.is_file() and CANARY.encode() in p.read_bytes()
+    ]
     assert hits == []
     assert CANARY not in result.stdout and CANARY not in result.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, testdata, vkr_pool, vkr_fake_server):
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(
+    tmp_path, testdata, vkr_pool, vkr_fake_server
+):
     vkr_fake_server.set_policy({"latency_ms": 40})
     manifest = write_manifest(tmp_path / "videos", testdata, good=3, bad=False)
-    proc = subprocess.Popen([VKR, "run", "--videos", str(manifest), "--pool", str(vkr_pool),
-                             "--out", str(tmp_path / "run"), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            VKR,
+            "run",
+            "--videos",
+            str(manifest),
+            "--pool",
+            str(vkr_pool),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while vkr_fake_server.stats()["completions"] < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -184,13 +257,18 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, testdata, v
     assert len(list((tmp_path / "run" / "records").glob("*.json"))) == 3
 
 
-def test_full_disk_stops_the_run_with_a_clear_message_and_resumes_after(tmp_path, testdata, vkr_pool, vkr_fake_server):
+def test_full_disk_stops_the_run_with_a_clear_message_and_resumes_after(
+    tmp_path, testdata, vkr_pool, vkr_fake_server
+):
     manifest = write_manifest(tmp_path / "videos", testdata, good=3, bad=False)
     run_dir = tmp_path / "small-disk"
     run_dir.mkdir()
     # A real filesystem that fills up: a 1 MiB tmpfs (CI runs as root, as this needs).
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run_dir)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
     assert mounted.returncode == 0, f"this test needs root to mount a tmpfs: {mounted.stderr}"
     try:
         full = vkr_run(manifest, vkr_pool, run_dir, check=False)
@@ -205,7 +283,9 @@ def test_full_disk_stops_the_run_with_a_clear_message_and_resumes_after(tmp_path
         failures_text = failures.read_text() if failures.exists() else ""
         for i in range(3):
             record = run_dir / "records" / f"good{i}.json"
-            assert record.exists(), f"good{i} has no record:\n{resumed.stdout}\n{resumed.stderr}\n{failures_text}"
+            assert record.exists(), (
+                f"good{i} has no record:\n{resumed.stdout}\n{resumed.stderr}\n{failures_text}"
+            )
             assert json.loads(record.read_text())["status"] == "done"
         # Replies that arrived while nothing could be written are paid again: no disk, no
         # memory of them. Everything written before the disk filled is reused.

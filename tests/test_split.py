@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from corpus_factory import make_example, make_run, read_jsonl, write_record
 
 from cli import cli
-from vkr_core.exporters import load_accepted
+from corpus.exporters import load_accepted
+from corpus.split import PAPER_SFT_SHARE, split_examples
 from vkr_core.schemas import InputError, Video, VideoRecord
-from vkr_core.split import PAPER_SFT_SHARE, split_examples
 
 VIDEOKR_SFT = ["problem_id", "question", "problem_type", "solution", "think", "video_path"]
 PROVENANCE = ["skill", "subject", "discipline", "knowledge_point", "video_id", "models", "verdicts"]

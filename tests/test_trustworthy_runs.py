@@ -31,9 +31,21 @@ def outcomes(record: dict) -> int:
 
 def start_run(manifest: Path, pool: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [VKR, "run", "--videos", str(manifest), "--pool", str(pool), "--out", str(out), "--no-progress",
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            VKR,
+            "run",
+            "--videos",
+            str(manifest),
+            "--pool",
+            str(pool),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -52,7 +64,11 @@ def interrupt(proc: subprocess.Popen) -> tuple[int, str]:
 
 def assert_no_partial_record_is_done(run_dir: Path, when: str) -> None:
     for video_id, record in records(run_dir).items():
-        assert record["status"] in ("done", "unfinished", "failed"), (when, video_id, record["status"])
+        assert record["status"] in ("done", "unfinished", "failed"), (
+            when,
+            video_id,
+            record["status"],
+        )
         if record["status"] == "done":
             assert outcomes(record) == ROUNDS, (
                 f"{when}: {video_id} is recorded done with {outcomes(record)} of {ROUNDS} outcomes"
@@ -60,7 +76,9 @@ def assert_no_partial_record_is_done(run_dir: Path, when: str) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_at_twenty_random_moments_loses_nothing(tmp_path, testdata, vkr_pool, vkr_fake_server):
+def test_ctrl_c_at_twenty_random_moments_loses_nothing(
+    tmp_path, testdata, vkr_pool, vkr_fake_server
+):
     vkr_fake_server.set_policy({"latency_ms": 60, "steps": {"self_consistency": {"accuracy": 0.7}}})
     manifest = write_manifest(tmp_path / "videos", testdata, good=8, bad=False)
     vkr_run(manifest, vkr_pool, tmp_path / "reference", "--concurrency", "2")
@@ -96,7 +114,9 @@ def test_ctrl_c_at_twenty_random_moments_loses_nothing(tmp_path, testdata, vkr_p
     assert vkr_fake_server.stats()["repeats"] == 0
 
 
-def test_split_and_report_see_a_stopped_run_as_unfinished(tmp_path, testdata, vkr_pool, vkr_fake_server):
+def test_split_and_report_see_a_stopped_run_as_unfinished(
+    tmp_path, testdata, vkr_pool, vkr_fake_server
+):
     vkr_fake_server.set_policy({"latency_ms": 100})
     manifest = write_manifest(tmp_path / "videos", testdata, good=2, bad=False)
     run_dir = tmp_path / "run"
@@ -105,9 +125,14 @@ def test_split_and_report_see_a_stopped_run_as_unfinished(tmp_path, testdata, vk
     more = manifest.with_name("more.jsonl")
     for i in range(2):
         shutil.copy(testdata / "flipping_a_pancake.mkv", manifest.parent / f"late{i}.mkv")
-    more.write_text(manifest.read_text() + "".join(
-        json.dumps({"video_id": f"late{i}", "path": f"late{i}.mkv", "discipline": "cooking"}) + "\n"
-        for i in range(2)))
+    more.write_text(
+        manifest.read_text()
+        + "".join(
+            json.dumps({"video_id": f"late{i}", "path": f"late{i}.mkv", "discipline": "cooking"})
+            + "\n"
+            for i in range(2)
+        )
+    )
     before = vkr_fake_server.stats()["completions"]
     proc = start_run(more, vkr_pool, run_dir)
     wait_for_completions(vkr_fake_server, before + 3, proc)
@@ -118,16 +143,22 @@ def test_split_and_report_see_a_stopped_run_as_unfinished(tmp_path, testdata, vk
     assert {status["late0"][0], status["late1"][0]} == {"unfinished"}, status
 
     # split refuses, naming the unfinished videos and what to do.
-    refused = subprocess.run([VKR, "split", str(run_dir), "--out", str(tmp_path / "split")],
-                             capture_output=True, text=True)
+    refused = subprocess.run(
+        [VKR, "split", str(run_dir), "--out", str(tmp_path / "split")],
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode != 0
     assert "2 video(s) are unfinished" in refused.stderr and "late0.json" in refused.stderr
     assert "--exclude-unfinished" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "split" / "sft.jsonl").exists()
 
     # With the flag it splits what is finished and lists what it left out.
-    split = subprocess.run([VKR, "split", str(run_dir), "--out", str(tmp_path / "split"),
-                            "--exclude-unfinished"], capture_output=True, text=True)
+    split = subprocess.run(
+        [VKR, "split", str(run_dir), "--out", str(tmp_path / "split"), "--exclude-unfinished"],
+        capture_output=True,
+        text=True,
+    )
     assert split.returncode == 0, split.stderr
     assert split.stderr.count("excluded unfinished video:") == 2
     manifest_json = json.loads((tmp_path / "split" / "split.json").read_text())
@@ -149,12 +180,17 @@ def test_split_and_report_see_a_stopped_run_as_unfinished(tmp_path, testdata, vk
     # The same command finishes them; then split needs no flag.
     vkr_run(more, vkr_pool, run_dir)
     assert all(r["status"] == "done" and outcomes(r) == ROUNDS for r in records(run_dir).values())
-    done = subprocess.run([VKR, "split", str(run_dir), "--out", str(tmp_path / "split2")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [VKR, "split", str(run_dir), "--out", str(tmp_path / "split2")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
 
 
-def test_a_second_run_on_the_same_directory_is_refused_naming_the_pid(tmp_path, testdata, vkr_pool, vkr_fake_server):
+def test_a_second_run_on_the_same_directory_is_refused_naming_the_pid(
+    tmp_path, testdata, vkr_pool, vkr_fake_server
+):
     vkr_fake_server.set_policy({"latency_ms": 400})
     manifest = write_manifest(tmp_path / "videos", testdata, good=4, bad=False)
     run_dir = tmp_path / "run"
@@ -167,8 +203,22 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_pid(tmp_path, 
     assert f"in use by PID {first.pid}" in second.stderr, second.stderr
     assert "Traceback" not in second.stderr
     # generate on the same directory is refused too.
-    gen = subprocess.run([VKR, "generate", "--video-id", "good0", "--videos-dir", str(tmp_path / "videos"),
-                          "--pool", str(vkr_pool), "--out", str(run_dir)], capture_output=True, text=True)
+    gen = subprocess.run(
+        [
+            VKR,
+            "generate",
+            "--video-id",
+            "good0",
+            "--videos-dir",
+            str(tmp_path / "videos"),
+            "--pool",
+            str(vkr_pool),
+            "--out",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert first.poll() is None, "the first run ended before the refusals were checked"
     assert gen.returncode != 0 and f"PID {first.pid}" in gen.stderr
     code, err = interrupt(first)

@@ -19,10 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
+from corpus.split import split_run_dirs
 from plugins.sources.local import LocalFolderSource
 from vkr_core.manifest import load_manifest
 from vkr_core.schemas import AcceptedExample, InputError, Verdict, Video, VideoRecord
-from vkr_core.split import split_run_dirs
 
 # Every gate passes, so each video yields its six examples and the split is predictable.
 ALL_PASS = {

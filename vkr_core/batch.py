@@ -18,7 +18,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from vkr_core.report import FunnelCounts
+from corpus.report import FunnelCounts
 from vkr_core.schemas import CallRecord, Video, VideoRecord
 
 

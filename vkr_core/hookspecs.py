@@ -47,7 +47,7 @@ def vkr_register_sources(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def vkr_register_exporters(register: Callable[[Any], None]) -> None:
-    """Register exporters: call ``register(exporter)`` with a :class:`vkr_core.exporters.Exporter`.
+    """Register exporters: call ``register(exporter)`` with a :class:`corpus.exporters.Exporter`.
 
     :param register: takes an exporter instance, chosen by ``vkr export --format NAME``.
     """

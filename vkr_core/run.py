@@ -27,8 +27,8 @@ from vkr_core.seeds import SeedBank
 from vkr_core.store import DiskFull, RunStore, is_disk_full
 
 if TYPE_CHECKING:
+    from corpus.report import FunnelCounts
     from vkr_core.batch import BatchCounters
-    from vkr_core.report import FunnelCounts
 
 log = get_logger("vkr.run")
 # SQLite pages of the call cache a run keeps in memory (4 KB each): SQLite's own default.
@@ -220,7 +220,7 @@ def funnel(
 ) -> list[tuple[str, int]]:
     """Examples left after each stage (the report's funnel, as (stage, count) pairs), from
     records or from the counts a run kept of them."""
-    from vkr_core.report import funnels
+    from corpus.report import funnels
 
     return [(row["stage"], row["count"]) for row in funnels(records, gate_names)["overall"]]
 

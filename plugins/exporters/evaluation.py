@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vkr_core.exporters import (
+from corpus.exporters import (
     MULTIPLE_CHOICE,
     Exporter,
     ExportOption,

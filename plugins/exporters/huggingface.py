@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vkr_core.exporters import (
+from corpus.exporters import (
     MULTIPLE_CHOICE,
     Exporter,
     ExportOption,

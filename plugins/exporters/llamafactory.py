@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vkr_core.exporters import (
+from corpus.exporters import (
     Exporter,
     ExportOption,
     SplitData,

@@ -1,4 +1,4 @@
-"""verl RL data: a parquet file of chat prompts with a video, scored by vkr_core/reward.py.
+"""verl RL data: a parquet file of chat prompts with a video, scored by corpus/reward.py.
 
 Rows match the official ``verl/local_script/prepare_videokr_rl_data.py`` output for the same
 VideoKR RL rows, column for column and type for type, so a vkr parquet and an official one go
@@ -11,14 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vkr_core.exporters import (
+from corpus.exporters import (
     Exporter,
     ExportOption,
     SplitData,
     checked_answer,
     user_prompt,
 )
-from vkr_core.reward import DATA_SOURCE
+from corpus.reward import DATA_SOURCE
 from vkr_core.schemas import InputError
 
 ABILITY = "video_qa"

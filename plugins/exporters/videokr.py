@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vkr_core.exporters import Exporter, SplitData, rl_row, sft_row, write_jsonl
+from corpus.exporters import Exporter, SplitData, rl_row, sft_row, write_jsonl
 
 
 class VideoKRExporter(Exporter):

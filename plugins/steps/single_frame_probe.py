@@ -1,6 +1,6 @@
 """single_frame_probe: an evaluation question + ONE random frame -> an answer.
 
-Used by ``vkr probe`` (vkr_core/probe.py), not by the generation graph: it is a plain step,
+Used by ``vkr probe`` (corpus/probe.py), not by the generation graph: it is a plain step,
 neither a generator nor a gate. The step also carries the small equivalence-judge prompt
 that scores open-ended answers when ``--judge`` names a model.
 """

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vkr_core.exporters import (
+from corpus.exporters import (
     OPEN_ENDED,
     check_example,
     checked_answer,
@@ -166,7 +166,7 @@ def open_ended_below_full_reward(examples: Sequence[AcceptedExample]) -> list[st
     ROUGE-2 needs a bigram: a one-word answer caps accuracy at 2/3, a symbol-only or
     non-Latin answer (no token ROUGE keeps) at 0.
     """
-    from vkr_core.reward import rouge_tokens
+    from corpus.reward import rouge_tokens
 
     return [
         e.problem_id

@@ -1,6 +1,6 @@
 """The GRPO reward for VideoKR data, usable as a verl custom reward function.
 
-In verl: ``custom_reward_function.path=vkr_core/reward.py custom_reward_function.name=compute_score``.
+In verl: ``custom_reward_function.path=corpus/reward.py custom_reward_function.name=compute_score``.
 
 score = 0.9 x accuracy + 0.1 x format, where
 

@@ -4,7 +4,7 @@ Two checks, as in the VideoKR paper (pipeline stage 13):
 
 1. Benchmark ids: a training video whose YouTube id is in a benchmark's id list goes.
 2. Near-duplicates: every video is hashed at 1 frame per second (pHash, see
-   :mod:`vkr_core.phash`). For each benchmark video, a faiss binary index over all training
+   :mod:`corpus.phash`). For each benchmark video, a faiss binary index over all training
    frames gives each benchmark frame its nearest training frames; each neighbour votes for a
    (training video, time offset). Every 20-second benchmark window (1-second stride) takes
    its ten best-voted (video, offset) candidates, and each is verified against the stored
@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
-from vkr_core import phash
+from corpus import phash
 from vkr_core.schemas import InputError, Strict, VkrError, check_video_id
 from vkr_core.sources import VIDEO_EXTENSIONS
 
