@@ -59,6 +59,7 @@ def split(
     refused unless --exclude-unfinished, which leaves it out and lists it.
     """
     from corpus.split import split_run_dirs
+    from vkr_core.store import SplitLayout
 
     manifest = split_run_dirs(
         list(run_dirs), out, sft_share=sft_share, seed=seed, exclude_unfinished=exclude_unfinished
@@ -78,10 +79,11 @@ def split(
         click.echo(
             f"warning: {len(capped)} open-ended RL answers have fewer than two words ROUGE "
             f"can score, so even a perfect response earns less than full reward: {ids}"
-            + (f" and {more} more (see split.json)" if more > 0 else ""),
+            + (f" and {more} more (see {SplitLayout(out).manifest})" if more > 0 else ""),
             err=True,
         )
-    click.echo(f"wrote {out / 'sft.jsonl'}, {out / 'rl.jsonl'}, {out / 'split.json'}")
+    written = SplitLayout(out)
+    click.echo(f"wrote {written.sft}, {written.rl}, {written.manifest}")
 
 
 @click.command()

@@ -310,7 +310,8 @@ def calibrate(
         click.echo(_describe_point("recommended", p))
         click.echo(f"use: --hash-bits {p.hash_bits} --distance {p.distance} --share {p.share:g}")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(result.model_dump_json(indent=2) + "\n")
+        from vkr_core.files import atomic_write
+
+        atomic_write(out, result.model_dump_json(indent=2) + "\n")
         click.echo(f"written: {out}")
     sys.stdout.flush()

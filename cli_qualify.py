@@ -141,6 +141,7 @@ def inputs(
     from qualification.bootstrap import collect_pilot_inputs
     from vkr_core.config import RunConfig
     from vkr_core.log import configure_logging
+    from vkr_core.store import RunLayout
 
     configure_logging(log_level)
     # Pass the settings you will give `vkr run`: they change what each step is sent.
@@ -178,7 +179,7 @@ def inputs(
         click.echo(f"  {model}: {used.calls} made, {used.cache_hits} cached, ${used.cost_usd:.4f}")
     if result.failures:
         click.echo(
-            f"{len(result.failures)} failure(s), see {out}/failures.jsonl; rerun to retry "
+            f"{len(result.failures)} failure(s), see {RunLayout(out).failures}; rerun to retry "
             f"(answered calls are cached): {result.failures[0]}",
             err=True,
         )

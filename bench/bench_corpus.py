@@ -36,14 +36,15 @@ from plugins.exporters.builtin import (  # noqa: E402
     VideoKRExporter,
 )
 from vkr_core.schemas import SKILLS, AcceptedExample, Verdict, Video, VideoRecord  # noqa: E402
+from vkr_core.store import RunLayout  # noqa: E402
 
 WORDS = "the pan heat batter flips force cart cell water moves browns reaction acid base".split()
 
 
 def make_corpus(run_dir: Path, video_root: Path, n_videos: int, seed: int = 0) -> int:
     rng = random.Random(seed)
-    records = run_dir / "records"
-    records.mkdir(parents=True)
+    layout = RunLayout(run_dir)
+    layout.records.mkdir(parents=True)
     total = 0
     for v in range(n_videos):
         video_id = f"v{v:06d}"
@@ -85,7 +86,7 @@ def make_corpus(run_dir: Path, video_root: Path, n_videos: int, seed: int = 0) -
             status="done",
             accepted=accepted,
         )
-        (records / f"{video_id}.json").write_text(record.model_dump_json())
+        layout.record(video_id).write_text(record.model_dump_json())
     return total
 
 
@@ -94,7 +95,7 @@ def make_corpus(run_dir: Path, video_root: Path, n_videos: int, seed: int = 0) -
 
 def raw_load(run_dir: Path) -> list[dict[str, Any]]:
     rows = []
-    for path in sorted((run_dir / "records").glob("*.json")):
+    for path in RunLayout(run_dir).record_files():
         rows += json.loads(path.read_text())["accepted"]
     return rows
 

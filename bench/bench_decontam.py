@@ -56,13 +56,15 @@ def bench_hash(runs: int) -> dict[str, Any]:
     import imagehash
     from PIL import Image
 
+    from vkr_core.plugins import get_plugin_manager
     from vkr_core.video import probe_video, read_frames
 
-    info = probe_video(PANCAKE)
+    pm = get_plugin_manager()
+    info = probe_video(PANCAKE, pm=pm)
     # Every frame of the clip (30 fps), as decontam decodes them (64 px) and at full size.
     times = [i / info.fps for i in range(int(info.duration * info.fps))]
-    small = [a for _, a in read_frames(PANCAKE, times, max_side=dc.FRAME_SIDE)]
-    full = [a for _, a in read_frames(PANCAKE, times)]
+    small = [a for _, a in read_frames(PANCAKE, times, max_side=dc.FRAME_SIDE, pm=pm)]
+    full = [a for _, a in read_frames(PANCAKE, times, pm=pm)]
     results: dict[str, Any] = {"frames": len(small), "sizes": {}}
     for label, frames in (("64 px (decontam)", small), ("426x240 (native)", full)):
         images = [Image.fromarray(a) for a in frames]

@@ -101,8 +101,9 @@ def main() -> None:
     from PIL import Image
 
     from vkr_core import video
+    from vkr_core.plugins import get_plugin_manager
 
-    pm = video.default_plugin_manager()
+    pm = get_plugin_manager()
     info = video.probe_video(VIDEO, pm=pm)
     times = video.sample_timestamps(info.duration, args.fps)
     path = str(VIDEO)
@@ -160,7 +161,9 @@ def main() -> None:
         return run
 
     def vkr_cached() -> int:
-        return len(video.sample_frames(VIDEO, scratch / "cached", fps=args.fps, isolate=False))
+        return len(
+            video.sample_frames(VIDEO, scratch / "cached", fps=args.fps, isolate=False, pm=pm)
+        )
 
     rows = [
         ("raw decord: decode", raw_decord),

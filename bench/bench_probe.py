@@ -102,7 +102,7 @@ def probe_requests(
         if q.video_path not in frames_by_video:
             frames_by_video[q.video_path] = sample_frames(
                 videos / q.video_path, frames_root / video_key(q.video_path), fps=1.0,
-                max_frames=1800,
+                max_frames=1800, pm=pm,
             )  # fmt: skip
         for name in MODELS:
             spec = pool.get(name)

@@ -36,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from corpus.report import build_report, write_report  # noqa: E402
 from plugins.providers.fake_server import FakeModelServer, write_pool  # noqa: E402
 from vkr_core.config import RunConfig  # noqa: E402
+from vkr_core.files import read_jsonl  # noqa: E402
 from vkr_core.plugins import get_plugin_manager  # noqa: E402
 from vkr_core.run import generate_videos  # noqa: E402
 from vkr_core.schemas import Video  # noqa: E402
+from vkr_core.store import RunLayout  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from videos import video_dir  # noqa: E402  # tests/videos.py: the test videos, made if absent
@@ -93,25 +95,26 @@ def _rename(record: dict[str, Any], old: str, new: str) -> dict[str, Any]:
 
 
 def replicate(seed: Path, target: Path, videos: int) -> dict[str, int]:
-    records = {p.stem: p.read_text() for p in (seed / "records").glob("*.json")}
-    calls = [json.loads(x) for x in (seed / "calls.jsonl").read_text().splitlines() if x]
-    failures = [json.loads(x) for x in (seed / "failures.jsonl").read_text().splitlines() if x]
-    (target / "records").mkdir(parents=True)
+    source, copy = RunLayout(seed), RunLayout(target)
+    records = {p.stem: p.read_text() for p in source.record_files()}
+    calls = [call for _, call in read_jsonl(source.calls, missing_ok=True)]
+    failures = [failure for _, failure in read_jsonl(source.failures, missing_ok=True)]
+    copy.records.mkdir(parents=True)
     copies = max(1, videos // len(records))
     call_lines, failure_lines = [], []
     for i in range(copies):
         for old, text in records.items():
             new = f"{old}-{i:05d}"
             record = _rename(json.loads(text), old, new)
-            (target / "records" / f"{new}.json").write_text(json.dumps(record, indent=2))
+            copy.record(new).write_text(json.dumps(record, indent=2))
         for call in calls:
             call_lines.append(json.dumps({**call, "video_id": f"{call['video_id']}-{i:05d}"}))
         for failure in failures:
             failure_lines.append(
                 json.dumps({**failure, "video_id": f"{failure['video_id']}-{i:05d}"})
             )
-    (target / "calls.jsonl").write_text("\n".join(call_lines) + "\n")
-    (target / "failures.jsonl").write_text("\n".join(failure_lines) + "\n")
+    copy.calls.write_text("\n".join(call_lines) + "\n")
+    copy.failures.write_text("\n".join(failure_lines) + "\n")
     return {"records": copies * len(records), "calls": len(call_lines)}
 
 
@@ -125,11 +128,13 @@ def raw_report(run_dir: Path) -> dict[str, Any]:
 
 
 def _raw_report(run_dir: Path) -> dict[str, Any]:
+    # The least work a report could do: plain json, no validation, no damaged-line checks.
+    layout = RunLayout(run_dir)
     accepted = 0
-    for path in (run_dir / "records").glob("*.json"):
+    for path in layout.record_files():
         accepted += len(json.loads(path.read_text())["accepted"])
     spend = 0.0
-    for line in (run_dir / "calls.jsonl").read_text().splitlines():
+    for line in layout.calls.read_text().splitlines():
         call = json.loads(line)
         if not call["cache_hit"]:
             spend += call["cost_usd"]

@@ -44,6 +44,8 @@ from bench_calls import (  # noqa: E402
     write_results,
 )
 
+from vkr_core.store import RunLayout  # noqa: E402
+
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 API_KEY_ENV = "VKR_FAKE_API_KEY"
@@ -233,17 +235,19 @@ def startup_floor(repeats: int) -> list[float]:
 
 def decode_floor(scratch: Path, repeats: int) -> dict[str, list[float]]:
     """Sampling the clip as `vkr run` does (0.2 fps, 768 px), in process and isolated."""
+    from vkr_core.plugins import get_plugin_manager
     from vkr_core.video import sample_frames
 
+    pm = get_plugin_manager()
     out: dict[str, list[float]] = {"in_process_s": [], "isolated_s": [], "isolated_cpu_s": []}
-    sample_frames(VIDEO, scratch / "decode-warm", isolate=False)  # imports, page cache
+    sample_frames(VIDEO, scratch / "decode-warm", isolate=False, pm=pm)  # imports, page cache
     for repeat in range(repeats):
         started = time.perf_counter()
-        sample_frames(VIDEO, scratch / f"decode-a{repeat}", isolate=False)
+        sample_frames(VIDEO, scratch / f"decode-a{repeat}", isolate=False, pm=pm)
         out["in_process_s"].append(time.perf_counter() - started)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        sample_frames(VIDEO, scratch / f"decode-b{repeat}", isolate=True)
+        sample_frames(VIDEO, scratch / f"decode-b{repeat}", isolate=True, pm=pm)
         out["isolated_s"].append(time.perf_counter() - started)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         out["isolated_cpu_s"].append(
@@ -273,7 +277,7 @@ def warm_rerun(
     for repeat in range(repeats):
         fresh = scratch / f"run-warm-{repeat}"
         fresh.mkdir()
-        shutil.copytree(first / "cache", fresh / "cache")
+        shutil.copytree(RunLayout(first).cache, RunLayout(fresh).cache)
 
         def one_warm(fresh: Path = fresh) -> None:
             warm.append(vkr_run(server, manifest, pool, fresh, concurrency, "warm", videos))

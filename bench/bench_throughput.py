@@ -46,6 +46,8 @@ from bench_calls import (  # noqa: E402
     write_results,
 )
 
+from vkr_core.store import RunLayout  # noqa: E402
+
 CPU_SECONDS: list[float] = []
 HOPS = 4  # generate, self_consistency, video_dependency (both models at once), cot_verification
 
@@ -88,7 +90,8 @@ def run(manifest: Path, pool: Path, out: Path, concurrency: int, *options: str) 
 
 
 def checkpoint_bytes(run_dir: Path) -> int:
-    return sum(p.stat().st_size for p in run_dir.glob("checkpoints.sqlite*"))
+    # The database and its -wal and -shm files.
+    return sum(p.stat().st_size for p in run_dir.glob(RunLayout(run_dir).checkpoints.name + "*"))
 
 
 def main() -> None:
@@ -160,7 +163,8 @@ def main() -> None:
                 out = work / "frames64-run"
                 options = ("--fps", "8", "--max-frames", "64")
                 run(many, pool, out, min(8, args.frames_videos), *options)
-                frames = json.loads(next((out / "records").glob("*.json")).read_text())["frames"]
+                first_record = RunLayout(out).record_files()[0]
+                frames = json.loads(first_record.read_text())["frames"]
                 per_video = checkpoint_bytes(out) / args.frames_videos
                 results["checkpoint_64_frames"] = {"frames": frames, "bytes_per_video": per_video}
                 print(

@@ -26,7 +26,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
-import tempfile
 import time
 import urllib.parse
 import zipfile
@@ -34,14 +33,19 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
 from corpus import phash
+from vkr_core.errors import describe_validation_error
+from vkr_core.files import atomic_path, atomic_write, read_jsonl
 from vkr_core.schemas import InputError, Strict, VkrError, check_video_id
 from vkr_core.sources import VIDEO_EXTENSIONS
+
+if TYPE_CHECKING:
+    import pluggy
 
 HASH_FPS = 1.0
 # Frames are decoded with the longer side scaled to this many pixels before hashing: pHash
@@ -122,14 +126,9 @@ def resolve_params(
     try:
         return DecontamParams.model_validate({**base.model_dump(), **updates})
     except ValidationError as exc:
-        # One line: pydantic's own text spans several, with a URL per problem.
-        problems = "; ".join(
-            ".".join(map(str, err["loc"]))
-            + ": " * bool(err["loc"])
-            + str(err["msg"]).removeprefix("Value error, ")
-            for err in exc.errors()
-        )
-        raise InputError(f"bad decontamination parameters: {problems}") from None
+        raise InputError(
+            f"bad decontamination parameters: {describe_validation_error(exc)}"
+        ) from None
 
 
 # ---------------------------------------------------------------- benchmark id lists
@@ -269,34 +268,23 @@ def read_video_list(
             add(file.stem, file, None if ids_from == "youtube_id" else file.stem, str(file))
         return entries
     base = location.parent
-    with location.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            where = f"{location}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not a JSON object ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for name in ("video_id", "path"):
-                if not isinstance(record.get(name), str) or not record[name]:
-                    raise InputError(f"{where}: field {name!r} is missing or not a string")
-            if ids_from == "youtube_id" and "youtube_id" not in record:
-                raise InputError(
-                    f"{where}: field 'youtube_id' is missing (ids taken from youtube_id)"
-                )
-            if ids_from == "video_id":
-                youtube_id = record["video_id"]
-            else:
-                youtube_id = record.get(
-                    "youtube_id", None if ids_from == "youtube_id" else record["video_id"]
-                )
-            if youtube_id is not None and not isinstance(youtube_id, str):
-                raise InputError(f"{where}: field 'youtube_id' must be a string or null")
-            path = Path(record["path"])
-            add(record["video_id"], path if path.is_absolute() else base / path, youtube_id, where)
+    for number, record in read_jsonl(location):
+        where = f"{location}:{number}"
+        for name in ("video_id", "path"):
+            if not isinstance(record.get(name), str) or not record[name]:
+                raise InputError(f"{where}: field {name!r} is missing or not a string")
+        if ids_from == "youtube_id" and "youtube_id" not in record:
+            raise InputError(f"{where}: field 'youtube_id' is missing (ids taken from youtube_id)")
+        if ids_from == "video_id":
+            youtube_id = record["video_id"]
+        else:
+            youtube_id = record.get(
+                "youtube_id", None if ids_from == "youtube_id" else record["video_id"]
+            )
+        if youtube_id is not None and not isinstance(youtube_id, str):
+            raise InputError(f"{where}: field 'youtube_id' must be a string or null")
+        path = Path(record["path"])
+        add(record["video_id"], path if path.is_absolute() else base / path, youtube_id, where)
     return entries
 
 
@@ -347,36 +335,30 @@ def load_cached_hashes(cache_dir: Path, path: Path) -> VideoHashes | None:
 
 def store_hashes(cache_dir: Path, path: Path, hashes: VideoHashes) -> None:
     """Write hashes to the cache atomically (a killed run leaves no half-written file)."""
-    file = _cache_file(cache_dir, path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=".hash-", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            arrays: dict[str, Any] = {f"codes_{b}": codes for b, codes in hashes.codes.items()}
-            arrays.update(detail=hashes.detail, duration=hashes.duration)
-            np.savez(stream, **arrays)
-        os.replace(temporary, file)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    arrays: dict[str, Any] = {f"codes_{b}": codes for b, codes in hashes.codes.items()}
+    arrays.update(detail=hashes.detail, duration=hashes.duration)
+    # Into an open file: given a path, np.savez would add ".npz" to the temporary's name.
+    with atomic_path(_cache_file(cache_dir, path)) as temporary, temporary.open("wb") as stream:
+        np.savez(stream, **arrays)
 
 
-def hash_video(path: str | os.PathLike[str]) -> VideoHashes:
-    """Decode a video at 1 fps and hash every frame (64 and 256 bits), in this process.
+def hash_video(path: str | os.PathLike[str], *, pm: pluggy.PluginManager) -> VideoHashes:
+    """Decode a video at 1 fps with ``pm``'s frame readers and hash every frame (64 and 256
+    bits), in this process.
 
     Raises :class:`vkr_core.video.VideoDecodeError` when the file cannot be decoded.
     """
     from vkr_core.video import probe_video, read_frames, sample_timestamps
 
     file = Path(path)
-    info = probe_video(file)
+    info = probe_video(file, pm=pm)
     times = sample_timestamps(info.duration, fps=HASH_FPS, max_frames=10**9)
     # read_frames returns full-size frames before scaling them: bound a call's memory.
     per_call = int(max(8, min(240, 200e6 // max(1, info.width * info.height * 3))))
     codes: dict[int, list[np.ndarray]] = {bits: [] for bits in phash.HASH_BITS}
     details: list[np.ndarray] = []
     for start in range(0, len(times), per_call):
-        frames = read_frames(file, times[start : start + per_call], max_side=FRAME_SIDE)
+        frames = read_frames(file, times[start : start + per_call], max_side=FRAME_SIDE, pm=pm)
         batch_codes, batch_detail = phash.phash_frames_multi([a for _, a in frames])
         for bits in phash.HASH_BITS:
             codes[bits].append(batch_codes[bits])
@@ -398,18 +380,24 @@ class HashingStats:
     cache_write_failures: int = 0
 
 
-Hasher = Callable[[Path], VideoHashes]
+# Called as hasher(path, pm=...): a module-level function, so worker processes can import it.
+Hasher = Callable[..., VideoHashes]
 
 
 def _hash_worker(conn: Any, hasher: Hasher) -> None:
-    """Decoder process: hash each path it is sent, reply with the hashes or the error."""
-    try:
-        # Imports and plugin loading before the first video, so its timeout is decoding only.
-        from vkr_core.video import default_plugin_manager
+    """Decoder process: hash each path it is sent, reply with the hashes or the error.
 
-        default_plugin_manager()
-    except Exception:  # the first video's attempt reports it
-        pass
+    A plugin manager cannot cross a process: the worker loads the installed plugins itself,
+    before the first video, so that video's timeout is decoding only.
+    """
+    from vkr_core.plugins import get_plugin_manager
+
+    pm: Any = None
+    startup_error: str | None = None
+    try:
+        pm = get_plugin_manager()
+    except Exception as exc:  # each video then reports it
+        startup_error = f"{type(exc).__name__}: {exc}"
     while True:
         try:
             task = conn.recv()
@@ -419,8 +407,11 @@ def _hash_worker(conn: Any, hasher: Hasher) -> None:
             return
         key, path = task
         conn.send(("started", key, None))
+        if pm is None:
+            conn.send(("error", key, f"{path}: plugins did not load: {startup_error}"))
+            continue
         try:
-            hashes = hasher(path)
+            hashes = hasher(path, pm=pm)
             conn.send(("ok", key, (hashes.codes, hashes.detail, hashes.duration)))
         except VkrError as exc:
             conn.send(("error", key, str(exc)))
@@ -480,15 +471,17 @@ def hash_videos(
     timeout: float = 600.0,
     progress: Callable[[int, int], None] | None = None,
     hasher: Hasher = hash_video,
+    pm: pluggy.PluginManager | None = None,
 ) -> tuple[dict[str, VideoHashes], dict[str, str], HashingStats]:
     """Hash ``(key, path)`` videos, from the cache where possible.
 
     Returns (hashes by key, error message by key, stats). With ``jobs`` > 0 the decoding
     runs in that many separate processes, so a decoder that aborts or hangs on one file
     (decord 0.6.0 can do both) costs that file only: it is reported as failed ("decoder
-    crashed", "timed out after T s") and the rest go on. ``jobs=0`` decodes in this process.
-    ``hasher`` (a module-level function, so worker processes can import it) replaces
-    :func:`hash_video`.
+    crashed", "timed out after T s") and the rest go on; each process loads the installed
+    plugins. ``jobs=0`` decodes in this process with ``pm``'s frame readers (by default
+    the installed plugins'). ``hasher`` (a module-level function, so worker processes can
+    import it) replaces :func:`hash_video`.
     """
     started = time.monotonic()
     stats = HashingStats()
@@ -532,10 +525,14 @@ def hash_videos(
         if progress is not None:
             progress(done, total)
 
-    if jobs <= 0:
+    if jobs <= 0 and todo:
+        if pm is None:
+            from vkr_core.plugins import get_plugin_manager
+
+            pm = get_plugin_manager()
         for key, path in todo:
             try:
-                hashes = hasher(path)
+                hashes = hasher(path, pm=pm)
             except VkrError as exc:
                 finish(key, path, None, str(exc))
             except Exception as exc:  # as in a worker: one file's decoder bug is its failure
@@ -925,8 +922,12 @@ def run_decontam(
     jobs: int = 0,
     timeout: float = 600.0,
     progress: Callable[[int, int], None] | None = None,
+    pm: pluggy.PluginManager | None = None,
 ) -> DecontamReport:
-    """Decide which training videos to remove; nothing is written (see :func:`write_report`)."""
+    """Decide which training videos to remove; nothing is written (see :func:`write_report`).
+
+    ``pm`` decodes when ``jobs`` is 0 (see :func:`hash_videos`).
+    """
     started = time.monotonic()
     removed: dict[str, RemovedVideo] = {}
     for entry in train:
@@ -943,7 +944,7 @@ def run_decontam(
         (f"b:{e.video_id}", e.path) for e in bench
     ]
     hashes, errors, stats = hash_videos(
-        tasks, cache_dir, jobs=jobs, timeout=timeout, progress=progress
+        tasks, cache_dir, jobs=jobs, timeout=timeout, progress=progress, pm=pm
     )
     failed = [
         FailedVideo(
@@ -1009,17 +1010,6 @@ def run_decontam(
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: DecontamReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write removed.jsonl, kept.txt, failed.jsonl and report.json into ``out_dir``."""
     out = Path(out_dir)
@@ -1030,14 +1020,14 @@ def write_report(report: DecontamReport, out_dir: str | os.PathLike[str]) -> dic
         "failed": out / "failed.jsonl",
         "report": out / "report.json",
     }
-    _write_atomic(files["removed"], "".join(r.model_dump_json() + "\n" for r in report.removed))
-    _write_atomic(files["kept"], "".join(video_id + "\n" for video_id in report.kept))
-    _write_atomic(files["failed"], "".join(f.model_dump_json() + "\n" for f in report.failed))
+    atomic_write(files["removed"], "".join(r.model_dump_json() + "\n" for r in report.removed))
+    atomic_write(files["kept"], "".join(video_id + "\n" for video_id in report.kept))
+    atomic_write(files["failed"], "".join(f.model_dump_json() + "\n" for f in report.failed))
     summary = {
         "counts": report.counts(),
         **report.model_dump(exclude={"removed", "kept", "failed"}),
     }
-    _write_atomic(files["report"], json.dumps(summary, indent=2) + "\n")
+    atomic_write(files["report"], json.dumps(summary, indent=2) + "\n")
     return files
 
 
@@ -1212,6 +1202,7 @@ def calibrate(
     copy_seconds: float | None = 60.0,
     copy_max_side: int | None = 640,
     progress: Callable[[str], None] | None = None,
+    pm: pluggy.PluginManager | None = None,
 ) -> CalibrationResult:
     """Measure the near-duplicate rule on known-unrelated pairs and on transformed copies.
 
@@ -1230,7 +1221,9 @@ def calibrate(
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     say(f"hashing {len(videos)} videos")
-    originals, errors, _ = hash_videos([(e.video_id, e.path) for e in videos], cache_dir, jobs=jobs)
+    originals, errors, _ = hash_videos(
+        [(e.video_id, e.path) for e in videos], cache_dir, jobs=jobs, pm=pm
+    )
     skipped = dict(errors)
     usable = [e for e in videos if e.video_id in originals]
     for entry in list(usable):
@@ -1250,7 +1243,7 @@ def calibrate(
             make_transformed_copy(entry.path, target, transform, copy_seconds, copy_max_side)
             copy_tasks.append((f"{entry.video_id}|{transform}", target))
     say(f"hashing {len(copy_tasks)} copies")
-    copies, copy_errors, _ = hash_videos(copy_tasks, None, jobs=jobs)
+    copies, copy_errors, _ = hash_videos(copy_tasks, None, jobs=jobs, pm=pm)
     for key, error in copy_errors.items():
         skipped[key] = error
 

@@ -31,8 +31,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ValidationError
 
+from vkr_core.errors import describe_validation_error
+from vkr_core.files import atomic_path, atomic_write, read_jsonl
 from vkr_core.schemas import OPTION_LETTERS, AcceptedExample, InputError, RLExample
 from vkr_core.sources import path_under_root
+from vkr_core.store import RunLayout, SplitLayout
 
 MULTIPLE_CHOICE = "multiple choice"
 OPEN_ENDED = "open-ended"
@@ -268,26 +271,15 @@ def eval_prompt(example: Example) -> str:
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write rows as JSON lines, atomically: a failed write leaves no half file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_path(path) as temporary, temporary.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
 def write_json(path: Path, value: Any) -> Path:
     """Write one JSON document atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def _validation_message(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(x) for x in first["loc"]) or "value"
-    return f"{where}: {first['msg']}"
+    return atomic_write(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
 
 def _unfinished_note(record: Any) -> str:
@@ -315,12 +307,12 @@ def load_accepted(
     examples: list[AcceptedExample] = []
     unfinished: list[str] = []
     for run_dir in run_dirs:
-        records_dir = Path(run_dir) / "records"
+        layout = RunLayout(run_dir)
         if not Path(run_dir).is_dir():
             raise InputError(f"run directory {str(run_dir)!r} does not exist")
-        if not records_dir.is_dir():
-            raise InputError(f"run directory {str(run_dir)!r} has no records/ folder")
-        for path in sorted(records_dir.glob("*.json")):
+        if not layout.records.is_dir():
+            raise InputError(f"run directory {str(run_dir)!r} has no {layout.records.name}/ folder")
+        for path in layout.record_files():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -334,7 +326,7 @@ def load_accepted(
                 if len(loc) >= 2 and loc[0] == "accepted" and isinstance(loc[1], int):
                     pid = data["accepted"][loc[1]].get("problem_id", "?")
                     who = f" accepted example {pid!r}:"
-                raise InputError(f"record {path}:{who} {_validation_message(exc)}") from None
+                raise InputError(f"record {path}:{who} {describe_validation_error(exc)}") from None
             if record.video_id != path.stem:
                 raise InputError(
                     f"record {path} holds video {record.video_id!r}: the file name must be "
@@ -458,23 +450,18 @@ class SplitData:
         return data
 
 
-def _read_jsonl(path: Path, model: type[Example]) -> list[Any]:
+def _read_examples(path: Path, model: type[Example]) -> list[Any]:
+    """Every example of a split file; any damaged line is an error naming ``FILE:LINE``
+    (a training set must not silently lose an example, even a cut-short last one)."""
     items = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from None
-            try:
-                items.append(model.model_validate(data))
-            except ValidationError as exc:
-                pid = data.get("problem_id", "?") if isinstance(data, dict) else "?"
-                raise InputError(
-                    f"{path}:{lineno}: example {pid!r}: {_validation_message(exc)}"
-                ) from None
+    for number, data in read_jsonl(path):
+        try:
+            items.append(model.model_validate(data))
+        except ValidationError as exc:
+            pid = data.get("problem_id", "?")
+            raise InputError(
+                f"{path}:{number}: example {pid!r}: {describe_validation_error(exc)}"
+            ) from None
     return items
 
 
@@ -483,15 +470,15 @@ def load_split(split_dir: str | Path) -> SplitData:
     folder = Path(split_dir)
     if not folder.is_dir():
         raise InputError(f"split directory {str(split_dir)!r} does not exist")
-    paths = {name: folder / f"{name}.jsonl" for name in ("sft", "rl")}
-    for name, path in paths.items():
+    layout = SplitLayout(folder)
+    for path in (layout.sft, layout.rl):
         if not path.is_file():
             raise InputError(
-                f"split directory {str(split_dir)!r} has no {name}.jsonl: make it with `vkr split`"
+                f"split directory {str(split_dir)!r} has no {path.name}: make it with `vkr split`"
             )
     return SplitData(
-        sft=sorted(_read_jsonl(paths["sft"], AcceptedExample), key=_sort_key),
-        rl=sorted(_read_jsonl(paths["rl"], RLExample), key=_sort_key),
+        sft=sorted(_read_examples(layout.sft, AcceptedExample), key=_sort_key),
+        rl=sorted(_read_examples(layout.rl, RLExample), key=_sort_key),
         source=str(folder),
     )
 
@@ -499,18 +486,18 @@ def load_split(split_dir: str | Path) -> SplitData:
 def recorded_video_roots(split_dir: str | Path) -> dict[str, str]:
     """Run directory -> the video root it recorded, for the runs a split was made from.
 
-    Read from the split's ``split.json`` and each run's ``config.json``; runs not found here
+    Read from the split's manifest and each run's config snapshot; runs not found here
     (a split moved to another machine) or made before runs recorded their root are left out.
     """
     try:
-        manifest = json.loads((Path(split_dir) / "split.json").read_text(encoding="utf-8"))
+        manifest = json.loads(SplitLayout(split_dir).manifest.read_text(encoding="utf-8"))
         run_dirs = [str(d) for d in manifest["run_dirs"]]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     roots: dict[str, str] = {}
     for run_dir in run_dirs:
         try:
-            config = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+            config = json.loads(RunLayout(run_dir).config.read_text(encoding="utf-8"))
             root = config["config"]["video_root"]
         except (OSError, ValueError, KeyError, TypeError):
             continue

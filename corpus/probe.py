@@ -29,6 +29,8 @@ from pydantic import BaseModel, ValidationError
 from vkr_core.answers import answers_match, normalise
 from vkr_core.calls import CallFailed, ModelCaller
 from vkr_core.config import EligibilityRegistry, ModelSpec, Pool, load_pool, load_registry
+from vkr_core.errors import describe_validation_error
+from vkr_core.files import JsonlProblem, atomic_write, read_jsonl
 from vkr_core.log import get_logger, redact, register_secrets
 from vkr_core.router import Router, seeded_rng
 from vkr_core.schemas import (
@@ -43,7 +45,7 @@ from vkr_core.schemas import (
     VkrError,
 )
 from vkr_core.steps import ReplyError
-from vkr_core.store import RunStore, atomic_write
+from vkr_core.store import RunLayout, RunStore
 
 log = get_logger("vkr.probe")
 
@@ -151,43 +153,24 @@ class ProbeResult:
 # ---------------------------------------------------------------- input
 
 
-def _explain(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(x) for x in err["loc"])
-        message = str(err["msg"]).removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
-
-
 def load_eval_set(path: str | Path) -> list[EvalItem]:
     """Read and validate a VideoKR-Eval style jsonl; every bad line is named in one error."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"eval file not found: {p}")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"eval file {p} is not UTF-8 text: {exc}") from None
     items: list[EvalItem] = []
     problems: list[str] = []
     first_line: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not JSON ({exc.msg})")
-            continue
-        if not isinstance(data, dict):
-            problems.append(f"line {number}: not a JSON object")
-            continue
+
+    def unreadable(bad: JsonlProblem) -> None:
+        problems.append(f"line {bad.line}: {bad.reason}")
+
+    for number, data in read_jsonl(p, on_problem=unreadable):
         label = f"line {number}" + (f" (id {data['id']!r})" if "id" in data else "")
         try:
             question = EvalQuestion.model_validate(data)
         except ValidationError as exc:
-            problems.append(f"{label}: {_explain(exc)}")
+            problems.append(f"{label}: {describe_validation_error(exc)}")
             continue
         if question.id in first_line:
             problems.append(f"{label}: duplicate id (first on line {first_line[question.id]})")
@@ -529,7 +512,7 @@ async def probe_eval_set(
 
     out = Path(out_dir)
     store = RunStore(out)
-    frames_root = Path(options.frames_dir) if options.frames_dir else out / "frames"
+    frames_root = Path(options.frames_dir) if options.frames_dir else store.layout.frames_root
     params: dict[str, Any] = {"temperature": step.temperature}
     conf = pool.steps.get(PROBE_STEP)
     if conf and conf.temperature is not None:
@@ -969,8 +952,8 @@ def _write_outputs(
         "kept": out / "kept.jsonl",
         "filtered": out / "filtered.jsonl",
         "unprobed": out / "unprobed.jsonl",
-        "report_json": out / "report.json",
-        "report_md": out / "report.md",
+        "report_json": RunLayout(out).report("json"),
+        "report_md": RunLayout(out).report("md"),
     }
     atomic_write(paths["trials"], _jsonl([row.model_dump() for row in rows]))
     atomic_write(paths["kept"], _jsonl(kept))

@@ -22,13 +22,16 @@ import re
 import time
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from vkr_core.errors import describe_validation_error
+from vkr_core.files import JsonlProblem, atomic_path, atomic_write, read_jsonl
 from vkr_core.schemas import SKILLS, CallRecord, InputError, VideoRecord
+from vkr_core.store import RunLayout
 
 REPORT_VERSION = 1
 GENERATOR = "example_generation"
@@ -71,7 +74,7 @@ def _collector_paused() -> Iterator[None]:
 
 def _read_records(root: Path, warnings: list[str]) -> Iterator[VideoRecord]:
     """Records one at a time: a report over 100,000 videos never holds more than one."""
-    folder = root / "records"
+    folder = RunLayout(root).records
     # File names, not Path objects: the sorted list is the one thing here that grows with N.
     names = sorted(
         entry.name
@@ -83,9 +86,7 @@ def _read_records(root: Path, warnings: list[str]) -> Iterator[VideoRecord]:
         try:
             record = VideoRecord.model_validate_json(path.read_text())
         except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(x) for x in error["loc"]) or "(file)"
-            warnings.append(f"skipped unreadable record {path}: {field}: {error['msg']}")
+            warnings.append(f"skipped unreadable record {path}: {describe_validation_error(exc)}")
             continue
         except (OSError, UnicodeDecodeError) as exc:
             warnings.append(f"skipped unreadable record {path}: {exc}")
@@ -93,45 +94,17 @@ def _read_records(root: Path, warnings: list[str]) -> Iterator[VideoRecord]:
         yield record
 
 
-def _read_jsonl(path: Path, warnings: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Lines of a jsonl log, one at a time; a line cut short by a killed run is skipped with a
-    warning."""
-    if not path.exists():
-        return
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                warnings.append(f"skipped unreadable line {number} of {path}")
-                continue
-            if isinstance(data, dict):
-                yield number, data
-            else:
-                warnings.append(f"skipped line {number} of {path}: not a JSON object")
+def _skipped(warnings: list[str]) -> Callable[[JsonlProblem], None]:
+    """A damaged line of a run's log (a kill cuts the last one short) becomes a warning."""
+    return lambda problem: warnings.append(f"skipped {problem}")
 
 
 def _read_calls(root: Path, warnings: list[str]) -> Iterator[CallRecord]:
-    """Call records one at a time, straight from each line of ``calls.jsonl``."""
-    path = root / "calls.jsonl"
-    if not path.exists():
-        return
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                # Straight from JSON text: about twice as fast as json.loads then validate.
-                yield CallRecord.model_validate_json(line)
-            except ValidationError as exc:
-                error = exc.errors()[0]
-                if error["type"] == "json_invalid":
-                    warnings.append(f"skipped unreadable line {number} of {path}")
-                else:
-                    field = ".".join(str(x) for x in error["loc"]) or "(line)"
-                    warnings.append(f"skipped line {number} of {path}: bad call record ({field})")
+    """Call records one at a time, straight from each line of the call log."""
+    for _, call in read_jsonl(
+        RunLayout(root).calls, CallRecord, on_problem=_skipped(warnings), missing_ok=True
+    ):
+        yield call
 
 
 class _Failures:
@@ -145,11 +118,12 @@ class _Failures:
         self.latest: dict[str, dict[str, Any]] = {}
         self.attempts: Counter[str] = Counter()
         self.done: set[str] = set()
-        path = root / "failures.jsonl"
-        for number, data in _read_jsonl(path, warnings):
+        path = RunLayout(root).failures
+        skip = _skipped(warnings)
+        for number, data in read_jsonl(path, on_problem=skip, missing_ok=True):
             video_id = data.get("video_id")
             if not isinstance(video_id, str):
-                warnings.append(f"skipped line {number} of {path}: no video_id")
+                skip(JsonlProblem(path, number, "no video_id"))
                 continue
             self.attempts[video_id] += 1
             when = data.get("time")
@@ -602,10 +576,12 @@ def build_report(run_dir: str | Path, gate_names: Sequence[str] | None = None) -
     root = Path(run_dir)
     if not root.is_dir():
         raise InputError(f"run directory {root} does not exist or is not a directory")
-    if not any((root / name).exists() for name in ("records", "calls.jsonl", "failures.jsonl")):
+    layout = RunLayout(root)
+    if not layout.looks_like_run():
         raise InputError(
-            f"{root} is not a vkr run directory: it has no records/, calls.jsonl or "
-            "failures.jsonl (pass the --out folder of `vkr generate`)"
+            f"{root} is not a vkr run directory: it has no {layout.records.name}/, "
+            f"{layout.calls.name} or {layout.failures.name} (pass the --out folder of "
+            "`vkr generate`)"
         )
     with _collector_paused():
         return _summarise(root, gate_names)
@@ -1086,8 +1062,8 @@ def report_png(report: dict[str, Any], path: str | Path, width: int = 1000) -> P
             y += bar_height + gap
         y += margin
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, format="PNG", optimize=True)
+    with atomic_path(out) as temporary:
+        image.save(temporary, format="PNG", optimize=True)
     return out
 
 
@@ -1183,19 +1159,13 @@ def summary_renderables(report: dict[str, Any]) -> list[Any]:
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md, report.html and report.png; returns their paths."""
-    from vkr_core.store import atomic_write
-
+    """Write the report as JSON, markdown, HTML and PNG into ``out_dir`` (a run directory's
+    report files, see RunLayout.report); returns their paths."""
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"report output {folder} exists and is not a directory")
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": folder / "report.json",
-        "md": folder / "report.md",
-        "html": folder / "report.html",
-        "png": folder / "report.png",
-    }
+    paths = {kind: RunLayout(folder).report(kind) for kind in ("json", "md", "html", "png")}
     atomic_write(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     atomic_write(paths["md"], report_markdown(report))
     atomic_write(paths["html"], report_html(report))

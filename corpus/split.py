@@ -27,6 +27,7 @@ from corpus.exporters import (
     write_jsonl,
 )
 from vkr_core.schemas import AcceptedExample, InputError, SplitManifest, SplitSide
+from vkr_core.store import RunLayout, SplitLayout
 
 PAPER_SFT_EXAMPLES = 201_156
 PAPER_TOTAL_EXAMPLES = 315_537
@@ -54,7 +55,7 @@ def video_files(run_dirs: Sequence[str | Path]) -> dict[str, str]:
     """Video id -> the file its run read (the record's resolved ``video.path``)."""
     files: dict[str, str] = {}
     for run_dir in run_dirs:
-        for path in sorted((Path(run_dir) / "records").glob("*.json")):
+        for path in RunLayout(run_dir).record_files():
             try:
                 video = json.loads(path.read_text(encoding="utf-8"))["video"]
             except (OSError, ValueError, KeyError, TypeError):
@@ -181,8 +182,8 @@ def write_split(
     run_dirs: Sequence[str | Path] = (),
     excluded_unfinished: Sequence[str] = (),
 ) -> SplitManifest:
-    """Write ``sft.jsonl``, ``rl.jsonl`` and ``split.json`` into ``out_dir``."""
-    out = Path(out_dir)
+    """Write the SFT and RL files and the split's manifest into ``out_dir`` (SplitLayout)."""
+    out = SplitLayout(out_dir)
     # Build every row before writing any file, so a refused example leaves nothing half-written.
     sft_rows = [sft_row(e) for e in split.sft]
     rl_rows = [rl_row(e) for e in split.rl]
@@ -196,10 +197,10 @@ def write_split(
         open_ended_below_full_reward=open_ended_below_full_reward(split.rl),
         excluded_unfinished=list(excluded_unfinished),
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "sft.jsonl", sft_rows)
-    write_jsonl(out / "rl.jsonl", rl_rows)
-    write_json(out / "split.json", manifest.model_dump(mode="json"))
+    out.root.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out.sft, sft_rows)
+    write_jsonl(out.rl, rl_rows)
+    write_json(out.manifest, manifest.model_dump(mode="json"))
     return manifest
 
 

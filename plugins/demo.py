@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from vkr_core.files import atomic_path
 from vkr_core.hookspecs import hookimpl
 from vkr_core.schemas import InputError
 
@@ -30,8 +31,11 @@ def make_demo_video(
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     width, height = size
-    tmp = path.with_suffix(".part.mp4")
-    with av.open(str(tmp), mode="w") as container:
+    # The temporary file has no .mp4 extension to guess the format from: name it.
+    with (
+        atomic_path(path) as temporary,
+        av.open(str(temporary), mode="w", format="mp4") as container,
+    ):
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "ultrafast", "crf": "28"}
@@ -58,7 +62,6 @@ def make_demo_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.replace(path)
     return path
 
 
@@ -129,6 +132,7 @@ def run_demo(out: Path, port: int) -> dict[str, Any]:
 def demo(out: str, port: int) -> None:
     """Run the whole pipeline on a made-up video against a scripted local model server."""
     from vkr_core.run import format_funnel
+    from vkr_core.store import RunLayout
 
     result = run_demo(Path(out), port)
     record = result["record"]
@@ -138,7 +142,7 @@ def demo(out: str, port: int) -> None:
     click.echo(f"vkr demo: video {record.video_id}, {record.frames} frames sampled at 0.2 fps")
     click.echo(format_funnel(result["funnel"]))
     click.echo(f"model calls made this run: {stats['completions']} (server /stats)")
-    click.echo(f"record: {Path(out) / 'run' / 'records' / (record.video_id + '.json')}")
+    click.echo(f"record: {RunLayout(Path(out) / 'run').record(record.video_id)}")
     click.echo(
         "\nThese answers came from a SCRIPTED local endpoint ("
         + result["base_url"]

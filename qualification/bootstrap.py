@@ -34,11 +34,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from qualification.models import PILOT_INPUTS_MANIFEST, PilotInputsManifest, StepInputs
 from qualification.pilot import RecordedInput, _run_coroutine, input_sha256, read_inputs
 from vkr_core.calls import CallFailed, ModelCaller, key_messages
 from vkr_core.config import Eligibility, EligibilityRegistry, Pool, RunConfig, load_pool
 from vkr_core.context import RunContext, StepContext
+from vkr_core.errors import describe_validation_error
+from vkr_core.files import atomic_write
 from vkr_core.log import get_logger, register_secrets
 from vkr_core.plugins import VkrPluginManager, get_plugin_manager
 from vkr_core.router import Router, RoutingError
@@ -46,7 +50,7 @@ from vkr_core.schemas import CallRecord, Candidate, InputError, Video, VkrError
 from vkr_core.seeds import SeedBank
 from vkr_core.sources import VIDEO_EXTENSIONS
 from vkr_core.steps import Gate, Generator, ReplyError, Step
-from vkr_core.store import RunStore, atomic_write
+from vkr_core.store import RunLayout, RunStore, spent_in
 
 log = get_logger("vkr.qualify.inputs")
 
@@ -239,7 +243,7 @@ class PilotInputsResult:
             for model in info.candidates:
                 lines.append(
                     f"vkr qualify pilot --step {step} --model {q(model)} --pool {pool} "
-                    f"--from {out} --cache {q(str(self.out / 'cache'))} --n {n} "
+                    f"--from {out} --cache {q(str(RunLayout(self.out).cache))} --n {n} "
                     f"--out {q(str(self.pilot_dir(step, model)))}"
                 )
         pilots = self.out.parent / "pilots"
@@ -260,8 +264,10 @@ def _previous(out: Path) -> PilotInputsManifest | None:
         return None
     try:
         return PilotInputsManifest.model_validate_json(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path} is not a pilot-inputs manifest: {exc}") from None
+    except ValidationError as exc:
+        raise InputError(
+            f"{path} is not a pilot-inputs manifest: {describe_validation_error(exc)}"
+        ) from None
 
 
 @dataclass
@@ -271,6 +277,8 @@ class _Plan:
     pool: Pool
     pool_path: str
     videos_arg: str
+    # The plugins that decode the videos and route the steps: the caller's, never a default.
+    pm: VkrPluginManager
     registry: Any
     router: Router
     used: dict[str, Step]
@@ -339,15 +347,17 @@ def collect_pilot_inputs(
     if not videos:
         raise InputError("no usable videos: nothing to make pilot inputs from")
     root = Path(out)
-    if any((root / "records").glob("*.json")):
+    layout = RunLayout(root)
+    if layout.record_files():
         raise InputError(
-            f"{root} is a run directory (it holds records/): pilot inputs go in a directory of "
-            "their own, and `vkr qualify pilot --from` reads both"
+            f"{root} is a run directory (it holds {layout.records.name}/): pilot inputs go in "
+            "a directory of their own, and `vkr qualify pilot --from` reads both"
         )
     plan = _Plan(
         pool=pool,
         pool_path=str(pool_path),
         videos_arg=str(manifest if manifest is not None else videos_dir),
+        pm=pm,
         registry=registry,
         router=router,
         used=used,
@@ -365,7 +375,7 @@ def collect_pilot_inputs(
         max_spend=max_spend,
         say=say,
     )
-    had_records_dir = (root / "records").is_dir()
+    had_records_dir = layout.records.is_dir()
     store = InputsStore(root, {})
     # Two processes on one directory would pay for the same calls twice.
     store.run_lock.acquire("vkr qualify inputs")
@@ -377,7 +387,7 @@ def collect_pilot_inputs(
         if not had_records_dir:
             # RunStore makes records/ for a run; this directory never holds any.
             try:
-                (root / "records").rmdir()
+                layout.records.rmdir()
             except OSError:
                 pass
 
@@ -386,7 +396,7 @@ def _collect(plan: _Plan, store: InputsStore) -> PilotInputsResult:
     root, config, n, say = store.root, plan.config, plan.n, plan.say
     registry, used, wanted = plan.registry, plan.used, plan.wanted
     found = store.found
-    if (root / "inputs").is_dir():
+    if store.layout.inputs_root.is_dir():
         # A rerun counts what earlier invocations recorded (at the current prompt versions).
         for name, step in used.items():
             for recorded in read_inputs(name, [root]):
@@ -411,7 +421,7 @@ def _collect(plan: _Plan, store: InputsStore) -> PilotInputsResult:
         )
 
     spend = Spend()
-    spent_before = sum(c.cost_usd or 0.0 for c in store.calls() if not c.cache_hit)
+    spent_before = spent_in(root)
 
     def on_record(record: CallRecord) -> None:
         store.append_call(record)
@@ -475,6 +485,7 @@ def _collect(plan: _Plan, store: InputsStore) -> PilotInputsResult:
                 max_side=config.max_side,
                 jpeg_quality=config.jpeg_quality,
                 timeout=config.decode_timeout,
+                pm=plan.pm,
             )
         except VkrError as exc:
             failures.append(f"{video.video_id}: {exc}")

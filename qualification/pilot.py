@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-import json
 import random
 import re
 import shutil
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from qualification.labels import LabelStore
 from qualification.models import (
@@ -40,11 +41,13 @@ from qualification.models import (
 )
 from vkr_core.calls import CallFailed, ModelCaller
 from vkr_core.config import Pool, fingerprint, load_pool
+from vkr_core.errors import describe_validation_error
+from vkr_core.files import JsonlProblem, atomic_write, read_jsonl
 from vkr_core.log import register_secrets
 from vkr_core.plugins import VkrPluginManager, get_plugin_manager
 from vkr_core.schemas import InputError, VideoRecord, VkrError
 from vkr_core.steps import ReplyError
-from vkr_core.store import atomic_write
+from vkr_core.store import RunLayout, log_problem
 
 _FRAME_LABEL = re.compile(r"\[Frame at (\d{2,}:\d{2})\]\s*$")
 
@@ -81,32 +84,33 @@ def input_sha256(step: str, messages: list[dict[str, Any]]) -> str:
 
 
 def pilot_dir_paths(pilot_dir: Path) -> dict[str, Path]:
+    # The call cache and the frames sit where a run directory keeps its own.
+    run = RunLayout(pilot_dir)
     return {
         "manifest": pilot_dir / "pilot.json",
         "items": pilot_dir / "items.jsonl",
-        "frames": pilot_dir / "frames",
-        "cache": pilot_dir / "cache",
+        "frames": run.frames_root,
+        "cache": run.cache,
         "labels": pilot_dir / "labels.sqlite",
     }
 
 
 def read_inputs(step: str, run_dirs: list[Path]) -> list[RecordedInput]:
-    """Every distinct recorded input of ``step`` in the run directories, sorted by hash."""
+    """Every distinct recorded input of ``step`` in the run directories, sorted by hash.
+
+    A damaged line (a run killed mid-write cuts the last one short) is skipped with a
+    warning: the other inputs are still good candidates.
+    """
     found: dict[str, RecordedInput] = {}
     for run_dir in run_dirs:
         if not run_dir.is_dir():
             raise InputError(f"run directory not found: {run_dir}")
-        path = run_dir / "inputs" / f"{step}.jsonl"
-        if not path.exists():
-            continue
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
+        path = RunLayout(run_dir).inputs(step)
+        for number, record in read_jsonl(path, on_problem=log_problem, missing_ok=True):
+            messages = record.get("messages")
+            if not isinstance(messages, list):
+                log_problem(JsonlProblem(path, number, "not a recorded input (no messages)"))
                 continue
-            try:
-                record = json.loads(line)
-                messages = record["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise InputError(f"{path} line {number} is not a recorded input: {exc}") from None
             digest = input_sha256(step, messages)
             found.setdefault(digest, RecordedInput(run_dir, record, digest))
     return [found[k] for k in sorted(found)]
@@ -144,7 +148,7 @@ def _frame_source(recorded: RecordedInput, sha256: str, path: str) -> Path:
     candidates = [Path(path)]
     # Runs store frames under RUN_DIR/frames/<video_id>/; a run directory given as a
     # relative path records relative frame paths, so look there too.
-    candidates.append(recorded.run_dir / "frames" / video_id / Path(path).name)
+    candidates.append(RunLayout(recorded.run_dir).frames_root / video_id / Path(path).name)
     for candidate in candidates:
         if candidate.is_file():
             data = candidate.read_bytes()
@@ -208,7 +212,7 @@ def _video_paths(run_dirs: list[Path]) -> dict[str, str]:
                 used = {}
             for video_id, video_file in used.items():
                 paths.setdefault(video_id, video_file)
-        for path in sorted((run_dir / "records").glob("*.json")):
+        for path in RunLayout(run_dir).record_files():
             try:
                 record = VideoRecord.model_validate_json(path.read_text())
             except ValueError:
@@ -272,8 +276,8 @@ def select_inputs(
     if not recorded:
         raise InputError(
             f"no inputs of step {step_name!r} are recorded in {where}: a run records them in "
-            f"RUN_DIR/inputs/{step_name}.jsonl when it calls the step; before any model is "
-            "qualified, `vkr qualify inputs` records them for every model step"
+            f"{RunLayout('RUN_DIR').inputs(step_name)} when it calls the step; before any model "
+            "is qualified, `vkr qualify inputs` records them for every model step"
         )
     # An input recorded under another prompt version is not what the step sends today.
     current = [r for r in recorded if r.record.get("prompt_version") in (None, current_version)]
@@ -564,11 +568,7 @@ def _check_outputs_unchanged(pilot_dir: Path, items: list[PilotItem]) -> None:
     paths = pilot_dir_paths(pilot_dir)
     if not paths["items"].is_file() or not paths["labels"].is_file():
         return
-    before = {}
-    for line in paths["items"].read_text().splitlines():
-        if line.strip():
-            old = PilotItem.model_validate_json(line)
-            before[old.item_id] = old.output
+    before = {old.item_id: old.output for _, old in read_jsonl(paths["items"], PilotItem)}
     changed = [i.item_id for i in items if i.item_id in before and before[i.item_id] != i.output]
     if not changed:
         return
@@ -622,18 +622,12 @@ def open_pilot(pilot_dir: str | Path) -> Pilot:
         )
     try:
         manifest = PilotManifest.model_validate_json(paths["manifest"].read_text())
-    except ValueError as exc:
-        raise InputError(f"{paths['manifest']} is not a valid pilot manifest: {exc}") from None
-    items = []
-    text = paths["items"].read_text() if paths["items"].is_file() else ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                items.append(PilotItem.model_validate_json(line))
-            except ValueError as exc:
-                raise InputError(
-                    f"{paths['items']} line {number} is not a pilot item: {exc}"
-                ) from None
+    except ValidationError as exc:
+        raise InputError(
+            f"{paths['manifest']} is not a valid pilot manifest: {describe_validation_error(exc)}"
+        ) from None
+    # Written whole (atomically) by `vkr qualify pilot`: any damaged line is an error.
+    items = [item for _, item in read_jsonl(paths["items"], PilotItem, missing_ok=True)]
     if len(items) != manifest.n:
         raise InputError(
             f"{paths['items']} has {len(items)} items but pilot.json says n={manifest.n}"

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vkr_core.errors import describe_validation_error
+from vkr_core.files import atomic_write
 from vkr_core.schemas import InputError
 
 
@@ -194,26 +196,12 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise InputError(f"{what} file {p} is not valid YAML: {first}") from None
 
 
-def _explain(exc: ValidationError, strip: int = 0) -> str:
-    """One line for all of a validation error's problems; ``strip`` drops leading loc parts."""
-    parts = []
-    for err in exc.errors():
-        loc = [str(x) for x in err["loc"]][strip:]
-        if err["type"] == "extra_forbidden" and loc:
-            where = ".".join(loc[:-1]) or "the top level"
-            parts.append(f"unknown key {loc[-1]!r} in {where}")
-            continue
-        where = ".".join(loc) or "(top level)"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def load_pool(path: str | Path) -> Pool:
     data = read_yaml(path, "pool")
     try:
         pool = Pool.model_validate(data)
     except ValidationError as exc:
-        raise InputError(f"pool file {path} is invalid: {_explain(exc)}") from None
+        raise InputError(f"pool file {path} is invalid: {describe_validation_error(exc)}") from None
     pool.source_path = str(path)
     return pool
 
@@ -225,7 +213,7 @@ def load_registry(path: str | Path) -> EligibilityRegistry:
     except ValidationError as exc:
         # Validated under "steps", which the file does not have: report paths as written.
         raise InputError(
-            f"eligibility registry {path} is invalid: {_explain(exc, strip=1)}"
+            f"eligibility registry {path} is invalid: {describe_validation_error(exc, strip=1)}"
         ) from None
 
 
@@ -234,7 +222,8 @@ def save_registry(registry: EligibilityRegistry, path: str | Path) -> None:
         step: {m: e.model_dump(exclude_none=True) for m, e in models.items()}
         for step, models in registry.steps.items()
     }
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=True))
+    # The registry decides which models a run may use: never leave half of one.
+    atomic_write(path, yaml.safe_dump(data, sort_keys=True))
 
 
 def fingerprint(data: Any) -> str:

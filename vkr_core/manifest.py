@@ -14,13 +14,14 @@ files.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from vkr_core.errors import describe_validation_error
+from vkr_core.files import JsonlProblem, read_jsonl
 from vkr_core.log import get_logger
 from vkr_core.schemas import InputError, KnowledgePoint, Video, check_video_id
 from vkr_core.sources import path_under_root
@@ -57,9 +58,13 @@ def load_manifest(path: str | Path, video_root: str | Path | None = None) -> Man
         raise InputError(f"video root not found: {root} (it must be an existing folder)")
     manifest = Manifest(source=str(p), video_root=root)
     seen: dict[str, int] = {}
-    for number, line in enumerate(p.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+
+    def unreadable(line: JsonlProblem) -> None:
+        manifest.problems.append(
+            ManifestProblem(line.line, None, None, f"line {line.line} is {line.reason}")
+        )
+
+    for number, data in read_jsonl(p, on_problem=unreadable):
 
         def problem(
             reason: str,
@@ -69,14 +74,6 @@ def load_manifest(path: str | Path, video_root: str | Path | None = None) -> Man
         ) -> None:
             manifest.problems.append(ManifestProblem(line, video_id, video_path, reason))
 
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problem(f"line {number} is not JSON: {exc.msg}")
-            continue
-        if not isinstance(data, dict):
-            problem(f"line {number} is not a JSON object")
-            continue
         video_id = data.get("video_id")
         raw_path = data.get("path")
         if not isinstance(video_id, str) or not video_id:
@@ -130,9 +127,7 @@ def load_manifest(path: str | Path, video_root: str | Path | None = None) -> Man
         try:
             video = Video.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
-            problem(f"line {number}: {where}: {err['msg']}", video_id, str(video_path))
+            problem(f"line {number}: {describe_validation_error(exc)}", video_id, str(video_path))
             continue
         manifest.videos.append(video)
         if video.truncated:

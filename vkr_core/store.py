@@ -1,6 +1,6 @@
 """The run directory: config snapshot, checkpoints, call cache, frames, records, call log.
 
-Layout::
+Layout (:class:`RunLayout` is the one place that names these files)::
 
     RUN_DIR/config.json          what the run was started with (a rerun must match)
     RUN_DIR/checkpoints.sqlite   LangGraph checkpoints, thread = video id
@@ -8,8 +8,14 @@ Layout::
     RUN_DIR/frames/<video_id>/   sampled frames, JPEG, encoded once
     RUN_DIR/records/<video_id>.json   one VideoRecord per finished video
     RUN_DIR/calls.jsonl          one CallRecord per call (cache hits included)
+    RUN_DIR/preflight.jsonl      the reach check of each model before the run, one per model
     RUN_DIR/failures.jsonl       videos that could not be processed, with the reason
     RUN_DIR/inputs/<step>.jsonl  rendered step inputs, for qualification pilots
+    RUN_DIR/run.lock             held by the process that has the run open
+    RUN_DIR/report.{json,md,html,png}   what `vkr report` writes (unless --out)
+
+A split folder (``vkr split --out``) holds ``sft.jsonl``, ``rl.jsonl`` and ``split.json``
+(:class:`SplitLayout`).
 """
 
 from __future__ import annotations
@@ -20,15 +26,14 @@ import heapq
 import json
 import os
 import shutil
-import tempfile
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vkr_core.calls import key_messages
-from vkr_core.log import redact
+from vkr_core.files import JsonlProblem, atomic_write, read_jsonl
+from vkr_core.log import get_logger, redact
 from vkr_core.schemas import (  # noqa: F401  # DiskFull, is_disk_full: re-exported
     CallRecord,
     DiskFull,
@@ -77,19 +82,144 @@ def _input_digest(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write a file so a reader (or a killed run) never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+log = get_logger("vkr.store")
+
+
+class RunLayout:
+    """Where each file of a run directory is: the one place that spells their names.
+
+    Paths only: nothing is created, read or locked, so a report, a split or an export can
+    use it on a run directory another process has open.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        """The config snapshot a rerun must match."""
+        return self.root / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        """The SQLite checkpoint database (thread = video id)."""
+        return self.root / "checkpoints.sqlite"
+
+    @property
+    def cache(self) -> Path:
+        """The model-call cache folder."""
+        return self.root / "cache"
+
+    @property
+    def frames_root(self) -> Path:
+        """The folder of every video's sampled frames."""
+        return self.root / "frames"
+
+    def frames(self, video_id: str) -> Path:
+        """The folder of one video's sampled frames."""
+        return self.frames_root / check_video_id(video_id)
+
+    @property
+    def records(self) -> Path:
+        """The folder of per-video records."""
+        return self.root / "records"
+
+    def record(self, video_id: str) -> Path:
+        """One video's record."""
+        return self.records / f"{check_video_id(video_id)}.json"
+
+    def record_files(self) -> list[Path]:
+        """The record files, sorted by video id (an atomic write's hidden temporary left out)."""
+        if not self.records.is_dir():
+            return []
+        return sorted(
+            self.records / entry.name
+            for entry in os.scandir(self.records)
+            if entry.name.endswith(".json") and not entry.name.startswith(".")
+        )
+
+    @property
+    def calls(self) -> Path:
+        """One CallRecord per model call, in the order they were made."""
+        return self.root / "calls.jsonl"
+
+    @property
+    def failures(self) -> Path:
+        """Videos that could not be processed, with the reason."""
+        return self.root / "failures.jsonl"
+
+    @property
+    def preflight(self) -> Path:
+        """The reach check of each model, kept apart from the steps' calls."""
+        return self.root / "preflight.jsonl"
+
+    @property
+    def inputs_root(self) -> Path:
+        """The folder of rendered step inputs (for qualification pilots)."""
+        return self.root / "inputs"
+
+    def inputs(self, step: str) -> Path:
+        """The rendered inputs of one step."""
+        return self.inputs_root / f"{step}.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        """The file the process that has the run open holds a lock on."""
+        return self.root / "run.lock"
+
+    def report(self, kind: str) -> Path:
+        """The report file of a kind (``json``, ``md``, ``html``, ``png``)."""
+        return self.root / f"report.{kind}"
+
+    def looks_like_run(self) -> bool:
+        """Whether the folder holds what a run writes (records, calls or failures)."""
+        return any(p.exists() for p in (self.records, self.calls, self.failures))
+
+
+class SplitLayout:
+    """The files of a split folder, as `vkr split` writes them and exporters read them."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft.jsonl"
+
+    @property
+    def rl(self) -> Path:
+        return self.root / "rl.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        """What `vkr split` decided (SplitManifest)."""
+        return self.root / "split.json"
+
+    def side(self, name: str) -> Path:
+        """``sft`` or ``rl``."""
+        return {"sft": self.sft, "rl": self.rl}[name]
+
+
+def log_problem(problem: JsonlProblem) -> None:
+    """The default for a damaged line of a run's log: skip it, with a warning."""
+    log.warning("skipped a damaged line", where=str(problem))
+
+
+def spent_in(
+    run_dir: str | os.PathLike[str], on_problem: Callable[[JsonlProblem], None] | None = None
+) -> float:
+    """USD the run directory's calls have cost so far (paid calls in its call log).
+
+    A damaged line (a kill cuts the last one short) goes to ``on_problem``, by default a
+    warning: its call, if it was paid, is not counted.
+    """
+    total = 0.0
+    for _, call in read_jsonl(
+        RunLayout(run_dir).calls, CallRecord, on_problem=on_problem or log_problem, missing_ok=True
+    ):
+        if not call.cache_hit:
+            total += call.cost_usd or 0.0
+    return total
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -99,6 +229,17 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _ends_mid_line(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            if handle.seek(0, os.SEEK_END) == 0:
+                return False
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 class RunDirectoryInUse(InputError):
@@ -114,7 +255,7 @@ class RunLock:
     """
 
     def __init__(self, root: Path):
-        self.path = root / "run.lock"
+        self.path = RunLayout(root).lock
         self._fd: int | None = None
 
     def acquire(self, command: str = "vkr") -> None:
@@ -159,10 +300,13 @@ class RunLock:
 class RunStore:
     def __init__(self, run_dir: str | Path):
         self.root = Path(run_dir)
+        self.layout = RunLayout(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "records").mkdir(exist_ok=True)
+        self.layout.records.mkdir(exist_ok=True)
         # 64-bit digests of the input keys seen per step: a run sees ~30 inputs per video.
         self._seen_inputs: dict[str, DigestSet] = {}
+        # Logs whose end has been checked since this store opened (see _append).
+        self._tails_checked: set[Path] = set()
         self.run_lock = RunLock(self.root)
 
     def disk_full_error(self, exc: BaseException | None = None) -> DiskFull:
@@ -179,21 +323,21 @@ class RunStore:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.root / "checkpoints.sqlite"
+        return self.layout.checkpoints
 
     @property
     def cache_dir(self) -> Path:
-        return self.root / "cache"
+        return self.layout.cache
 
     def frames_dir(self, video_id: str) -> Path:
-        return self.root / "frames" / check_video_id(video_id)
+        return self.layout.frames(video_id)
 
     def record_path(self, video_id: str) -> Path:
-        return self.root / "records" / f"{check_video_id(video_id)}.json"
+        return self.layout.record(video_id)
 
     def check_config(self, snapshot: dict[str, Any], force: bool = False) -> None:
         """Refuse to mix results of different configs in one run directory unless forced."""
-        path = self.root / "config.json"
+        path = self.layout.config
         if path.exists() and not force:
             old = json.loads(path.read_text())
             differences = _diff(old, snapshot)
@@ -219,31 +363,41 @@ class RunStore:
 
     def iter_records(self) -> Iterator[VideoRecord]:
         """The records in video-id order, one at a time (a big run's do not fit in memory)."""
-        for path in sorted((self.root / "records").glob("*.json")):
+        for path in self.layout.record_files():
             yield VideoRecord.model_validate_json(path.read_text())
 
     def records(self) -> list[VideoRecord]:
         """Every record at once: for a few videos; ``iter_records`` for a run."""
         return list(self.iter_records())
 
-    def _append(self, name: str, data: dict[str, Any]) -> None:
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as handle:
-            handle.write(redact(json.dumps(data, ensure_ascii=False)) + "\n")
+    def _append(self, path: Path, data: dict[str, Any]) -> None:
+        line = redact(json.dumps(data, ensure_ascii=False)) + "\n"
+        if path not in self._tails_checked:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A run killed mid-line left the last line cut short: end it first, or this
+            # line would be glued to it and lost with it (a paid call unaccounted for).
+            if _ends_mid_line(path):
+                line = "\n" + line
+            self._tails_checked.add(path)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
 
     def append_call(self, record: CallRecord) -> None:
-        self._append("calls.jsonl", record.model_dump())
+        self._append(self.layout.calls, record.model_dump())
 
-    def iter_calls(self) -> Iterator[CallRecord]:
-        """The call records in the order they were made, one line at a time."""
-        path = self.root / "calls.jsonl"
-        if not path.exists():
-            return
-        with path.open("rb") as handle:
-            for line in handle:
-                if line.strip():
-                    yield CallRecord.model_validate_json(line)
+    def append_preflight(self, record: CallRecord) -> None:
+        """A model's reach check, beside the call log (it is not a step's call)."""
+        self._append(self.layout.preflight, record.model_dump())
+
+    def iter_calls(
+        self, on_problem: Callable[[JsonlProblem], None] | None = None
+    ) -> Iterator[CallRecord]:
+        """The call records in the order they were made, one line at a time; a damaged line
+        goes to ``on_problem`` (by default a warning) and is skipped."""
+        for _, call in read_jsonl(
+            self.layout.calls, CallRecord, on_problem=on_problem or log_problem, missing_ok=True
+        ):
+            yield call
 
     def calls(self) -> list[CallRecord]:
         """Every call record at once: for a few videos; ``iter_calls`` for a run."""
@@ -251,7 +405,7 @@ class RunStore:
 
     def add_failure(self, video_id: str, reason: str, path: str | None = None) -> None:
         self._append(
-            "failures.jsonl",
+            self.layout.failures,
             {"video_id": video_id, "path": path, "reason": redact(reason), "time": time.time()},
         )
 
@@ -265,15 +419,16 @@ class RunStore:
         prompt_version: str | None = None,
     ) -> None:
         """Keep each distinct rendered input of a step once, for qualification pilots."""
+        # Imported here: reading a run directory (reports, exports) needs no model-call code.
+        from vkr_core.calls import key_messages
+
         seen = self._seen_inputs.get(step)
-        path = self.root / "inputs" / f"{step}.jsonl"
+        path = self.layout.inputs(step)
         if seen is None:
             seen = DigestSet()
-            if path.exists():
-                with path.open(encoding="utf-8") as handle:
-                    for line in handle:
-                        if line.strip():
-                            seen.add(_input_digest(json.loads(line)["key"]))
+            for _, line in read_jsonl(path, on_problem=log_problem, missing_ok=True):
+                if isinstance(line.get("key"), str):
+                    seen.add(_input_digest(line["key"]))
             self._seen_inputs[step] = seen
         digest = _input_digest(key)
         if digest in seen:
@@ -287,7 +442,7 @@ class RunStore:
             if p.get("type") == "frame"
         ]
         self._append(
-            f"inputs/{step}.jsonl",
+            path,
             {
                 "key": key,
                 "step": step,

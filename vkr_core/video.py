@@ -22,7 +22,6 @@ import os
 import pickle
 import random
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from vkr_core.files import atomic_write
 from vkr_core.schemas import Frame, InputError, VideoInfo, VkrError
 
 if TYPE_CHECKING:
@@ -539,14 +539,7 @@ def _write_manifest(out_dir: Path, params: dict[str, Any], frames: list[Frame]) 
     # Names are stored relative to out_dir so a moved run directory stays valid.
     entries = [{**frame.model_dump(), "path": Path(frame.path).name} for frame in frames]
     text = json.dumps({"format": _MANIFEST_FORMAT, "params": params, "frames": entries}, indent=1)
-    handle, temporary = tempfile.mkstemp(dir=out_dir, prefix=".manifest-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, out_dir / _MANIFEST)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(out_dir / _MANIFEST, text)
 
 
 def sample_frames(

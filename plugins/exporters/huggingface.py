@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from corpus.exporters import (
     checked_answer,
     checked_trace,
 )
+from vkr_core.files import atomic_path, atomic_write
 from vkr_core.schemas import InputError
 
 RL_COLUMNS = (
@@ -100,7 +100,7 @@ class HuggingFaceExporter(Exporter):
         manifest = [videos[k] for k in sorted(videos)]
         written += self._shards(out_dir, "videos", manifest, VIDEO_COLUMNS, shard_size)
         card = out_dir / "README.md"
-        card.write_text(self._card(data, options, len(videos)), encoding="utf-8")
+        atomic_write(card, self._card(data, options, len(videos)))
         return [*written, card]
 
     @staticmethod
@@ -136,9 +136,8 @@ class HuggingFaceExporter(Exporter):
         for i in range(count):
             path = folder / f"train-{i:05d}-of-{count:05d}.parquet"
             table = pa.Table.from_pylist(rows[i * size : (i + 1) * size], schema=_schema(columns))
-            tmp = path.with_name(path.name + ".tmp")
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as temporary:
+                pq.write_table(table, temporary)
             paths.append(path)
         return paths
 

@@ -19,6 +19,7 @@ from corpus.exporters import (
     user_prompt,
     write_json,
 )
+from vkr_core.files import atomic_path
 from vkr_core.schemas import InputError
 
 TAGS = {
@@ -46,9 +47,8 @@ class LlamaFactoryExporter(Exporter):
         if not name or "/" in name or os.sep in name:
             raise InputError(f"llamafactory dataset name {name!r} must be a plain file stem")
         data_path = out_dir / f"{name}.json"
-        tmp = data_path.with_name(data_path.name + ".tmp")
         # One conversation per line inside the list: readable, diffable, still one JSON document.
-        with tmp.open("w", encoding="utf-8") as handle:
+        with atomic_path(data_path) as temporary, temporary.open("w", encoding="utf-8") as handle:
             handle.write("[")
             for index, example in enumerate(data.sft):
                 row = {
@@ -60,7 +60,6 @@ class LlamaFactoryExporter(Exporter):
                 }
                 handle.write(("," if index else "") + "\n" + json.dumps(row, ensure_ascii=False))
             handle.write("\n]\n")
-        os.replace(tmp, data_path)
 
         info_path = out_dir / "dataset_info.json"
         info: dict[str, Any] = {}

@@ -19,6 +19,7 @@ from corpus.exporters import (
     user_prompt,
 )
 from corpus.reward import DATA_SOURCE
+from vkr_core.files import atomic_path
 from vkr_core.schemas import InputError
 
 ABILITY = "video_qa"
@@ -140,7 +141,6 @@ class VerlExporter(Exporter):
                 }
             )
         path = out_dir / f"{split}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(pa.Table.from_pylist(rows, schema=_schema()), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as temporary:
+            pq.write_table(pa.Table.from_pylist(rows, schema=_schema()), temporary)
         return [path]

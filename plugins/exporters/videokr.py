@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.exporters import Exporter, SplitData, rl_row, sft_row, write_jsonl
+from vkr_core.store import SplitLayout
 
 
 class VideoKRExporter(Exporter):
@@ -13,7 +14,9 @@ class VideoKRExporter(Exporter):
     description = "VideoKR jsonl: sft.jsonl (question, answer, think) and rl.jsonl (no think)"
 
     def write(self, data: SplitData, out_dir: Path, options: dict[str, Any]) -> list[Path]:
+        # The files of a split folder: an export can be split or exported again.
+        files = SplitLayout(out_dir)
         return [
-            write_jsonl(out_dir / "sft.jsonl", (sft_row(e) for e in data.sft)),
-            write_jsonl(out_dir / "rl.jsonl", (rl_row(e) for e in data.rl)),
+            write_jsonl(files.sft, (sft_row(e) for e in data.sft)),
+            write_jsonl(files.rl, (rl_row(e) for e in data.rl)),
         ]
