@@ -208,14 +208,6 @@ class FrameImages:
 # ---------------------------------------------------------------- finding a reader
 
 
-@functools.cache
-def default_plugin_manager() -> pluggy.PluginManager:
-    """The plugin manager with built-ins and installed plugins, built once per process."""
-    from vkr_core.plugins import get_plugin_manager
-
-    return get_plugin_manager()
-
-
 @dataclass(frozen=True)
 class _ReaderFactory:
     """One ``vkr_frame_reader`` implementation, callable outside pluggy's firstresult loop."""
@@ -429,28 +421,29 @@ def _fit(image: Image.Image, max_side: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def probe_video(path: str | os.PathLike[str], pm: pluggy.PluginManager | None = None) -> VideoInfo:
-    """Duration, fps, frame count, display size and the reader that answered.
+def probe_video(path: str | os.PathLike[str], *, pm: pluggy.PluginManager) -> VideoInfo:
+    """Duration, fps, frame count, display size and the reader of ``pm`` that answered.
 
     Reads headers and the packet index and decodes the first frame only: a truncated or
     corrupt file may probe fine; ``read_frames`` and ``sample_frames`` check the end.
     """
     file = _existing_file(path)
-    factories = _reader_factories(pm or default_plugin_manager())
+    factories = _reader_factories(pm)
     return _with_fallback(file, factories, _probe)
 
 
 def read_frames(
     path: str | os.PathLike[str],
     timestamps: Sequence[float],
-    pm: pluggy.PluginManager | None = None,
+    *,
+    pm: pluggy.PluginManager,
     max_side: int | None = None,
 ) -> list[tuple[float, np.ndarray]]:
     """The frame shown at each time (RGB uint8 HxWx3) with its actual timestamp, decoded in
-    this process; a reader that fails hands over to the next one."""
+    this process by ``pm``'s readers; a reader that fails hands over to the next one."""
     file = _existing_file(path)
     times = [float(t) for t in timestamps]
-    factories = _reader_factories(pm or default_plugin_manager())
+    factories = _reader_factories(pm)
 
     def attempt(reader: FrameReader) -> list[tuple[float, np.ndarray]]:
         info = _probe(reader)
@@ -551,10 +544,14 @@ def sample_frames(
     jpeg_quality: int = 85,
     timeout: float = 120.0,
     isolate: bool = True,
-    pm: pluggy.PluginManager | None = None,
+    *,
+    pm: pluggy.PluginManager,
 ) -> list[Frame]:
     """Sample frames at ``fps`` (at most ``max_frames``), scale the longer side to at most
     ``max_side``, write each once as JPEG into ``out_dir`` and return them.
+
+    ``pm`` is the plugin manager whose frame readers decode: a run's own, so it decodes
+    with the plugins it routes with (there is no process-wide default).
 
     A second call with the same video and parameters returns the manifest written by the
     first without decoding. With ``isolate`` the decoding runs in a separate process that
@@ -578,7 +575,7 @@ def sample_frames(
     target.mkdir(parents=True, exist_ok=True)
     # A stale manifest must never describe frames that are being rewritten.
     (target / _MANIFEST).unlink(missing_ok=True)
-    factories = _reader_factories(pm or default_plugin_manager())
+    factories = _reader_factories(pm)
     if isolate:
         frames = _sample_isolated(file, target, settings, factories, timeout)
     else:
@@ -790,7 +787,6 @@ __all__ = [
     "ReaderError",
     "TIMESTAMP_TOLERANCE",
     "VideoDecodeError",
-    "default_plugin_manager",
     "frame_index_at",
     "probe_video",
     "random_frames",
