@@ -8,9 +8,10 @@ import json
 import pytest
 
 from plugins.providers.litellm_provider import LitellmProvider
+from plugins.steps.schemas import SolvedAnswer
 from vkr_core.calls import CallFailed, ModelCaller, RetrySettings, cache_key
 from vkr_core.config import ModelSpec
-from vkr_core.schemas import Frame, SolvedAnswer
+from vkr_core.schemas import Frame
 from vkr_core.steps import ReplyError, Step
 
 

@@ -35,17 +35,17 @@ from plugins.providers.fake_server import (  # noqa: E402
     truth_for_tag,
     write_pool,
 )
+from plugins.steps.schemas import (  # noqa: E402
+    BlindAnswer,
+    CoTCheck,
+    GeneratedExample,
+    SolvedAnswer,
+)
 from vkr_core import hookspecs  # noqa: E402
 from vkr_core.config import load_pool, load_registry  # noqa: E402
 from vkr_core.hookspecs import hookimpl  # noqa: E402
 from vkr_core.plugins import VkrPluginManager, collect  # noqa: E402
-from vkr_core.schemas import (  # noqa: E402
-    BlindAnswer,
-    CoTCheck,
-    GeneratedExample,
-    InputError,
-    SolvedAnswer,
-)
+from vkr_core.schemas import InputError  # noqa: E402
 from vkr_core.steps import Gate  # noqa: E402
 
 litellm.suppress_debug_info = True
@@ -561,7 +561,10 @@ async def test_written_pool_loads_and_serves(server, frames, tmp_path, monkeypat
             entry = registry.entry(step, name)
             assert entry is not None and entry.eligible and entry.error_rate == 0.0
             assert entry.n == 100
-    assert registry.entry("single_frame_probe", "fake-b").prompt_version == "probe-v3"
+    # The registered step's version: its prompt version and its output schema's hash.
+    probe = registry.entry("single_frame_probe", "fake-b")
+    assert probe is not None and probe.prompt_version == _ProbeGate().version()
+    assert probe.prompt_version.startswith("probe-v3-")
     assert registry.entry("self_consistency", "fake-b").prompt_version is None
 
     # The pool is usable as written: its entries drive a real call.

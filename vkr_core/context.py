@@ -1,4 +1,5 @@
-"""What a step sees at run time: the video, its frames, the router, the caller, the seed bank.
+"""What a step sees at run time: its item (a video with frames, or an id), the router, the
+caller, the seed bank; and the engine call that runs a step on one input.
 
 It travels in LangGraph's run context, never in checkpointed state.
 """
@@ -10,15 +11,13 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
-
 from vkr_core.calls import ModelCaller, image_part
 from vkr_core.config import ModelSpec, RunConfig
 from vkr_core.health import set_route
 from vkr_core.router import Router, seeded_rng
-from vkr_core.schemas import Frame, SeedExample, Video
+from vkr_core.schemas import Frame, SeedExample, Video, VkrError
 from vkr_core.seeds import SeedBank
-from vkr_core.steps import ReplyError, Step
+from vkr_core.steps import In, Out, ReplyError, Step, StepReply
 
 FENCE_TAG = "untrusted-data"
 UNTRUSTED_NOTE = (
@@ -133,16 +132,47 @@ class RunContext:
 
 
 class StepContext:
-    """The per-video view of a run that steps and gates use."""
+    """One item's view of a run, for the steps that work on it.
 
-    def __init__(self, run: RunContext, video: Video, frames: list[Frame]):
-        self.run = run
-        self.video = video
-        self.frames = frames
+    The item is a video with its frames (``StepContext(run, video, frames)``), or anything
+    else known by an id (``StepContext(run, item_id="lecture-7")``) for text steps.
+    """
+
+    def __init__(
+        self,
+        run: RunContext,
+        video: Video | None = None,
+        frames: list[Frame] | None = None,
+        *,
+        item_id: str | None = None,
+    ):
+        if video is not None:
+            if item_id is not None and item_id != video.video_id:
+                raise ValueError(f"item id {item_id!r} is not the video's id {video.video_id!r}")
+            item_id = video.video_id
+        elif not item_id:
+            raise ValueError("a step context needs a video or an item id")
+        elif frames:
+            raise ValueError(f"item {item_id!r} has frames but no video")
+        self.run_context = run
+        self.item_id: str = item_id
+        self._video = video
+        self.frames: list[Frame] = frames if frames is not None else []
         self.config = run.config
 
+    @property
+    def video(self) -> Video:
+        """The item's video; a step that needs one on an item without one is an error."""
+        if self._video is None:
+            raise VkrError(f"item {self.item_id!r} has no video, and this step needs one")
+        return self._video
+
+    @property
+    def has_video(self) -> bool:
+        return self._video is not None
+
     def rng(self, *key: Any) -> Any:
-        return seeded_rng(self.config.seed, self.video.video_id, *key)
+        return seeded_rng(self.config.seed, self.item_id, *key)
 
     def frame_parts(self, frames: list[Frame] | None = None) -> list[dict[str, Any]]:
         """Each frame preceded by its timestamp label, as the paper's prompts show them."""
@@ -159,7 +189,9 @@ class StepContext:
         return [self.frames[i] for i in sorted(chosen)]
 
     def seeds(self, skill: str, *key: Any) -> list[SeedExample]:
-        return self.run.seed_bank.pick(
+        if self.run_context.seed_bank is None:
+            raise VkrError("this run's pipeline has no seed bank: only generation steps pick seeds")
+        return self.run_context.seed_bank.pick(
             self.video.discipline,
             skill,
             self.config.seeds_per_round,
@@ -169,56 +201,87 @@ class StepContext:
     def choose(self, step: str, *key: Any, exclude: tuple[str, ...] = ()) -> ModelSpec:
         """The model for one instance of a step; a cooled-down model's instances go to
         another eligible one, and the call made next in this task knows it (set_route)."""
-        spec, route = self.run.router.route(step, self.video.video_id, *key, exclude=exclude)
+        spec, route = self.run_context.router.route(step, self.item_id, *key, exclude=exclude)
         set_route(route)
         return spec
 
     def fixed(self, step: str) -> list[ModelSpec]:
         """Every model of a step's fixed set: a call to a cooled-down one waits for it,
         since the step's verdict needs each of them."""
-        specs, route = self.run.router.fixed_route(step)
+        specs, route = self.run_context.router.fixed_route(step)
         set_route(route)
         return specs
 
-    async def ask(
+    async def run(
         self,
-        step: Step,
-        spec: ModelSpec,
-        messages: list[dict[str, Any]],
+        step: Step[In, Out],
+        inp: In,
+        *key: Any,
+        spec: ModelSpec | None = None,
+        exclude: tuple[str, ...] = (),
         sample: int = 0,
         meta: dict[str, Any] | None = None,
-    ) -> tuple[BaseModel, str]:
-        """Call a model for a step and parse the reply; ReplyError carries the raw text."""
+    ) -> Out:
+        """``step`` on ``inp``: its output (see :meth:`call`)."""
+        reply = await self.call(
+            step, inp, *key, spec=spec, exclude=exclude, sample=sample, meta=meta
+        )
+        return reply.output
+
+    async def call(
+        self,
+        step: Step[In, Out],
+        inp: In,
+        *key: Any,
+        spec: ModelSpec | None = None,
+        exclude: tuple[str, ...] = (),
+        sample: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> StepReply[Out]:
+        """One model call of ``step`` on ``inp``, made by the engine.
+
+        The model is the router's pick for (step, item, ``*key``) without ``exclude``, unless
+        ``spec`` names it (a model of a fixed set). The messages are ``step.format_input``;
+        the call is cached, retried and recorded like every call, its input kept for
+        qualification pilots; the reply is parsed by ``step.format_output``. A reply that
+        does not parse raises ReplyError('malformed') with the raw text.
+        """
+        if spec is None:
+            spec = self.choose(step.name, *key, exclude=exclude)
+        messages = step.format_input(inp, self)
+        version = step.version()
         params: dict[str, Any] = {"temperature": step.temperature}
-        conf = self.run.router.pool.steps.get(step.name)
+        conf = self.run_context.router.pool.steps.get(step.name)
         if conf and conf.temperature is not None:
             params["temperature"] = conf.temperature
         max_tokens = conf.max_tokens if conf and conf.max_tokens else step.max_tokens
         if max_tokens:
             params["max_tokens"] = max_tokens
-        store = self.run.store
-        result = await self.run.caller.call(
+        result = await self.run_context.caller.call(
             spec=spec,
             step=step.name,
-            prompt_version=step.version(),
+            prompt_version=version,
             messages=messages,
             params=params,
             sample=sample,
-            video_id=self.video.video_id,
-            validate=step.parse,
+            # The call log's id of the item: the video's id for a video step.
+            video_id=self.item_id,
+            validate=step.format_output,
         )
+        store = self.run_context.store
         if store is not None:
-            store.record_input(
-                step.name,
-                result.record.cache_key,
-                self.video,
-                messages,
-                {**(meta or {}), "sample": sample},
-                step.version(),
-            )
-        if result.outcome == "malformed":
-            try:
-                step.parse(result.text)
-            except ReplyError as exc:
-                raise ReplyError("malformed", f"{spec.name}: {exc.reason}", result.text) from None
-        return step.parse(result.text), result.text
+            recorded_meta = {**(meta or {}), "sample": sample}
+            key_of_call = result.record.cache_key
+            if self._video is not None:
+                store.record_input(
+                    step.name, key_of_call, self._video, messages, recorded_meta, version
+                )
+            else:
+                store.record_item_input(
+                    step.name, key_of_call, self.item_id, messages, recorded_meta, version
+                )
+        try:
+            output = step.format_output(result.text)
+        except ReplyError as exc:
+            raise ReplyError("malformed", f"{spec.name}: {exc.reason}", result.text) from None
+        return StepReply(output=output, raw=result.text, model=spec.name)

@@ -105,7 +105,7 @@ class Router:
             stale = [s for s in self.stale if s[0] == name]
             hint = (
                 f" ({len(stale)} entr{'y is' if len(stale) == 1 else 'ies are'} stale: the prompt "
-                "changed since qualification; re-qualify or allow stale entries)"
+                "or output schema changed since qualification; re-qualify or allow stale entries)"
                 if stale and not self.allow_stale
                 else ""
             )

@@ -1,4 +1,4 @@
-"""One pydantic model per concept. Every step's input and output is one of these."""
+"""One pydantic model per concept the engine owns; a step's own inputs and outputs live with the step."""
 
 from __future__ import annotations
 
@@ -239,65 +239,6 @@ class SkillSpec(Strict):
                     f"seed {number} is an example of skill {seed.skill!r}, not {self.name!r}"
                 )
         return self
-
-
-# ---------------------------------------------------------------- step outputs
-
-
-class GeneratedExample(Strict):
-    """What example_generation must return."""
-
-    problem_type: ProblemType
-    question: str = Field(min_length=1)
-    options: list[str] | None = None
-    answer: str = Field(min_length=1)
-    reasoning: str = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _options_match_type(self) -> GeneratedExample:
-        if self.problem_type == "multiple choice":
-            if not self.options or len(self.options) < 2:
-                raise ValueError("a multiple-choice question needs at least two options")
-            letters = OPTION_LETTERS[: len(self.options)]
-            for letter, option in zip(letters, self.options, strict=True):
-                if not option.startswith(f"{letter}."):
-                    raise ValueError(f"option {option!r} must start with '{letter}.'")
-            if self.answer.strip() not in letters:
-                raise ValueError(
-                    f"answer {self.answer!r} is not one of the option letters {letters}"
-                )
-        elif self.options:
-            raise ValueError("an open-ended question has no options")
-        return self
-
-
-class SolvedAnswer(Strict):
-    """A re-derived answer with its step-by-step reasoning (self_consistency, probes)."""
-
-    reasoning: str = Field(min_length=1)
-    answer: str = Field(min_length=1)
-
-
-class BlindAnswer(Strict):
-    """An answer from limited visual context (video_dependency)."""
-
-    answer: str = Field(min_length=1)
-
-
-class CheckedStep(Strict):
-    step: str
-    support: Literal["visual", "knowledge", "unsupported"]
-    critical: bool = False
-    note: str = ""
-
-
-class CoTCheck(Strict):
-    """What cot_verification must return."""
-
-    steps: list[CheckedStep] = Field(min_length=1)
-    rules_out_alternatives: bool
-    verdict: Literal["pass", "fail"]
-    reason: str = ""
 
 
 # ---------------------------------------------------------------- pipeline records

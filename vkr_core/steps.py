@@ -1,24 +1,31 @@
-"""Base classes for steps and gates, and the reply parsing they share.
+"""The step contract: ``Step[In, Out]``, and the generator and gate kinds of step.
 
-A step builds messages (``format_input``) and parses a reply into its pydantic schema
-(``format_output``); a reply that does not parse becomes a recorded rejection with the
-raw text kept, never a crash.
+A step turns its input into chat messages (``format_input``) and a model's reply into its
+output schema (``format_output``); the engine (``StepContext.call`` / ``StepContext.run``)
+routes, calls, caches, retries and records in between. A reply that does not parse becomes
+a recorded rejection with the raw text kept, never a crash.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from vkr_core.schemas import Candidate, Verdict, VkrError
+from vkr_core.schemas import Candidate, SkillSpec, Verdict, VkrError
 
 if TYPE_CHECKING:
     from vkr_core.context import StepContext
+
+In = TypeVar("In")
+Out = TypeVar("Out", bound=BaseModel)
+Parsed = TypeVar("Parsed", bound=BaseModel)
 
 
 class ReplyError(VkrError):
@@ -68,11 +75,41 @@ class Prompt:
         return self.text.format(**values)
 
 
-class Step:
-    """A model-backed pipeline step.
+def parse_reply(schema: type[Parsed], text: str) -> Parsed:
+    """A reply parsed into ``schema``, or ReplyError('malformed') naming the first problem."""
+    try:
+        return schema.model_validate(extract_json(text))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "reply"
+        raise ReplyError("malformed", f"{where}: {first['msg']}", text) from None
+    except ValueError as exc:
+        raise ReplyError("malformed", str(exc), text) from None
 
-    Subclasses set the class attributes and implement their own ``run``-like method
-    (``generate`` for the generator, ``check`` for gates).
+
+@functools.cache
+def schema_digest(schema: type[BaseModel]) -> str:
+    """A short hash of a schema's JSON Schema (field names, types, constraints, docs)."""
+    text = json.dumps(schema.model_json_schema(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class StepReply(Generic[Out]):
+    """One parsed reply: the output, the raw text (kept in verdicts) and the model's name."""
+
+    output: Out
+    raw: str
+    model: str
+
+
+class Step(Generic[In, Out]):
+    """A model-backed step: ``format_input`` builds the messages for one ``In``,
+    ``format_output`` parses a reply into ``output_schema`` (an ``Out``).
+
+    The engine makes the call (``ctx.run(step, inp, *key)``): it picks the model, caches,
+    retries and records. A step that needs several calls (a fixed set of models, samples)
+    makes each through ``ctx.call`` / ``ctx.run``.
     """
 
     name: ClassVar[str]
@@ -81,7 +118,10 @@ class Step:
     uses_model: ClassVar[bool] = True
     modality: ClassVar[Literal["text", "vision"]] = "vision"
     prompt_version: ClassVar[str] = "v1"
-    output_schema: ClassVar[type[BaseModel]]
+    # The step's prompt file, if it has one: its version (declared + text hash) replaces
+    # ``prompt_version``.
+    prompt: ClassVar[Prompt | None] = None
+    output_schema: type[Out]
     # random: one eligible model per instance; all: every model of a fixed set;
     # exclude_generator: random among eligible models other than the example's generator.
     selection: ClassVar[Literal["random", "all", "exclude_generator"]] = "random"
@@ -89,33 +129,57 @@ class Step:
     max_tokens: ClassVar[int | None] = 2048
 
     def version(self) -> str:
-        """The prompt version that goes into cache keys and the eligibility registry."""
-        return self.prompt_version
+        """What goes into cache keys and the eligibility registry: the prompt version and a
+        hash of the output schema, so changing either replays nothing and re-qualifies."""
+        declared = self.prompt.version if self.prompt is not None else self.prompt_version
+        schema = getattr(self, "output_schema", None)
+        if schema is None:  # a step without a model has no reply to parse
+            return declared
+        return f"{declared}-{schema_digest(schema)}"
 
-    def parse(self, text: str) -> BaseModel:
-        """Parse a reply into ``output_schema`` or raise ReplyError('malformed')."""
-        try:
-            data = extract_json(text)
-            return self.output_schema.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first["loc"]) or "reply"
-            raise ReplyError("malformed", f"{where}: {first['msg']}", text) from None
-        except ValueError as exc:
-            raise ReplyError("malformed", str(exc), text) from None
+    def format_input(self, inp: In, ctx: StepContext) -> list[dict[str, Any]]:
+        """The chat messages for one input (frames as ``ctx.frame_parts()``)."""
+        raise NotImplementedError(f"step {self.name!r} builds no messages (format_input)")
+
+    def format_output(self, text: str) -> Out:
+        """A reply parsed into ``output_schema``, or ReplyError('malformed') with the raw text."""
+        return parse_reply(self.output_schema, text)
+
+    def parse(self, text: str) -> Out:
+        """``format_output`` under its older name, which qualification pilots and the probe call."""
+        return self.format_output(text)
 
 
-class Generator(Step):
-    """The step that writes candidate examples (example_generation)."""
+class Generator(Step[In, Out]):
+    """The step that writes candidate examples, one per (skill, round) of a video."""
 
-    async def generate(self, ctx: StepContext, skill: str, round: int) -> Candidate:
+    async def generate(self, ctx: StepContext, skill: SkillSpec, round: int) -> Candidate:
         raise NotImplementedError
 
 
-class Gate(Step):
-    """A verifier: returns a Verdict; a candidate goes on only while verdicts pass."""
+class Gate(Step[Candidate, Out]):
+    """A verifier: returns a Verdict; a candidate goes on only while verdicts pass.
+
+    A gate of one model call implements ``format_input``/``format_output`` and ``verdict``;
+    one that needs more calls, or none, overrides ``check``.
+    """
 
     order: ClassVar[int] = 100
 
     async def check(self, ctx: StepContext, candidate: Candidate) -> Verdict:
-        raise NotImplementedError
+        reply = await ctx.call(
+            self,
+            candidate,
+            candidate.example_id,
+            exclude=self.excluded_models(candidate),
+            meta={"skill": candidate.skill},
+        )
+        return self.verdict(candidate, reply)
+
+    def excluded_models(self, candidate: Candidate) -> tuple[str, ...]:
+        """Models that must not judge this candidate (an independent checker's generator)."""
+        return ()
+
+    def verdict(self, candidate: Candidate, reply: StepReply[Out]) -> Verdict:
+        """The decision on a candidate from the model's parsed reply."""
+        raise NotImplementedError(f"gate {self.name!r} makes no verdict (verdict or check)")

@@ -419,6 +419,34 @@ class RunStore:
         prompt_version: str | None = None,
     ) -> None:
         """Keep each distinct rendered input of a step once, for qualification pilots."""
+        where = {
+            "video_id": video.video_id,
+            "discipline": video.discipline,
+            "subject": video.subject,
+        }
+        self._record_step_input(step, key, where, messages, meta, prompt_version)
+
+    def record_item_input(
+        self,
+        step: str,
+        key: str,
+        item_id: str,
+        messages: list[dict[str, Any]],
+        meta: dict[str, Any],
+        prompt_version: str | None = None,
+    ) -> None:
+        """``record_input`` for an item that is not a video (a text step's input)."""
+        self._record_step_input(step, key, {"item_id": item_id}, messages, meta, prompt_version)
+
+    def _record_step_input(
+        self,
+        step: str,
+        key: str,
+        where: dict[str, Any],
+        messages: list[dict[str, Any]],
+        meta: dict[str, Any],
+        prompt_version: str | None,
+    ) -> None:
         # Imported here: reading a run directory (reports, exports) needs no model-call code.
         from vkr_core.calls import key_messages
 
@@ -447,9 +475,7 @@ class RunStore:
                 "key": key,
                 "step": step,
                 "prompt_version": prompt_version,
-                "video_id": video.video_id,
-                "discipline": video.discipline,
-                "subject": video.subject,
+                **where,
                 "meta": meta,
                 "frames": frames,
                 "messages": key_messages(messages),

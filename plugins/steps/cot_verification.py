@@ -8,31 +8,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from plugins.steps.schemas import CoTCheck
 from vkr_core.answers import question_block
 from vkr_core.context import StepContext, fence, with_untrusted_note
 from vkr_core.hookspecs import hookimpl
-from vkr_core.schemas import Candidate, CoTCheck, Verdict
-from vkr_core.steps import Gate, Prompt
+from vkr_core.schemas import Candidate, Verdict
+from vkr_core.steps import Gate, Prompt, StepReply
 
 PROMPT = Prompt(Path(__file__).parent / "prompts" / "cot_verification.txt", "v1")
 
 
-class CoTVerification(Gate):
+class CoTVerification(Gate[CoTCheck]):
     name = "cot_verification"
     order = 30
     modality = "vision"
+    prompt = PROMPT
     output_schema = CoTCheck
     selection = "exclude_generator"
 
-    def version(self) -> str:
-        return PROMPT.version
+    def excluded_models(self, candidate: Candidate) -> tuple[str, ...]:
+        return tuple(candidate.models.get("example_generation", []))
 
-    async def check(self, ctx: StepContext, candidate: Candidate) -> Verdict:
-        generators = tuple(candidate.models.get("example_generation", []))
-        spec = ctx.choose(self.name, candidate.example_id, exclude=generators)
+    def format_input(self, inp: Candidate, ctx: StepContext) -> list[dict[str, Any]]:
         text = (
-            question_block(candidate.question, candidate.options)
-            + f"\nAnswer: {candidate.answer}\n\nReasoning trace to check:\n{candidate.reasoning}"
+            question_block(inp.question, inp.options)
+            + f"\nAnswer: {inp.answer}\n\nReasoning trace to check:\n{inp.reasoning}"
         )
         discipline = fence("discipline", ctx.video.discipline, one_line=True)
         content: list[dict[str, Any]] = [
@@ -43,24 +43,25 @@ class CoTVerification(Gate):
             *ctx.frame_parts(),
         ]
         content.append({"type": "text", "text": text})
-        messages = with_untrusted_note(PROMPT.render(), content)
-        parsed, raw = await ctx.ask(self, spec, messages, meta={"skill": candidate.skill})
-        assert isinstance(parsed, CoTCheck)
-        critical = [s for s in parsed.steps if s.critical and s.support == "unsupported"]
-        passed = parsed.verdict == "pass" and not critical
+        return with_untrusted_note(PROMPT.render(), content)
+
+    def verdict(self, candidate: Candidate, reply: StepReply[CoTCheck]) -> Verdict:
+        checked = reply.output
+        critical = [s for s in checked.steps if s.critical and s.support == "unsupported"]
+        passed = checked.verdict == "pass" and not critical
         if critical:
             reason = "critical unsupported step: " + critical[0].step
-        elif parsed.verdict == "fail":
-            reason = "reviewer failed the trace: " + (parsed.reason or "no reason given")
+        elif checked.verdict == "fail":
+            reason = "reviewer failed the trace: " + (checked.reason or "no reason given")
         else:
             reason = "every critical step is supported"
         return Verdict(
             step=self.name,
             passed=passed,
             reason=reason,
-            models=[spec.name],
-            detail=parsed.model_dump(),
-            raw_replies=[raw],
+            models=[reply.model],
+            detail=checked.model_dump(),
+            raw_replies=[reply.raw],
         )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from plugins.steps.schemas import GeneratedExample, GenerationRound
 from vkr_core.context import StepContext, fence, with_untrusted_note
 from vkr_core.hookspecs import hookimpl
-from vkr_core.schemas import Candidate, GeneratedExample, SeedExample, SkillSpec, Video
+from vkr_core.schemas import Candidate, SeedExample, SkillSpec, Video
 from vkr_core.steps import Generator, Prompt
 
 PROMPT = Prompt(Path(__file__).parent / "prompts" / "example_generation.txt", "v1")
@@ -59,18 +60,16 @@ def metadata_fences(video: Video, with_knowledge: bool) -> list[str]:
     return blocks
 
 
-class ExampleGeneration(Generator):
+class ExampleGeneration(Generator[GenerationRound, GeneratedExample]):
     name = "example_generation"
     modality = "vision"
+    prompt = PROMPT
     output_schema = GeneratedExample
     temperature = 0.8
 
-    def version(self) -> str:
-        return PROMPT.version
-
-    def messages(self, ctx: StepContext, skill: SkillSpec, round: int) -> list[dict[str, Any]]:
-        video = ctx.video
-        seeds = ctx.seeds(skill.name, round)
+    def format_input(self, inp: GenerationRound, ctx: StepContext) -> list[dict[str, Any]]:
+        video, skill = ctx.video, inp.skill
+        seeds = ctx.seeds(skill.name, inp.round)
         system = PROMPT.render(
             skill=skill.name,
             skill_description=skill.description,
@@ -87,12 +86,15 @@ class ExampleGeneration(Generator):
         return with_untrusted_note(system, content)
 
     async def generate(self, ctx: StepContext, skill: SkillSpec, round: int) -> Candidate:
-        spec = ctx.choose(self.name, skill.name, round)
-        messages = self.messages(ctx, skill, round)
-        parsed, _ = await ctx.ask(
-            self, spec, messages, sample=round, meta={"skill": skill.name, "round": round}
+        reply = await ctx.call(
+            self,
+            GenerationRound(skill=skill, round=round),
+            skill.name,
+            round,
+            sample=round,
+            meta={"skill": skill.name, "round": round},
         )
-        assert isinstance(parsed, GeneratedExample)
+        parsed = reply.output
         return Candidate(
             example_id=f"{ctx.video.video_id}-{skill.name}-{round}",
             video_id=ctx.video.video_id,
@@ -103,7 +105,7 @@ class ExampleGeneration(Generator):
             options=parsed.options,
             answer=parsed.answer.strip(),
             reasoning=parsed.reasoning,
-            models={self.name: [spec.name]},
+            models={self.name: [reply.model]},
         )
 
 

@@ -8,26 +8,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from plugins.steps.schemas import SolvedAnswer
 from vkr_core.answers import answers_match, question_block
 from vkr_core.context import StepContext, fence, with_untrusted_note
 from vkr_core.hookspecs import hookimpl
-from vkr_core.schemas import Candidate, SolvedAnswer, Verdict
-from vkr_core.steps import Gate, Prompt
+from vkr_core.schemas import Candidate, Verdict
+from vkr_core.steps import Gate, Prompt, StepReply
 
 PROMPT = Prompt(Path(__file__).parent / "prompts" / "self_consistency.txt", "v1")
 
 
-class SelfConsistency(Gate):
+class SelfConsistency(Gate[SolvedAnswer]):
     name = "self_consistency"
     order = 10
     modality = "vision"
+    prompt = PROMPT
     output_schema = SolvedAnswer
 
-    def version(self) -> str:
-        return PROMPT.version
-
-    async def check(self, ctx: StepContext, candidate: Candidate) -> Verdict:
-        spec = ctx.choose(self.name, candidate.example_id)
+    def format_input(self, inp: Candidate, ctx: StepContext) -> list[dict[str, Any]]:
         discipline = fence("discipline", ctx.video.discipline, one_line=True)
         content: list[dict[str, Any]] = [
             {
@@ -36,25 +34,24 @@ class SelfConsistency(Gate):
             },
             *ctx.frame_parts(),
         ]
-        content.append(
-            {"type": "text", "text": question_block(candidate.question, candidate.options)}
-        )
-        messages = with_untrusted_note(PROMPT.render(), content)
-        parsed, raw = await ctx.ask(self, spec, messages, meta={"skill": candidate.skill})
-        assert isinstance(parsed, SolvedAnswer)
-        match = answers_match(candidate.problem_type, candidate.answer, parsed.answer)
+        content.append({"type": "text", "text": question_block(inp.question, inp.options)})
+        return with_untrusted_note(PROMPT.render(), content)
+
+    def verdict(self, candidate: Candidate, reply: StepReply[SolvedAnswer]) -> Verdict:
+        solved = reply.output
+        match = answers_match(candidate.problem_type, candidate.answer, solved.answer)
         return Verdict(
             step=self.name,
             passed=match,
             reason=(
                 "re-solved answer matches"
                 if match
-                else f"re-solved answer {parsed.answer!r} differs from {candidate.answer!r}"
+                else f"re-solved answer {solved.answer!r} differs from {candidate.answer!r}"
             ),
-            models=[spec.name],
-            detail={"answer": parsed.answer},
-            raw_replies=[raw],
-            revised_reasoning=parsed.reasoning if match else None,
+            models=[reply.model],
+            detail={"answer": solved.answer},
+            raw_replies=[reply.raw],
+            revised_reasoning=solved.reasoning if match else None,
         )
 
 

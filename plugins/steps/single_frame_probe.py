@@ -11,20 +11,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
+from plugins.steps.schemas import JudgedAnswers, ProbeQuestion, SolvedAnswer
 from vkr_core.answers import question_block
 from vkr_core.calls import image_part
-from vkr_core.context import neutralise
+from vkr_core.context import StepContext, neutralise
 from vkr_core.hookspecs import hookimpl
-from vkr_core.schemas import (
-    OPTION_LETTERS,
-    EquivalenceJudgement,
-    EvalQuestion,
-    Frame,
-    SolvedAnswer,
-)
-from vkr_core.steps import Prompt, ReplyError, Step, extract_json
+from vkr_core.schemas import OPTION_LETTERS, EquivalenceJudgement, EvalQuestion, Frame
+from vkr_core.steps import Prompt, Step
 
 PROMPT = Prompt(Path(__file__).parent / "prompts" / "single_frame_probe.txt", "v1")
 JUDGE_PROMPT = Prompt(Path(__file__).parent / "prompts" / "judge_equivalence.txt", "v1")
@@ -48,25 +41,48 @@ def _tagged(tag: str, text: str) -> str:
     return f"<{tag}>\n{neutralise(text)}\n</{tag}>"
 
 
-class SingleFrameProbe(Step):
+class EquivalenceJudge(Step[JudgedAnswers, EquivalenceJudgement]):
+    """The text-only judge of open-ended probe answers (called only when ``--judge`` is set)."""
+
+    name = "judge_equivalence"
+    modality = "text"
+    prompt = JUDGE_PROMPT
+    output_schema = EquivalenceJudgement
+    max_tokens = 256
+
+    def format_input(
+        self, inp: JudgedAnswers, ctx: StepContext | None = None
+    ) -> list[dict[str, Any]]:
+        text = (
+            question_block(inp.question.question, None)
+            + "\n\n"
+            + _tagged("reference-answer", inp.reference)
+            + "\n"
+            + _tagged("candidate-answer", inp.candidate)
+        )
+        return [
+            {"role": "system", "content": JUDGE_PROMPT.render()},
+            {"role": "user", "content": text},
+        ]
+
+
+class SingleFrameProbe(Step[ProbeQuestion, SolvedAnswer]):
     name = "single_frame_probe"
     modality = "vision"
+    prompt = PROMPT
     output_schema = SolvedAnswer
     # Each trial is one draw (its own frame and sample index); sampling rather than greedy
     # decoding keeps a lucky guess from repeating across the three trials.
     temperature = 0.7
     max_tokens = 1024
-    judge_step = "judge_equivalence"
+    judge = EquivalenceJudge()
+    judge_step = judge.name
 
-    def version(self) -> str:
-        return PROMPT.version
-
-    def judge_version(self) -> str:
-        """The judge prompt's version: part of every judge call's cache key."""
-        return JUDGE_PROMPT.version
-
-    def messages(self, question: EvalQuestion, frame: Frame) -> list[dict[str, Any]]:
+    def format_input(
+        self, inp: ProbeQuestion, ctx: StepContext | None = None
+    ) -> list[dict[str, Any]]:
         """The question and its options, with the one frame (timestamp label first)."""
+        frame, question = inp.frame, inp.question
         content = [
             {"type": "text", "text": f"[Frame at {frame.clock}]"},
             image_part(frame),
@@ -80,32 +96,27 @@ class SingleFrameProbe(Step):
             {"role": "user", "content": content},
         ]
 
+    # The probe runner (corpus/probe.py, ProbeStep) calls the step and its judge by these
+    # names, with no step context: a probe is not a run of videos.
+
+    def messages(self, question: EvalQuestion, frame: Frame) -> list[dict[str, Any]]:
+        return self.format_input(ProbeQuestion(question=question, frame=frame))
+
+    def judge_version(self) -> str:
+        """The judge's version (prompt and output schema): part of every judge call's key."""
+        return self.judge.version()
+
     def judge_messages(
         self, question: EvalQuestion, reference: str, candidate: str
     ) -> list[dict[str, Any]]:
         """A text-only request: does ``candidate`` mean ``reference`` for this question?"""
-        text = (
-            question_block(question.question, None)
-            + "\n\n"
-            + _tagged("reference-answer", reference)
-            + "\n"
-            + _tagged("candidate-answer", candidate)
+        return self.judge.format_input(
+            JudgedAnswers(question=question, reference=reference, candidate=candidate)
         )
-        return [
-            {"role": "system", "content": JUDGE_PROMPT.render()},
-            {"role": "user", "content": text},
-        ]
 
     def parse_judgement(self, text: str) -> EquivalenceJudgement:
         """Parse a judge reply or raise ReplyError('malformed')."""
-        try:
-            return EquivalenceJudgement.model_validate(extract_json(text))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first["loc"]) or "reply"
-            raise ReplyError("malformed", f"{where}: {first['msg']}", text) from None
-        except ValueError as exc:
-            raise ReplyError("malformed", str(exc), text) from None
+        return self.judge.format_output(text)
 
 
 @hookimpl

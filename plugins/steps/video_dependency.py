@@ -9,53 +9,58 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from plugins.steps.schemas import BlindAnswer
 from vkr_core.answers import answers_match, question_block
 from vkr_core.context import StepContext
 from vkr_core.hookspecs import hookimpl
-from vkr_core.schemas import BlindAnswer, Candidate, Verdict
+from vkr_core.schemas import Candidate, Frame, Verdict
 from vkr_core.steps import Gate, Prompt
 
 PROMPT = Prompt(Path(__file__).parent / "prompts" / "video_dependency.txt", "v1")
 
 
-class VideoDependency(Gate):
+class VideoDependency(Gate[BlindAnswer]):
     name = "video_dependency"
     order = 20
     modality = "vision"
+    prompt = PROMPT
     output_schema = BlindAnswer
     selection = "all"
 
-    def version(self) -> str:
-        return PROMPT.version
+    def shown_frames(self, ctx: StepContext, candidate: Candidate) -> list[Frame]:
+        """The few frames the models see: the same ones for both, and on every rerun."""
+        return ctx.random_frames(ctx.config.dependency_frames, "dependency", candidate.example_id)
 
-    async def check(self, ctx: StepContext, candidate: Candidate) -> Verdict:
-        frames = ctx.random_frames(ctx.config.dependency_frames, "dependency", candidate.example_id)
-        content = [{"type": "text", "text": question_block(candidate.question, candidate.options)}]
+    def format_input(self, inp: Candidate, ctx: StepContext) -> list[dict[str, Any]]:
+        content = [{"type": "text", "text": question_block(inp.question, inp.options)}]
         content += [
             {"type": "text", "text": "A few frames from the video:"},
-            *ctx.frame_parts(frames),
+            *ctx.frame_parts(self.shown_frames(ctx, inp)),
         ]
-        messages = [
+        return [
             {"role": "system", "content": PROMPT.render()},
             {"role": "user", "content": content},
         ]
-        answers: dict[str, str] = {}
-        right: dict[str, bool] = {}
-        raws = []
+
+    async def check(self, ctx: StepContext, candidate: Candidate) -> Verdict:
         specs = ctx.fixed(self.name)
         # The models answer independently: ask them at once, so the gate costs one model
         # latency, not the sum. A reply that fails to parse still rejects the candidate, and
         # the other reply is cached all the same.
         replies = await asyncio.gather(
-            *(ctx.ask(self, spec, messages, meta={"skill": candidate.skill}) for spec in specs)
-        )
-        for spec, (parsed, raw) in zip(specs, replies, strict=True):
-            assert isinstance(parsed, BlindAnswer)
-            answers[spec.name] = parsed.answer
-            right[spec.name] = answers_match(
-                candidate.problem_type, candidate.answer, parsed.answer
+            *(
+                ctx.call(self, candidate, spec=spec, meta={"skill": candidate.skill})
+                for spec in specs
             )
-            raws.append(raw)
+        )
+        answers: dict[str, str] = {}
+        right: dict[str, bool] = {}
+        for reply in replies:
+            answers[reply.model] = reply.output.answer
+            right[reply.model] = answers_match(
+                candidate.problem_type, candidate.answer, reply.output.answer
+            )
+        frames = self.shown_frames(ctx, candidate)
         all_right = all(right.values())
         return Verdict(
             step=self.name,
@@ -70,7 +75,7 @@ class VideoDependency(Gate):
             ),
             models=list(answers),
             detail={"answers": answers, "correct": right, "frames": [f.timestamp for f in frames]},
-            raw_replies=raws,
+            raw_replies=[reply.raw for reply in replies],
         )
 
 
