@@ -28,6 +28,17 @@ _start_lock = threading.Lock()  # held only to start the thread: never blocks th
 _importing: concurrent.futures.Future[Any] | None = None
 
 
+def _env_proxy(url: str) -> str | None:
+    """The proxy HTTP(S)_PROXY / NO_PROXY give for ``url``, as litellm's transport reads them."""
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
 def _import_litellm() -> Any:
     """Import litellm (slow: seconds); it fetches a cost map unless told not to."""
     global _litellm
@@ -213,7 +224,8 @@ class LitellmProvider(Provider):
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.close()
-        sessions, self._sessions = list(self._sessions.values()), {}
+        sessions = [session for session, _ in self._sessions.values()]
+        self._sessions = {}
         for session in sessions:
             await session.close()
 
@@ -241,7 +253,8 @@ class LitellmProvider(Provider):
 
             # litellm's own aiohttp-backed transport: a plain httpx transport costs about
             # 1.5 ms more CPU per call (bench/bench_calls.py).
-            http_client = httpx.AsyncClient(
+            # openai 3.x types its client as httpx2's; litellm hands it httpx clients too.
+            http_client: Any = httpx.AsyncClient(
                 transport=AsyncHTTPHandler.create_async_transport(),
                 event_hooks={"response": [save_body]},
                 timeout=spec.timeout,
@@ -372,19 +385,23 @@ class LitellmProvider(Provider):
 
         loop = asyncio.get_running_loop()
         key = (spec.api_base, api_key, spec.timeout, id(loop))
-        session = self._sessions.get(key)
-        if session is None:
+        url = str(spec.api_base).rstrip("/") + "/chat/completions"
+        entry = self._sessions.get(key)
+        if entry is None:
             session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=spec.timeout),
                 connector=aiohttp.TCPConnector(limit=0),  # vkr's limiter bounds concurrency
                 headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-                trust_env=True,  # HTTP(S)_PROXY and NO_PROXY, as litellm's transport reads them
+                # Not trust_env: it reads ~/.netrc and the proxy variables in a worker thread
+                # on every request (two executor round trips per call, competing with the
+                # frame decoders for the loop's threads). The proxy is looked up once here.
+                trust_env=False,
             )
-            self._sessions[key] = session
+            entry = self._sessions[key] = (session, _env_proxy(url))
+        session, proxy = entry
         body = {"model": spec.model.removeprefix("openai/"), "messages": messages, **params}
-        url = str(spec.api_base).rstrip("/") + "/chat/completions"
         try:
-            async with session.post(url, json=body, headers=headers) as response:
+            async with session.post(url, json=body, headers=headers, proxy=proxy) as response:
                 raw = await response.read()
                 status = response.status
                 retry_after = _retry_after(response)
