@@ -1,0 +1,105 @@
+"""Options and exit codes the commands that run a pipeline share (`vkr run`, `vkr generate`,
+`vkr qualify inputs`): one definition each, so the commands cannot drift apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+class ExitWith(click.ClickException):
+    """A one-line message and one of the documented exit codes (vkr_core.batch.ExitCode)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        # click declares exit_code on the class; it reads it from the instance it caught.
+        self.exit_code = code  # type: ignore[misc]
+
+
+EXIT_CODES_HELP = """
+\b
+Exit codes:
+  0    every video done
+  1    bad input, or an error that stopped the run (message on stderr)
+  2    a wrong command-line option
+  3    finished, but some videos failed (RUN_DIR/failures.jsonl)
+  4    --max-spend reached: work is left; rerun with a higher budget
+  5    preflight: a model the run needs has no key or does not answer
+  130  interrupted (Ctrl-C): rerun the same command to resume
+"""
+
+
+def _skill_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("name at least one skill, e.g. VidR,KnowVid")
+    return names
+
+
+def pipeline_options(func: Any) -> Any:
+    """The settings every command that runs the pipeline shares; they become a RunConfig."""
+    options = [
+        click.option(
+            "--seed-bank", type=click.Path(dir_okay=False), help="Seed-example bank (jsonl)."
+        ),
+        click.option(
+            "--seed", default=0, show_default=True, help="Run seed: model choice, seeds, frames."
+        ),
+        # The ranges repeat RunConfig's, so a bad value is a usage error naming the option.
+        click.option(
+            "--fps",
+            default=0.2,
+            show_default=True,
+            type=click.FloatRange(min=0, min_open=True),
+            help="Frame sampling rate (frames per second).",
+        ),
+        click.option(
+            "--max-frames",
+            default=64,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="At most this many frames.",
+        ),
+        click.option(
+            "--skills",
+            callback=_skill_list,
+            metavar="NAME,...",
+            help="Generate only these skills (comma-separated) [default: every registered skill].",
+        ),
+        click.option(
+            "--allow-stale", is_flag=True, help="Use eligibility entries of older prompt versions."
+        ),
+        click.option(
+            "--force", is_flag=True, help="Reuse a run directory made with another config."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def outage_options(func: Any) -> Any:
+    """Preflight and cool-down settings: they change no result, so no config snapshot."""
+    options = [
+        click.option(
+            "--skip-preflight",
+            is_flag=True,
+            help="Do not check that every model answers before the first video "
+            "(key variables are still checked).",
+        ),
+        click.option(
+            "--cooldown",
+            default=10.0,
+            show_default=True,
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="SECONDS",
+            help="How long a model whose calls keep failing rests before it is tried again; "
+            "doubles while it keeps failing (up to 10 minutes).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
