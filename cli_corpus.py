@@ -6,8 +6,11 @@ Imported by cli.py at every start: library imports stay inside the commands.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
+
+from vkr_core.hookspecs import hookimpl
 
 # The paper's split: 201,156 of 315,537 examples in SFT (kept here so --help needs no import).
 PAPER_SFT_SHARE = 201_156 / 315_537
@@ -143,3 +146,9 @@ def export(
     paths = exporter.export(input_dir, out, video_root=video_root, **options)
     for path in paths:
         click.echo(f"wrote {path}")
+
+
+@hookimpl
+def vkr_register_commands(cli: Any) -> None:
+    cli.add_command(split)
+    cli.add_command(export)

@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from vkr_core.hookspecs import hookimpl
+
 
 def _fail(exc: Exception) -> click.ClickException:
     return click.ClickException(str(exc))
@@ -315,3 +317,8 @@ def calibrate(
         atomic_write(out, result.model_dump_json(indent=2) + "\n")
         click.echo(f"written: {out}")
     sys.stdout.flush()
+
+
+@hookimpl
+def vkr_register_commands(cli: Any) -> None:
+    cli.add_command(decontam)

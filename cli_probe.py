@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from vkr_core.hookspecs import hookimpl
+
 
 def _model_names(value: str | None) -> list[str] | None:
     if value is None:
@@ -161,3 +163,8 @@ def probe(
     for note in result.report["notes"]:
         click.echo(f"note: {note}", err=True)
     click.echo("wrote " + ", ".join(str(p) for p in result.paths.values()))
+
+
+@hookimpl
+def vkr_register_commands(cli: Any) -> None:
+    cli.add_command(probe)

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from vkr_core.hookspecs import hookimpl
+
 _FORMAT = click.Choice(["labelstudio", "argilla"])
 _PILOT_DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -413,3 +415,8 @@ def table(registry: str, pool: str, markdown: bool) -> None:
         grid.add_row(name, *row[1:])
     Console(width=max(80, 24 + 12 * len(matrix.models))).print(grid)
     click.echo(LEGEND)
+
+
+@hookimpl
+def vkr_register_commands(cli: Any) -> None:
+    cli.add_command(qualify)

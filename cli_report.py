@@ -6,15 +6,23 @@ Imported by cli.py at every start: library imports stay inside the command.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
+from vkr_core.hookspecs import hookimpl
 
-def _known_gate_order() -> list[str] | None:
-    """The installed plugins' gate order, or None when plugins do not load (data decides)."""
+
+def _known_gate_order(run_dir: Path) -> list[str] | None:
+    """The gate order the run saved; for runs older than that, the installed plugins'
+    order, or None when plugins do not load (the records' data decides)."""
+    from graphs.generation import saved_gate_order
     from vkr_core.plugins import get_plugin_manager
     from vkr_core.schemas import VkrError
 
+    saved = saved_gate_order(run_dir)
+    if saved:
+        return saved
     try:
         return [gate.name for gate in get_plugin_manager().registry.gates()]
     except (VkrError, ImportError):
@@ -34,7 +42,7 @@ def report(run_dir: Path, out: Path | None) -> None:
 
     from corpus.report import build_report, summary_renderables, write_report
 
-    data = build_report(run_dir, gate_names=_known_gate_order())
+    data = build_report(run_dir, gate_names=_known_gate_order(run_dir))
     paths = write_report(data, out or run_dir)
     console = Console(highlight=False)
     for renderable in summary_renderables(data):
@@ -42,3 +50,8 @@ def report(run_dir: Path, out: Path | None) -> None:
     for warning in data["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@hookimpl
+def vkr_register_commands(cli: Any) -> None:
+    cli.add_command(report)

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from corpus.exporters import load_accepted  # noqa: E402
+from corpus.report import PAPER_SKILLS as SKILLS  # noqa: E402
 from corpus.reward import compute_score  # noqa: E402
 from corpus.split import PAPER_SFT_SHARE, split_run_dirs  # noqa: E402
 from plugins.exporters.builtin import (  # noqa: E402
@@ -35,7 +36,7 @@ from plugins.exporters.builtin import (  # noqa: E402
     VerlExporter,
     VideoKRExporter,
 )
-from vkr_core.schemas import SKILLS, AcceptedExample, Verdict, Video, VideoRecord  # noqa: E402
+from vkr_core.schemas import AcceptedExample, Verdict, Video, VideoRecord  # noqa: E402
 from vkr_core.store import RunLayout  # noqa: E402
 
 WORDS = "the pan heat batter flips force cart cell water moves browns reaction acid base".split()

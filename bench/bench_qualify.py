@@ -42,7 +42,7 @@ STEP = "example_generation"
 
 def record_inputs(root: Path, videos: int, pool: Path, pm: Any) -> Path:
     from vkr_core.config import RunConfig
-    from vkr_core.run import generate_videos
+    from vkr_core.run import process_items
     from vkr_core.schemas import Video
 
     items = []
@@ -51,7 +51,7 @@ def record_inputs(root: Path, videos: int, pool: Path, pm: Any) -> Path:
         shutil.copy(VIDEO, path)
         discipline = ("cooking", "physics", "chemistry", "biology")[i % 4]
         items.append(Video(video_id=f"v{i}", path=str(path), discipline=discipline, title=f"v{i}"))
-    asyncio.run(generate_videos(items, root / "run", pool, RunConfig(), pm))
+    asyncio.run(process_items(items, root / "run", pool, RunConfig(), pm))
     return root / "run"
 
 

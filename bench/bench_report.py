@@ -38,7 +38,7 @@ from plugins.providers.fake_server import FakeModelServer, write_pool  # noqa: E
 from vkr_core.config import RunConfig  # noqa: E402
 from vkr_core.files import read_jsonl  # noqa: E402
 from vkr_core.plugins import get_plugin_manager  # noqa: E402
-from vkr_core.run import generate_videos  # noqa: E402
+from vkr_core.run import process_items  # noqa: E402
 from vkr_core.schemas import Video  # noqa: E402
 from vkr_core.store import RunLayout  # noqa: E402
 
@@ -76,7 +76,7 @@ def make_seed_run(work: Path) -> Path:
     with FakeModelServer(seed=0, policy=None) as server:
         server.set_policy(POLICY)
         pool = write_pool(work / "pool.yaml", server.base_url, pm=pm)
-        asyncio.run(generate_videos(videos, work / "seed", pool, RunConfig(), pm))
+        asyncio.run(process_items(videos, work / "seed", pool, RunConfig(), pm))
     return work / "seed"
 
 

@@ -8,7 +8,11 @@ branch has ended). Steps come from the plugin registry; nothing here names a con
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
 from langgraph.graph import END, START, StateGraph
@@ -17,7 +21,9 @@ from langgraph.types import Command, RetryPolicy, Send
 
 from vkr_core.calls import CallFailed, ModelUnavailable
 from vkr_core.context import RunContext, StepContext
+from vkr_core.hookspecs import hookimpl
 from vkr_core.log import get_logger
+from vkr_core.pipelines import ItemProblem, Items, Pipeline, PipelineRun
 from vkr_core.schemas import (
     AcceptedExample,
     Candidate,
@@ -27,14 +33,17 @@ from vkr_core.schemas import (
     VideoRecord,
     VkrError,
 )
+from vkr_core.seeds import SeedBank
 from vkr_core.steps import Gate, Generator, ReplyError
 from vkr_core.store import is_disk_full
 
 log = get_logger("vkr.graph")
 
-GENERATOR = "example_generation"
 # Videos whose frame lists stay in memory (a few KB each): those in flight, and some more.
 FRAME_CACHE_VIDEOS = 512
+# Threads waiting on decoder processes: decoding is another process's CPU, so more threads
+# than cores keep both cores busy while some wait on a slow file.
+DECODE_WORKERS = 8
 
 
 def example_id(video_id: str, skill: str, round: int) -> str:
@@ -102,12 +111,98 @@ def _accepted(candidate: Candidate) -> dict[str, Any]:
     }
 
 
-def build_graph(registry: Any, checkpointer: Any = None) -> Any:
+def find_generator(registry: Any) -> Generator:
+    """The one registered step that writes candidates (a Generator)."""
+    generators = [s for s in registry.steps.values() if isinstance(s, Generator)]
+    if len(generators) != 1:
+        names = ", ".join(sorted(g.name for g in generators)) or "none"
+        raise VkrError(f"generation needs exactly one generator step; registered: {names}")
+    return generators[0]
+
+
+class FrameSource:
+    """A run's frames, by reference: state and Send payloads carry the video, never its
+    frame list (64 frames repeated in ~30 checkpoints per video were most of their size).
+
+    Nodes get a video's frames from a bounded cache, or after a resume from the frames
+    manifest ``sample_frames`` left in the run directory (no decoding, under a millisecond).
+    Decoding runs on threads of its own (each waits on a decoder process), never on the
+    event loop's default executor, where it queued behind network work; ``prefetch``
+    starts it ahead of a video's turn.
+    """
+
+    def __init__(self, workers: int):
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="vkr-decode"
+        )
+        self._cache: OrderedDict[str, list[Frame]] = OrderedDict()
+        self._decoding: dict[str, asyncio.Future[list[Frame]]] = {}
+
+    async def get(self, video: Video, run: RunContext) -> list[Frame]:
+        frames = self._cache.get(video.video_id)
+        if frames is not None:
+            self._cache.move_to_end(video.video_id)
+            return frames
+        pending = self._started(video, run)
+        try:
+            frames = await asyncio.shield(pending)
+        finally:
+            if pending.done():
+                self._decoding.pop(video.video_id, None)
+        self._cache[video.video_id] = frames
+        while len(self._cache) > FRAME_CACHE_VIDEOS:
+            self._cache.popitem(last=False)
+        return frames
+
+    def _started(self, video: Video, run: RunContext) -> asyncio.Future[list[Frame]]:
+        pending = self._decoding.get(video.video_id)
+        if pending is None:
+            pending = self._decoding[video.video_id] = asyncio.ensure_future(
+                self._decode(video, run)
+            )
+        return pending
+
+    async def prefetch(self, video: Video, run: RunContext) -> None:
+        """Decode ahead of the video's turn. A failure waits for ``get``, which raises it
+        where the video's failure is recorded: the file is not decoded a second time."""
+        if video.video_id in self._cache:
+            return
+        pending = self._started(video, run)
+        await asyncio.wait([pending])
+
+    async def _decode(self, video: Video, run: RunContext) -> list[Frame]:
+        from vkr_core.video import sample_frames
+
+        config = run.config
+        call = functools.partial(
+            sample_frames,
+            video.path,
+            run.store.frames_dir(video.video_id),
+            fps=config.fps,
+            max_frames=config.max_frames,
+            max_side=config.max_side,
+            jpeg_quality=config.jpeg_quality,
+            timeout=config.decode_timeout,
+            pm=run.pm,
+        )
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def forget(self, video_id: str) -> None:
+        self._cache.pop(video_id, None)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_graph(registry: Any, checkpointer: Any = None, frames: FrameSource | None = None) -> Any:
     """Compile the generation graph for the steps the plugins registered."""
-    generator = registry.steps.get(GENERATOR)
-    if not isinstance(generator, Generator):
-        raise VkrError(f"no generator step {GENERATOR!r} is registered")
+    generator = find_generator(registry)
     gates: list[Gate] = registry.gates()
+    source = frames or FrameSource(workers=DECODE_WORKERS)
+
+    async def frames_of(video: Video, run: RunContext) -> list[Frame]:
+        return await source.get(video, run)
+
     gate_names = [g.name for g in gates]
 
     def next_hop(candidate: Candidate, index: int, payload: dict[str, Any]) -> Command:
@@ -119,34 +214,6 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
                 )
             )
         return Command(update={"outcomes": [_accepted(candidate)]})
-
-    # Frames travel by reference: state and Send payloads carry the video, never its frame
-    # list (64 frames repeated in ~30 checkpoints per video were most of their size). Each
-    # node gets the frames from this bounded cache, or after a resume from the frames
-    # manifest sample_frames left in the run directory (no decoding, under a millisecond).
-    frame_cache: OrderedDict[str, list[Frame]] = OrderedDict()
-
-    async def frames_of(video: Video, run: RunContext) -> list[Frame]:
-        from vkr_core.video import sample_frames
-
-        frames = frame_cache.get(video.video_id)
-        if frames is None:
-            frames = await asyncio.to_thread(
-                sample_frames,
-                video.path,
-                run.store.frames_dir(video.video_id),
-                fps=run.config.fps,
-                max_frames=run.config.max_frames,
-                max_side=run.config.max_side,
-                jpeg_quality=run.config.jpeg_quality,
-                timeout=run.config.decode_timeout,
-            )
-            frame_cache[video.video_id] = frames
-            while len(frame_cache) > FRAME_CACHE_VIDEOS:
-                frame_cache.popitem(last=False)
-        else:
-            frame_cache.move_to_end(video.video_id)
-        return frames
 
     async def prepare(state: VideoState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         run = runtime.context
@@ -189,7 +256,7 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
                         example_id=example_id(ctx.video.video_id, skill.name, round_),
                         skill=skill.name,
                         round=round_,
-                        step=GENERATOR,
+                        step=generator.name,
                         reason=exc.reason,
                         kind=exc.kind,
                         raw=exc.raw,
@@ -265,10 +332,10 @@ def build_graph(registry: Any, checkpointer: Any = None) -> Any:
             else:
                 record.rejected.append(Rejection.model_validate(outcome["rejection"]))
         record.generated = len(record.accepted) + sum(
-            1 for r in record.rejected if r.step != GENERATOR
+            1 for r in record.rejected if r.step != generator.name
         )
         run.store.write_record(record)
-        frame_cache.pop(video.video_id, None)
+        source.forget(video.video_id)
         if record.failure:
             run.store.add_failure(video.video_id, record.failure, video.path)
         return {"record": record.model_dump()}
@@ -349,3 +416,137 @@ async def process_video(
             f"{sum(planned.values())} rounds without an outcome"
         )
     return VideoRecord.model_validate(result["record"])
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def funnel(records: Iterable[VideoRecord] | Any, gate_names: list[str]) -> list[tuple[str, int]]:
+    """Examples left after each stage (the report's funnel, as (stage, count) pairs), from
+    records or from the counts a run kept of them."""
+    from corpus.report import funnels
+
+    return [(row["stage"], row["count"]) for row in funnels(records, gate_names)["overall"]]
+
+
+def format_funnel(rows: list[tuple[str, int]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {count:>5}" for name, count in rows)
+
+
+class GenerationRun(PipelineRun):
+    def __init__(self, context: RunContext, checkpointer: Any):
+        self.context = context
+        self.frames = FrameSource(workers=DECODE_WORKERS)
+        self.graph = build_graph(context.registry, checkpointer, self.frames)
+
+    async def prepare(self, item: Video) -> None:
+        if not self.context.store.record_path(item.video_id).exists():
+            await self.frames.prefetch(item, self.context)
+
+    async def process(self, item: Video) -> VideoRecord:
+        store = self.context.store
+        if not store.record_path(item.video_id).exists():
+            # Until its last round has an outcome the video is unfinished on disk, so a
+            # run stopped in between is visible to split, export and the report.
+            store.write_record(
+                VideoRecord(
+                    video_id=item.video_id,
+                    video=item,
+                    status="unfinished",
+                    planned=self.context.planned_rounds(),
+                )
+            )
+        return await process_video(
+            self.graph, item, self.context, retry_failed=self.context.config.retry_failed
+        )
+
+    async def close(self) -> None:
+        self.frames.close()
+
+
+class GenerationPipeline(Pipeline):
+    """Skill-oriented QA generation: per video, (skill x round) candidates through the gates."""
+
+    name = "generation"
+    description = "videos -> verified QA examples with chain-of-thought (the paper's stages 9-12)"
+    noun = "video"
+    item_schema = Video
+    id_field = "video_id"
+
+    def model_steps(self, registry: Any) -> list[str]:
+        return [
+            n
+            for n, s in registry.steps.items()
+            if isinstance(s, (Gate, Generator)) and s.uses_model
+        ]
+
+    def gate_order(self, registry: Any) -> list[str]:
+        return [g.name for g in registry.gates()]
+
+    def _skills(self, run: Any) -> list[str]:
+        return run.config.skills or sorted(run.registry.skills)
+
+    def check(self, run: Any) -> None:
+        find_generator(run.registry)
+        skills = self._skills(run)
+        for skill in skills:
+            run.registry.get("skill", skill)
+        # Every skill needs seeds: its plugin's, or the --seed-bank's (which wins per skill).
+        SeedBank.for_run(run.registry, skills, run.config.seed_bank)
+
+    def read_items(self, path: str | Path, config: Any) -> Items:
+        from vkr_core.manifest import load_manifest
+
+        loaded = load_manifest(path, getattr(config, "video_root", None))
+        problems = [ItemProblem(p.line, p.video_id, p.path, p.reason) for p in loaded.problems]
+        return Items(
+            source=loaded.source,
+            items=list(loaded.videos),
+            problems=problems,
+            settings={"video_root": loaded.video_root},
+        )
+
+    async def open(self, context: RunContext, checkpointer: Any) -> GenerationRun:
+        skills = context.config.skills or sorted(context.registry.skills)
+        context.seed_bank = SeedBank.for_run(context.registry, skills, context.config.seed_bank)
+        return GenerationRun(context, checkpointer)
+
+    def failed(self, item: Video, reason: str) -> VideoRecord:
+        return VideoRecord(video_id=item.video_id, video=item, status="failed", failure=reason)
+
+    def tally(self) -> Any:
+        from corpus.report import FunnelCounts
+
+        return FunnelCounts()
+
+    def summary(self, run_dir: Path, counters: Any) -> str:
+        from corpus.report import build_report, summary_text, write_report
+
+        gates = saved_gate_order(run_dir)
+        lines = [counters.line()]
+        if counters.funnel is not None:
+            # From the counts the run kept, not from its records: those are on disk only.
+            lines.append(format_funnel(funnel(counters.funnel, gates)))
+        # Every run leaves its report beside its records; `vkr report` rebuilds it any time.
+        report = build_report(run_dir, gates)
+        write_report(report, run_dir)
+        lines.append(summary_text(report))
+        return "\n".join(lines)
+
+
+def saved_gate_order(run_dir: str | Path) -> list[str]:
+    """The gate order the run saved in its config snapshot."""
+    import json
+
+    from vkr_core.store import RunLayout
+
+    config = RunLayout(run_dir).config
+    if not config.exists():
+        return []
+    return list(json.loads(config.read_text()).get("gate_order") or [])
+
+
+@hookimpl
+def vkr_register_pipelines(register: Any) -> None:
+    register(GenerationPipeline())

@@ -67,11 +67,12 @@ def make_demo_video(
 
 def run_demo(out: Path, port: int) -> dict[str, Any]:
     """Run the demo and return what it printed about: funnel rows, stats, record path."""
+    from graphs.generation import funnel
     from plugins.providers.fake_server import FakeModelServer, write_pool
     from vkr_core.config import RunConfig
     from vkr_core.log import configure_logging
     from vkr_core.plugins import get_plugin_manager
-    from vkr_core.run import funnel, generate_videos
+    from vkr_core.run import process_items
     from vkr_core.schemas import KnowledgePoint, Video
 
     configure_logging("ERROR")
@@ -101,7 +102,7 @@ def run_demo(out: Path, port: int) -> dict[str, Any]:
         pool_path = write_pool(
             out / "pool.yaml", base_url, registry_path=out / "eligibility.yaml", pm=pm
         )
-        [record] = asyncio.run(generate_videos([video], out / "run", pool_path, RunConfig(), pm))
+        [record] = asyncio.run(process_items([video], out / "run", pool_path, RunConfig(), pm))
         stats = server.stats()
     gates = [g.name for g in pm.registry.gates()]
     return {
@@ -131,7 +132,7 @@ def run_demo(out: Path, port: int) -> dict[str, Any]:
 )
 def demo(out: str, port: int) -> None:
     """Run the whole pipeline on a made-up video against a scripted local model server."""
-    from vkr_core.run import format_funnel
+    from graphs.generation import format_funnel
     from vkr_core.store import RunLayout
 
     result = run_demo(Path(out), port)

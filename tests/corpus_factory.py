@@ -12,7 +12,8 @@ from pathlib import Path
 
 from videos import CORRUPTED, PANCAKE, ROTATED, UNORDERED, video_dir
 
-from vkr_core.schemas import SKILLS, AcceptedExample, Verdict, Video, VideoRecord
+from corpus.report import PAPER_SKILLS as SKILLS
+from vkr_core.schemas import AcceptedExample, Verdict, Video, VideoRecord
 
 LINKED = sorted([CORRUPTED, PANCAKE, ROTATED, UNORDERED])
 

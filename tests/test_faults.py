@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from vkr_core.config import RunConfig
-from vkr_core.run import run_manifest
+from vkr_core.run import run_items
 from vkr_core.schemas import Video
 from vkr_core.store import RunStore
 
@@ -31,7 +31,7 @@ def videos(tmp_path: Path, testdata: Path) -> list[Video]:
 
 def run(videos, run_dir, pool, pm, concurrency=3):
     counters = asyncio.run(
-        run_manifest(
+        run_items(
             videos, run_dir, pool, RunConfig(), pm, concurrency=concurrency, progress=False
         )
     )

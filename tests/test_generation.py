@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from vkr_core.config import RunConfig
-from vkr_core.run import generate_videos
+from vkr_core.run import process_items
 from vkr_core.schemas import KnowledgePoint, Video
 
 GATES = ["self_consistency", "video_dependency", "cot_verification"]
@@ -52,7 +52,7 @@ def pancake(videos_dir: Path) -> Video:
 
 def run_one(videos_dir, tmp_path, pool, pm, name="run"):
     [record] = asyncio.run(
-        generate_videos([pancake(videos_dir)], tmp_path / name, pool, RunConfig(), pm)
+        process_items([pancake(videos_dir)], tmp_path / name, pool, RunConfig(), pm)
     )
     return record
 

@@ -20,12 +20,13 @@ from click.testing import CliRunner
 
 from cli import cli
 from corpus.report import build_report
+from graphs.generation import format_funnel, funnel
 from plugins.providers.fake_server import FakeModelServer, write_pool
 from vkr_core.batch import BatchCounters
 from vkr_core.config import RunConfig
 from vkr_core.manifest import load_manifest
 from vkr_core.plugins import get_plugin_manager
-from vkr_core.run import format_funnel, funnel, run_manifest
+from vkr_core.run import run_items
 from vkr_core.store import RunStore
 
 GATES = ["self_consistency", "video_dependency", "cot_verification"]
@@ -67,7 +68,7 @@ def test_a_run_returns_counters_that_print_the_funnel_of_its_records(made: Any) 
     run_dir = made["tmp"] / "library-run"
     config = RunConfig(video_root=loaded.video_root)
     counters = asyncio.run(
-        run_manifest(loaded.videos, run_dir, made["pool"], config, made["pm"], progress=False)
+        run_items(loaded.videos, run_dir, made["pool"], config, made["pm"], progress=False)
     )
     # Counters, not a list of every record: the records are in the run directory.
     assert isinstance(counters, BatchCounters)

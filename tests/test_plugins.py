@@ -12,7 +12,7 @@ import pytest
 
 from vkr_core import hookspecs
 from vkr_core.hookspecs import hookimpl
-from vkr_core.plugins import DEFAULT_PLUGINS, PluginError, get_plugin_manager
+from vkr_core.plugins import PluginError, builtin_plugins, get_plugin_manager
 from vkr_core.schemas import SkillSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_vkr_plugins_lists_builtins_and_an_installed_third_party_plugin(third_pa
         [VKR, "plugins"], env=vkr_env(third_party_site), capture_output=True, text=True, check=True
     ).stdout
     assert "answer_leak (third-party)  steps: answer_leak" in out
-    for module in DEFAULT_PLUGINS:
+    for module in builtin_plugins():
         assert module in out
     assert "plugins.steps.cot_verification (built-in)  steps: cot_verification" in out
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from cli import cli
 from corpus.probe import ProbeOptions, run_probe
+from graphs.generation import GenerationPipeline
 from plugins.providers.fake_server import make_tag, truth_for_tag
-from vkr_core.run import model_steps
 from vkr_core.schemas import InputError
 from vkr_core.steps import Gate, Generator, Step
 
@@ -502,5 +502,5 @@ def test_probe_step_is_a_plain_step_the_generation_graph_ignores(vkr_plugin_mana
     assert step.modality == "vision" and step.uses_model
     assert step.output_schema.__name__ == "SolvedAnswer"
     assert registry.owners[("step", "single_frame_probe")] == "plugins.steps.single_frame_probe"
-    assert "single_frame_probe" not in model_steps(registry)
+    assert "single_frame_probe" not in GenerationPipeline().model_steps(registry)
     assert "single_frame_probe" not in [gate.name for gate in registry.gates()]

@@ -30,7 +30,7 @@ from qualification.score import score_pilots
 from qualification.table import load_matrix
 from vkr_core.config import RunConfig, load_registry
 from vkr_core.plugins import get_plugin_manager
-from vkr_core.run import generate_videos
+from vkr_core.run import process_items
 from vkr_core.schemas import InputError, KnowledgePoint, Video
 
 STEP = "example_generation"
@@ -80,7 +80,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Any:
         make_video(root, testdata, "cooking1", "cooking"),
         make_video(root, testdata, "physics1", "physics"),
     ]
-    records = asyncio.run(generate_videos(videos, root / "run", pool, RunConfig(), pm))
+    records = asyncio.run(process_items(videos, root / "run", pool, RunConfig(), pm))
     assert [r.status for r in records] == ["done", "done"]
     try:
         yield SimpleNamespace(root=root, server=server, pool=pool, run=root / "run", pm=pm)
@@ -877,7 +877,7 @@ def test_pilots_labels_and_scores_decide_where_the_next_run_sends_calls(
     recorded.server.reset_stats()
     video = make_video(tmp_path, testdata, "fresh1", "biology")
     [record] = asyncio.run(
-        generate_videos([video], tmp_path / "run", tmp_path / "pool.yaml", RunConfig(), recorded.pm)
+        process_items([video], tmp_path / "run", tmp_path / "pool.yaml", RunConfig(), recorded.pm)
     )
     assert record.status == "done"
     by_model_step = recorded.server.stats()["by_model_step"]

@@ -36,7 +36,7 @@ from plugins.providers.fake_server import (
 )
 from vkr_core.config import RunConfig
 from vkr_core.plugins import get_plugin_manager
-from vkr_core.run import generate_videos
+from vkr_core.run import process_items
 from vkr_core.schemas import InputError, Video, VideoRecord
 from vkr_core.store import RunStore
 
@@ -113,7 +113,7 @@ def made_run(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Any:
         # The undecodable file makes no calls, so it rides along with the last policy.
         for batch in (videos[:1], videos[1:2], videos[2:]):
             server.set_policy(POLICIES[batch[0].video_id])
-            asyncio.run(generate_videos(batch, run_dir, pool, RunConfig(), pm))
+            asyncio.run(process_items(batch, run_dir, pool, RunConfig(), pm))
         yield MadeRun(run_dir, videos, pool, server.stats(), server, pm)
 
 
@@ -269,7 +269,7 @@ def test_a_fresh_run_sharing_the_cache_reports_hits_and_pays_only_for_refusals(
     # Refuse again, so the only paid calls are the replays of the refused ones.
     server.set_policy({"steps": {"example_generation": {"refusal": 1.0}}})
     server.reset_stats()
-    asyncio.run(generate_videos(made_run.videos, run_dir, made_run.pool, RunConfig(), made_run.pm))
+    asyncio.run(process_items(made_run.videos, run_dir, made_run.pool, RunConfig(), made_run.pm))
     replay = build_report(run_dir)
     first = report["totals"]
     # Refusals are never cached (they say nothing about the next request), so exactly those

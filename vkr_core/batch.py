@@ -1,25 +1,22 @@
-"""Many videos at once on one machine: bounded concurrency, a stop target, live counters.
+"""Many items at once on one machine: bounded concurrency, a stop target, live counters.
 
-Each video runs its own checkpointed graph, so a killed batch resumes video by video; a
-video that fails is recorded and the batch goes on. Records and call records go to the run
-directory as they are made; the batch keeps counters only, so its memory does not grow
-with the number of videos.
+Each item (a video, for generation) runs its own checkpointed graph, so a killed batch
+resumes item by item; an item that fails is recorded and the batch goes on. Records and
+call records go to the run directory as they are made; the batch keeps counters only, so
+its memory does not grow with the number of items.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from pathlib import Path
 from typing import Any
 
-from corpus.report import FunnelCounts
-from vkr_core.schemas import CallRecord, Video, VideoRecord
+from vkr_core.schemas import CallRecord
 
 
 class ExitCode(IntEnum):
@@ -50,8 +47,12 @@ class BatchCounters:
     started: float = field(default_factory=time.monotonic)
     # Why the batch stopped before every video was processed ("budget"), if it did.
     stopped: str | None = None
-    # Examples per stage and skill (the funnel), from the records of this invocation.
-    funnel: FunnelCounts = field(default_factory=FunnelCounts)
+    # The pipeline's tally of this invocation's records (``add(record)``), e.g. the funnel.
+    funnel: Any = None
+    # How many accepted results a record holds (the pipeline says).
+    accepted_in: Callable[[Any], int] = field(
+        default=lambda record: len(getattr(record, "accepted", []) or [])
+    )
 
     @property
     def unfinished(self) -> int:
@@ -64,13 +65,14 @@ class BatchCounters:
             self.paid_calls += 1
             self.spend_usd += record.cost_usd
 
-    def on_video(self, record: VideoRecord) -> None:
+    def on_video(self, record: Any) -> None:
         if record.status == "done":
             self.done += 1
         else:
             self.failed += 1
-        self.accepted += len(record.accepted)
-        self.funnel.add(record)
+        self.accepted += self.accepted_in(record)
+        if self.funnel is not None:
+            self.funnel.add(record)
 
     def line(self) -> str:
         return (
@@ -130,15 +132,22 @@ class ProgressDisplay:
 
 
 async def run_batch(
-    process: Callable[[Video], Any],
-    videos: Iterable[Video],
+    process: Callable[[Any], Awaitable[Any]],
+    videos: Iterable[Any],
     counters: BatchCounters,
     concurrency: int = 4,
     target_accepted: int | None = None,
-    on_video: Callable[[VideoRecord], None] | None = None,
+    on_video: Callable[[Any], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    prepare: Callable[[Any], Awaitable[None]] | None = None,
+    lookahead: int | None = None,
 ) -> BatchCounters:
-    """Process videos with at most ``concurrency`` in flight; stop launching at the target.
+    """Process items with at most ``concurrency`` in flight; stop launching at the target.
+
+    ``prepare`` (the pipeline's work ahead, such as decoding frames) runs for up to
+    ``lookahead`` items (default: ``concurrency``) beyond those in flight, so an item's
+    first model call never waits for its decoding: without it, a batch of videos that
+    finished together left the model slots idle while the next ones decoded.
 
     Each finished video's record goes to ``counters`` (and ``on_video``) and is dropped:
     it is on disk already. When a video raises (say, the disk is full) no new video starts,
@@ -148,7 +157,8 @@ async def run_batch(
     then.
     """
     slots = asyncio.Semaphore(concurrency)
-    # Only the videos in flight: a finished task leaves the set, so 100,000 videos do not
+    ahead = asyncio.Semaphore(concurrency + (concurrency if lookahead is None else lookahead))
+    # Only the items in flight: a finished task leaves the set, so 100,000 items do not
     # leave 100,000 task objects behind.
     tasks: set[asyncio.Task[None]] = set()
     errors: list[BaseException] = []
@@ -157,25 +167,30 @@ async def run_batch(
         reached = target_accepted is not None and counters.accepted >= target_accepted
         return reached or bool(errors) or should_stop()
 
-    async def one(video: Video) -> None:
+    async def one(item: Any) -> None:
         try:
-            record = await process(video)
+            if prepare is not None:
+                await prepare(item)
+            async with slots:
+                if stop_launching():
+                    return
+                counters.launched += 1
+                record = await process(item)
             counters.on_video(record)
             if on_video:
                 on_video(record)
         except Exception as exc:
             errors.append(exc)
         finally:
-            slots.release()
+            ahead.release()
 
     try:
-        for video in videos:
-            await slots.acquire()
+        for item in videos:
+            await ahead.acquire()
             if stop_launching():
-                slots.release()
+                ahead.release()
                 break
-            counters.launched += 1
-            task = asyncio.create_task(one(video), name=f"video:{video.video_id}")
+            task = asyncio.create_task(one(item), name="item")
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
@@ -187,20 +202,3 @@ async def run_batch(
     if errors:
         raise errors[0]
     return counters
-
-
-def spent_in(run_dir: str | Path) -> float:
-    """USD the run directory's calls have cost so far (paid calls in ``calls.jsonl``)."""
-    path = Path(run_dir) / "calls.jsonl"
-    total = 0.0
-    if not path.exists():
-        return total
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                call = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: its call is paid for again anyway
-            if isinstance(call, dict) and not call.get("cache_hit"):
-                total += float(call.get("cost_usd") or 0.0)
-    return total

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import diskcache
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
 )
 
+from vkr_core.backends import CallCache
 from vkr_core.config import ModelSpec
 from vkr_core.health import ModelHealth, Route, route_for
 from vkr_core.limits import ModelLimiter, SpendLimit
@@ -37,9 +37,6 @@ from vkr_core.steps import ReplyError
 from vkr_core.video import FrameImages
 
 log = get_logger("vkr.calls")
-
-# Never evict: an evicted entry is a call paid twice. diskcache's default is 1 GB, evicting.
-CACHE_SIZE_LIMIT = 2**60
 
 
 class TransientError(VkrError):
@@ -110,7 +107,7 @@ class Journal:
 
     PREFIX = "raw:"
 
-    def __init__(self, cache: diskcache.Cache):
+    def __init__(self, cache: CallCache):
         self.cache = cache
 
     def save(self, key: str, raw: bytes) -> None:
@@ -276,11 +273,14 @@ class ModelCaller:
     health: ModelHealth = field(default_factory=ModelHealth)
     # --max-spend: once reached no new request is sent (the ones in flight still land).
     budget: SpendLimit | None = None
+    # The call cache (a backend's, vkr_core.backends); by default diskcache in cache_dir.
+    cache: Any = None
 
     def __post_init__(self) -> None:
-        self.cache = diskcache.Cache(
-            str(self.cache_dir), size_limit=CACHE_SIZE_LIMIT, eviction_policy="none"
-        )
+        if self.cache is None:
+            from vkr_core.backends import DiskCallCache
+
+            self.cache = DiskCallCache.open_dir(self.cache_dir)
         self.journal = Journal(self.cache)
         self.stopping = False
         self.in_flight = 0

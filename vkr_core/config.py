@@ -57,7 +57,8 @@ class StepPoolConfig(Strict):
     """Per-step options in the pool file."""
 
     models: list[str] | None = Field(
-        default=None, description="fixed model set (video_dependency) or a restriction of the pool"
+        default=None,
+        description="fixed model set (a step with selection: all) or a restriction of the pool",
     )
     temperature: float | None = None
     max_tokens: int | None = None
@@ -143,6 +144,13 @@ class EligibilityRegistry(BaseModel):
 class RunConfig(Strict):
     """Everything about a run that changes its results (snapshotted in the run directory)."""
 
+    # The registered pipeline the run drives (``vkr run --pipeline``).
+    pipeline: str = "generation"
+    # Backends of the run's seams (vkr_core.backends): where checkpoints and the call cache
+    # live and what runs the items. A run directory keeps the ones it started with.
+    checkpointer: str = "sqlite"
+    call_cache: str = "diskcache"
+    executor: str = "local"
     seed: int = 0
     fps: float = Field(default=0.2, gt=0)
     max_frames: int = Field(default=64, ge=1)

@@ -120,7 +120,10 @@ class RunContext:
     caller: ModelCaller
     config: RunConfig
     store: Any
-    seed_bank: SeedBank
+    # The plugins the run loaded: decoding and every other hook go through these.
+    pm: Any = None
+    # Set by a pipeline whose steps pick seed examples (generation).
+    seed_bank: SeedBank | None = None
 
     def planned_rounds(self) -> dict[str, int]:
         """Rounds per skill every video gets: a video is done when each has an outcome."""

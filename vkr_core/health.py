@@ -8,7 +8,7 @@ to the model is a probe: an answer closes the breaker, a failure cools the model
 as long (up to ``max_cooldown``).
 
 A call with nowhere else to go (every candidate of its step is cooled down, or the step
-asks a fixed set of models, like video_dependency) waits for its model instead of failing:
+asks a fixed set of models: its selection is "all") waits for its model instead of failing:
 the run pauses until a probe gets an answer.
 
 A model that answers some requests and fails others is not cooled down: its failed calls

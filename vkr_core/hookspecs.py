@@ -30,6 +30,28 @@ def vkr_register_steps(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def vkr_register_pipelines(register: Callable[[Any], None]) -> None:
+    """Register pipelines: call ``register(pipeline)`` with a :class:`vkr_core.pipelines.Pipeline`.
+
+    ``vkr run --pipeline NAME`` runs one; generation is the default.
+
+    :param register: takes a pipeline instance, looked up by its ``name``.
+    """
+
+
+@hookspec
+def vkr_register_backends(register: Callable[[Any], None]) -> None:
+    """Register backends for the run's seams: call ``register(backend)`` with a
+    :class:`vkr_core.backends.Backend` (a checkpointer, a call cache or an executor).
+
+    A run picks one of each by name (``RunConfig.checkpointer``, ``call_cache``,
+    ``executor``); the embedded SQLite, diskcache and local asyncio ones are the defaults.
+
+    :param register: takes a backend instance, looked up by its ``kind`` and ``name``.
+    """
+
+
+@hookspec
 def vkr_register_providers(register: Callable[[Any], None]) -> None:
     """Register model providers: call ``register(provider)`` with a :class:`vkr_core.calls.Provider`.
 
@@ -47,7 +69,7 @@ def vkr_register_sources(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def vkr_register_exporters(register: Callable[[Any], None]) -> None:
-    """Register exporters: call ``register(exporter)`` with a :class:`corpus.exporters.Exporter`.
+    """Register exporters: call ``register(exporter)`` with an exporter (a ``name`` and ``export(...)``).
 
     :param register: takes an exporter instance, chosen by ``vkr export --format NAME``.
     """

@@ -15,29 +15,19 @@ from vkr_core import hookspecs
 from vkr_core.schemas import SkillSpec, VkrError
 
 ENTRY_POINT_GROUP = "vkr"
+# The distribution whose entry points are the built-ins: they load through the same
+# entry-point group as a third party's, and ``VKR_LOAD_PLUGINS`` never filters them out.
+BUILTIN_DISTRIBUTION = "vkr"
 
-# Built-ins are plugins like any other: listed here, registered through the same hooks.
-DEFAULT_PLUGINS: tuple[str, ...] = (
-    "plugins.skills.builtin",
-    "plugins.steps.example_generation",
-    "plugins.steps.self_consistency",
-    "plugins.steps.video_dependency",
-    "plugins.steps.cot_verification",
-    "plugins.steps.single_frame_probe",
-    "plugins.providers.litellm_provider",
-    "plugins.providers.fake_server",
-    "plugins.readers",
-    "plugins.sources.local",
-    "plugins.exporters.builtin",
-    "plugins.demo",
-)
+
+BACKEND_KINDS = ("checkpointer", "call_cache", "executor")
 
 
 class PluginError(VkrError):
     """A plugin could not be loaded or registered something twice."""
 
 
-KINDS = ("skill", "step", "provider", "source", "exporter")
+KINDS = ("skill", "step", "pipeline", "backend", "provider", "source", "exporter")
 
 
 @dataclass
@@ -46,6 +36,9 @@ class Registry:
 
     skills: dict[str, Any] = field(default_factory=dict)
     steps: dict[str, Any] = field(default_factory=dict)
+    pipelines: dict[str, Any] = field(default_factory=dict)
+    # "kind:name" (checkpointer:sqlite, call_cache:diskcache, executor:local, ...)
+    backends: dict[str, Any] = field(default_factory=dict)
     providers: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, Any] = field(default_factory=dict)
     exporters: dict[str, Any] = field(default_factory=dict)
@@ -99,20 +92,67 @@ def _one_line(exc: Exception) -> str:
     """An exception as one line: a plugin's error must not become a multi-line message."""
     from pydantic import ValidationError
 
+    from vkr_core.errors import describe_validation_error
+
     if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or exc.title}: "
-            + str(err["msg"]).removeprefix("Value error, ")
-            for err in exc.errors()
-        )
+        return describe_validation_error(exc)
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
+    dist = getattr(ep, "dist", None)
+    return dist is not None and dist.name == BUILTIN_DISTRIBUTION
+
+
+def _entry_points() -> tuple[list[importlib.metadata.EntryPoint], dict[str, Any]]:
+    """The built-ins (in declared order) and the third-party plugins by name."""
+    builtins: list[importlib.metadata.EntryPoint] = []
+    third_party: dict[str, importlib.metadata.EntryPoint] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if _is_builtin(ep):
+            if ep.name not in {b.name for b in builtins}:  # an editable install lists twice
+                builtins.append(ep)
+            continue
+        if ep.name in third_party:
+            raise PluginError(
+                f"two installed plugins are named {ep.name!r}: {_origin(third_party[ep.name])} "
+                f"and {_origin(ep)}; uninstall one of them"
+            )
+        third_party[ep.name] = ep
+    if not builtins:
+        raise PluginError(
+            "vkr's built-in plugins are not registered: vkr is not installed in this "
+            "environment (run `pip install -e .` in the checkout)"
+        )
+    return builtins, third_party
+
+
+def builtin_plugins() -> list[str]:
+    """Names of the built-in plugins (``vkr plugins`` marks them built-in)."""
+    return [ep.name for ep in _entry_points()[0]]
+
+
+def _load(pm: VkrPluginManager, ep: importlib.metadata.EntryPoint) -> None:
+    try:
+        plugin = ep.load()
+    except Exception as exc:  # a broken plugin must say which one
+        raise PluginError(
+            f"plugin {ep.name!r} ({ep.value}) failed to load: {_one_line(exc)}"
+        ) from exc
+    try:
+        pm.register(plugin, name=ep.name)
+    except ValueError as exc:  # pluggy: the same module under a second name
+        raise PluginError(f"plugin {ep.name!r} ({ep.value}): {exc}") from None
 
 
 def get_plugin_manager(
     extra_plugins: Iterable[Any] = (), load_entry_points: bool = True
 ) -> VkrPluginManager:
-    """Load built-ins, then entry-point plugins (limited by VKR_LOAD_PLUGINS), then ``extra_plugins``.
+    """Load built-ins, then third-party plugins (limited by VKR_LOAD_PLUGINS), then ``extra_plugins``.
+
+    Both come from the ``vkr`` entry-point group; the built-ins are the entries of vkr's
+    own distribution (pyproject.toml), so they load exactly as a third party's do.
 
     ``VKR_LOAD_PLUGINS`` is a comma-separated list of third-party plugin names; set it to
     an empty string to load built-ins only. A name that is not installed is an error, as are
@@ -120,39 +160,23 @@ def get_plugin_manager(
     """
     pm = VkrPluginManager("vkr")
     pm.add_hookspecs(hookspecs)
-    for module_name in DEFAULT_PLUGINS:
-        module = importlib.import_module(module_name)
-        pm.register(module, name=module_name)
+    # The engine's own embedded backends: part of vkr_core, not a plugin.
+    pm.register(importlib.import_module("vkr_core.backends"), name="vkr_core.backends")
+    builtins, third_party = _entry_points()
+    for ep in builtins:
+        _load(pm, ep)
     if load_entry_points:
         allowed = _allowed_entry_points()
-        installed: dict[str, importlib.metadata.EntryPoint] = {}
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in installed:
-                raise PluginError(
-                    f"two installed plugins are named {ep.name!r}: {_origin(installed[ep.name])} "
-                    f"and {_origin(ep)}; uninstall one of them"
-                )
-            installed[ep.name] = ep
-        unknown = sorted((allowed or set()) - set(installed))
+        unknown = sorted((allowed or set()) - set(third_party))
         if unknown:
             raise PluginError(
                 f"VKR_LOAD_PLUGINS names {', '.join(map(repr, unknown))}, which "
                 f"{'is' if len(unknown) == 1 else 'are'} not installed (installed plugins: "
-                f"{', '.join(sorted(installed)) or 'none'})"
+                f"{', '.join(sorted(third_party)) or 'none'})"
             )
-        for ep in installed.values():
-            if allowed is not None and ep.name not in allowed:
-                continue
-            try:
-                plugin = ep.load()
-            except Exception as exc:  # a broken third-party plugin must say which one
-                raise PluginError(
-                    f"plugin {ep.name!r} ({ep.value}) failed to load: {_one_line(exc)}"
-                ) from exc
-            try:
-                pm.register(plugin, name=ep.name)
-            except ValueError as exc:  # pluggy: the same module under a second name
-                raise PluginError(f"plugin {ep.name!r} ({ep.value}): {exc}") from None
+        for ep in third_party.values():
+            if allowed is None or ep.name in allowed:
+                _load(pm, ep)
     for plugin in extra_plugins:
         # A readable name, so errors and `vkr plugins` can say which plugin did what.
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
@@ -164,6 +188,8 @@ def get_plugin_manager(
 
 def collect(pm: pluggy.PluginManager) -> Registry:
     """Call every register hook, attributing each registration to its plugin."""
+    from vkr_core.backends import Backend
+    from vkr_core.pipelines import Pipeline
     from vkr_core.steps import Step
 
     registry = Registry()
@@ -176,9 +202,21 @@ def collect(pm: pluggy.PluginManager) -> Registry:
                 name = getattr(item, "name", None)
                 if not isinstance(name, str) or not name:
                     raise PluginError(f"plugin {_plugin!r} registered a {_kind} without a name")
+                if _kind == "backend":
+                    if not isinstance(item, Backend) or item.kind not in BACKEND_KINDS:
+                        raise PluginError(
+                            f"plugin {_plugin!r} registered backend {name!r} that is not a "
+                            "vkr_core.backends checkpointer, call cache or executor"
+                        )
+                    name = f"{item.kind}:{name}"
                 if _kind == "step" and not isinstance(item, Step):
                     raise PluginError(
                         f"plugin {_plugin!r} registered step {name!r} that is not a vkr_core.steps.Step"
+                    )
+                if _kind == "pipeline" and not isinstance(item, Pipeline):
+                    raise PluginError(
+                        f"plugin {_plugin!r} registered pipeline {name!r} that is not a "
+                        "vkr_core.pipelines.Pipeline"
                     )
                 if _kind == "skill" and not isinstance(item, SkillSpec):
                     raise PluginError(
@@ -200,6 +238,7 @@ def collect(pm: pluggy.PluginManager) -> Registry:
 
 def describe(pm: VkrPluginManager) -> list[dict[str, Any]]:
     """Each loaded plugin with what it registered, for ``vkr plugins``."""
+    builtins = {*builtin_plugins(), "vkr_core.backends"}
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0] or ""):
         registered: dict[str, list[str]] = {}
@@ -210,7 +249,7 @@ def describe(pm: VkrPluginManager) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
-                "builtin": name in DEFAULT_PLUGINS,
+                "builtin": name in builtins,
                 "hooks": hooks,
                 "registers": {k: sorted(v) for k, v in sorted(registered.items())},
             }

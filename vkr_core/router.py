@@ -189,7 +189,7 @@ class Router:
         return chosen, Route(step_name, chosen.name, first.name, names)
 
     def fixed(self, step_name: str) -> list[ModelSpec]:
-        """The fixed model set of a step that asks every model (video_dependency)."""
+        """The fixed model set of a step that asks every model (selection "all")."""
         eligible = {m.name: m for m in self.eligible(step_name)}
         conf = self.pool.steps.get(step_name)
         names = conf.models if conf and conf.models else sorted(eligible)

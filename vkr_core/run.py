@@ -1,12 +1,14 @@
-"""Opening a run: config snapshot, router check, caller, checkpointer and graph, in that order.
+"""The engine's run: config snapshot, router check, caller, checkpointer and the pipeline.
 
-Everything that can be wrong with the inputs is found here, before any call is paid for.
+``Run`` knows no concrete pipeline, step or skill: it opens what every pipeline needs and
+hands each item to the pipeline the config names (``vkr_register_pipelines``). Everything
+that can be wrong with the inputs is found when it opens, before any call is paid for.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,28 +22,18 @@ from vkr_core.config import (
 )
 from vkr_core.context import RunContext
 from vkr_core.log import get_logger, register_secrets
+from vkr_core.pipelines import Pipeline, PipelineRun
 from vkr_core.plugins import VkrPluginManager, get_plugin_manager
 from vkr_core.router import Router
-from vkr_core.schemas import CallRecord, InputError, Video, VideoRecord, VkrError
-from vkr_core.seeds import SeedBank
+from vkr_core.schemas import CallRecord, InputError, VkrError
 from vkr_core.store import DiskFull, RunStore, is_disk_full
 
 if TYPE_CHECKING:
-    from corpus.report import FunnelCounts
+    from pydantic import BaseModel
+
     from vkr_core.batch import BatchCounters
 
 log = get_logger("vkr.run")
-# SQLite pages of the call cache a run keeps in memory (4 KB each): SQLite's own default.
-CALL_CACHE_PAGES = 500
-
-
-def model_steps(registry: Any) -> list[str]:
-    """Names of the steps that call models and run in the generation graph."""
-    from vkr_core.steps import Gate, Generator
-
-    return [
-        n for n, s in registry.steps.items() if isinstance(s, (Gate, Generator)) and s.uses_model
-    ]
 
 
 class Run:
@@ -58,6 +50,12 @@ class Run:
         self.pm = pm or get_plugin_manager()
         self.registry = self.pm.registry
         self.config = config or RunConfig()
+        self.pipeline: Pipeline = self.registry.get("pipeline", self.config.pipeline)
+        # Unknown backend names fail here, before the run directory is touched.
+        self.backends = {
+            kind: self.registry.get("backend", f"{kind}:{getattr(self.config, kind)}")
+            for kind in ("checkpointer", "call_cache", "executor")
+        }
         self.pool = pool if isinstance(pool, Pool) else load_pool(pool)
         register_secrets(spec.api_key() for spec in self.pool.models)
         registry_path = self.pool.registry_path()
@@ -78,12 +76,8 @@ class Run:
             self.config.seed,
             self.config.allow_stale,
         )
-        self.router.check(model_steps(self.registry))
-        skills = self.config.skills or sorted(self.registry.skills)
-        for skill in skills:
-            self.registry.get("skill", skill)
-        # Every skill needs seeds: its plugin's, or the --seed-bank's (which wins per skill).
-        self.seed_bank = SeedBank.for_run(self.registry, skills, self.config.seed_bank)
+        self.router.check(self.model_steps())
+        self.pipeline.check(self)
         self.store = RunStore(run_dir)
         # Before anything is written: a second process on the same directory is refused.
         self.store.run_lock.acquire(" ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]))
@@ -93,15 +87,18 @@ class Run:
             self.store.run_lock.release()
             raise
         self._checkpointer_cm: Any = None
-        self.graph: Any = None
+        self.active: PipelineRun | None = None
         self.caller: ModelCaller | None = None
         self.call_listeners: list[Callable[[CallRecord], None]] = []
         self.drain_task: Any = None
 
+    def model_steps(self) -> list[str]:
+        """The model-backed steps the run's pipeline calls."""
+        return self.pipeline.model_steps(self.registry)
+
     def _on_preflight(self, record: CallRecord) -> None:
-        # Beside calls.jsonl, not in it: a reach check is not a step's call (most are free).
-        with (self.store.root / "preflight.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(record.model_dump_json() + "\n")
+        # Beside the call log, not in it: a reach check is not a step's call (most are free).
+        self.store.append_preflight(record)
         if self.caller is not None and self.caller.budget is not None:
             self.caller.budget.add(record.cost_usd)
 
@@ -116,14 +113,15 @@ class Run:
             "pool": self.pool.model_dump(exclude={"source_path", "registry"}),
             "eligibility": self.eligibility.model_dump(),
             "steps": {name: step.version() for name, step in sorted(self.registry.steps.items())},
+            # The verdict steps in the order they ran: the report reads it from here.
+            "gate_order": self.pipeline.gate_order(self.registry),
+            "pipeline": self.pipeline.snapshot(self),
         }
 
     async def __aenter__(self) -> Run:
-        from graphs.generation import build_graph
-        from vkr_core.batch import spent_in
-        from vkr_core.checkpoints import open_checkpointer
         from vkr_core.limits import SpendLimit
         from vkr_core.preflight import preflight
+        from vkr_core.store import spent_in
 
         for name in sorted({spec.provider for spec in self.pool.models}):
             provider = self.registry.providers.get(name)
@@ -138,6 +136,7 @@ class Run:
             budget = SpendLimit(self.config.max_spend, spent_in(self.store.root))
         self.caller = ModelCaller(
             cache_dir=self.store.cache_dir,
+            cache=self.backends["call_cache"].open(self.store),
             providers=self.registry.providers,
             on_record=self._on_call,
             health=health,
@@ -146,7 +145,7 @@ class Run:
         try:
             await preflight(
                 self.router,
-                model_steps(self.registry),
+                self.model_steps(),
                 self.registry.providers,
                 health,
                 reach=not self.config.skip_preflight,
@@ -157,21 +156,23 @@ class Run:
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
-        self._checkpointer_cm = open_checkpointer(self.store.checkpoint_path)
+        self._checkpointer_cm = self.backends["checkpointer"].open(self.store)
         checkpointer = await self._checkpointer_cm.__aenter__()
-        self.graph = build_graph(self.registry, checkpointer)
         self.context = RunContext(
             registry=self.registry,
             router=self.router,
             caller=self.caller,
             config=self.config,
             store=self.store,
-            seed_bank=self.seed_bank,
+            pm=self.pm,
         )
+        self.active = await self.pipeline.open(self.context, checkpointer)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         try:
+            if self.active is not None:
+                await self.active.close()
             if self._checkpointer_cm is not None:
                 await self._checkpointer_cm.__aexit__(*exc)
             if self.caller is not None:
@@ -179,25 +180,20 @@ class Run:
         finally:
             self.store.run_lock.release()
 
-    async def process(self, video: Video) -> VideoRecord:
-        """One video through the graph; a failure is recorded, never raised past the run."""
-        from graphs.generation import process_video
-
+    async def prepare(self, item: Any) -> None:
+        """The pipeline's work ahead of an item's turn (decoding); its errors surface when
+        the item is processed, where they are recorded."""
         try:
-            if not self.store.record_path(video.video_id).exists():
-                # Until its last round has an outcome the video is unfinished on disk, so a
-                # run stopped in between is visible to split, export and the report.
-                self.store.write_record(
-                    VideoRecord(
-                        video_id=video.video_id,
-                        video=video,
-                        status="unfinished",
-                        planned=self.context.planned_rounds(),
-                    )
-                )
-            return await process_video(
-                self.graph, video, self.context, retry_failed=self.config.retry_failed
-            )
+            assert self.active is not None, "prepare() needs an open run (async with Run(...))"
+            await self.active.prepare(item)
+        except Exception as exc:  # recorded by process(), which meets it again
+            log.debug("prepare failed", item=self.pipeline.item_id(item), error=str(exc))
+
+    async def process(self, item: Any) -> BaseModel:
+        """One item through the pipeline; a failure is recorded, never raised past the run."""
+        try:
+            assert self.active is not None, "process() needs an open run (async with Run(...))"
+            return await self.active.process(item)
         except DiskFull as exc:
             raise self.store.disk_full_error(exc) from None
         except CallFailed as exc:
@@ -210,49 +206,39 @@ class Run:
             if is_disk_full(exc):
                 raise self.store.disk_full_error(exc) from None
             reason = f"{type(exc).__name__}: {exc}"
-        self.store.add_failure(video.video_id, reason, video.path)
-        log.warning("video failed", video_id=video.video_id, reason=reason)
-        return VideoRecord(video_id=video.video_id, video=video, status="failed", failure=reason)
+        item_id = self.pipeline.item_id(item)
+        self.store.add_failure(item_id, reason, getattr(item, "path", None))
+        log.warning("item failed", item_id=item_id, reason=reason)
+        return self.pipeline.failed(item, reason)
 
 
-def funnel(
-    records: Iterable[VideoRecord] | FunnelCounts, gate_names: list[str]
-) -> list[tuple[str, int]]:
-    """Examples left after each stage (the report's funnel, as (stage, count) pairs), from
-    records or from the counts a run kept of them."""
-    from corpus.report import funnels
-
-    return [(row["stage"], row["count"]) for row in funnels(records, gate_names)["overall"]]
-
-
-async def generate_videos(
-    videos: list[Video],
+async def process_items(
+    items: list[Any],
     run_dir: str | Path,
     pool: str | Path | Pool,
     config: RunConfig | None = None,
     pm: VkrPluginManager | None = None,
     force: bool = False,
-) -> list[VideoRecord]:
-    """Process a few videos one after another in one run directory; returns their records.
+) -> list[Any]:
+    """Process a few items one after another in one run directory; returns their records.
 
-    For many videos use ``run_manifest``, which keeps counters instead of records.
+    For many items use ``run_items``, which keeps counters instead of records.
     """
+    pm = pm or get_plugin_manager()
+    config = config or RunConfig()
+    pipeline: Pipeline = pm.registry.get("pipeline", config.pipeline)
     seen: set[str] = set()
-    for video in videos:
-        if video.video_id in seen:
-            raise InputError(f"video id {video.video_id!r} appears twice")
-        seen.add(video.video_id)
+    for item in items:  # before the run directory is touched
+        item_id = pipeline.item_id(item)
+        if item_id in seen:
+            raise InputError(f"{pipeline.id_field.replace('_', ' ')} {item_id!r} appears twice")
+        seen.add(item_id)
     async with Run(run_dir, pool, config, pm, force) as run:
-        return [await run.process(video) for video in videos]
+        return [await run.process(item) for item in items]
 
 
-def format_funnel(rows: list[tuple[str, int]]) -> str:
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"  {name:<{width}}  {count:>5}" for name, count in rows)
-
-
-async def run_manifest(
-    videos: list[Video],
+async def run_items(
+    items: list[Any],
     run_dir: str | Path,
     pool: str | Path | Pool,
     config: RunConfig | None = None,
@@ -263,7 +249,7 @@ async def run_manifest(
     progress: bool = True,
     problems: list[Any] = (),  # type: ignore[assignment]
 ) -> BatchCounters:
-    """`vkr run`: many videos at once in one run directory; returns the run's counters.
+    """`vkr run`: many items at once in one run directory; returns the run's counters.
 
     Records and call records are in the run directory (``RunStore.iter_records``,
     ``iter_calls``); the counters hold what the end of a run prints (videos done, failed
@@ -274,10 +260,12 @@ async def run_manifest(
     """
     import asyncio
 
-    from vkr_core.batch import BatchCounters, ProgressDisplay, run_batch
+    from vkr_core.batch import BatchCounters, ProgressDisplay
 
-    counters = BatchCounters(total=len(videos))
+    counters = BatchCounters(total=len(items))
     async with Run(run_dir, pool, config, pm, force) as run:
+        counters.accepted_in = run.pipeline.accepted
+        counters.funnel = run.pipeline.tally()
         stop_on_interrupt(run)
         for problem in problems:  # manifest lines that never became a video
             run.store.add_failure(f"manifest-line-{problem.line}", problem.reason, problem.path)
@@ -287,22 +275,19 @@ async def run_manifest(
         # The caller lists every record it emits (for a pilot's few calls); over a run that
         # list would grow by ~30 records a video. They are in calls.jsonl and the counters.
         run.call_listeners.append(lambda _record: caller.records.clear())
-        # diskcache's defaults map up to 64 MB of cache.db into memory and keep up to 32 MB
-        # of its pages: both fill as the cache grows with the run (40 MB of cache.db at 2,000
-        # videos). Lookups are by key; the OS file cache serves them as well.
-        caller.cache.reset("sqlite_mmap_size", 0)
-        caller.cache.reset("sqlite_cache_size", CALL_CACHE_PAGES)
+        run.backends["call_cache"].tune_for_long_runs(caller.cache)
         budget = caller.budget
         with ProgressDisplay(counters, enabled=progress) as display:
             batch = asyncio.create_task(
-                run_batch(
+                run.backends["executor"].run(
                     run.process,
-                    videos,
+                    items,
                     counters,
-                    concurrency,
-                    target_accepted,
-                    on_video=lambda _record: display.update(),
+                    concurrency=concurrency,
+                    target_accepted=target_accepted,
+                    on_item=lambda _record: display.update(),
                     should_stop=caller.holding,
+                    prepare=run.prepare,
                 )
             )
 
@@ -328,7 +313,7 @@ async def run_manifest(
             finally:
                 if watcher is not None:
                     watcher.cancel()
-        if budget is not None and budget.reached and counters.done + counters.failed < len(videos):
+        if budget is not None and budget.reached and counters.done + counters.failed < len(items):
             counters.stopped = "budget"
     return counters
 

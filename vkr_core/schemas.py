@@ -16,7 +16,6 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-SKILLS = ("VidR", "KnowVid", "KnowVidR")
 ProblemType = Literal["multiple choice", "open-ended"]
 OPTION_LETTERS = "ABCDEFGHIJ"
 
@@ -269,7 +268,7 @@ class Verdict(Strict):
     models: list[str] = Field(default_factory=list)
     detail: dict[str, Any] = Field(default_factory=dict)
     raw_replies: list[str] = Field(default_factory=list)
-    # A gate may replace the trace (self_consistency's re-derived reasoning becomes final).
+    # A gate may replace the trace (a re-derived reasoning becomes the final trace).
     revised_reasoning: str | None = None
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from vkr_core.errors import describe_validation_error
 from vkr_core.log import get_logger
 from vkr_core.schemas import InputError, SeedExample
 
@@ -51,10 +52,8 @@ def read_seeds(path: str | Path, skills: Collection[str] | None = None) -> list[
         except json.JSONDecodeError as exc:
             raise InputError(f"seed bank {p} line {number} is not JSON: {exc.msg}") from None
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
             raise InputError(
-                f"seed bank {p} line {number}: {where + ': ' if where else ''}{err['msg']}"
+                f"seed bank {p} line {number}: {describe_validation_error(exc)}"
             ) from None
         if skills is not None and example.skill not in skills:
             raise InputError(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from vkr_core.errors import describe_validation_error
 from vkr_core.schemas import Candidate, SkillSpec, Verdict, VkrError
 
 if TYPE_CHECKING:
@@ -76,13 +77,11 @@ class Prompt:
 
 
 def parse_reply(schema: type[Parsed], text: str) -> Parsed:
-    """A reply parsed into ``schema``, or ReplyError('malformed') naming the first problem."""
+    """A reply parsed into ``schema``, or ReplyError('malformed') naming its problems."""
     try:
         return schema.model_validate(extract_json(text))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "reply"
-        raise ReplyError("malformed", f"{where}: {first['msg']}", text) from None
+        raise ReplyError("malformed", describe_validation_error(exc), text) from None
     except ValueError as exc:
         raise ReplyError("malformed", str(exc), text) from None
 

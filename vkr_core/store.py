@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from vkr_core.files import JsonlProblem, atomic_write, read_jsonl
 from vkr_core.log import get_logger, redact
 from vkr_core.schemas import (  # noqa: F401  # DiskFull, is_disk_full: re-exported
@@ -350,8 +352,13 @@ class RunStore:
                 )
         atomic_write(path, json.dumps(snapshot, indent=2, sort_keys=True))
 
-    def write_record(self, record: VideoRecord) -> Path:
-        path = self.record_path(record.video_id)
+    def write_record(self, record: BaseModel, item_id: str | None = None) -> Path:
+        """An item's record (a VideoRecord, or another pipeline's record, named by its
+        ``video_id`` or ``item_id`` unless ``item_id`` is given), replaced atomically."""
+        key = item_id or getattr(record, "video_id", None) or getattr(record, "item_id", None)
+        if not key:
+            raise ValueError(f"{type(record).__name__} has no video_id or item_id: name it")
+        path = self.record_path(str(key))
         atomic_write(path, redact(record.model_dump_json(indent=2)))
         return path
 

@@ -251,7 +251,8 @@ def _reader_call() -> Iterator[None]:
 def _decode_error(path: Path | str, failures: Sequence[tuple[str, str, str]]) -> VideoDecodeError:
     if not failures:
         return VideoDecodeError(
-            f"{path}: no frame reader is available (is the built-in plugin plugins.readers loaded?)"
+            f"{path}: no frame reader is available (no loaded plugin implements "
+            "vkr_frame_reader: `vkr plugins` lists what is loaded)"
         )
     summaries = {summary for _, summary, _ in failures}
     if len(summaries) == 1:
@@ -666,9 +667,10 @@ def _decode_worker(
         conn.close()
 
 
-# Modules every decoder worker needs. A forkserver imports them once; each worker is then a
-# fork of it (milliseconds) instead of a fresh interpreter importing them (~0.6 CPU s).
-_DECODER_PRELOAD = ["numpy", "PIL.Image", "av", "decord", "vkr_core.video", "plugins.readers"]
+# Modules every decoder worker needs, with the reader plugins' own modules. A forkserver
+# imports them once; each worker is then a fork of it (milliseconds) instead of a fresh
+# interpreter importing them (~0.6 CPU s).
+_DECODER_PRELOAD = ["numpy", "PIL.Image", "av", "decord", "vkr_core.video"]
 
 
 def _imported_from_here(name: str) -> bool:
@@ -690,7 +692,7 @@ def _preloadable(modules: Sequence[str]) -> list[str]:
 
     Python 3.11's forkserver ignores our sys.path and searches the current directory first,
     so a project's own ``plugins/`` folder would stand in for vkr's ``plugins`` in every
-    worker ("No module named plugins.readers"). Such modules are not preloaded: each worker
+    worker (a reader plugin's module "not found"). Such modules are not preloaded: each worker
     imports them itself, after multiprocessing has given it this process's sys.path.
     """
     return [name for name in dict.fromkeys(modules) if _imported_from_here(name)]
@@ -716,7 +718,8 @@ def _sample_isolated(
     context = _decoder_context()
     if context.get_start_method() == "forkserver":
         # Read when the forkserver starts (the first worker), from the directory of that moment.
-        context.set_forkserver_preload(_preloadable(_DECODER_PRELOAD))
+        readers = [spec[2] for spec in specs]
+        context.set_forkserver_preload(_preloadable([*_DECODER_PRELOAD, *readers]))
     failures: list[tuple[str, str, str]] = []
     exclude: list[str] = []
     while True:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vkr_core.errors import describe_validation_error
 from vkr_core.schemas import InputError
 
 Outcome = Literal["ok", "429", "500", "503", "malformed", "refusal", "hang"]
@@ -123,11 +124,7 @@ def parse_policy(data: Any, where: str = "policy") -> ServerPolicy:
     try:
         return ServerPolicy.model_validate(document)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            problems.append(f"{field}: {err['msg']}")
-        raise InputError(f"{where} is invalid: {'; '.join(problems)}") from None
+        raise InputError(f"{where} is invalid: {describe_validation_error(exc)}") from None
 
 
 def load_policy(path: str | Path) -> ServerPolicy:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from vkr_core.errors import describe_validation_error
 from vkr_core.hookspecs import hookimpl
 from vkr_core.schemas import InputError, KnowledgePoint, Video, check_video_id
 from vkr_core.sources import VIDEO_EXTENSIONS, Source, video_path_in_root
@@ -71,10 +72,7 @@ class LocalFolderSource(Source):
         try:
             return Video(video_id=video_id, path=str(path.resolve()), **meta)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise InputError(
-                f"metadata for {video_id}: {'.'.join(map(str, err['loc']))}: {err['msg']}"
-            ) from None
+            raise InputError(f"metadata for {video_id}: {describe_validation_error(exc)}") from None
 
     def list(self, videos_dir: str | Path = ".", **options: Any) -> list[Video]:
         root = Path(videos_dir)
