@@ -198,3 +198,37 @@ def test_a_64_frame_video_leaves_under_a_tenth_of_the_old_checkpoint_bytes(
     # A finished video can still be replayed from its checkpoint, without a call.
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "calls paid 0" in again.stdout + again.stderr, again.stdout
+
+
+def test_a_request_body_with_spliced_frames_is_the_json_the_encoder_gives():
+    """Frames' data URLs skip the JSON encoder; the body must not change by a byte, whatever
+    the rest of the messages hold (quotes, backslashes, non-ASCII, the splice marker)."""
+    import base64
+    import json
+    import os
+
+    from plugins.providers.litellm_provider import _IMAGE_SLOT, json_body
+    from vkr_core.video import DataURL
+
+    frame = DataURL("data:image/jpeg;base64," + base64.b64encode(os.urandom(30_000)).decode())
+    other = DataURL(frame[:-8] + "AAAAAAA=")
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": f'say "hi" \\ é 😀 {_IMAGE_SLOT}0" {_IMAGE_SLOT}'},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "[Frame at 0:01]"},
+                    {"type": "image_url", "image_url": {"url": frame, "detail": "low"}},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    {"type": "image_url", "image_url": {"url": other}},
+                    {"type": "image_url", "image_url": {"url": frame}},
+                ],
+            },
+        ],
+        "temperature": 0.0,
+        "seed": 7,
+    }
+    assert json_body(body) == json.dumps(body).encode()
+    assert json.loads(json_body(body)) == body

@@ -132,6 +132,14 @@ def random_frames(frames: Sequence[Frame], k: int, key: str) -> list[Frame]:
     return sorted(chosen, key=lambda frame: (frame.timestamp, frame.index))
 
 
+class DataURL(str):
+    """A frame's ``data:image/jpeg;base64,...`` URL, made by vkr from the frame's bytes:
+    base64 only, so JSON needs no escape in it and a request body may splice it in as is
+    instead of passing it through the encoder (plugins/providers/litellm_provider.py)."""
+
+    __slots__ = ()
+
+
 class FrameImages:
     """JPEG bytes and base64 of frames, loaded and encoded once per content hash.
 
@@ -163,7 +171,7 @@ class FrameImages:
                 f"(sha256 {digest[:12]}..., expected {sha256[:12]}...)"
             )
         # Keep the data URL itself: building it per call would copy megabytes each time.
-        entry = (data, self._PREFIX + base64.b64encode(data).decode("ascii"))
+        entry = (data, DataURL(self._PREFIX + base64.b64encode(data).decode("ascii")))
         with self._lock:
             self._entries[sha256] = entry
             while len(self._entries) > self._max_entries:
@@ -785,6 +793,7 @@ def _sample_isolated(
 
 
 __all__ = [
+    "DataURL",
     "FrameImages",
     "FrameReader",
     "ReaderError",

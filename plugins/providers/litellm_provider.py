@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import secrets
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -21,11 +22,49 @@ from vkr_core.calls import (
 from vkr_core.config import ModelSpec
 from vkr_core.hookspecs import hookimpl
 from vkr_core.log import redact, register_secrets
+from vkr_core.video import DataURL
 
 _litellm: Any = None
 _import_lock = threading.Lock()  # held for the whole import
 _start_lock = threading.Lock()  # held only to start the thread: never blocks the loop
 _importing: concurrent.futures.Future[Any] | None = None
+
+
+# Marks where an image's data URL goes back into an encoded body: random per process, so
+# no text a step sends can spell it.
+_IMAGE_SLOT = f"vkr-image-{secrets.token_hex(8)}-"
+def json_body(body: dict[str, Any]) -> bytes:
+    """``json.dumps(body)`` as bytes, without passing the frames' base64 through the encoder.
+
+    A request carries its frames as data URLs (hundreds of KB of base64 per call); the JSON
+    encoder scans every character of them for escapes. vkr's own (``DataURL``, made from the
+    frame's bytes) need none, so they are cut out, the rest encoded, and they are spliced
+    back: the bytes are the same as ``json.dumps`` gives.
+    """
+    urls: list[str] = []
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, dict):
+            if value.get("type") == "image_url" and isinstance(value.get("image_url"), dict):
+                url = value["image_url"].get("url")
+                if isinstance(url, DataURL):
+                    urls.append(url)
+                    slot = f"{_IMAGE_SLOT}{len(urls) - 1}"
+                    return {**value, "image_url": {**value["image_url"], "url": slot}}
+            return {k: cut(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        return value
+
+    text = json.dumps(cut(body))
+    if not urls:
+        return text.encode()
+    pieces = text.split(f'"{_IMAGE_SLOT}')
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        index, rest = piece.split('"', 1)
+        out.append(f'"{urls[int(index)]}"{rest}')
+    return "".join(out).encode()
 
 
 def _env_proxy(url: str) -> str | None:
@@ -401,7 +440,12 @@ class LitellmProvider(Provider):
         session, proxy = entry
         body = {"model": spec.model.removeprefix("openai/"), "messages": messages, **params}
         try:
-            async with session.post(url, json=body, headers=headers, proxy=proxy) as response:
+            async with session.post(
+                url,
+                data=json_body(body),
+                headers={**headers, "Content-Type": "application/json"},
+                proxy=proxy,
+            ) as response:
                 raw = await response.read()
                 status = response.status
                 retry_after = _retry_after(response)
