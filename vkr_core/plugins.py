@@ -95,7 +95,8 @@ def _one_line(exc: Exception) -> str:
     from vkr_core.errors import describe_validation_error
 
     if isinstance(exc, ValidationError):
-        return describe_validation_error(exc)
+        # The model's name says which of the plugin's objects was wrong.
+        return f"{exc.title}: {describe_validation_error(exc)}"
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
