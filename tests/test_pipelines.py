@@ -11,39 +11,19 @@ from __future__ import annotations
 import ast
 import importlib
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from plugin_packages import REPO, THIRD_PARTY, VKR, install, run_vkr
 
 from vkr_core.plugins import get_plugin_manager
-
-REPO = Path(__file__).resolve().parents[1]
-VKR = str(Path(sys.executable).parent / "vkr")
 
 
 @pytest.fixture(scope="module")
 def glossary_site(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("glossary-site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(REPO / "tests" / "third_party" / "vkr_glossary"),
-        ],
-        check=True,
-    )
-    return target
+    return install(tmp_path_factory.mktemp("glossary-site"), THIRD_PARTY / "vkr_glossary")
 
 
 @pytest.fixture
@@ -51,11 +31,6 @@ def glossary_pm(glossary_site, monkeypatch):
     monkeypatch.syspath_prepend(str(glossary_site))
     module = importlib.import_module("vkr_glossary")
     return get_plugin_manager(extra_plugins=[module], load_entry_points=False)
-
-
-def run_vkr(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(site))
-    return subprocess.run([VKR, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_third_party_pipeline_with_a_text_step_runs_from_the_cli(
@@ -78,12 +53,12 @@ def test_a_third_party_pipeline_with_a_text_step_runs_from_the_cli(
     terms.write_text(
         "\n".join(json.dumps(r) for r in rows) + '\n{"item_id": "t4"}\n', encoding="utf-8"
     )
-    listed = run_vkr(glossary_site, "plugins")
+    listed = run_vkr([glossary_site], "plugins")
     assert "glossary (third-party)  pipelines: glossary; steps: classify_term" in listed.stdout
 
     out = tmp_path / "run"
     args = ("run", "--pipeline", "glossary", "--inputs", str(terms), "--pool", str(pool))
-    first = run_vkr(glossary_site, *args, "--out", str(out), "--no-progress")
+    first = run_vkr([glossary_site], *args, "--out", str(out), "--no-progress")
     # The bad line is reported and recorded; the three good terms are classified.
     assert first.returncode == 3, first.stderr
     assert "term: Field required" in first.stderr
@@ -100,7 +75,7 @@ def test_a_third_party_pipeline_with_a_text_step_runs_from_the_cli(
     assert vkr_fake_server.stats()["by_step"] == {"classify_term": 3}
 
     # The engine's cache serves a second run: nothing is paid twice.
-    again = run_vkr(glossary_site, *args, "--out", str(out), "--no-progress")
+    again = run_vkr([glossary_site], *args, "--out", str(out), "--no-progress")
     assert again.returncode == 3, again.stderr
     assert vkr_fake_server.stats()["by_step"] == {"classify_term": 3}
 
