@@ -232,3 +232,55 @@ def test_a_request_body_with_spliced_frames_is_the_json_the_encoder_gives():
     }
     assert json_body(body) == json.dumps(body).encode()
     assert json.loads(json_body(body)) == body
+
+
+def test_the_batch_prepares_the_next_videos_while_the_first_wait_on_models():
+    """With C in flight, decoding (prepare) of the next C items starts before the first
+    finish: the model slots never wait for a wave's decoding, and no more than C ahead."""
+    import asyncio
+    import time
+
+    from vkr_core.batch import BatchCounters, run_batch
+
+    events: list[tuple[str, int, float]] = []
+    started = time.monotonic()
+
+    async def prepare(item: int) -> None:
+        events.append(("prepare", item, time.monotonic() - started))
+        await asyncio.sleep(0.01)
+
+    class Record:
+        status = "done"
+        accepted: list[int] = []
+
+    async def process(item: int) -> Record:
+        events.append(("process", item, time.monotonic() - started))
+        await asyncio.sleep(0.3)
+        events.append(("done", item, time.monotonic() - started))
+        return Record()
+
+    counters = BatchCounters(total=8)
+    asyncio.run(run_batch(process, range(8), counters, concurrency=2, prepare=prepare))
+    assert counters.done == 8
+    first_done = min(t for kind, _, t in events if kind == "done")
+    prepared_early = sorted(i for kind, i, t in events if kind == "prepare" and t < first_done)
+    assert prepared_early == [0, 1, 2, 3]  # the two in flight and the next two, no more
+    # Every item is prepared before it is processed.
+    for item in range(8):
+        order = [kind for kind, i, _ in events if i == item]
+        assert order == ["prepare", "process", "done"]
+
+
+def test_direct_posts_use_the_proxy_the_environment_names(monkeypatch):
+    """Proxies are looked up once per session (not per request in a thread), honouring
+    HTTP(S)_PROXY and NO_PROXY as litellm's own transport does."""
+    from plugins.providers.litellm_provider import _env_proxy
+
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert _env_proxy("http://models.example:8000/v1/chat/completions") is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    assert _env_proxy("http://models.example:8000/v1/x") == "http://proxy.internal:3128"
+    assert _env_proxy("http://127.0.0.1:8000/v1/x") is None
+    assert _env_proxy("https://api.example/v1/x") is None  # no HTTPS_PROXY given
