@@ -27,6 +27,9 @@ class Knobs(BaseModel):
 
     accuracy: float = Field(default=0.8, ge=0, le=1, description="share of right answers at gates")
     cot_pass: float = Field(default=0.8, ge=0, le=1, description="share of cot_verification passes")
+    relevant: float = Field(
+        default=0.8, ge=0, le=1, description="share of items the relevance judges pass"
+    )
     malformed: float = Field(default=0.0, ge=0, le=1, description="share of broken replies")
     refusal: float = Field(default=0.0, ge=0, le=1, description="share of content_filter refusals")
     latency_ms: float = Field(default=0.0, ge=0, description="added to every request")
@@ -47,6 +50,7 @@ class KnobOverrides(BaseModel):
 
     accuracy: float | None = Field(default=None, ge=0, le=1)
     cot_pass: float | None = Field(default=None, ge=0, le=1)
+    relevant: float | None = Field(default=None, ge=0, le=1)
     malformed: float | None = Field(default=None, ge=0, le=1)
     refusal: float | None = Field(default=None, ge=0, le=1)
     latency_ms: float | None = Field(default=None, ge=0)

@@ -422,9 +422,26 @@ def judge_equivalence(decider: Decider, request: ChatRequest, knobs: Knobs) -> d
     return {"same": same, "reason": "same answer" if same else "a different answer"}
 
 
+RELEVANCE_STEPS: tuple[str, ...] = ("metadata_relevance", "visual_relevance")
+
+
+def judge_relevance(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[str, Any]:
+    """A RelevanceJudgement: relevant with probability ``relevant``, citing a frame's clock
+    when the request shows frames."""
+    relevant = decider.uniform("relevant") < knobs.relevant
+    clocks = _clocks(request.texts) if request.image_hashes else []
+    seen = (
+        f"the frame at {decider.pick('clock', clocks)}" if clocks else "the title and description"
+    )
+    verdict = "shows the scenario" if relevant else "does not show the scenario"
+    return {"relevant": relevant, "reason": f"{seen} {verdict}"}
+
+
 def reply_content(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[str, Any]:
     """The JSON object a well-behaved model would return for this step."""
     step = request.step
+    if step in RELEVANCE_STEPS:
+        return judge_relevance(decider, request, knobs)
     if step == "example_generation":
         return generate_example(decider, request)
     if step == "judge_equivalence":
