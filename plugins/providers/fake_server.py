@@ -68,6 +68,9 @@ MODEL_BACKED_STEPS: tuple[str, ...] = (
     "video_dependency",
     "cot_verification",
     "single_frame_probe",
+    "knowledge_points",
+    "scenario_generation",
+    "search_keywords",
 )
 STEP_HEADER = "X-Vkr-Step"
 API_KEY_ENV = "VKR_FAKE_API_KEY"
@@ -442,6 +445,8 @@ def reply_content(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[
     step = request.step
     if step in RELEVANCE_STEPS:
         return judge_relevance(decider, request, knobs)
+    if step in KNOWLEDGE_STEPS:
+        return KNOWLEDGE_STEPS[step](decider, request)
     if step == "example_generation":
         return generate_example(decider, request)
     if step == "judge_equivalence":
@@ -452,6 +457,85 @@ def reply_content(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[
     if step in ("self_consistency", "single_frame_probe"):
         return {"reasoning": _reasoning(decider, clock, answer, "solve"), "answer": answer}
     return {"answer": answer}
+
+
+_FENCED = re.compile(r'<untrusted-data name="([^"]+)"[^>]*>\n(.*?)\n</untrusted-data>', re.DOTALL)
+
+
+def _fenced(request: ChatRequest, name: str) -> str:
+    """The text of the first fenced block called ``name`` in the request ("" if none)."""
+    for text in request.texts:
+        for match in _FENCED.finditer(text):
+            if match.group(1) == name:
+                return match.group(2).strip()
+    return ""
+
+
+def _words(text: str, count: int) -> str:
+    return " ".join(text.split()[:count]).strip(" .,;:")
+
+
+def knowledge_points(decider: Decider, request: ChatRequest) -> dict[str, Any]:
+    """PointDrafts: the lecture title and the head of each objective, 1-4 distinct terms."""
+    title = _words(_fenced(request, "lecture title") or "the lecture", 8)
+    objectives = [
+        line.removeprefix("- ").strip()
+        for line in _fenced(request, "objectives").splitlines()
+        if line.strip() and line.strip() != "(none given)"
+    ]
+    terms = [title] + [_words(o, 4) for o in objectives]
+    distinct: list[str] = []
+    for term in terms:
+        if term and term.casefold() not in {d.casefold() for d in distinct}:
+            distinct.append(term)
+    count = decider.integer("points", 1, min(4, len(distinct)))
+    return {
+        "points": [
+            {
+                "term": term,
+                "definition": (
+                    f"{term} is a core idea of the lecture {title!r}. It names what a student "
+                    "must recognise when it happens and explain with the subject's standard "
+                    "principles."
+                ),
+            }
+            for term in distinct[:count]
+        ]
+    }
+
+
+_SCENES: tuple[str, ...] = (
+    "A workshop video in which {term} decides how the job turns out, filmed close up.",
+    "Outdoor footage of an everyday event where {term} is plainly at work.",
+    "A professional at work in a lab or on a site, relying on {term} at a key moment.",
+    "A sports or vehicle clip in which {term} shapes what the viewer sees happen.",
+)
+
+
+def scenario_generation(decider: Decider, request: ChatRequest) -> dict[str, Any]:
+    """Scenarios: 1-3 distinct scenes that embody the fenced term."""
+    term = _words(_fenced(request, "term") or "the knowledge point", 8)
+    count = decider.integer("scenarios", 1, 3)
+    start = decider.integer("scene", 0, len(_SCENES) - 1)
+    scenes = [_SCENES[(start + i) % len(_SCENES)].format(term=term) for i in range(count)]
+    return {"scenarios": scenes}
+
+
+def search_keywords(decider: Decider, request: ChatRequest) -> dict[str, Any]:
+    """SearchKeywords: 1-3 distinct queries from the term and the scenario."""
+    term = _words(_fenced(request, "term") or "knowledge point", 5)
+    scenario = _words(_fenced(request, "scenario") or "real footage", 6)
+    options = [f"{term} in action", f"{term} {decider.pick('kw', ('footage', 'real world'))}"]
+    options.append(scenario)
+    count = decider.integer("keywords", 1, 3)
+    return {"keywords": list(dict.fromkeys(k.casefold() for k in options))[:count]}
+
+
+KNOWLEDGE_STEPS = {
+    "knowledge_points": knowledge_points,
+    "scenario_generation": scenario_generation,
+    "search_keywords": search_keywords,
+}
 
 
 def malformed_content(decider: Decider, good: dict[str, Any]) -> str:
