@@ -50,3 +50,17 @@ def vkr_pool(tmp_path: Path, vkr_fake_server: Any, vkr_plugin_manager: Any) -> P
             pm=vkr_plugin_manager,
         )
     )
+
+
+@pytest.fixture
+def vkr_youtube_server() -> Iterator[Any]:
+    """A loopback YouTube Data API v3 server (and mp4 files for yt-dlp); ``.base_url``,
+    ``.file_url_template``, ``.api_key``, ``.add_videos()``, ``.fail_next()``, counts."""
+    from plugins.providers.fake_youtube import FakeYouTubeServer
+
+    server = FakeYouTubeServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
