@@ -76,6 +76,33 @@ def stats(directory: Path) -> None:
         click.echo(line)
 
 
+@bank.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def example(path: Path) -> None:
+    """Write the worked example bank (2 subjects, 5 lectures) to PATH, to start from."""
+    from knowledge.loader import example_bank_path
+    from vkr_core.files import atomic_write
+    from vkr_core.schemas import InputError
+
+    if path.exists():
+        raise InputError(f"{path} exists: name a new file")
+    atomic_write(path, example_bank_path().read_text(encoding="utf-8"))
+    click.echo(f"wrote {path}: edit it, then `vkr bank build --bank {path} ...`")
+
+
+@bank.command()
+def subjects() -> None:
+    """The disciplines and subjects shipped with vkr (a reconstruction: see the file)."""
+    from knowledge.loader import data_path, load_taxonomy
+
+    taxonomy = load_taxonomy()
+    for discipline in taxonomy.disciplines:
+        click.echo(f"{discipline.name} ({len(discipline.subjects)})")
+        for subject in discipline.subjects:
+            click.echo(f"  {subject}")
+    click.echo(f"from {data_path('disciplines.yaml')}")
+
+
 @hookimpl
 def vkr_register_commands(cli: Any) -> None:
     cli.add_command(bank)

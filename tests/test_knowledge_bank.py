@@ -78,6 +78,16 @@ def test_the_shipped_taxonomy_has_four_disciplines_and_the_example_bank_loads():
     assert bank.lectures[0].lecture_id == "physics.classical-mechanics.newton-s-laws-of-motion"
 
 
+def test_example_and_subjects_commands(tmp_path):
+    target = tmp_path / "mine.yaml"
+    vkr("bank", "example", str(target))
+    assert len(load_bank(target).lectures) == 5
+    again = vkr("bank", "example", str(target), check=False)
+    assert again.returncode == 1 and "exists" in again.stderr
+    listed = vkr("bank", "subjects").stdout
+    assert "Science (" in listed and "Healthcare (" in listed and "  Physics" in listed
+
+
 BANK_HEAD = """subjects:
   - name: Physics
     discipline: Science
