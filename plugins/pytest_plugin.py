@@ -52,6 +52,37 @@ def vkr_pool(tmp_path: Path, vkr_fake_server: Any, vkr_plugin_manager: Any) -> P
     )
 
 
+# The key the loopback moderation servers accept (a test sets it in the environment).
+FAKE_MODERATION_KEY = "vkr-fake-moderation-key-0123456789"
+
+
+@pytest.fixture
+def vkr_fake_azure_content_safety() -> Iterator[Any]:
+    """Azure AI Content Safety ``image:analyze`` on 127.0.0.1; ``.url`` is the endpoint,
+    ``.api_key`` the key it accepts, ``.mark(sha256, scores)``, ``.script([...])``, ``.requests``."""
+    from plugins.providers.fake_moderation import FakeAzureContentSafety
+
+    server = FakeAzureContentSafety(api_key=FAKE_MODERATION_KEY)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def vkr_fake_openai_moderation() -> Iterator[Any]:
+    """OpenAI ``/v1/moderations`` on 127.0.0.1; ``.url`` is the API base, as for Azure's."""
+    from plugins.providers.fake_moderation import FakeOpenAIModeration
+
+    server = FakeOpenAIModeration(api_key=FAKE_MODERATION_KEY)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def vkr_youtube_server() -> Iterator[Any]:
     """A loopback YouTube Data API v3 server (and mp4 files for yt-dlp); ``.base_url``,
