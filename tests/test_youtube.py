@@ -18,6 +18,7 @@ from plugins.sources.youtube import (
     KeyRejected,
     QuotaExhausted,
     SearchReport,
+    YouTubeError,
     parse_duration,
     quota_resets_at,
     search_youtube,
@@ -162,6 +163,10 @@ def test_rate_limits_and_server_errors_are_retried(
     assert dict(server.requests) == {"search": 3, "videos": 3}
     # Refused attempts were answered, so YouTube charged them, and so does the ledger.
     assert report.quota.spent == sum(server.units.values()) == 303
+
+    server.fail_next("search", "backendError", times=5)
+    with pytest.raises(YouTubeError, match=r"failed after 5 attempts: HTTP 503 backendError"):
+        search(server, tmp_path, ["another"])
 
 
 def test_an_invalid_key_stops_with_a_message_that_never_shows_it(

@@ -411,7 +411,8 @@ class YouTubeClient:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # aiohttp's text can carry the URL, and so the key.
                 last = redact(f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(self._wait(attempt, None))
+                if attempt + 1 < self.max_attempts:
+                    await asyncio.sleep(self._wait(attempt, None))
                 continue
             try:
                 body = json.loads(text) if text else {}
@@ -435,9 +436,13 @@ class YouTubeClient:
                 )
             # An answered request is charged whether or not it succeeded.
             self.ledger.charge(method, None, params, None)
-            last = f"HTTP {status} {'/'.join(sorted(reasons)) or ''}: {message}".replace("  ", " ")
+            detail = " ".join(["HTTP", str(status), *sorted(reasons)])
+            last = (
+                f"{detail}: {message}" if body is not None else f"{detail}: the reply is not JSON"
+            )
             if status == 429 or reasons & _RATE_REASONS or status >= 500:
-                await asyncio.sleep(self._wait(attempt, retry_after))
+                if attempt + 1 < self.max_attempts:
+                    await asyncio.sleep(self._wait(attempt, retry_after))
                 continue
             raise YouTubeError(f"YouTube {method}.list failed: {last}")
         raise YouTubeError(
