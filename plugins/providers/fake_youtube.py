@@ -203,6 +203,10 @@ class FakeYouTubeServer:
         q = request.query.get("q", "")
         if request.query.get("part") != "snippet":
             return self._bad_request("part", "search.list supports only part=snippet")
+        if "videoLicense" in request.query and request.query.get("type") != "video":
+            return self._bad_request(
+                "type", "videoLicense requires the type parameter to be set to video."
+            )
         limit = min(int(request.query.get("maxResults", "5")), 50)
         # videoLicense is not applied: YouTube's own filter is known to let non-CC videos
         # through, so a client must check status.license from videos.list, and tests see it.
