@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,17 @@ def moderate(
     cache_dir: Path | None,
     records_dir: Path | None,
 ) -> None:
-    """Moderate images, or videos by FRAMES random frames each, and print each decision."""
+    """Moderate images, or videos by FRAMES random frames each, and print each decision.
+
+    Exits 3 when a file could not be moderated (it is named, the others are decided), 1 when
+    the moderator refused the key or did not answer.
+    """
     import asyncio
 
     from plugins.providers.moderation import (
         ImageInput,
         ImageModeration,
+        ModerationRecord,
         find_moderator,
         open_cache,
         parse_settings,
@@ -117,37 +123,47 @@ def moderate(
         },
         where="moderation options",
     )
-    for path in paths:
-        if not path.is_file():
-            raise InputError(f"{path}: no such file")
     root = cache_dir or Path(os.path.expanduser("~/.cache/vkr/moderation"))
     cache = open_cache(root / "scores")
 
-    async def run() -> list[Any]:
+    async def decide(moderation: ImageModeration, path: Path) -> ModerationRecord:
+        if not path.is_file():
+            raise InputError(f"no such file: {path}")
+        item_id = _item_id(path)
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return await moderation.moderate_images(item_id, [ImageInput.from_file(path)])
+        # One frame a second, at most 64 spread over a long video: the random pick has the
+        # whole video to draw from, even a short clip.
+        sampled = await asyncio.to_thread(
+            sample_frames, path, root / "frames" / item_id, 1.0, 64, pm=pm
+        )
+        return await moderation.moderate_video(item_id, sampled, seed)
+
+    async def run() -> int:
+        failed = 0
         async with ImageModeration(moderator, settings, cache) as moderation:
-            records = []
             for path in paths:
-                item_id = _item_id(path)
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    record = await moderation.moderate_images(item_id, [ImageInput.from_file(path)])
-                else:
-                    # One frame a second, at most 64 spread over a long video: the
-                    # random pick has the whole video to draw from, even a short clip.
-                    sampled = await asyncio.to_thread(
-                        sample_frames, path, root / "frames" / item_id, 1.0, 64, pm=pm
-                    )
-                    record = await moderation.moderate_video(item_id, sampled, seed)
-                records.append((path, record))
-            return records
+                try:
+                    record = await decide(moderation, path)
+                except InputError as exc:
+                    # A bad file is this file's problem: say so and go on with the others.
+                    # A refused key or a dead endpoint (ModerationError) stops everything.
+                    failed += 1
+                    click.echo(f"ERROR   {path}  ({exc})")
+                    continue
+                if records_dir is not None:
+                    write_record(records_dir, record)
+                click.echo(f"{'safe  ' if record.safe else 'UNSAFE'}  {path}  ({record.reason})")
+        return failed
 
     try:
-        decided = asyncio.run(run())
+        failed = asyncio.run(run())
     finally:
         cache.close()
-    for path, record in decided:
-        if records_dir is not None:
-            write_record(records_dir, record)
-        click.echo(f"{'safe  ' if record.safe else 'UNSAFE'}  {path}  ({record.reason})")
+    if failed:
+        from vkr_core.batch import ExitCode
+
+        sys.exit(ExitCode.VIDEOS_FAILED)
 
 
 @hookimpl

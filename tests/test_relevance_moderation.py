@@ -179,6 +179,11 @@ def test_a_malformed_judge_reply_is_a_recorded_rejection_with_its_raw_text(
     calls = calls_of(tmp_path / "run", "metadata_relevance")
     assert [c["outcome"] for c in calls] == ["malformed"] * 3
 
+    vkr_fake_server.set_policy({"refusal": 1.0})
+    [refused] = asyncio.run(judge_all(tmp_path / "refused", pool, pm, candidates(1)))
+    assert not refused.relevant and refused.outcome == "refusal"
+    assert refused.raw_reply == "I'm sorry, but I can't help with that request."
+
 
 def test_the_relevant_share_knob_decides_how_many_pass(tmp_path, pm, vkr_fake_server):
     pool = write_pool(tmp_path / "pool.yaml", vkr_fake_server.base_url, pm=pm)
@@ -400,18 +405,27 @@ def test_vkr_moderate_prints_each_decision(tmp_path, vkr_fake_azure_content_safe
     safe = jpeg(tmp_path / "safe.jpg", (10, 200, 10))
     unsafe = jpeg(tmp_path / "unsafe.png", (200, 10, 10))
     video = testdata / "flipping_a_pancake.mkv"
+    broken = testdata / "not_a_video.mp4"
     server.mark(ImageInput.from_file(unsafe).sha256, {"Sexual": 4})
-    args = [VKR, "moderate", str(safe), str(unsafe), str(video), "--provider", "azure"]
+    args = [VKR, "moderate", str(safe), str(broken), str(unsafe), str(video)]
+    args += ["--provider", "azure"]
+    args += ["--records", str(tmp_path / "run")]
     args += ["--endpoint", str(server.url), "--cache", str(tmp_path / "cache")]
     env = dict(os.environ, AZURE_CONTENT_SAFETY_KEY=FAKE_MODERATION_KEY)
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    # The file that is not a video is named; every other file is still decided.
+    assert result.returncode == 3, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"safe    {safe}")
-    assert lines[1].startswith(f"UNSAFE  {unsafe}") and "Sexual 4 >= 4" in lines[1]
+    assert lines[1].startswith(f"ERROR   {broken}  (") and "\n" not in lines[1]
+    assert lines[2].startswith(f"UNSAFE  {unsafe}") and "Sexual 4 >= 4" in lines[2]
     # A video is moderated by 4 of its frames.
-    assert lines[2] == f"safe    {video}  (all 4 image(s) under every threshold)"
+    assert lines[3] == f"safe    {video}  (all 4 image(s) under every threshold)"
     assert server.requests == 6
+    records = sorted((tmp_path / "run" / "moderation").glob("*.json"))
+    assert [r.name.split("-")[0] for r in records] == ["flipping_a_pancake", "safe", "unsafe"]
+    unsafe_record = ModerationRecord.model_validate_json(records[2].read_text())
+    assert not unsafe_record.safe and unsafe_record.images[0].scores["Sexual"] == 4
 
     wrong = "bad-key-that-must-not-leak-42"
     env["AZURE_CONTENT_SAFETY_KEY"] = wrong

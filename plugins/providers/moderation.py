@@ -76,6 +76,8 @@ class ModerationSettings(Strict):
     thresholds: dict[str, float] = Field(default_factory=dict)
     timeout: float = Field(default=30.0, gt=0)
     attempts: int = Field(default=5, ge=1, le=20)
+    # Requests in flight at once: Azure's S0 tier allows about 10 a second per resource.
+    max_concurrency: int = Field(default=8, ge=1, le=256)
 
     @field_validator("thresholds")
     @classmethod
@@ -484,6 +486,7 @@ class ImageModeration:
         self.backoff = backoff
         self.thresholds = moderator.thresholds(settings)
         self.model = moderator.model(settings)
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
 
     @classmethod
     def from_settings(
@@ -548,7 +551,8 @@ class ImageModeration:
             if hashlib.sha256(data).hexdigest() != image.sha256:
                 raise InputError(f"image {image.path} changed since it was hashed")
             try:
-                scores, attempts = await self._analyze_with_retries(data)
+                async with self._slots:
+                    scores, attempts = await self._analyze_with_retries(data)
             except ModerationError as exc:
                 self._emit(key, item_id, started, False, 0, "error", str(exc))
                 raise
