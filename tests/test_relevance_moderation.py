@@ -203,6 +203,19 @@ def test_the_relevant_share_knob_decides_how_many_pass(tmp_path, pm, vkr_fake_se
     assert passed({"relevant": 0.5}, "half-again") == some
 
 
+def test_a_judge_can_be_piloted_from_the_inputs_a_run_recorded(tmp_path, pm, vkr_fake_server):
+    pool = write_pool(tmp_path / "pool.yaml", vkr_fake_server.base_url, pm=pm)
+    asyncio.run(judge_all(tmp_path / "run", pool, pm, candidates(4)))
+    args = [VKR, "qualify", "pilot", "--step", "metadata_relevance", "--model", "fake-b"]
+    args += ["--pool", str(pool), "--n", "3", "--from", str(tmp_path / "run")]
+    result = subprocess.run(
+        [*args, "--out", str(tmp_path / "pilot")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 of 4 inputs of metadata_relevance" in result.stdout
+    assert "pre-labelled hard failures (format): 0" in result.stdout
+
+
 # ---------------------------------------------------------------- visual_relevance
 
 
