@@ -99,6 +99,15 @@ class Pipeline:
         """Names of the model-backed steps this pipeline calls (routed, preflighted)."""
         raise NotImplementedError
 
+    def fixed_models(self, run: Any) -> list[Any]:
+        """Models (``ModelSpec``) the pipeline calls by name instead of through the router,
+        because the person running it chose them (``vkr probe --models``): preflight checks
+        each and the run needs every one. Called after ``check``.
+
+        Such calls need no eligibility, so a pipeline that routes nothing returns ``[]`` from
+        ``model_steps`` and then runs with a pool that names no eligibility registry."""
+        return []
+
     def gate_order(self, registry: Any) -> list[str]:
         """The verdict steps in the order the pipeline applies them (saved with the run)."""
         return []

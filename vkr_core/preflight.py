@@ -142,10 +142,14 @@ async def preflight(
     timeout: float = DEFAULT_TIMEOUT_S,
     on_record: Callable[[CallRecord], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    required: Iterable[ModelSpec] = (),
 ) -> PreflightResult:
-    """Check every model the steps may call; leave out the ones not needed, else raise."""
+    """Check every model the steps may call, and the ``required`` ones the run calls by
+    name; leave out the ones not needed, else raise."""
     steps = list(step_names)
-    specs = router.models_in_use(steps)
+    named = {spec.name for spec in required}
+    in_use = {spec.name for spec in router.models_in_use(steps)} | named
+    specs = [spec for spec in router.pool.models if spec.name in in_use]
     problems: list[ModelProblem] = []
     to_reach: list[ModelSpec] = []
     for spec in specs:
@@ -178,6 +182,9 @@ async def preflight(
     if not problems:
         return PreflightResult([], [], records)
     consequences = router.problems(steps, without={p.model for p in problems})
+    consequences += [
+        f"model {p.model!r} is named for the run" for p in problems if p.model in named
+    ]
     if consequences:
         listed = "; ".join(f"model {p.model!r}: {p.message}" for p in problems)
         raise PreflightError(

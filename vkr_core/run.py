@@ -59,12 +59,17 @@ class Run:
         self.pool = pool if isinstance(pool, Pool) else load_pool(pool)
         register_secrets(spec.api_key() for spec in self.pool.models)
         registry_path = self.pool.registry_path()
-        if registry_path is None:
+        self.eligibility: EligibilityRegistry
+        if registry_path is not None:
+            self.eligibility = load_registry(registry_path)
+        elif not self.model_steps():
+            # The pipeline routes nothing: it calls the models it was given by name.
+            self.eligibility = EligibilityRegistry()
+        else:
             raise InputError(
                 "the pool names no eligibility registry (`registry:`): run `vkr qualify` pilots "
                 "or write one (step -> model -> eligible)"
             )
-        self.eligibility: EligibilityRegistry = load_registry(registry_path)
         unknown = sorted(set(self.eligibility.steps) - set(self.registry.steps))
         if unknown:
             # A registry may cover steps of plugins that are not loaded in this run.
@@ -78,6 +83,7 @@ class Run:
         )
         self.router.check(self.model_steps())
         self.pipeline.check(self)
+        self.fixed_models = self.pipeline.fixed_models(self)
         self.store = RunStore(run_dir)
         # Before anything is written: a second process on the same directory is refused.
         self.store.run_lock.acquire(" ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]))
@@ -152,6 +158,7 @@ class Run:
                 timeout=self.config.preflight_timeout,
                 on_record=self._on_preflight,
                 warn=_tell,
+                required=self.fixed_models,
             )
         except BaseException:
             await self.__aexit__(None, None, None)
@@ -248,6 +255,7 @@ async def run_items(
     target_accepted: int | None = None,
     progress: bool = True,
     problems: list[Any] = (),  # type: ignore[assignment]
+    on_call: Callable[[CallRecord], None] | None = None,
 ) -> BatchCounters:
     """`vkr run`: many items at once in one run directory; returns the run's counters.
 
@@ -256,7 +264,8 @@ async def run_items(
     and unfinished, the funnel per stage and skill, calls and spend), so memory stays flat
     however many videos there are. With ``config.max_spend``, no video and no request
     starts once the run directory's spend reaches it; the calls in flight land, and
-    ``counters.stopped`` says "budget".
+    ``counters.stopped`` says "budget". ``on_call`` hears every call record of the run (what
+    a pipeline's own summary counts beyond the counters).
     """
     import asyncio
 
@@ -270,6 +279,8 @@ async def run_items(
         for problem in problems:  # manifest lines that never became a video
             run.store.add_failure(f"manifest-line-{problem.line}", problem.reason, problem.path)
         run.call_listeners.append(counters.on_call)
+        if on_call is not None:
+            run.call_listeners.append(on_call)
         caller = run.caller
         assert caller is not None
         # The caller lists every record it emits (for a pilot's few calls); over a run that
