@@ -363,6 +363,9 @@ def test_a_known_unsafe_frame_flags_its_video_and_a_rerun_asks_nothing(tmp_path,
     assert server.requests == 8
     assert again["gory"].safe is False and again["clean"].safe is True
     assert all(c.cache_hit for c in calls) and len(calls) == 8
+    # The key is in no file the moderation wrote.
+    for path in [*(tmp_path / "cache").rglob("*"), written]:
+        assert not path.is_file() or FAKE_MODERATION_KEY.encode() not in path.read_bytes()
 
 
 def test_thresholds_from_config_change_the_decision_without_asking_again(tmp_path, moderation_case):
