@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from cli_options import ExitWith, outage_options
 from vkr_core.hookspecs import hookimpl
 
 
@@ -57,7 +58,18 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
-@click.command()
+PROBE_EXIT_CODES_HELP = """
+\b
+Exit codes:
+  0    probed (questions whose videos failed are in OUT/unprobed.jsonl)
+  1    bad input, or an error that stopped the probe (message on stderr)
+  2    a wrong command-line option
+  5    preflight: a probe model or the judge has no key or does not answer
+  130  interrupted (Ctrl-C): rerun the same command to resume
+"""
+
+
+@click.command(epilog=PROBE_EXIT_CODES_HELP)
 @click.option(
     "--eval",
     "eval_file",
@@ -117,6 +129,7 @@ class _Progress:
 @click.option(
     "--allow-stale", is_flag=True, help="Use eligibility entries of older prompt versions."
 )
+@outage_options
 @click.option("--log-level", default="WARNING", show_default=True)
 def probe(
     eval_file: Path,
@@ -130,11 +143,17 @@ def probe(
     judge: str | None,
     frames_dir: Path | None,
     allow_stale: bool,
+    skip_preflight: bool,
+    cooldown: float,
     log_level: str,
 ) -> None:
     """Find evaluation questions answerable from one random frame; keep only the others."""
+    import asyncio
+
     from corpus.probe import ProbeOptions, run_probe
+    from vkr_core.batch import ExitCode
     from vkr_core.log import configure_logging, redact
+    from vkr_core.preflight import PreflightError
     from vkr_core.schemas import VkrError
 
     configure_logging(log_level)
@@ -146,19 +165,23 @@ def probe(
         judge=judge,
         frames_dir=frames_dir,
         allow_stale=allow_stale,
+        skip_preflight=skip_preflight,
+        cooldown=cooldown,
     )
     try:
         with _Progress() as progress:
             result = run_probe(
                 eval_file, videos_root, pool, out_dir, options, on_progress=progress.update
             )
+    except PreflightError as exc:
+        raise ExitWith(redact(str(exc)), ExitCode.PREFLIGHT) from None
     except VkrError as exc:
         raise click.ClickException(redact(str(exc))) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo(
             "interrupted: answered calls are cached; run the same command to resume", err=True
         )
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     click.echo(result.paths["report_md"].read_text(), nl=False)
     for note in result.report["notes"]:
         click.echo(f"note: {note}", err=True)

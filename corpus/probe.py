@@ -7,10 +7,14 @@ Questions no model solves are kept; the others are filtered out for expert re-an
 The report gives the single-frame answerable rate per model and per source benchmark
 (the eval file's ``dataset`` field), like the paper's Table 2.
 
-Frames are sampled once per video at 1 fps into ``OUT/frames/`` and chosen from there; every
-call goes through :class:`vkr_core.calls.ModelCaller` with its cache in ``OUT/cache``, so a
-rerun pays for nothing it already has. The step itself (prompts, message building, reply
-parsing) is the ``single_frame_probe`` step plugin; this module never imports a plugin.
+The probing itself is the ``probe`` pipeline (graphs/probe.py) on the engine
+(``vkr_core.run``): one item is one video with its questions, its frames sampled once at
+1 fps (into ``OUT/frames/`` unless ``frames_dir`` says otherwise) ahead of its turn; every
+call goes through the run's caller with its cache and journal in ``OUT/cache``, so a rerun,
+even of a probe killed with SIGKILL, pays for nothing it already has. This module is the
+application around it: the eval set, the items and settings it hands the engine, and the
+files it writes from the records (trials, kept, filtered, unprobed, the report). It never
+imports a plugin or a graph: the engine finds the pipeline by its name.
 """
 
 from __future__ import annotations
@@ -22,33 +26,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import Field, ValidationError
 
-from vkr_core.answers import answers_match, normalise
-from vkr_core.calls import CallFailed, ModelCaller
-from vkr_core.config import EligibilityRegistry, ModelSpec, Pool, load_pool, load_registry
+from vkr_core.config import ModelSpec, Pool, RunConfig, load_pool
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import JsonlProblem, atomic_write, read_jsonl
-from vkr_core.log import get_logger, redact, register_secrets
+from vkr_core.log import get_logger, redact
 from vkr_core.router import Router, seeded_rng
 from vkr_core.schemas import (
     CallRecord,
-    EquivalenceJudgement,
     EvalQuestion,
     Frame,
     InputError,
     ModelProbe,
     ProbeTrial,
-    Video,
-    VkrError,
+    Strict,
 )
-from vkr_core.steps import ReplyError
 from vkr_core.store import RunLayout, RunStore
 
 log = get_logger("vkr.probe")
 
+# The registered pipeline that probes (graphs/probe.py) and the step it calls.
+PIPELINE = "probe"
 PROBE_STEP = "single_frame_probe"
 JUDGE_STEP = "judge_equivalence"
 # The paper probes with three models, three trials each.
@@ -61,41 +62,22 @@ __all__ = [
     "DEFAULT_MODEL_COUNT",
     "EvalItem",
     "JUDGE_STEP",
+    "PIPELINE",
     "PROBE_STEP",
+    "ProbeConfig",
     "ProbeOptions",
+    "ProbeRecord",
     "ProbeResult",
-    "ProbeStep",
+    "ProbeVideo",
     "load_eval_set",
     "probe_eval_set",
+    "probe_status",
     "report_markdown",
     "run_probe",
     "select_models",
     "trial_frames",
     "video_key",
 ]
-
-
-@runtime_checkable
-class ProbeStep(Protocol):
-    """What the registered ``single_frame_probe`` step must provide (a replacement too)."""
-
-    name: str
-    temperature: float
-    max_tokens: int | None
-
-    def version(self) -> str: ...
-
-    def parse(self, text: str) -> BaseModel: ...
-
-    def messages(self, question: EvalQuestion, frame: Frame) -> list[dict[str, Any]]: ...
-
-    def judge_version(self) -> str: ...
-
-    def judge_messages(
-        self, question: EvalQuestion, reference: str, candidate: str
-    ) -> list[dict[str, Any]]: ...
-
-    def parse_judgement(self, text: str) -> EquivalenceJudgement: ...
 
 
 @dataclass
@@ -119,6 +101,9 @@ class ProbeOptions:
     # Sampled frames are reusable across probe runs of the same videos; default OUT/frames.
     frames_dir: str | Path | None = None
     allow_stale: bool = False
+    # Outages (vkr_core.preflight, vkr_core.health): they change no result.
+    skip_preflight: bool = False
+    cooldown: float = 10.0
 
     def check(self) -> None:
         if self.trials < 1:
@@ -131,6 +116,74 @@ class ProbeOptions:
             raise InputError(f"fps must be positive, got {self.fps}")
         if self.max_frames < 1:
             raise InputError(f"max_frames must be at least 1, got {self.max_frames}")
+
+    def config(self, videos_root: Path) -> ProbeConfig:
+        """The run's config: the engine's settings and the probe's own."""
+        try:
+            return ProbeConfig(
+                seed=self.seed,
+                fps=self.fps,
+                max_frames=self.max_frames,
+                max_side=self.max_side,
+                jpeg_quality=self.jpeg_quality,
+                decode_timeout=self.decode_timeout,
+                allow_stale=self.allow_stale,
+                video_root=str(videos_root.resolve()),
+                models=self.models,
+                judge=self.judge,
+                trials=self.trials,
+                frames_dir=str(Path(self.frames_dir).resolve()) if self.frames_dir else None,
+                concurrency=self.concurrency,
+                decode_workers=self.decode_workers,
+                skip_preflight=self.skip_preflight,
+                cooldown=self.cooldown,
+            )
+        except ValidationError as exc:
+            raise InputError(f"probe options: {describe_validation_error(exc)}") from None
+
+
+class ProbeConfig(RunConfig):
+    """A probe run's config: the engine's settings, and the probe's own below."""
+
+    pipeline: str = PIPELINE
+    # Nothing to checkpoint: each trial is one call, and the call cache and journal are
+    # what a rerun resumes from.
+    checkpointer: str = "memory"
+    fps: float = Field(default=1.0, gt=0)
+    max_frames: int = Field(default=1800, ge=1)
+    # The probe models by name; None: the first DEFAULT_MODEL_COUNT eligible, pool order.
+    models: list[str] | None = Field(default=None, min_length=1)
+    # The pool model that decides open-ended answers; None: they are kept unscored.
+    judge: str | None = None
+    trials: int = Field(default=3, ge=1)
+    # Where sampled frames go (absolute); None: the run directory's frames/.
+    frames_dir: str | None = None
+    # How fast, not what: left out of the config snapshot.
+    concurrency: int = Field(default=8, ge=1, exclude=True)
+    decode_workers: int = Field(default=2, ge=1, exclude=True)
+
+
+class ProbeVideo(Strict):
+    """One item of a probe run: a video and the questions asked about it (their frames are
+    sampled once per video)."""
+
+    item_id: str
+    # As the eval file writes it (relative to the videos root), and the file itself.
+    video_path: str
+    path: str
+    questions: list[EvalQuestion] = Field(min_length=1)
+
+
+class ProbeRecord(Strict):
+    """What probing one video found, in ``OUT/records/<item_id>.json``."""
+
+    item_id: str
+    video_path: str
+    status: Literal["done", "failed"]
+    failure: str | None = None
+    frames: int = 0
+    # One row per (question, model), in question then model order.
+    probes: list[ModelProbe] = Field(default_factory=list)
 
 
 @dataclass
@@ -218,6 +271,11 @@ def select_models(pool: Pool, router: Router, names: Sequence[str] | None) -> li
                     "single-frame probe shows a frame, so every probe model must see images"
                 )
         return specs
+    if pool.registry_path() is None:
+        raise InputError(
+            "the pool names no eligibility registry (`registry:`), so no model is eligible "
+            f"for {PROBE_STEP!r}: name the probe models with --models"
+        )
     eligible = router.eligible(PROBE_STEP)
     if len(eligible) < DEFAULT_MODEL_COUNT:
         stale = [s for s in router.stale if s[0] == PROBE_STEP]
@@ -250,168 +308,9 @@ def trial_frames(
     return [frames[i] for i in order]
 
 
-# ---------------------------------------------------------------- probing
-
-
-@dataclass
-class _Video:
-    key: str
-    path: Path
-    frames: list[Frame] | None = None
-    failure: str | None = None
-
-
-@dataclass
-class _Probe:
-    """What every trial of a probe run shares: step, judge, caller, output store, limits."""
-
-    step: ProbeStep
-    judge: ModelSpec | None
-    caller: ModelCaller
-    store: RunStore
-    params: dict[str, Any]
-    limit: asyncio.Semaphore
-    on_trial: Callable[[], None] | None = None
-    judgements: dict[tuple[str, str], asyncio.Future[EquivalenceJudgement | str]] = field(
-        default_factory=dict
-    )
-
-    async def trial(
-        self, item: EvalItem, video: _Video, spec: ModelSpec, number: int, frame: Frame
-    ) -> ProbeTrial:
-        question = item.question
-        base: dict[str, Any] = {
-            "trial": number,
-            "frame_index": frame.index,
-            "frame_timestamp": frame.timestamp,
-            "frame_clock": frame.clock,
-        }
-        try:
-            answer, outcome, note = await self._answer(item, video, spec, number, frame)
-            if answer is None:
-                return ProbeTrial(**base, outcome=outcome, correct=False, note=note)  # type: ignore[arg-type]
-            if question.problem_type == "multiple-choice":
-                right = answers_match("multiple choice", question.answer, answer)
-                return ProbeTrial(
-                    **base, answer=answer, outcome="right" if right else "wrong", correct=right
-                )
-            return await self._judged(base, question, answer)
-        finally:
-            if self.on_trial is not None:
-                self.on_trial()
-
-    async def _answer(
-        self, item: EvalItem, video: _Video, spec: ModelSpec, number: int, frame: Frame
-    ) -> tuple[str | None, str, str | None]:
-        """The model's answer, or None with the outcome and why there is none."""
-        messages = self.step.messages(item.question, frame)
-        try:
-            async with self.limit:
-                result = await self.caller.call(
-                    spec=spec,
-                    step=PROBE_STEP,
-                    prompt_version=self.step.version(),
-                    messages=messages,
-                    params=self.params,
-                    sample=number,
-                    video_id=video.key,
-                    validate=self.step.parse,
-                )
-        except ReplyError as exc:
-            return None, exc.kind if exc.kind == "refusal" else "malformed", exc.reason
-        except CallFailed as exc:
-            return None, "failed", str(exc)
-        self._record_input(item, video, result.record.cache_key, messages, number)
-        try:
-            parsed = self.step.parse(result.text)
-        except ReplyError as exc:
-            return None, "malformed", f"{spec.name}: {exc.reason}"
-        answer = getattr(parsed, "answer", None)
-        if not isinstance(answer, str) or not answer.strip():
-            return None, "malformed", f"{spec.name}: the reply has no answer"
-        return answer.strip(), "ok", None
-
-    async def _judged(
-        self, base: dict[str, Any], question: EvalQuestion, answer: str
-    ) -> ProbeTrial:
-        """An open-ended answer: equal after normalising is right; otherwise the judge says."""
-        expected = normalise(question.answer)
-        if expected and normalise(answer) == expected:
-            return ProbeTrial(**base, answer=answer, outcome="right", correct=True)
-        assert self.judge is not None  # open-ended questions are probed only with a judge
-        # Models often give the same wrong answer: one judgement per distinct answer, even
-        # while the first is still in flight (the cache only helps once it has landed).
-        key = (question.id, answer)
-        pending = self.judgements.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._judge(question, answer))
-            self.judgements[key] = pending
-        verdict = await asyncio.shield(pending)
-        if isinstance(verdict, str):
-            return ProbeTrial(
-                **base,
-                answer=answer,
-                outcome="failed",
-                correct=False,
-                note=f"judge {self.judge.name} could not decide: {verdict}",
-            )
-        return ProbeTrial(
-            **base,
-            answer=answer,
-            outcome="right" if verdict.same else "wrong",
-            correct=verdict.same,
-            judged=True,
-            note=verdict.reason or None,
-        )
-
-    async def _judge(self, question: EvalQuestion, answer: str) -> EquivalenceJudgement | str:
-        """The judge's verdict, or why there is none."""
-        assert self.judge is not None
-        messages = self.step.judge_messages(question, question.answer, answer)
-        try:
-            async with self.limit:
-                result = await self.caller.call(
-                    spec=self.judge,
-                    step=JUDGE_STEP,
-                    prompt_version=self.step.judge_version(),
-                    messages=messages,
-                    params={"temperature": 0.0, "max_tokens": 256},
-                    validate=self.step.parse_judgement,
-                )
-            return self.step.parse_judgement(result.text)
-        except ReplyError as exc:
-            return exc.reason
-        except CallFailed as exc:
-            return str(exc)
-
-    def _record_input(
-        self,
-        item: EvalItem,
-        video: _Video,
-        key: str,
-        messages: list[dict[str, Any]],
-        number: int,
-    ) -> None:
-        # Kept like a run's step inputs, so `vkr qualify pilot --step single_frame_probe`
-        # can sample real probe inputs from this directory.
-        question = item.question
-        discipline = item.raw.get("discipline")
-        meta: dict[str, Any] = {"question_id": question.id, "dataset": question.dataset}
-        if isinstance(item.raw.get("skill"), str):
-            meta["skill"] = item.raw["skill"]
-        record_video = Video(
-            video_id=video.key,
-            path=str(video.path),
-            video_path=question.video_path,
-            discipline=discipline if isinstance(discipline, str) else question.dataset,
-            subject=question.subject,
-        )
-        self.store.record_input(
-            PROBE_STEP, key, record_video, messages, {**meta, "trial": number}, self.step.version()
-        )
-
-
-def _status(trials: list[ProbeTrial]) -> str:
+def probe_status(trials: Sequence[ProbeTrial]) -> Literal["solvable", "not solvable", "incomplete"]:
+    """One model on one question: solvable when every trial is right; one wrong trial
+    decides "not solvable"; otherwise a trial that could not be decided leaves it open."""
     if any(t.outcome != "failed" and not t.correct for t in trials):
         return "not solvable"
     if any(t.outcome == "failed" for t in trials):
@@ -419,34 +318,42 @@ def _status(trials: list[ProbeTrial]) -> str:
     return "solvable"
 
 
-async def _sample_video(
-    video: _Video, frames_root: Path, options: ProbeOptions, workers: asyncio.Semaphore, pm: Any
-) -> None:
-    """Sample the video's frames once (or reuse them); a failure is noted, never raised."""
-    from vkr_core.video import sample_frames
+# ---------------------------------------------------------------- probing
 
-    if not video.path.is_file():
-        video.failure = f"video file not found: {video.path}"
-    else:
-        async with workers:
-            try:
-                video.frames = await asyncio.to_thread(
-                    sample_frames,
-                    video.path,
-                    frames_root / video.key,
-                    fps=options.fps,
-                    max_frames=options.max_frames,
-                    max_side=options.max_side,
-                    jpeg_quality=options.jpeg_quality,
-                    timeout=options.decode_timeout,
-                    pm=pm,
-                )
-            except VkrError as exc:
-                video.failure = str(exc)
-            except Exception as exc:  # one bad video must not stop the others
-                video.failure = f"{type(exc).__name__}: {exc}"
-    if video.failure:
-        log.warning("video not probed", video=str(video.path), reason=video.failure)
+
+@dataclass
+class _CallTally:
+    """This invocation's calls, counted as the engine records them (the report's "calls");
+    probe calls also move the progress bar, one trial each."""
+
+    planned_trials: int
+    on_progress: Callable[[int, int], None] | None = None
+    trials: int = 0
+    cost_usd: float = 0.0
+    by_step: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, record: CallRecord) -> None:
+        entry = self.by_step.setdefault(record.step, {"paid": 0, "cached": 0, "failed": 0})
+        if record.cache_hit:
+            entry["cached"] += 1
+        elif record.outcome == "error":
+            entry["failed"] += 1
+        else:
+            entry["paid"] += 1
+            self.cost_usd += record.cost_usd
+        if record.step == PROBE_STEP and self.on_progress is not None:
+            self.trials += 1
+            self.on_progress(self.trials, max(self.trials, self.planned_trials))
+
+    def summary(self) -> dict[str, Any]:
+        steps = self.by_step.values()
+        return {
+            "paid": sum(entry["paid"] for entry in steps),
+            "cached": sum(entry["cached"] for entry in steps),
+            "failed": sum(entry["failed"] for entry in steps),
+            "cost_usd": round(self.cost_usd, 6),
+            "by_step": dict(sorted(self.by_step.items())),
+        }
 
 
 async def probe_eval_set(
@@ -461,10 +368,13 @@ async def probe_eval_set(
     """Probe every question of ``eval_file``; write trials, kept, filtered and the report.
 
     ``on_progress(done, total)`` hears each finished trial. Errors in the inputs (eval lines,
-    models, judge) are raised before any call is paid for; a video that cannot be decoded
-    only makes its questions "unprobed".
+    models, judge) are raised before any call is paid for, and a probe model that does not
+    answer stops the probe there too (``vkr_core.preflight.PreflightError``); a video that
+    cannot be decoded only makes its questions "unprobed". A second probe on the same
+    ``out_dir`` while one runs is refused.
     """
     from vkr_core.plugins import get_plugin_manager
+    from vkr_core.run import run_items
 
     options = options or ProbeOptions()
     options.check()
@@ -472,151 +382,89 @@ async def probe_eval_set(
     root = Path(videos_root)
     if not root.is_dir():
         raise InputError(f"videos root is not a folder: {root}")
+    config = options.config(root)
     pm = pm or get_plugin_manager()
-    step = pm.registry.get("step", PROBE_STEP)
-    if not isinstance(step, ProbeStep):
-        raise InputError(
-            f"the registered {PROBE_STEP!r} step ({type(step).__name__}) lacks what the probe "
-            "needs: messages, parse, judge_messages, parse_judgement, judge_version"
-        )
     pool = pool if isinstance(pool, Pool) else load_pool(pool)
-    register_secrets(spec.api_key() for spec in pool.models)
-    registry_path = pool.registry_path()
-    if registry_path is None and not options.models:
-        raise InputError(
-            "the pool names no eligibility registry (`registry:`), so no model is eligible "
-            f"for {PROBE_STEP!r}: name the probe models with --models"
-        )
-    registry = load_registry(registry_path) if registry_path else EligibilityRegistry()
-    router = Router(pool, registry, pm.registry.steps, options.seed, options.allow_stale)
-    models = select_models(pool, router, options.models)
-    judge = pool.get(options.judge) if options.judge else None
-    for spec in [*models, *([judge] if judge else [])]:
-        if spec.provider not in pm.registry.providers:
-            raise InputError(
-                f"model {spec.name!r} names provider {spec.provider!r}, which no plugin "
-                f"registers (loaded: {', '.join(sorted(pm.registry.providers))})"
-            )
-
-    videos: dict[str, _Video] = {}
-    for item in items:
-        path = item.question.video_path
-        if path not in videos:
-            videos[path] = _Video(video_key(path), _video_file(root, path))
-    missing = [v for v in videos.values() if not v.path.is_file()]
-    if len(missing) == len(videos):
-        raise InputError(
-            f"none of the {len(videos)} video(s) of the eval file is under {root} "
-            f"(first: {missing[0].path}): is --videos-root right?"
-        )
-
-    out = Path(out_dir)
-    store = RunStore(out)
-    frames_root = Path(options.frames_dir) if options.frames_dir else store.layout.frames_root
-    params: dict[str, Any] = {"temperature": step.temperature}
-    conf = pool.steps.get(PROBE_STEP)
-    if conf and conf.temperature is not None:
-        params["temperature"] = conf.temperature
-    max_tokens = conf.max_tokens if conf and conf.max_tokens else step.max_tokens
-    if max_tokens:
-        params["max_tokens"] = max_tokens
 
     skipped = [
-        item for item in items if item.question.problem_type == "open-ended" and judge is None
+        item
+        for item in items
+        if item.question.problem_type == "open-ended" and options.judge is None
     ]
     skipped_ids = {item.question.id for item in skipped}
-    per_video: dict[str, list[EvalItem]] = {}
+    files = {
+        item.question.video_path: _video_file(root, item.question.video_path) for item in items
+    }
+    missing = [path for path in files.values() if not path.is_file()]
+    if len(missing) == len(files):
+        raise InputError(
+            f"none of the {len(files)} video(s) of the eval file is under {root} "
+            f"(first: {missing[0]}): is --videos-root right?"
+        )
+    videos: dict[str, ProbeVideo] = {}
     for item in items:
-        if item.question.id not in skipped_ids:
-            per_video.setdefault(item.question.video_path, []).append(item)
+        question = item.question
+        if question.id in skipped_ids:
+            continue
+        video = videos.get(question.video_path)
+        if video is None:
+            videos[question.video_path] = ProbeVideo(
+                item_id=video_key(question.video_path),
+                video_path=question.video_path,
+                path=str(files[question.video_path]),
+                questions=[question],
+            )
+        else:
+            video.questions.append(question)
 
-    records: list[CallRecord] = []
-
-    def on_record(record: CallRecord) -> None:
-        records.append(record)
-        store.append_call(record)
-
-    progress = {
-        "done": 0,
-        "total": sum(map(len, per_video.values())) * len(models) * options.trials,
+    out = Path(out_dir)
+    model_count = len(options.models) if options.models else DEFAULT_MODEL_COUNT
+    calls = _CallTally(
+        planned_trials=sum(len(v.questions) for v in videos.values())
+        * model_count
+        * options.trials,
+        on_progress=on_progress,
+    )
+    # force: each probe rebuilds every record of its eval set from the call cache, so one
+    # directory may hold probes of other settings (as it always could).
+    await run_items(
+        list(videos.values()),
+        out,
+        pool,
+        config,
+        pm,
+        force=True,
+        concurrency=options.concurrency,
+        progress=False,
+        on_call=calls.add,
+    )
+    store = RunStore(out)
+    models, judge = _chosen_models(store)
+    records = {video.item_id: _read_record(store, video.item_id) for video in videos.values()}
+    probed = {
+        (row.id, row.model): row
+        for record in records.values()
+        if record is not None
+        for row in record.probes
     }
 
-    def report_progress(done: int = 1, dropped: int = 0) -> None:
-        progress["done"] += done
-        progress["total"] -= dropped
-        if on_progress is not None:
-            on_progress(progress["done"], progress["total"])
-
-    caller = ModelCaller(
-        cache_dir=store.cache_dir, providers=pm.registry.providers, on_record=on_record
-    )
-    probe = _Probe(
-        step=step,
-        judge=judge,
-        caller=caller,
-        store=store,
-        params=params,
-        limit=asyncio.Semaphore(options.concurrency),
-        on_trial=report_progress,
-    )
-    workers = asyncio.Semaphore(options.decode_workers)
-    results: dict[tuple[str, str], list[ProbeTrial]] = {}
-
-    async def probe_video(video: _Video, video_items: list[EvalItem]) -> None:
-        # A video's questions start as soon as its frames are ready, while others decode.
-        await _sample_video(video, frames_root, options, workers, pm)
-        if video.frames is None:
-            report_progress(0, len(video_items) * len(models) * options.trials)
-            return
-        keys, jobs = [], []
-        for item in video_items:
-            for spec in models:
-                chosen = trial_frames(
-                    video.frames, options.trials, options.seed, item.question.id, spec.name
-                )
-                keys.append((item.question.id, spec.name))
-                jobs.append(
-                    asyncio.gather(
-                        *(probe.trial(item, video, spec, n, f) for n, f in enumerate(chosen))
-                    )
-                )
-        for key, trials in zip(keys, await asyncio.gather(*jobs), strict=True):
-            results[key] = list(trials)
-
-    try:
-        await asyncio.gather(
-            *(probe_video(videos[path], group) for path, group in per_video.items())
-        )
-    finally:
-        await caller.aclose()
-
+    # The rows in eval-file order, whatever order the videos finished in.
     unprobed: dict[str, str] = {}
     rows: list[ModelProbe] = []
     for item in items:
         question = item.question
-        video = videos[question.video_path]
         if question.id in skipped_ids:
             continue
-        if video.failure is not None:
-            unprobed[question.id] = f"video not probed: {video.failure}"
-            continue
-        for spec in models:
-            these = results[(question.id, spec.name)]
-            status = _status(these)
-            rows.append(
-                ModelProbe(
-                    id=question.id,
-                    dataset=question.dataset,
-                    problem_type=question.problem_type,
-                    video_path=question.video_path,
-                    model=spec.name,
-                    solution=question.answer,
-                    trials=these,
-                    right=sum(t.correct for t in these),
-                    status=status,  # type: ignore[arg-type]
-                    solvable=status == "solvable",
-                )
-            )
+        record = records[video_key(question.video_path)]
+        mine = [probed.get((question.id, name)) for name in models]
+        if record is not None and record.status == "failed":
+            unprobed[question.id] = f"video not probed: {record.failure}"
+        elif record is None or any(row is None for row in mine):
+            # Only a run stopped early leaves these; they are probed by the next one.
+            unprobed[question.id] = "not probed: the probe stopped before its trials"
+        else:
+            rows.extend(row for row in mine if row is not None)
+    failed_videos = sum(1 for r in records.values() if r is not None and r.status == "failed")
     fate = _fates(items, rows, skipped_ids, unprobed)
     report = _build_report(
         items,
@@ -626,17 +474,31 @@ async def probe_eval_set(
         judge,
         skipped,
         unprobed,
-        videos,
-        records,
+        failed_videos,
+        calls.summary(),
         options,
         eval_file,
         root,
     )
+    step = pm.registry.get("step", PROBE_STEP)
     report["step_version"] = step.version()
     if judge is not None:
-        report["judge_version"] = step.judge_version()
+        report["judge_version"] = step.judge.version()
     paths = _write_outputs(out, items, rows, report, skipped, unprobed)
     return ProbeResult(report, paths)
+
+
+def _chosen_models(store: RunStore) -> tuple[list[str], str | None]:
+    """The probe models and judge this probe ran with, as its run directory recorded them."""
+    chosen = json.loads(store.layout.config.read_text())["pipeline"]
+    return list(chosen["models"]), chosen["judge"]
+
+
+def _read_record(store: RunStore, item_id: str) -> ProbeRecord | None:
+    path = store.record_path(item_id)
+    if not path.exists():
+        return None
+    return ProbeRecord.model_validate_json(path.read_text())
 
 
 def run_probe(
@@ -700,17 +562,17 @@ def _build_report(
     items: list[EvalItem],
     rows: list[ModelProbe],
     fate: dict[str, str],
-    models: list[ModelSpec],
-    judge: ModelSpec | None,
+    names: list[str],
+    judge: str | None,
     skipped: list[EvalItem],
     unprobed: dict[str, str],
-    videos: dict[str, _Video],
-    records: list[CallRecord],
+    failed_videos: int,
+    calls: dict[str, Any],
     options: ProbeOptions,
     eval_file: str | Path,
     root: Path,
 ) -> dict[str, Any]:
-    names = [m.name for m in models]
+    """report.json: rates per model and per (dataset, model), counts, notes and calls."""
 
     def tally(selected: list[EvalItem]) -> dict[str, Any]:
         ids = {item.question.id for item in selected}
@@ -750,10 +612,9 @@ def _build_report(
             f"{len(skipped)} open-ended question{'s' if len(skipped) != 1 else ''} skipped: "
             "no judge configured (they are kept, unscored; pass --judge MODEL to score them)"
         )
-    failed_videos = sorted(v.path.name for v in videos.values() if v.failure)
     if failed_videos:
         notes.append(
-            f"{len(failed_videos)} video(s) could not be decoded or found: their questions are "
+            f"{failed_videos} video(s) could not be decoded or found: their questions are "
             "unprobed (see unprobed.jsonl)"
         )
     incomplete = sum(1 for reason in unprobed.values() if reason.startswith("incomplete"))
@@ -769,7 +630,7 @@ def _build_report(
         "videos_root": str(root),
         "models": names,
         "model_selection": "--models" if options.models else "eligible models, pool order",
-        "judge": judge.name if judge else None,
+        "judge": judge,
         "trials": options.trials,
         "seed": options.seed,
         "fps": options.fps,
@@ -801,27 +662,7 @@ def _build_report(
             for qid, reason in unprobed.items()
         ],
         "notes": notes,
-        "calls": _call_summary(records),
-    }
-
-
-def _call_summary(records: list[CallRecord]) -> dict[str, Any]:
-    paid = [r for r in records if not r.cache_hit and r.outcome != "error"]
-    by_step: dict[str, dict[str, int]] = {}
-    for record in records:
-        entry = by_step.setdefault(record.step, {"paid": 0, "cached": 0, "failed": 0})
-        if record.cache_hit:
-            entry["cached"] += 1
-        elif record.outcome == "error":
-            entry["failed"] += 1
-        else:
-            entry["paid"] += 1
-    return {
-        "paid": len(paid),
-        "cached": sum(r.cache_hit for r in records),
-        "failed": sum(1 for r in records if not r.cache_hit and r.outcome == "error"),
-        "cost_usd": round(sum(r.cost_usd for r in paid), 6),
-        "by_step": dict(sorted(by_step.items())),
+        "calls": calls,
     }
 
 

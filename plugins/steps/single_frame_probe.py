@@ -1,8 +1,8 @@
 """single_frame_probe: an evaluation question + ONE random frame -> an answer.
 
-Used by ``vkr probe`` (corpus/probe.py), not by the generation graph: it is a plain step,
-neither a generator nor a gate. The step also carries the small equivalence-judge prompt
-that scores open-ended answers when ``--judge`` names a model.
+Used by the probe pipeline (graphs/probe.py, run by ``vkr probe``), not by the generation
+graph: it is a plain step, neither a generator nor a gate. The step also carries the small
+equivalence-judge step that scores open-ended answers when ``--judge`` names a model.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from plugins.steps.schemas import JudgedAnswers, ProbeQuestion, SolvedAnswer
 from vkr_core.answers import question_block
 from vkr_core.calls import image_part
+from vkr_core.config import ModelSpec
 from vkr_core.context import StepContext, neutralise
 from vkr_core.hookspecs import hookimpl
 from vkr_core.schemas import OPTION_LETTERS, EquivalenceJudgement, EvalQuestion, Frame
@@ -96,15 +97,34 @@ class SingleFrameProbe(Step[ProbeQuestion, SolvedAnswer]):
             {"role": "user", "content": content},
         ]
 
-    # The probe runner (corpus/probe.py, ProbeStep) calls the step and its judge by these
-    # names, with no step context: a probe is not a run of videos.
+    # The probe pipeline (graphs/probe.py) calls these two: the step builds its own inputs,
+    # and the engine makes, caches and records each call.
+
+    async def answer(
+        self, ctx: StepContext, question: EvalQuestion, frame: Frame, *, spec: ModelSpec, trial: int
+    ) -> SolvedAnswer:
+        """One trial: ``question`` with ``frame`` to ``spec``; the trial number is the sample
+        index, so each trial is a draw of its own."""
+        # Kept with the recorded input, for pilots sampled from a probe's folder.
+        meta: dict[str, Any] = {"question_id": question.id, "dataset": question.dataset}
+        skill = getattr(question, "skill", None)  # an eval file's own field, when it has one
+        if isinstance(skill, str):
+            meta["skill"] = skill
+        meta["trial"] = trial
+        inp = ProbeQuestion(question=question, frame=frame)
+        return await ctx.run(self, inp, spec=spec, sample=trial, meta=meta)
+
+    async def same_meaning(
+        self, ctx: StepContext, question: EvalQuestion, candidate: str, *, spec: ModelSpec
+    ) -> EquivalenceJudgement:
+        """The judge ``spec`` on whether ``candidate`` means the question's own answer."""
+        inp = JudgedAnswers(question=question, reference=question.answer, candidate=candidate)
+        return await ctx.run(self.judge, inp, spec=spec)
+
+    # The same requests built without a run (tests and bench/bench_probe.py use them).
 
     def messages(self, question: EvalQuestion, frame: Frame) -> list[dict[str, Any]]:
         return self.format_input(ProbeQuestion(question=question, frame=frame))
-
-    def judge_version(self) -> str:
-        """The judge's version (prompt and output schema): part of every judge call's key."""
-        return self.judge.version()
 
     def judge_messages(
         self, question: EvalQuestion, reference: str, candidate: str
@@ -113,10 +133,6 @@ class SingleFrameProbe(Step[ProbeQuestion, SolvedAnswer]):
         return self.judge.format_input(
             JudgedAnswers(question=question, reference=reference, candidate=candidate)
         )
-
-    def parse_judgement(self, text: str) -> EquivalenceJudgement:
-        """Parse a judge reply or raise ReplyError('malformed')."""
-        return self.judge.format_output(text)
 
 
 @hookimpl
