@@ -5,8 +5,10 @@ x 3 trials through the loopback fake server (real HTTP, real litellm client). Fr
 sampled once before timing (sampling has its own benchmark), so every variant sends the
 very same requests:
 
-- vkr, cold: ``probe_eval_set`` into a fresh output folder (empty cache): validation, frame
-  choice, cached-call bookkeeping, call records, step inputs, trials/kept/filtered/report.
+- vkr, cold: ``probe_eval_set`` into a fresh output folder (empty cache): validation, the
+  engine's run (lock, config snapshot, preflight of the 3 models, the batch), frame choice,
+  cached-call bookkeeping, call records, step inputs, per-video records,
+  trials/kept/filtered/report.
 - vkr, rerun: the same command again in the same folder: every call from the cache.
 - ModelCaller alone: the same requests through ``ModelCaller.call`` into a fresh cache, with
   no probe logic around them (separates the probe's own cost from the call layer's).
