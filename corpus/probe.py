@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError
 from vkr_core.config import ModelSpec, Pool, RunConfig, load_pool
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import JsonlProblem, atomic_write, read_jsonl
-from vkr_core.log import get_logger, redact
+from vkr_core.log import redact
 from vkr_core.router import Router, seeded_rng
 from vkr_core.schemas import (
     CallRecord,
@@ -45,8 +45,6 @@ from vkr_core.schemas import (
     Strict,
 )
 from vkr_core.store import RunLayout, RunStore
-
-log = get_logger("vkr.probe")
 
 # The registered pipeline that probes (graphs/probe.py) and the step it calls.
 PIPELINE = "probe"
