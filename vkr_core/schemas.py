@@ -114,6 +114,9 @@ class Video(Strict):
     knowledge_point: KnowledgePoint | None = None
     title: str = ""
     description: str = ""
+    # Where the file came from and on what terms (url, license, channel, published_at ...):
+    # a Creative-Commons BY licence obliges whoever reuses the video to credit it.
+    source: dict[str, str] | None = None
     # Metadata fields cut to METADATA_CAPS: field -> its length in characters before the cut.
     truncated: dict[str, int] = Field(default_factory=dict)
 
