@@ -37,6 +37,8 @@ _READ_LABELS = {
     "soft": "soft",
 }
 AUTO_AGENT = "vkr-auto-compliance-check"
+# Metadata each Argilla record carries (terms an annotator can filter by).
+ARGILLA_METADATA = ("item_id", "pilot_id", "step", "model", "skill", "source_item_id", "discipline")
 GUIDELINES = (
     "Judge the model's output for this pipeline step. ok: usable as is. hard failure: a "
     "compliance failure (broken or wrong-shaped JSON, missing fields, a refusal). soft failure: "
@@ -85,15 +87,21 @@ def _frame_refs(item: PilotItem, prefix: str) -> list[str]:
 # ---------------------------------------------------------------- Label Studio
 
 
-def labelstudio_config() -> str:
-    """The labelling config matching the exported tasks."""
+def _has_frames(pilot: Pilot) -> bool:
+    """Whether the pilot's step shows frames: a text step's pilot gets no frames section."""
+    return any(item.frames for item in pilot.items)
+
+
+def labelstudio_config(frames: bool = True) -> str:
+    """The labelling config matching the exported tasks (``frames``: the pilot shows some)."""
     choices = "\n".join(
         f"    <Choice value={quoteattr(shown)}/>" for shown in SHOWN_LABELS.values()
     )
     categories = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in CATEGORIES)
+    # An Image with an empty valueList is an empty box above every text step's item.
+    image = '\n  <Image name="frames" valueList="$frames"/>' if frames else ""
     return f"""<View>
-  <Header value="$item_id"/>
-  <Image name="frames" valueList="$frames"/>
+  <Header value="$item_id"/>{image}
   <Header value="What the model saw"/>
   <Text name="prompt" value="$prompt"/>
   <Header value="Model output"/>
@@ -153,25 +161,25 @@ def labelstudio_tasks(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str
                     "result": _ls_result(auto.label, auto.category, auto.note),
                 }
             )
-        tasks.append(
-            {
-                "id": item.index + 1,
-                "data": {
-                    "video": item.video_path or item.video_id,
-                    "frames": _frame_refs(item, frame_url_prefix),
-                    "frame_times": [f.clock for f in item.frames],
-                    "prompt": item.prompt,
-                    "output": format_output(item),
-                    "item_id": item.item_id,
-                    "pilot_id": manifest.pilot_id,
-                    "step": manifest.step,
-                    "model": manifest.model,
-                    "skill": item.skill,
-                    "discipline": item.discipline,
-                },
-                "predictions": predictions,
-            }
-        )
+        data: dict[str, Any] = {}
+        if item.video_id:
+            data["video"] = item.video_path or item.video_id
+        if item.frames:
+            data["frames"] = _frame_refs(item, frame_url_prefix)
+            data["frame_times"] = [f.clock for f in item.frames]
+        data |= {
+            "prompt": item.prompt,
+            "output": format_output(item),
+            "item_id": item.item_id,
+            "source_item_id": item.source_item_id,
+            "pilot_id": manifest.pilot_id,
+            "step": manifest.step,
+            "model": manifest.model,
+            "skill": item.skill,
+            "discipline": item.discipline,
+            "subject": item.subject,
+        }
+        tasks.append({"id": item.index + 1, "data": data, "predictions": predictions})
     return tasks
 
 
@@ -258,8 +266,9 @@ def read_labelstudio(path: Path) -> tuple[set[str], list[ImportedLabel]]:
 # ---------------------------------------------------------------- Argilla 2.x
 
 
-def argilla_settings() -> dict[str, Any]:
-    """The dataset Settings in the shape ``rg.Settings.to_json`` writes."""
+def argilla_settings(frames: bool = True) -> dict[str, Any]:
+    """The dataset Settings in the shape ``rg.Settings.to_json`` writes (``frames``: the
+    pilot shows some; a required field may not be empty, so a text step's has none)."""
 
     def label_question(name: str, title: str, labels: list[str], required: bool) -> dict[str, Any]:
         return {
@@ -292,8 +301,8 @@ def argilla_settings() -> dict[str, Any]:
 
     return {
         "guidelines": GUIDELINES,
-        "fields": [
-            text_field("frames", "Frames", markdown=True),
+        "fields": ([text_field("frames", "Frames", markdown=True)] if frames else [])
+        + [
             text_field("prompt", "What the model saw"),
             text_field("output", "Model output"),
         ],
@@ -309,13 +318,14 @@ def argilla_settings() -> dict[str, Any]:
             },
         ],
         "vectors": [],
-        "metadata": [terms(n) for n in ("item_id", "pilot_id", "step", "model", "skill")],
+        "metadata": [terms(n) for n in ARGILLA_METADATA],
         "allow_extra_metadata": True,
     }
 
 
 def argilla_records(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str, Any]]:
     manifest = pilot.manifest
+    with_frames = _has_frames(pilot)
     records = []
     for item in pilot.items:
         suggestions: dict[str, Any] = {}
@@ -330,11 +340,12 @@ def argilla_records(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str, 
             f"![{frame.clock or frame.sha256[:12]}]({ref})"
             for frame, ref in zip(item.frames, _frame_refs(item, frame_url_prefix), strict=True)
         )
+        fields = {"frames": frames or "(no frames)"} if with_frames else {}
         records.append(
             {
                 "id": item.item_id,
                 "fields": {
-                    "frames": frames or "(no frames)",
+                    **fields,
                     "prompt": item.prompt,
                     "output": format_output(item),
                 },
@@ -344,6 +355,8 @@ def argilla_records(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str, 
                     "step": manifest.step,
                     "model": manifest.model,
                     "skill": item.skill or "",
+                    "source_item_id": item.source_item_id,
+                    "discipline": item.discipline,
                 },
                 "suggestions": suggestions,
                 "responses": {},
@@ -405,7 +418,7 @@ def export_labels(
     if fmt == "labelstudio":
         config = target.with_name(target.stem + ".config.xml")
         _write(target, json.dumps(labelstudio_tasks(pilot, frame_url_prefix), indent=2))
-        _write(config, labelstudio_config())
+        _write(config, labelstudio_config(frames=_has_frames(pilot)))
         return [target, config]
     if fmt == "argilla":
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -417,7 +430,7 @@ def export_labels(
         settings = target / ".argilla" / "settings.json"
         dataset = target / ".argilla" / "dataset.json"
         _write(records, json.dumps(argilla_records(pilot, frame_url_prefix), indent=2))
-        _write(settings, json.dumps(argilla_settings(), indent=2))
+        _write(settings, json.dumps(argilla_settings(frames=_has_frames(pilot)), indent=2))
         _write(
             dataset,
             json.dumps(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LabelValue = Literal["ok", "hard", "soft"]
 LABELS: tuple[str, ...] = ("ok", "hard", "soft")
@@ -65,7 +65,12 @@ class PilotItem(Strict):
     index: int
     input_key: str
     input_sha256: str
-    video_id: str
+    source_item_id: str = Field(
+        default="",
+        description="the run's item the input came from: a video's id, or a text step's "
+        "item (a lecture, a knowledge point, a candidate video)",
+    )
+    video_id: str | None = Field(default=None, description="only for an input of a video")
     video_path: str | None = None
     discipline: str
     subject: str = ""
@@ -79,6 +84,13 @@ class PilotItem(Strict):
     parsed: dict[str, Any] | None = None
     error: str | None = None
     auto_label: AutoLabel | None = None
+
+    @model_validator(mode="after")
+    def _source_of_older_pilots(self) -> PilotItem:
+        # Pilots written before text items named only the video.
+        if not self.source_item_id and self.video_id:
+            self.source_item_id = self.video_id
+        return self
 
 
 # The file `vkr qualify inputs` writes beside the step inputs it recorded.

@@ -65,6 +65,17 @@ class RecordedInput:
         return str(self.record.get("discipline") or "unknown")
 
     @property
+    def video_id(self) -> str | None:
+        """The video the input shows, for a video step's input; None for a text item's."""
+        value = self.record.get("video_id")
+        return str(value) if value else None
+
+    @property
+    def source_item_id(self) -> str:
+        """The run's item the input came from: a video, or a text step's item (a lecture)."""
+        return str(self.record.get("video_id") or self.record.get("item_id") or "unknown")
+
+    @property
     def skill(self) -> str | None:
         meta = self.record.get("meta") or {}
         return meta.get("skill")
@@ -119,6 +130,8 @@ def read_inputs(step: str, run_dirs: list[Path]) -> list[RecordedInput]:
 def stratified_sample(inputs: list[RecordedInput], n: int, seed: int) -> list[RecordedInput]:
     """n inputs, each (discipline, skill) stratum in proportion to its size, then shuffled.
 
+    A text step's inputs have no skill: they are stratified by discipline alone (their
+    subject is recorded but too fine a stratum: 82 subjects share a pilot of 100).
     Quotas use the largest-remainder method; ties in the remainders are broken by the seed,
     so the same seed always gives the same sample.
     """
@@ -442,7 +455,7 @@ def run_pilot(
                     pool,
                     messages,
                     int((recorded.record.get("meta") or {}).get("sample", 0)),
-                    str(recorded.record.get("video_id")),
+                    recorded.source_item_id,
                 )
                 for recorded, messages, _ in prepared
             ),
@@ -484,8 +497,9 @@ def run_pilot(
                 index=index,
                 input_key=str(record.get("key")),
                 input_sha256=recorded.input_sha256,
-                video_id=str(record.get("video_id")),
-                video_path=video_paths.get(str(record.get("video_id"))),
+                source_item_id=recorded.source_item_id,
+                video_id=recorded.video_id,
+                video_path=video_paths.get(recorded.video_id) if recorded.video_id else None,
                 discipline=recorded.discipline,
                 subject=str(record.get("subject") or ""),
                 skill=recorded.skill,

@@ -31,6 +31,7 @@ PAGE = r"""<!doctype html>
   h2:first-child { margin-top: 0; }
   .item-head { display: flex; gap: 1rem; align-items: center; }
   .frames { display: flex; flex-wrap: wrap; gap: .5rem; }
+  .frames[hidden] { display: none; }
   figure { margin: 0; text-align: center; }
   figure img { height: 96px; border: 1px solid var(--line); border-radius: 4px; cursor: zoom-in; }
   figure.big img { height: auto; max-width: 100%; width: 720px; cursor: zoom-out; }
@@ -76,7 +77,7 @@ PAGE = r"""<!doctype html>
       <strong id="item-title"></strong>
       <button id="next" title="next item (j)"><kbd>j</kbd> ▶</button>
     </div>
-    <h2>Frames the model saw</h2>
+    <h2 id="frames-head">Frames the model saw</h2>
     <div class="frames" id="frames"></div>
     <h2>What the model was asked</h2>
     <div id="seen"></div>
@@ -168,8 +169,11 @@ function renderFields(obj) {
 function renderItem() {
   const it = item();
   if (!it) return;
-  $("item-title").textContent = `Item ${state.idx + 1} of ${state.items.length} · ${it.item_id} · ${it.video_id}` +
-    (it.skill ? ` · ${it.skill}` : "") + ` · ${it.discipline}`;
+  // A text step's item (a lecture, a candidate) has no video: its own id names it.
+  const source = it.video_id ? `video ${it.video_id}` : `item ${it.source_item_id}`;
+  $("item-title").textContent = `Item ${state.idx + 1} of ${state.items.length} · ${it.item_id} · ${source}` +
+    (it.skill ? ` · ${it.skill}` : "") + ` · ${it.discipline}` + (it.subject ? ` / ${it.subject}` : "");
+  $("frames-head").hidden = $("frames").hidden = !it.frames.length;
   $("frames").replaceChildren(...it.frames.map((f) => {
     const fig = el("figure", {class: "frame"}, el("img", {src: f.url, alt: `frame at ${f.clock || "?"}`, loading: "lazy"}),
       el("figcaption", {}, f.clock || "??:??"));

@@ -281,7 +281,13 @@ class StepContext:
                 )
             else:
                 store.record_item_input(
-                    step.name, key_of_call, self.item_id, messages, recorded_meta, version
+                    step.name,
+                    key_of_call,
+                    self.item_id,
+                    messages,
+                    recorded_meta,
+                    version,
+                    strata=step.strata(inp),
                 )
         try:
             output = step.format_output(result.text)

@@ -144,6 +144,15 @@ class Step(Generic[In, Out]):
         """A reply parsed into ``output_schema``, or ReplyError('malformed') with the raw text."""
         return parse_reply(self.output_schema, text)
 
+    def strata(self, inp: In) -> dict[str, str]:
+        """The ``discipline`` and ``subject`` of an input whose item is not a video.
+
+        Qualification pilots sample each discipline in proportion: a video brings its own,
+        a text step's input (a lecture, a knowledge point) knows it only here. Every caller
+        gets them this way, whoever calls the step.
+        """
+        return {}
+
     def parse(self, text: str) -> Out:
         """``format_output`` under its older name, which qualification pilots and the probe call."""
         return self.format_output(text)

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,10 @@ def _input_digest(key: str) -> int:
 
 
 log = get_logger("vkr.store")
+
+# What a recorded step input names of its item besides its id, for qualification pilots'
+# strata: a video's come from the video, other items' from ``Step.strata``.
+STRATA_FIELDS = ("discipline", "subject")
 
 
 class RunLayout:
@@ -441,9 +445,22 @@ class RunStore:
         messages: list[dict[str, Any]],
         meta: dict[str, Any],
         prompt_version: str | None = None,
+        strata: Mapping[str, str] | None = None,
     ) -> None:
-        """``record_input`` for an item that is not a video (a text step's input)."""
-        self._record_step_input(step, key, {"item_id": item_id}, messages, meta, prompt_version)
+        """``record_input`` for an item that is not a video (a text step's input).
+
+        ``strata`` (``discipline``, ``subject``: see ``Step.strata``) are recorded where a
+        video's are, so pilots of the step sample every discipline, not one "unknown".
+        """
+        where: dict[str, Any] = {"item_id": item_id}
+        for name, value in (strata or {}).items():
+            if name not in STRATA_FIELDS:
+                raise ValueError(
+                    f"step {step!r}: unknown stratum {name!r}; strata are {', '.join(STRATA_FIELDS)}"
+                )
+            if value:
+                where[name] = str(value)
+        self._record_step_input(step, key, where, messages, meta, prompt_version)
 
     def _record_step_input(
         self,

@@ -25,6 +25,10 @@ from vkr_core.steps import Prompt, Step
 PROMPTS = Path(__file__).parent / "prompts"
 
 
+def _strata(item: Lecture | KnowledgePoint) -> dict[str, str]:
+    return {"discipline": item.discipline, "subject": item.subject}
+
+
 def _point_block(point: KnowledgePoint) -> str:
     return "\n".join(
         [
@@ -68,6 +72,9 @@ class KnowledgePoints(Step[Lecture, PointDrafts]):
         assert self.prompt is not None
         return with_untrusted_note(self.prompt.render(), content)
 
+    def strata(self, inp: Lecture) -> dict[str, str]:
+        return _strata(inp)
+
 
 class ScenarioGeneration(Step[KnowledgePoint, Scenarios]):
     """A knowledge point -> 1-3 real-world scenes that embody it (not lectures about it)."""
@@ -81,6 +88,9 @@ class ScenarioGeneration(Step[KnowledgePoint, Scenarios]):
     def format_input(self, inp: KnowledgePoint, ctx: StepContext) -> list[dict[str, Any]]:
         assert self.prompt is not None
         return with_untrusted_note(self.prompt.render(), _point_block(inp))
+
+    def strata(self, inp: KnowledgePoint) -> dict[str, str]:
+        return _strata(inp)
 
 
 class SearchKeywordsStep(Step[ScenarioInput, SearchKeywords]):
@@ -97,6 +107,9 @@ class SearchKeywordsStep(Step[ScenarioInput, SearchKeywords]):
         )
         assert self.prompt is not None
         return with_untrusted_note(self.prompt.render(), content)
+
+    def strata(self, inp: ScenarioInput) -> dict[str, str]:
+        return _strata(inp.point)
 
 
 @hookimpl

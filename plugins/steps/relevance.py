@@ -73,6 +73,10 @@ class KnowledgeContext(Strict):
     term: str = Field(min_length=1)
     definition: str = ""
     scenario: str = ""
+    # The point's place in the bank: not shown to the judge, but a pilot of the judge
+    # samples each discipline from them (MetadataRelevance.strata).
+    discipline: str = ""
+    subject: str = ""
     # Fields cut to KNOWLEDGE_CAPS: field -> its length before the cut.
     truncated: dict[str, int] = Field(default_factory=dict)
 
@@ -221,6 +225,10 @@ class MetadataRelevance(Step[MetadataQuestion, RelevanceJudgement]):
             + "\n\nIs this video relevant? Reply as JSON."
         )
         return with_untrusted_note(METADATA_PROMPT.render(), text)
+
+    def strata(self, inp: MetadataQuestion) -> dict[str, str]:
+        # A candidate has no discipline of its own: it is the point's it was found for.
+        return {"discipline": inp.knowledge.discipline, "subject": inp.knowledge.subject}
 
 
 class VisualRelevance(Step[VisualQuestion, RelevanceJudgement]):
