@@ -20,7 +20,9 @@ ProblemType = Literal["multiple choice", "open-ended"]
 OPTION_LETTERS = "ABCDEFGHIJ"
 
 # A video id becomes a file name and a checkpoint thread id: keep it to a safe alphabet.
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# YouTube ids ([A-Za-z0-9_-]{11}) may start with '-' or '_'; a leading '.' would make a
+# hidden file (and '.'/'..' a directory), so never that.
+_SAFE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}")
 
 
 class VkrError(Exception):
@@ -57,10 +59,10 @@ class Strict(BaseModel):
 
 def check_video_id(video_id: str) -> str:
     """Return the id if it is safe as a file name and thread id, else raise InputError."""
-    if not isinstance(video_id, str) or not _SAFE_ID.match(video_id) or ".." in video_id:
+    if not isinstance(video_id, str) or not _SAFE_ID.fullmatch(video_id) or ".." in video_id:
         raise InputError(
-            f"unsafe video id {video_id!r}: use letters, digits, '_', '-' and '.', "
-            "no path separators and no '..'"
+            f"unsafe video id {video_id!r}: use letters, digits, '_', '-' and '.' (not "
+            "first), at most 128 characters, no path separators and no '..'"
         )
     return video_id
 
