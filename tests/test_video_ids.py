@@ -173,3 +173,25 @@ def test_an_id_with_a_leading_dot_is_refused_in_one_line(tmp_path, testdata, vkr
     assert not (tmp_path / "run" / "records").exists() or not any(
         (tmp_path / "run" / "records").iterdir()
     )
+
+
+def test_yt_dlp_downloads_a_leading_dash_id_once_and_the_source_reads_it_back(
+    vkr_youtube_server, tmp_path
+):
+    from plugins.providers.fake_youtube import FakeVideo
+    from plugins.sources.youtube import YouTubeSource
+    from plugins.sources.youtube_download import YouTubeDownloader
+
+    server = vkr_youtube_server
+    server.add_videos([FakeVideo(DASH, "Pancake flip", ("pancake",), "A pan and a flip.")])
+    out = tmp_path / "videos"
+    downloader = YouTubeDownloader(
+        out, url_template=server.file_url_template, min_interval_seconds=0
+    )
+    outcome = downloader.download(DASH)
+    assert outcome.status == "downloaded", outcome.message
+    assert Path(outcome.path or "").name == f"{DASH}.mp4"
+    fetched = server.file_requests[DASH]
+    again = YouTubeDownloader(out, url_template=server.file_url_template).download(DASH)
+    assert again.status == "already" and server.file_requests[DASH] == fetched
+    assert YouTubeSource().resolve(DASH, videos_dir=out).video_path == f"{DASH}.mp4"
