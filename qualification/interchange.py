@@ -149,6 +149,7 @@ def _ls_result(label: str, category: str | None, note: str) -> list[dict[str, An
 
 def labelstudio_tasks(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str, Any]]:
     manifest = pilot.manifest
+    with_frames = _has_frames(pilot)
     tasks = []
     for item in pilot.items:
         predictions = []
@@ -164,7 +165,7 @@ def labelstudio_tasks(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str
         data: dict[str, Any] = {}
         if item.video_id:
             data["video"] = item.video_path or item.video_id
-        if item.frames:
+        if with_frames:  # the config's Image reads $frames: every task of the pilot has it
             data["frames"] = _frame_refs(item, frame_url_prefix)
             data["frame_times"] = [f.clock for f in item.frames]
         data |= {
