@@ -431,7 +431,10 @@ RELEVANCE_STEPS: tuple[str, ...] = ("metadata_relevance", "visual_relevance")
 def judge_relevance(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[str, Any]:
     """A RelevanceJudgement: relevant with probability ``relevant``, citing a frame's clock
     when the request shows frames."""
-    relevant = decider.uniform("relevant") < knobs.relevant
+    # A title that calls itself off-topic is judged so, as any model would: tests script a
+    # candidate the metadata judge turns down whatever the share.
+    off_topic = "off-topic" in _fenced(request, "video title").casefold()
+    relevant = not off_topic and decider.uniform("relevant") < knobs.relevant
     clocks = _clocks(request.texts) if request.image_hashes else []
     seen = (
         f"the frame at {decider.pick('clock', clocks)}" if clocks else "the title and description"

@@ -80,21 +80,25 @@ class FakeVideo:
     duration: str = "PT4M13S"
     license: str = "creativeCommon"
     published_at: str = "2024-03-01T12:00:00Z"
+    # Videos of different shades have different frames (so image moderation can tell them
+    # apart); the same shade serves the very same file.
+    shade: int = 0
 
 
 @functools.cache
-def clip_file() -> Path:
-    """A real one-second H.264 mp4 (64x48, 10 fps), made once per process."""
+def clip_file(shade: int = 0) -> Path:
+    """A real one-second H.264 mp4 (64x48, 10 fps), made once per process and shade."""
     import av
     import numpy as np
 
     folder = Path(tempfile.mkdtemp(prefix="vkr-fake-youtube-"))
-    path = folder / "clip.mp4"
+    path = folder / f"clip-{shade}.mp4"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=10)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for i in range(10):
             image = np.full((48, 64, 3), 40 + 20 * i, np.uint8)
+            image[:, :, 2] = (37 * shade) % 256
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, 10)
             container.mux(stream.encode(frame))
@@ -115,8 +119,15 @@ class FakeYouTubeServer:
         videos: tuple[FakeVideo, ...] | list[FakeVideo] = (),
         api_key: str = "AIzaFakeYouTubeKey-0123456789abcdefghij",
         quota_limit: int | None = None,
+        match: str = "exact",
     ) -> None:
         self.api_key = api_key
+        # "exact": a query finds the videos with that keyword; "contains": the videos one of
+        # whose keywords is in the query, as a real search finds a video by a few words of it
+        # (for pipelines whose queries a model writes).
+        if match not in ("exact", "contains"):
+            raise InputError(f"match is 'exact' or 'contains', not {match!r}")
+        self.match = match
         self.videos: dict[str, FakeVideo] = {}
         self.add_videos(videos)
         self.quota_limit = quota_limit
@@ -210,7 +221,7 @@ class FakeYouTubeServer:
         limit = min(int(request.query.get("maxResults", "5")), 50)
         # videoLicense is not applied: YouTube's own filter is known to let non-CC videos
         # through, so a client must check status.license from videos.list, and tests see it.
-        hits = [v for v in self.videos.values() if q.lower() in (k.lower() for k in v.keywords)]
+        hits = [v for v in self.videos.values() if self._finds(q, v)]
         items = [
             {
                 "kind": "youtube#searchResult",
@@ -241,6 +252,12 @@ class FakeYouTubeServer:
                 "items": items,
             }
         )
+
+    def _finds(self, q: str, video: FakeVideo) -> bool:
+        query = q.lower()
+        if self.match == "contains":
+            return any(k.lower() in query for k in video.keywords)
+        return query in (k.lower() for k in video.keywords)
 
     def _bad_request(self, parameter: str, message: str) -> web.Response:
         body = {
@@ -324,9 +341,10 @@ class FakeYouTubeServer:
         failure = self.file_failures.get(vid)
         if failure is not None:
             raise _status(failure)
-        if vid not in self.videos:
+        video = self.videos.get(vid)
+        if video is None:
             raise web.HTTPNotFound()
-        return web.FileResponse(clip_file(), headers={"Content-Type": "video/mp4"})
+        return web.FileResponse(clip_file(video.shade), headers={"Content-Type": "video/mp4"})
 
     # -- lifecycle
 
