@@ -114,6 +114,99 @@ def run_demo(out: Path, port: int) -> dict[str, Any]:
     }
 
 
+# The fake YouTube's videos for `vkr demo --collect`: found by the example bank's lecture
+# titles, each dropped at a different stage of the funnel but two.
+DEMO_YOUTUBE: tuple[tuple[str, str, tuple[str, ...], dict[str, str]], ...] = (
+    ("lathe0001", "Turning a steel shaft on a lathe", ("turning on a lathe",), {}),
+    ("gears00001", "A lathe's gear train, close up", ("gear trains", "turning on a lathe"), {}),
+    ("newton0001", "Newton's laws of motion in a crash test", ("newton's laws",), {}),
+    ("torque0001", "Torque wrench review", ("rotational dynamics",), {"license": "youtube"}),
+    ("heat000001", "Heat transfer, full lecture", ("heat transfer",), {"duration": "PT52M"}),
+    ("newton0002", "Off-topic: my weekend vlog", ("newton's laws",), {}),
+)
+
+
+def run_collect_demo(out: Path, port: int) -> dict[str, Any]:
+    """`vkr demo --collect`: the example bank to a manifest against loopback YouTube, model
+    and moderation servers, then `vkr run` on that manifest."""
+    import os
+
+    from graphs.collection import collect, format_report
+    from knowledge.loader import example_bank_path
+    from plugins.providers.fake_moderation import FakeAzureContentSafety
+    from plugins.providers.fake_server import FakeModelServer, write_pool
+    from plugins.providers.fake_youtube import FakeVideo, FakeYouTubeServer
+    from vkr_core.config import RunConfig
+    from vkr_core.log import configure_logging
+    from vkr_core.manifest import load_manifest
+    from vkr_core.plugins import get_plugin_manager
+    from vkr_core.run import run_items
+
+    configure_logging("ERROR")
+    pm = get_plugin_manager()
+    videos = [
+        FakeVideo(vid, title, keywords, shade=n, **extra)  # type: ignore[arg-type]
+        for n, (vid, title, keywords, extra) in enumerate(DEMO_YOUTUBE)
+    ]
+    key = "vkr-demo-moderation-key"
+    policy = {
+        "steps": {"metadata_relevance": {"relevant": 1.0}, "visual_relevance": {"relevant": 1.0}}
+    }
+    with (
+        FakeModelServer(policy=policy, seed=0) as server,
+        FakeYouTubeServer(videos, match="contains") as youtube,
+        FakeAzureContentSafety(api_key=key) as azure,
+    ):
+        try:
+            base_url = server.start(port=port)
+        except InputError:
+            base_url = server.start(port=0)
+        pool = write_pool(
+            out / "pool.yaml", base_url, registry_path=out / "eligibility.yaml", pm=pm
+        )
+        saved = {name: os.environ.get(name) for name in _DEMO_ENV}
+        os.environ.update(
+            {
+                "YOUTUBE_API_KEY": youtube.api_key,
+                "AZURE_CONTENT_SAFETY_ENDPOINT": str(azure.url),
+                "AZURE_CONTENT_SAFETY_KEY": key,
+            }
+        )
+        try:
+            result = collect(
+                example_bank_path(),
+                pool,
+                out / "collection",
+                youtube_api_base=youtube.base_url,
+                download_url_template=youtube.file_url_template,
+                moderation={"provider": "azure-content-safety"},
+                download_interval=0,
+                pm=pm,
+            )
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        manifest = load_manifest(out / "collection" / "manifest.jsonl")
+        config = RunConfig(video_root=manifest.video_root)
+        counters = asyncio.run(
+            run_items(manifest.videos, out / "run", pool, config, pm, progress=False)
+        )
+        summary = pm.registry.get("pipeline", "generation").summary(out / "run", counters)
+    return {
+        "report": format_report(result.report),
+        "kept": result.report["kept"],
+        "manifest": result.report["manifest"],
+        "run": summary or counters.line(),
+        "base_url": base_url,
+    }
+
+
+_DEMO_ENV = ("YOUTUBE_API_KEY", "AZURE_CONTENT_SAFETY_ENDPOINT", "AZURE_CONTENT_SAFETY_KEY")
+
+
 @click.command()
 @click.option(
     "--out",
@@ -130,10 +223,28 @@ def run_demo(out: Path, port: int) -> dict[str, Any]:
     help="Loopback port of the scripted model server (kept fixed so reruns hit the cache; "
     "0: any free port).",
 )
-def demo(out: str, port: int) -> None:
+@click.option(
+    "--collect",
+    "collect_first",
+    is_flag=True,
+    help="Collect first: the example bank -> a manifest (loopback YouTube, moderation and "
+    "model servers), then `vkr run` on it.",
+)
+def demo(out: str, port: int, collect_first: bool) -> None:
     """Run the whole pipeline on a made-up video against a scripted local model server."""
     from graphs.generation import format_funnel
     from vkr_core.store import RunLayout
+
+    if collect_first:
+        collected = run_collect_demo(Path(out) / "collect", port)
+        click.echo(collected["report"])
+        click.echo(f"manifest: {collected['manifest']} ({collected['kept']} video(s))")
+        click.echo(f"vkr run on the manifest: {collected['run']}")
+        click.echo(
+            "\nEverything above came from SCRIPTED local servers (YouTube, models, "
+            "moderation). With real ones: vkr collect --bank BANK --pool POOL --out DIR"
+        )
+        return
 
     result = run_demo(Path(out), port)
     record = result["record"]

@@ -399,3 +399,23 @@ def test_collect_needs_a_youtube_key_and_says_so(tmp_path, world):
     result = run_collect(world, tmp_path / "collection", env=env)
     assert result.returncode == 1
     assert "YOUTUBE_API_KEY" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- (e) the demo
+
+
+@pytest.mark.slow
+def test_demo_collect_runs_offline_from_the_example_bank_to_vkr_run(tmp_path):
+    result = subprocess.run(
+        [VKR, "demo", "--collect", "--out", str(tmp_path / "demo"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "collection funnel:" in out and "safe (kept)" in out
+    assert "manifest: " in out and "(3 video(s))" in out
+    assert "vkr run on the manifest: videos 3/3 (failed 0)" in out
+    lines = (tmp_path / "demo" / "collect" / "collection" / "manifest.jsonl").read_text()
+    assert len(lines.splitlines()) == 3
