@@ -105,7 +105,8 @@ def download_command(
     """Download VIDEO_IDS (at most 720p mp4) into --out, each once, with attribution beside it.
 
     Title, channel and licence for the attribution come from an earlier `vkr youtube search`
-    in the same --collection when there was one.
+    in the same --collection when there was one. An id that starts with '-' goes after
+    '--', as for any command: `vkr youtube download --out DIR -- -dQw4w9WgXc`.
     """
     from plugins.sources.youtube import (
         LEDGER_FILE,

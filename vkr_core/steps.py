@@ -154,7 +154,7 @@ class Step(Generic[In, Out]):
         return {}
 
     def parse(self, text: str) -> Out:
-        """``format_output`` under its older name, which qualification pilots and the probe call."""
+        """``format_output`` under its older name, which qualification pilots call."""
         return self.format_output(text)
 
 
