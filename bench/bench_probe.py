@@ -177,7 +177,7 @@ async def caller_only(
     try:
         return sum(await asyncio.gather(*(one(*job) for job in jobs)))
     finally:
-        caller.close()
+        await caller.aclose()  # the provider's HTTP sessions too, not only the cache
 
 
 def main() -> None:
