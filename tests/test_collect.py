@@ -32,9 +32,10 @@ VIDEOS = [
     # Kept: found by the lathe lecture's title point only.
     FakeVideo("lathe0001", "Turning a steel shaft on a lathe", ("turning on a lathe",), shade=1),
     # Kept: found by two points (the lathe and the gear-train lectures) and by several of
-    # their keywords; judged, downloaded and moderated once, linked to both.
+    # their keywords; judged, downloaded and moderated once, linked to both. Its id starts
+    # with "-", as YouTube ids may.
     FakeVideo(
-        "gear_and_lathe",
+        "-gear_lathe",
         "A lathe's gear train, close up",
         ("gear trains", "turning on a lathe"),
         description="Change gears of a screw-cutting lathe.",
@@ -61,7 +62,7 @@ EXPECTED_FUNNEL = {
     "visual_pass": 3,
     "safe": 2,
 }
-KEPT = ["gear_and_lathe", "lathe0001"]
+KEPT = ["-gear_lathe", "lathe0001"]
 
 
 @pytest.fixture
@@ -200,21 +201,21 @@ def test_collect_from_the_example_bank_to_a_manifest_vkr_run_consumes(tmp_path, 
     lines = manifest_lines(out)
     assert [line["video_id"] for line in lines] == KEPT
     shared = lines[0]
-    assert shared["path"] == "videos/gear_and_lathe.mp4" and (out / shared["path"]).is_file()
+    assert shared["path"] == "videos/-gear_lathe.mp4" and (out / shared["path"]).is_file()
     assert shared["discipline"] == "Engineering" and shared["subject"] == "Mechanical Engineering"
     assert shared["knowledge_point"]["term"] and shared["knowledge_point"]["definition"]
     assert shared["title"] == "A lathe's gear train, close up"
-    assert shared["source"]["url"] == "https://www.youtube.com/watch?v=gear_and_lathe"
+    assert shared["source"]["url"] == "https://www.youtube.com/watch?v=-gear_lathe"
     assert shared["source"]["license"].startswith("CC BY")
     assert shared["source"]["channel"] == "Open Lab" and shared["source"]["published_at"]
 
     # Found by two points, by more than one keyword: judged, downloaded, moderated once.
     links = [json.loads(x) for x in (out / "links.jsonl").read_text().splitlines()]
-    shared_links = [link for link in links if link["video_id"] == "gear_and_lathe"]
+    shared_links = [link for link in links if link["video_id"] == "-gear_lathe"]
     assert len(shared_links) == 2
     assert sum(link["judged_against"] for link in shared_links) == 1
     youtube = world["youtube"]
-    assert youtube.file_requests["gear_and_lathe"] == youtube.file_requests["lathe0001"]
+    assert youtube.file_requests["-gear_lathe"] == youtube.file_requests["lathe0001"]
     requests = world["models"].received()
     judged = [
         r
