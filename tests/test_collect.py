@@ -331,7 +331,8 @@ def test_collect_killed_at_three_moments_pays_for_nothing_twice(tmp_path, world)
     assert set(after["files"]) == set(paid["files"]), note
     extra = sum(n - paid["files"][vid] for vid, n in after["files"].items())
     assert 0 <= extra <= 2 * kills, note
-    assert after["moderation"] <= paid["moderation"] + kills, note
+    # A video's 4 frames are moderated at once: at most those on the wire are sent again.
+    assert after["moderation"] <= paid["moderation"] + 4 * kills, note
     assert manifest_lines(out) == manifest_lines(reference), note
 
 
