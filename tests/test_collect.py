@@ -249,6 +249,21 @@ def test_collect_from_the_example_bank_to_a_manifest_vkr_run_consumes(tmp_path, 
     records = sorted(p.stem for p in (tmp_path / "run" / "records").glob("*.json"))
     assert records == KEPT
 
+    # Every collection step can be piloted from the inputs the collection recorded.
+    from graphs.collection import MODEL_STEPS
+
+    for step in MODEL_STEPS:
+        pilot = subprocess.run(
+            [VKR, "qualify", "pilot", "--step", step, "--model", "fake-b", "--n", "2"]
+            + ["--pool", str(world["pool"]), "--from", str(out / "run")]
+            + ["--out", str(tmp_path / f"pilot-{step}")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert pilot.returncode == 0, pilot.stderr
+        assert f"inputs of {step}" in pilot.stdout, pilot.stdout
+
     # A rerun pays for nothing and writes the same manifest.
     before = (out / "manifest.jsonl").read_bytes()
     paid = world["models"].stats()["completions"]
