@@ -215,6 +215,10 @@ class QuotaStop(VkrError):
         self.resets_at = resets_at
 
 
+class KeyRefused(VkrError):
+    """YouTube refused the API key: no point can be searched until it is fixed."""
+
+
 class CollectionRun(PipelineRun):
     """One collection: the YouTube client and its ledger, the downloader and the moderator
     are opened once and shared by every point."""
@@ -238,7 +242,7 @@ class CollectionRun(PipelineRun):
         # yt-dlp is synchronous and the downloader spaces its requests: one at a time.
         self._download_lock = asyncio.Lock()
         self._videos: dict[str, asyncio.Future[VideoState]] = {}
-        self.stopped: QuotaStop | None = None
+        self.stopped: QuotaStop | KeyRefused | None = None
 
     async def open(self, api_key: str) -> None:
         from plugins.sources.youtube import API_BASE, YouTubeClient
@@ -282,18 +286,29 @@ class CollectionRun(PipelineRun):
                 return record
         try:
             record = await self._collect(item)
+        except KeyRefused as exc:
+            # Every other point would be refused the same way: stop, and say why once.
+            if self.stopped is None:
+                self.stopped = exc
+                stop = {"kind": "key", "reason": str(exc)}
+                atomic_write(self.dir / STOP_FILE, json.dumps(stop) + "\n")
+            return PointRecord(item_id=item.point_id, status="unfinished", point=item)
         except QuotaStop as exc:
             # Not written: the point is worked again (from the caches) by the rerun.
             if self.stopped is None:
                 self.stopped = exc
-                stop = {"reason": str(exc), "resets_at": exc.resets_at.isoformat()}
+                stop = {
+                    "kind": "quota",
+                    "reason": str(exc),
+                    "resets_at": exc.resets_at.isoformat(),
+                }
                 atomic_write(self.dir / STOP_FILE, json.dumps(stop) + "\n")
             return PointRecord(item_id=item.point_id, status="unfinished", point=item)
         store.write_record(record)
         return record
 
     async def _collect(self, point: KnowledgePoint) -> PointRecord:
-        from plugins.sources.youtube import QuotaExhausted
+        from plugins.sources.youtube import KeyRejected, QuotaExhausted
 
         ctx = StepContext(self.context, item_id=point.point_id)
         meta = {"discipline": point.discipline, "subject": point.subject, "term": point.term}
@@ -321,6 +336,8 @@ class CollectionRun(PipelineRun):
                 )
             except QuotaExhausted as exc:
                 raise QuotaStop(str(exc), exc.resets_at) from None
+            except KeyRejected as exc:
+                raise KeyRefused(str(exc)) from None
             search.found = list(dict.fromkeys(v for ids in report.keywords.values() for v in ids))
             search.candidates = [c.video_id for c in report.candidates]
             search.rejected = {r.video_id: r.reason for r in report.rejected}
@@ -848,4 +865,6 @@ def collect(
     report = finish(
         root, points, daily_quota=daily_quota, now=now, units_before=before, stopped=stopped
     )
+    if stopped is not None and stopped.get("kind") == "key":
+        raise InputError(stopped["reason"])
     return CollectResult(report, counters, stopped, bank_failures)

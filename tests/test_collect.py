@@ -436,3 +436,34 @@ def test_demo_collect_runs_offline_from_the_example_bank_to_vkr_run(tmp_path):
     assert "vkr run on the manifest: videos 3/3 (failed 0)" in out
     lines = (tmp_path / "demo" / "collect" / "collection" / "manifest.jsonl").read_text()
     assert len(lines.splitlines()) == 3
+
+
+def test_a_refused_youtube_key_stops_the_collection_with_one_line(tmp_path, world):
+    env = {**world["env"], "YOUTUBE_API_KEY": "AIzaWrongKey-0000000000000000000000"}
+    result = run_collect(world, tmp_path / "collection", env=env)
+    assert result.returncode == 1
+    assert "YouTube refused the API key in YOUTUBE_API_KEY (keyInvalid" in result.stderr
+    assert "AIzaWrongKey" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    assert sum(world["youtube"].requests.values()) <= 4  # the points in flight, then no more
+    # Nothing was recorded as failed: with the right key the same command collects.
+    ok(run_collect(world, tmp_path / "collection", "--concurrency", "4"))
+    assert [line["video_id"] for line in manifest_lines(tmp_path / "collection")] == KEPT
+
+
+@pytest.mark.slow
+def test_concurrent_points_wait_for_one_judgement_per_video(tmp_path, world):
+    out = tmp_path / "collection"
+    ok(run_collect(world, out, "--concurrency", "4"))
+    funnel = json.loads((out / "collect_report.json").read_text())["funnel"]
+    assert {k: funnel[k] for k in EXPECTED_FUNNEL} == EXPECTED_FUNNEL
+    youtube = world["youtube"]
+    # Each video downloaded once (yt-dlp's two GETs), whichever points found it at once.
+    assert youtube.file_requests["-gear_lathe"] == youtube.file_requests["lathe0001"]
+    shared = [
+        r
+        for r in world["models"].received("metadata_relevance")
+        if any("gear train, close up" in t for t in r.texts)
+    ]
+    assert len(shared) == 1
+    assert world["azure"].requests == 12
+    assert len(youtube.answered) == len(set(youtube.answered))
