@@ -429,6 +429,13 @@ class CollectionRun(PipelineRun):
             outcome = await asyncio.to_thread(
                 self.downloader.download, candidate.video_id, candidate
             )
+        if outcome.status == "failed" and outcome.reason in ("rate_limited", "bot_check"):
+            # YouTube pushing back says nothing about the video: the point fails for now
+            # and the rerun tries the download again.
+            raise VkrError(
+                f"download of {candidate.video_id} paused by YouTube ({outcome.reason}): "
+                "rerun later"
+            )
         if outcome.status == "failed" or outcome.path is None:
             state.status = "download_failed"
             state.download_failure = outcome.reason or "error"
@@ -729,7 +736,9 @@ class CollectionPipeline(Pipeline):
             settings = parse_settings(config.moderation)
             moderator = find_moderator(run.registry, settings.provider)
             moderator.thresholds(settings)
-            moderator.api_key(settings)  # a missing key stops here, before any call
+            # A missing key or endpoint stops here, before anything is paid for.
+            moderator.api_key(settings)
+            moderator.endpoint(settings)
 
     def read_items(self, path: str | Path, config: Any) -> Items:
         raise InputError(RUN_BY_COLLECT)

@@ -467,3 +467,11 @@ def test_concurrent_points_wait_for_one_judgement_per_video(tmp_path, world):
     assert len(shared) == 1
     assert world["azure"].requests == 12
     assert len(youtube.answered) == len(set(youtube.answered))
+
+
+def test_moderation_without_an_endpoint_stops_before_any_search(tmp_path, world):
+    env = {k: v for k, v in world["env"].items() if k != "AZURE_CONTENT_SAFETY_ENDPOINT"}
+    result = run_collect(world, tmp_path / "collection", env=env)
+    assert result.returncode == 1
+    assert "AZURE_CONTENT_SAFETY_ENDPOINT" in result.stderr and "Traceback" not in result.stderr
+    assert sum(world["youtube"].requests.values()) == 0
