@@ -123,7 +123,10 @@ DEMO_YOUTUBE: tuple[tuple[str, str, tuple[str, ...], dict[str, str]], ...] = (
     ("torque0001", "Torque wrench review", ("rotational dynamics",), {"license": "youtube"}),
     ("heat000001", "Heat transfer, full lecture", ("heat transfer",), {"duration": "PT52M"}),
     ("newton0002", "Off-topic: my weekend vlog", ("newton's laws",), {}),
+    ("newton0003", "Newton's laws: a crash, uncut", ("newton's laws",), {}),
 )
+# The demo's moderation flags this one's frames as violent.
+DEMO_UNSAFE = "newton0003"
 
 
 def run_collect_demo(out: Path, port: int) -> dict[str, Any]:
@@ -161,6 +164,7 @@ def run_collect_demo(out: Path, port: int) -> dict[str, Any]:
             base_url = server.start(port=port)
         except InputError:
             base_url = server.start(port=0)
+        _mark_unsafe(azure, videos, out / "marked-frames", pm)
         pool = write_pool(
             out / "pool.yaml", base_url, registry_path=out / "eligibility.yaml", pm=pm
         )
@@ -202,6 +206,21 @@ def run_collect_demo(out: Path, port: int) -> dict[str, Any]:
         "run": summary or counters.line(),
         "base_url": base_url,
     }
+
+
+def _mark_unsafe(azure: Any, videos: list[Any], folder: Path, pm: Any) -> None:
+    """Script the moderation server to flag every frame the collection samples from the
+    demo's unsafe video (it samples the same file the same way)."""
+    from graphs.collection import CollectConfig
+    from plugins.providers.fake_youtube import clip_file
+    from vkr_core.video import sample_frames
+
+    config = CollectConfig()
+    shade = next(v.shade for v in videos if v.video_id == DEMO_UNSAFE)
+    for frame in sample_frames(
+        clip_file(shade), folder, fps=config.frame_fps, max_frames=config.frame_max, pm=pm
+    ):
+        azure.mark(frame.sha256, {"Violence": 6})
 
 
 _DEMO_ENV = ("YOUTUBE_API_KEY", "AZURE_CONTENT_SAFETY_ENDPOINT", "AZURE_CONTENT_SAFETY_KEY")

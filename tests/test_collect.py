@@ -432,6 +432,7 @@ def test_demo_collect_runs_offline_from_the_example_bank_to_vkr_run(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "collection funnel:" in out and "safe (kept)" in out
+    assert "metadata rejected 1, not Creative Commons 1, too long 1, unsafe 1" in out
     assert "manifest: " in out and "(3 video(s))" in out
     assert "vkr run on the manifest: videos 3/3 (failed 0)" in out
     lines = (tmp_path / "demo" / "collect" / "collection" / "manifest.jsonl").read_text()
