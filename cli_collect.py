@@ -14,6 +14,7 @@ import click
 
 from cli_options import ExitWith
 from vkr_core.hookspecs import hookimpl
+from vkr_core.store import RunLayout
 
 MODERATORS = {"azure": "azure-content-safety", "openai": "openai-moderation"}
 
@@ -167,7 +168,7 @@ def collect(
     failed = result.report["points_failed"] + result.bank_failures
     if failed:
         click.echo(
-            f"{failed} lecture(s) or knowledge point(s) failed: see {out}/run/failures.jsonl"
+            f"{failed} lecture(s) or knowledge point(s) failed: see {RunLayout(out / 'run').failures}"
         )
         sys.exit(ExitCode.VIDEOS_FAILED)
 

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from vkr_core.hookspecs import hookimpl
+from vkr_core.store import RunLayout
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
@@ -135,7 +136,7 @@ def moderate(
         # One frame a second, at most 64 spread over a long video: the random pick has the
         # whole video to draw from, even a short clip.
         sampled = await asyncio.to_thread(
-            sample_frames, path, root / "frames" / item_id, 1.0, 64, pm=pm
+            sample_frames, path, RunLayout(root).frames(item_id), 1.0, 64, pm=pm
         )
         return await moderation.moderate_video(item_id, sampled, seed)
 

@@ -232,7 +232,9 @@ def write_plan(
 ) -> None:
     """The requests vkr's run made, as the servers saw them, for the raw side to replay."""
     images = {}
-    for frame in (out / "run" / "frames").rglob("*.jpg"):
+    from vkr_core.store import RunLayout
+
+    for frame in RunLayout(out / "run").frames_root.rglob("*.jpg"):
         images[hashlib.sha256(frame.read_bytes()).hexdigest()] = str(frame)
     chats = [
         {"model": r.model, "step": r.step, "texts": r.texts, "images": r.image_hashes}
