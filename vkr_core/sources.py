@@ -9,10 +9,13 @@ corpus moved to another machine needs only the new root, never rewritten paths.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from vkr_core.schemas import InputError, Video
+from vkr_core.schemas import InputError, Strict, Video, VkrError
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v")
 
@@ -27,6 +30,84 @@ class Source:
 
     def list(self, **options: Any) -> list[Video]:
         raise NotImplementedError
+
+
+class SearchQuotaExhausted(VkrError):
+    """A search source's quota is spent: nothing more can be asked until ``resets_at``."""
+
+    def __init__(self, message: str, resets_at: datetime) -> None:
+        super().__init__(message)
+        self.resets_at = resets_at
+
+
+class SearchKeyRefused(VkrError):
+    """A search source refused the API key: no search can go on until it is fixed."""
+
+
+class SearchQuota(Strict):
+    """What a search source's quota stands at in a collection folder."""
+
+    day: str
+    spent: int
+    limit: int
+    resets_at: datetime
+    # Every day this folder's searches spent, per request kind.
+    units_by_method: dict[str, int]
+
+
+class SearchSession(Protocol):
+    """An open search: ``search`` returns a report with ``keywords`` (keyword -> found ids),
+    ``candidates`` (each with ``video_id``, ``title``, ``description``, ``channel``,
+    ``channel_id``, ``url``, ``license``, ``published_at``, ``duration_seconds``),
+    ``rejected`` (``video_id``, ``reason``) and ``missing`` (ids)."""
+
+    async def search(
+        self, keywords: list[str], *, max_results: int, max_duration_seconds: int
+    ) -> Any: ...
+
+
+class Downloader(Protocol):
+    """Downloads one candidate; the outcome has ``status`` ("downloaded", "already",
+    "failed"), ``path``, ``reason``, ``message`` and ``licence`` (attribution text)."""
+
+    def download(self, video_id: str, candidate: Any = None) -> Any: ...
+
+
+class SearchSource(Source):
+    """A source that finds videos by keyword and downloads them into a folder, paying a
+    daily quota kept in the collection folder (so a rerun pays for nothing twice)."""
+
+    def api_key_from_env(self) -> str:
+        """The source's API key from the environment, registered as a secret; InputError
+        when unset."""
+        raise NotImplementedError
+
+    def open_search(
+        self,
+        folder: str | Path,
+        *,
+        daily_quota: int,
+        clock: Callable[[], datetime],
+        api_base: str | None = None,
+        api_key: str,
+    ) -> AbstractAsyncContextManager[SearchSession]:
+        """An open search charged to the quota kept in ``folder``. Raises
+        SearchQuotaExhausted and SearchKeyRefused (or subclasses)."""
+        raise NotImplementedError
+
+    def downloader(
+        self, folder: str | Path, *, url_template: str | None = None, min_interval: float = 2.0
+    ) -> Downloader:
+        raise NotImplementedError
+
+    def quota(
+        self, folder: str | Path, *, daily_quota: int, clock: Callable[[], datetime]
+    ) -> SearchQuota:
+        raise NotImplementedError
+
+    def describe_reset(self, resets_at: datetime) -> str:
+        """When the quota resets, as the user reads it."""
+        return f"{resets_at.astimezone():%Y-%m-%d %H:%M %Z}"
 
 
 def _climbs_out(relative: str) -> bool:

@@ -234,6 +234,23 @@ class Moderator(Provider):
         register_secrets([key])
         return key
 
+    def check_moderation(self, settings: dict[str, Any]) -> None:
+        """Raise InputError now for thresholds, a key or an endpoint that cannot work, so a
+        run stops before anything is paid for."""
+        parsed = parse_settings(settings)
+        self.thresholds(parsed)
+        self.api_key(parsed)
+        self.endpoint(parsed)
+
+    def image_moderation(
+        self,
+        settings: dict[str, Any],
+        cache: Any,
+        on_record: Callable[[CallRecord], None] | None = None,
+    ) -> ImageModeration:
+        """An open moderation with this moderator (the vkr_core.moderation contract)."""
+        return ImageModeration(self, parse_settings(settings), cache, on_record)
+
     def signature(self, settings: ModerationSettings) -> dict[str, Any]:
         """What changes an image's scores (never the key, never the thresholds)."""
         return {
@@ -501,6 +518,9 @@ class ImageModeration:
 
     async def aclose(self) -> None:
         await self.moderator.aclose()
+
+    def write_record(self, run_dir: str | Path, verdict: Any) -> Path:
+        return write_record(run_dir, verdict)
 
     async def __aenter__(self) -> ImageModeration:
         return self

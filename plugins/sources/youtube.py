@@ -20,7 +20,8 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,13 @@ from pydantic import Field
 from vkr_core.hookspecs import hookimpl
 from vkr_core.log import redact, register_secrets
 from vkr_core.schemas import InputError, Strict, Video, VkrError, check_video_id
-from vkr_core.sources import Source, video_path_in_root
+from vkr_core.sources import (
+    SearchKeyRefused,
+    SearchQuota,
+    SearchQuotaExhausted,
+    SearchSource,
+    video_path_in_root,
+)
 
 API_BASE = "https://www.googleapis.com/youtube/v3"
 API_KEY_ENV = "YOUTUBE_API_KEY"
@@ -72,15 +79,11 @@ class YouTubeError(VkrError):
     """The YouTube Data API refused or failed a request."""
 
 
-class QuotaExhausted(YouTubeError):
+class QuotaExhausted(YouTubeError, SearchQuotaExhausted):
     """The day's quota is spent: nothing more can be asked until ``resets_at``."""
 
-    def __init__(self, message: str, resets_at: datetime) -> None:
-        super().__init__(message)
-        self.resets_at = resets_at
 
-
-class KeyRejected(YouTubeError):
+class KeyRejected(YouTubeError, SearchKeyRefused):
     """The API key is invalid, expired or not allowed to use the API."""
 
 
@@ -195,6 +198,11 @@ class QuotaLedger:
             exhausted=exhausted or spent >= self.daily_quota,
             resets_at=quota_resets_at(self.clock()),
         )
+
+    def units_by_method(self) -> dict[str, int]:
+        """Units spent per method over every day of this folder."""
+        rows = self._db.execute("SELECT method, SUM(units) FROM spend GROUP BY method")
+        return {method: int(units) for method, units in rows}
 
     def exhausted_error(self, why: str) -> QuotaExhausted:
         status = self.status()
@@ -570,11 +578,12 @@ async def search_youtube(
         ledger.close()
 
 
-class YouTubeSource(Source):
+class YouTubeSource(SearchSource):
     """Videos downloaded from YouTube into a folder, with their attribution beside them.
 
     ``search`` and ``download`` fill the folder; ``resolve`` and ``list`` read it back as
-    :class:`Video` records, title and description from the attribution file.
+    :class:`Video` records, title and description from the attribution file. A pipeline
+    reaches search and download through the generic SearchSource contract.
     """
 
     name = "youtube"
@@ -584,10 +593,58 @@ class YouTubeSource(Source):
     ) -> SearchReport:
         return await search_youtube(keywords, collection_dir, **options)
 
-    def downloader(self, out_dir: str | Path, **options: Any) -> Any:
+    def api_key_from_env(self) -> str:
+        return api_key_from_env()
+
+    @asynccontextmanager
+    async def open_search(
+        self,
+        folder: str | Path,
+        *,
+        daily_quota: int,
+        clock: Callable[[], datetime],
+        api_base: str | None = None,
+        api_key: str,
+    ) -> AsyncIterator[YouTubeClient]:
+        ledger = QuotaLedger(folder, daily_quota, clock)
+        try:
+            async with YouTubeClient(api_key, ledger, api_base or API_BASE) as client:
+                yield client
+        finally:
+            ledger.close()
+
+    def downloader(
+        self,
+        folder: str | Path,
+        *,
+        url_template: str | None = None,
+        min_interval: float = 2.0,
+        **options: Any,
+    ) -> Any:
         from plugins.sources.youtube_download import YouTubeDownloader
 
-        return YouTubeDownloader(out_dir, **options)
+        return YouTubeDownloader(
+            folder, url_template=url_template, min_interval_seconds=min_interval, **options
+        )
+
+    def quota(
+        self, folder: str | Path, *, daily_quota: int, clock: Callable[[], datetime]
+    ) -> SearchQuota:
+        ledger = QuotaLedger(folder, daily_quota, clock)
+        try:
+            status = ledger.status()
+            return SearchQuota(
+                day=status.day,
+                spent=status.spent,
+                limit=status.limit,
+                resets_at=status.resets_at,
+                units_by_method=ledger.units_by_method(),
+            )
+        finally:
+            ledger.close()
+
+    def describe_reset(self, resets_at: datetime) -> str:
+        return describe_reset(resets_at.astimezone(PACIFIC))
 
     def resolve(self, video_id: str, videos_dir: str | Path = ".", **options: Any) -> Video:
         from plugins.sources.youtube_download import read_attribution

@@ -110,6 +110,8 @@ class DownloadOutcome(Strict):
     reason: FailureReason | None = None
     message: str = ""
     attempts: int = 0
+    # The attribution's licence (CC BY text for YouTube's creativeCommon), when downloaded.
+    licence: str | None = None
 
 
 def read_attribution(folder: str | Path, video_id: str) -> Attribution | None:
@@ -226,8 +228,16 @@ class YouTubeDownloader:
         check_video_id(video_id)
         if video_id in self.archived():
             path = self.out_dir / f"{video_id}.mp4"
+            try:
+                attribution = read_attribution(self.out_dir, video_id)
+            except InputError:
+                # A damaged attribution says nothing about the file: it is still there.
+                attribution = None
             return DownloadOutcome(
-                video_id=video_id, status="already", path=str(path) if path.is_file() else None
+                video_id=video_id,
+                status="already",
+                path=str(path) if path.is_file() else None,
+                licence=attribution.license if attribution else None,
             )
         url = self.url_for(video_id)
         pause = self.pause_seconds
@@ -314,7 +324,11 @@ class YouTubeDownloader:
         )
         (self.out_dir / f"{video_id}.failed.json").unlink(missing_ok=True)
         return DownloadOutcome(
-            video_id=video_id, status="downloaded", path=str(path), attempts=attempts
+            video_id=video_id,
+            status="downloaded",
+            path=str(path),
+            attempts=attempts,
+            licence=attribution.license,
         )
 
     def download_many(

@@ -230,6 +230,13 @@ class MetadataRelevance(Step[MetadataQuestion, RelevanceJudgement]):
         # A candidate has no discipline of its own: it is the point's it was found for.
         return {"discipline": inp.knowledge.discipline, "subject": inp.knowledge.subject}
 
+    async def judge(
+        self, ctx: StepContext, *, candidate: dict[str, Any], knowledge: dict[str, Any]
+    ) -> RelevanceDecision:
+        """judge_metadata from plain fields (CandidateVideo's and KnowledgeContext's), so a
+        pipeline reaches the judge through the registry without this module's schemas."""
+        return await judge_metadata(ctx, CandidateVideo(**candidate), KnowledgeContext(**knowledge))
+
 
 class VisualRelevance(Step[VisualQuestion, RelevanceJudgement]):
     name = "visual_relevance"
@@ -251,6 +258,12 @@ class VisualRelevance(Step[VisualQuestion, RelevanceJudgement]):
         content += ctx.frame_parts(self.shown_frames(inp, ctx))
         content.append({"type": "text", "text": "Is this video relevant? Reply as JSON."})
         return with_untrusted_note(VISUAL_PROMPT.render(), content)
+
+    async def judge(
+        self, ctx: StepContext, *, knowledge: dict[str, Any], max_frames: int = VISUAL_FRAMES
+    ) -> RelevanceDecision:
+        """judge_frames on the frames of ``ctx`` from KnowledgeContext's plain fields."""
+        return await judge_frames(ctx, KnowledgeContext(**knowledge), max_frames)
 
 
 METADATA_RELEVANCE = MetadataRelevance()
