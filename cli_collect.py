@@ -116,7 +116,6 @@ def collect(
 
     from graphs.collection import NOW_ENV, format_report
     from graphs.collection import collect as run_collect
-    from plugins.sources.youtube import PACIFIC, describe_reset
     from vkr_core.batch import ExitCode
     from vkr_core.log import configure_logging
     from vkr_core.preflight import PreflightError
@@ -152,12 +151,11 @@ def collect(
     click.echo(f"manifest: {result.report['manifest']} ({result.report['kept']} video(s))")
     counters = result.counters
     if result.stopped is not None:
-        from datetime import datetime
-
-        resets = datetime.fromisoformat(result.stopped["resets_at"]).astimezone(PACIFIC)
+        # The source words the reset time (YouTube's day ends at midnight Pacific).
+        resets = result.stopped.get("resets") or result.stopped["resets_at"]
         raise ExitWith(
             f"stopped: the YouTube quota is used up; rerun the same command after "
-            f"{describe_reset(resets)}: answered requests, calls and downloads are not paid again",
+            f"{resets}: answered requests, calls and downloads are not paid again",
             ExitCode.BUDGET,
         )
     if counters.stopped == "budget":

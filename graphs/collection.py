@@ -40,8 +40,10 @@ from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write, read_jsonl
 from vkr_core.hookspecs import hookimpl
 from vkr_core.log import get_logger
+from vkr_core.moderation import ImageModeration, find_image_moderator
 from vkr_core.pipelines import Items, Pipeline, PipelineRun
 from vkr_core.schemas import InputError, Strict, Video, VkrError
+from vkr_core.sources import SearchKeyRefused, SearchQuotaExhausted, SearchSource
 from vkr_core.steps import ReplyError
 from vkr_core.store import RunLayout, log_problem
 
@@ -54,6 +56,8 @@ METADATA_STEP = "metadata_relevance"
 VISUAL_STEP = "visual_relevance"
 MODEL_STEPS = [SCENARIO_STEP, KEYWORDS_STEP, METADATA_STEP, VISUAL_STEP]
 MODERATION_STEP = "moderation"
+# The moderator a moderation section without "provider" uses (a provider's name).
+DEFAULT_MODERATOR = "azure-content-safety"
 
 MANIFEST_FILE = "manifest.jsonl"
 LINKS_FILE = "links.jsonl"
@@ -94,6 +98,8 @@ class CollectConfig(RunConfig):
 
     pipeline: str = PIPELINE
     collection_dir: str = Field(default="", exclude=True)
+    # The registered search source (vkr_core.sources.SearchSource) videos come from.
+    source: str = "youtube"
     youtube_api_base: str = Field(default="", exclude=True)
     download_url_template: str | None = Field(default=None, exclude=True)
     daily_quota: int = Field(default=10_000, ge=1, exclude=True)
@@ -177,6 +183,8 @@ class VideoState(Strict):
     channel_id: str = ""
     url: str = ""
     license: str = ""
+    # The licence as the attribution beside the download words it (for the manifest).
+    licence: str = ""
     published_at: str = ""
     duration_seconds: int = 0
     metadata: dict[str, Any] | None = None
@@ -219,56 +227,66 @@ class KeyRefused(VkrError):
     """YouTube refused the API key: no point can be searched until it is fixed."""
 
 
+def search_source(registry: Any, name: str) -> SearchSource:
+    """The registered source ``name``, if it can search and download."""
+    source = registry.get("source", name)
+    if not isinstance(source, SearchSource):
+        raise InputError(f"source {name!r} cannot search and download videos")
+    return source
+
+
 class CollectionRun(PipelineRun):
-    """One collection: the YouTube client and its ledger, the downloader and the moderator
-    are opened once and shared by every point."""
+    """One collection: the source's search (and its quota), the downloader and the
+    moderator are opened once and shared by every point."""
 
     def __init__(self, context: RunContext, config: CollectConfig):
-        from plugins.sources.youtube import QuotaLedger
-        from plugins.sources.youtube_download import YouTubeDownloader
-
         self.context = context
         self.config = config
         self.dir = Path(config.collection_dir)
         self.registry = context.registry
-        self.ledger = QuotaLedger(self.dir, config.daily_quota, clock_from(config.now))
-        self.downloader = YouTubeDownloader(
+        self.source = search_source(self.registry, config.source)
+        self.downloader = self.source.downloader(
             self.dir / VIDEOS_DIR,
             url_template=config.download_url_template,
-            min_interval_seconds=config.download_interval,
+            min_interval=config.download_interval,
         )
+        self._search: Any = None
         self.client: Any = None
-        self.moderation: Any = None
+        self.moderation: ImageModeration | None = None
         # yt-dlp is synchronous and the downloader spaces its requests: one at a time.
         self._download_lock = asyncio.Lock()
         self._videos: dict[str, asyncio.Future[VideoState]] = {}
         self.stopped: QuotaStop | KeyRefused | None = None
 
     async def open(self, api_key: str) -> None:
-        from plugins.sources.youtube import API_BASE, YouTubeClient
-
-        self.client = YouTubeClient(api_key, self.ledger, self.config.youtube_api_base or API_BASE)
-        await self.client.__aenter__()
-        if self.config.moderation is not None:
-            from plugins.providers.moderation import ImageModeration, parse_settings
-
-            store = self.context.store
-            self.moderation = ImageModeration.from_settings(
-                self.registry,
-                parse_settings(self.config.moderation),
+        self._search = self.source.open_search(
+            self.dir,
+            daily_quota=self.config.daily_quota,
+            clock=clock_from(self.config.now),
+            api_base=self.config.youtube_api_base or None,
+            api_key=api_key,
+        )
+        self.client = await self._search.__aenter__()
+        settings = self.config.moderation
+        if settings is not None:
+            moderator = find_image_moderator(
+                self.registry, str(settings.get("provider") or DEFAULT_MODERATOR)
+            )
+            self.moderation = moderator.image_moderation(
+                settings,
                 # The run's call cache: a rerun sends no image twice.
                 self.context.caller.cache,
-                on_record=store.append_call,
+                self.context.store.append_call,
             )
 
     async def close(self) -> None:
         for pending in self._videos.values():
             pending.cancel()
-        if self.client is not None:
-            await self.client.__aexit__(None, None, None)
+        if self._search is not None:
+            search, self._search = self._search, None
+            await search.__aexit__(None, None, None)
         if self.moderation is not None:
             await self.moderation.aclose()
-        self.ledger.close()
 
     # ------------------------------------------------------------ one point
 
@@ -301,6 +319,7 @@ class CollectionRun(PipelineRun):
                     "kind": "quota",
                     "reason": str(exc),
                     "resets_at": exc.resets_at.isoformat(),
+                    "resets": self.source.describe_reset(exc.resets_at),
                 }
                 atomic_write(self.dir / STOP_FILE, json.dumps(stop) + "\n")
             return PointRecord(item_id=item.point_id, status="unfinished", point=item)
@@ -308,8 +327,6 @@ class CollectionRun(PipelineRun):
         return record
 
     async def _collect(self, point: KnowledgePoint) -> PointRecord:
-        from plugins.sources.youtube import KeyRejected, QuotaExhausted
-
         ctx = StepContext(self.context, item_id=point.point_id)
         meta = {"discipline": point.discipline, "subject": point.subject, "term": point.term}
         try:
@@ -334,9 +351,9 @@ class CollectionRun(PipelineRun):
                     max_results=self.config.results_per_keyword,
                     max_duration_seconds=self.config.max_duration_seconds,
                 )
-            except QuotaExhausted as exc:
+            except SearchQuotaExhausted as exc:
                 raise QuotaStop(str(exc), exc.resets_at) from None
-            except KeyRejected as exc:
+            except SearchKeyRefused as exc:
                 raise KeyRefused(str(exc)) from None
             search.found = list(dict.fromkeys(v for ids in report.keywords.values() for v in ids))
             search.candidates = [c.video_id for c in report.candidates]
@@ -381,13 +398,6 @@ class CollectionRun(PipelineRun):
             raise
 
     async def _video(self, candidate: Any, point: KnowledgePoint, scenario: str) -> VideoState:
-        from plugins.steps.relevance import (
-            CandidateVideo,
-            KnowledgeContext,
-            judge_frames,
-            judge_metadata,
-        )
-
         known = read_state(self.dir, candidate.video_id)
         if known is not None:
             return known
@@ -405,21 +415,19 @@ class CollectionRun(PipelineRun):
             published_at=candidate.published_at,
             duration_seconds=candidate.duration_seconds,
         )
-        knowledge = KnowledgeContext(
-            term=point.term, definition=point.definition, scenario=scenario
-        )
+        knowledge = {"term": point.term, "definition": point.definition, "scenario": scenario}
         ctx = StepContext(self.context, item_id=candidate.video_id)
-        decision = await judge_metadata(
+        decision = await self.registry.get("step", METADATA_STEP).judge(
             ctx,
-            CandidateVideo(
-                video_id=candidate.video_id,
-                title=candidate.title,
-                description=candidate.description,
-                duration_s=candidate.duration_seconds,
-                channel=candidate.channel,
-                url=candidate.url,
-            ),
-            knowledge,
+            candidate={
+                "video_id": candidate.video_id,
+                "title": candidate.title,
+                "description": candidate.description,
+                "duration_s": candidate.duration_seconds,
+                "channel": candidate.channel,
+                "url": candidate.url,
+            },
+            knowledge=knowledge,
         )
         state.metadata = decision.model_dump(mode="json")
         if not decision.relevant:
@@ -443,6 +451,7 @@ class CollectionRun(PipelineRun):
             return self._save(state)
         state.downloaded = True
         state.path = outcome.path
+        state.licence = outcome.licence or ""
         try:
             frames = await self._frames(candidate.video_id, Path(outcome.path))
         except VkrError as exc:
@@ -458,19 +467,19 @@ class CollectionRun(PipelineRun):
             title=candidate.title,
             description=candidate.description,
         )
-        visual = await judge_frames(StepContext(self.context, video, frames), knowledge)
+        visual = await self.registry.get("step", VISUAL_STEP).judge(
+            StepContext(self.context, video, frames), knowledge=knowledge
+        )
         state.visual = visual.model_dump(mode="json")
         if not visual.relevant:
             state.status = "visual_rejected"
             state.reason = visual.reason
             return self._save(state)
         if self.moderation is not None:
-            from plugins.providers.moderation import write_record
-
             record = await self.moderation.moderate_video(
                 candidate.video_id, frames, seed=self.config.seed
             )
-            write_record(self.context.store.root, record)
+            self.moderation.write_record(self.context.store.root, record)
             state.moderation = {"safe": record.safe, "reason": record.reason}
             if not record.safe:
                 state.status = "unsafe"
@@ -501,10 +510,10 @@ class CollectionRun(PipelineRun):
 # ---------------------------------------------------------------- the outputs
 
 
-def manifest_line(state: VideoState, point: KnowledgePoint) -> dict[str, Any]:
+def manifest_line(
+    state: VideoState, point: KnowledgePoint, platform: str = "youtube"
+) -> dict[str, Any]:
     """A manifest line for a kept video: what `vkr run` reads, attribution included."""
-    from plugins.sources.youtube_download import CC_LICENCE
-
     video = Video(
         video_id=state.video_id,
         path=f"{VIDEOS_DIR}/{state.video_id}.mp4",
@@ -515,11 +524,11 @@ def manifest_line(state: VideoState, point: KnowledgePoint) -> dict[str, Any]:
         description=state.description,
         source={
             "url": state.url,
-            "license": CC_LICENCE if state.license == "creativeCommon" else state.license,
+            "license": state.licence or state.license,
             "channel": state.channel,
             "channel_id": state.channel_id,
             "published_at": state.published_at,
-            "platform": "youtube",
+            "platform": platform,
         },
     )
     return video.model_dump(mode="json", exclude={"video_path", "truncated"}, exclude_none=True)
@@ -549,11 +558,17 @@ def finish(
     now: str | None = None,
     units_before: int | None = None,
     stopped: dict[str, Any] | None = None,
+    source: SearchSource | None = None,
 ) -> dict[str, Any]:
     """Write ``links.jsonl``, ``manifest.jsonl`` and ``collect_report.json`` from what the
-    runs recorded (the point records and the video states); return the report."""
-    from plugins.sources.youtube import QuotaLedger
+    runs recorded (the point records and the video states); return the report.
 
+    ``source`` is the search source the videos came from (the loaded ``youtube`` one unless
+    given): its quota goes into the report."""
+    if source is None:
+        from vkr_core.plugins import get_plugin_manager
+
+        source = search_source(get_plugin_manager().registry, CollectConfig().source)
     root = Path(collection_dir)
     records = read_records(root, points)
     by_id = {p.point_id: p for p in points}
@@ -592,7 +607,7 @@ def finish(
             why_dropped[state.status.replace("_", " ")] += 1
     kept = sorted((s for s in states.values() if s.status == "kept"), key=lambda s: s.video_id)
     manifest = "".join(
-        json.dumps(manifest_line(s, by_id[s.point_id]), ensure_ascii=False) + "\n"
+        json.dumps(manifest_line(s, by_id[s.point_id], source.name), ensure_ascii=False) + "\n"
         for s in kept
         if s.point_id in by_id
     )
@@ -627,12 +642,8 @@ def finish(
             elif call.get("outcome") != "error":
                 paid += 1
                 spend += float(call.get("cost_usd") or 0.0)
-    ledger = QuotaLedger(root, daily_quota, clock_from(now))
-    try:
-        quota = ledger.status()
-        units = dict(ledger._db.execute("SELECT method, SUM(units) FROM spend GROUP BY method"))
-    finally:
-        ledger.close()
+    quota = source.quota(root, daily_quota=daily_quota, clock=clock_from(now))
+    units = quota.units_by_method
     report: dict[str, Any] = {
         "funnel": funnel,
         "points_done": sum(1 for r in records if r.status == "done"),
@@ -730,26 +741,23 @@ class CollectionPipeline(Pipeline):
 
     def check(self, run: Any) -> None:
         config = _config(run.config)
-        if config.moderation is not None:
-            from plugins.providers.moderation import find_moderator, parse_settings
-
-            settings = parse_settings(config.moderation)
-            moderator = find_moderator(run.registry, settings.provider)
-            moderator.thresholds(settings)
-            # A missing key or endpoint stops here, before anything is paid for.
-            moderator.api_key(settings)
-            moderator.endpoint(settings)
+        search_source(run.registry, config.source)
+        settings = config.moderation
+        if settings is not None:
+            moderator = find_image_moderator(
+                run.registry, str(settings.get("provider") or DEFAULT_MODERATOR)
+            )
+            # Bad thresholds, a missing key or endpoint stop here, before anything is paid for.
+            moderator.check_moderation(settings)
 
     def read_items(self, path: str | Path, config: Any) -> Items:
         raise InputError(RUN_BY_COLLECT)
 
     async def open(self, context: RunContext, checkpointer: Any) -> CollectionRun:
-        from plugins.sources.youtube import api_key_from_env
-
         config = _config(context.config)
         run = CollectionRun(context, config)
         try:
-            await run.open(api_key_from_env())
+            await run.open(run.source.api_key_from_env())
         except BaseException:
             await run.close()
             raise
@@ -828,11 +836,11 @@ def collect(
     ``now`` (ISO 8601) sets the quota ledger's clock, for tests. Stops cleanly when the
     YouTube quota runs out (``result.stopped``); the next run goes on from where it stopped.
     """
-    from plugins.sources.youtube import QuotaLedger
     from vkr_core.plugins import get_plugin_manager
     from vkr_core.run import run_items
 
     pm = pm or get_plugin_manager()
+    source = search_source(pm.registry, CollectConfig().source)
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     clock_from(now)  # a bad clock stops here
@@ -842,11 +850,7 @@ def collect(
     if not points:
         raise InputError(f"{bank}: the bank has no knowledge points to collect for")
     (root / STOP_FILE).unlink(missing_ok=True)
-    ledger = QuotaLedger(root, daily_quota, clock_from(now))
-    try:
-        before = ledger.status().spent
-    finally:
-        ledger.close()
+    before = source.quota(root, daily_quota=daily_quota, clock=clock_from(now)).spent
     config = CollectConfig(
         collection_dir=str(root),
         youtube_api_base=youtube_api_base or os.environ.get("YOUTUBE_API_BASE") or "",
@@ -872,7 +876,13 @@ def collect(
     stop_file = root / STOP_FILE
     stopped = json.loads(stop_file.read_text(encoding="utf-8")) if stop_file.is_file() else None
     report = finish(
-        root, points, daily_quota=daily_quota, now=now, units_before=before, stopped=stopped
+        root,
+        points,
+        daily_quota=daily_quota,
+        now=now,
+        units_before=before,
+        stopped=stopped,
+        source=source,
     )
     if stopped is not None and stopped.get("kind") == "key":
         raise InputError(stopped["reason"])

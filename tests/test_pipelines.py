@@ -140,3 +140,30 @@ def test_the_engine_names_no_concrete_step_or_skill():
                 line = text.count("\n", 0, match.start()) + 1
                 found.append(f"{path.name}:{line} names {name}")
     assert found == []
+
+
+def _plugin_imports(text: str) -> list[tuple[int, str]]:
+    """Every ``import plugins...`` / ``from plugins... import``, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        found += [(node.lineno, name) for name in names if name.split(".")[0] == "plugins"]
+    return found
+
+
+def test_graphs_reach_plugins_through_the_registry_never_by_import():
+    """A graph gets its steps, sources and providers from the registry (DESIGN.md), so a
+    third party's plugin can stand in for a built-in one; a lazy import inside a function
+    counts as much as one at the top of the module."""
+    graphs = sorted((REPO / "graphs").glob("*.py"))
+    assert graphs, "no graphs found"
+    offenders = [
+        f"graphs/{path.name}:{line} imports {name}"
+        for path in graphs
+        for line, name in _plugin_imports(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
