@@ -830,17 +830,20 @@ def collect(
     pm: Any = None,
     now: str | None = None,
     force: bool = False,
+    source: str | None = None,
 ) -> CollectResult:
     """`vkr collect`: bank -> knowledge points -> ... -> ``out/manifest.jsonl``.
 
-    ``now`` (ISO 8601) sets the quota ledger's clock, for tests. Stops cleanly when the
+    ``now`` (ISO 8601) sets the quota ledger's clock, for tests. ``source`` names the
+    registered search source (``youtube`` unless given). Stops cleanly when the
     YouTube quota runs out (``result.stopped``); the next run goes on from where it stopped.
     """
     from vkr_core.plugins import get_plugin_manager
     from vkr_core.run import run_items
 
     pm = pm or get_plugin_manager()
-    source = search_source(pm.registry, CollectConfig().source)
+    source_name = source or CollectConfig().source
+    search_from = search_source(pm.registry, source_name)
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     clock_from(now)  # a bad clock stops here
@@ -850,9 +853,10 @@ def collect(
     if not points:
         raise InputError(f"{bank}: the bank has no knowledge points to collect for")
     (root / STOP_FILE).unlink(missing_ok=True)
-    before = source.quota(root, daily_quota=daily_quota, clock=clock_from(now)).spent
+    before = search_from.quota(root, daily_quota=daily_quota, clock=clock_from(now)).spent
     config = CollectConfig(
         collection_dir=str(root),
+        source=source_name,
         youtube_api_base=youtube_api_base or os.environ.get("YOUTUBE_API_BASE") or "",
         download_url_template=download_url_template,
         daily_quota=daily_quota,
@@ -882,7 +886,7 @@ def collect(
         now=now,
         units_before=before,
         stopped=stopped,
-        source=source,
+        source=search_from,
     )
     if stopped is not None and stopped.get("kind") == "key":
         raise InputError(stopped["reason"])

@@ -167,3 +167,16 @@ def test_graphs_reach_plugins_through_the_registry_never_by_import():
         for line, name in _plugin_imports(path.read_text(encoding="utf-8"))
     ]
     assert offenders == []
+
+
+def test_a_collection_from_a_source_that_cannot_search_is_a_one_line_error(tmp_path):
+    """The collection takes its source from the registry by name: one that only reads a
+    folder (``local``) stops it before the bank is even read, and so does an unknown name."""
+    from graphs.collection import collect
+    from vkr_core.schemas import VkrError
+
+    with pytest.raises(VkrError, match=r"^source 'local' cannot search and download videos$"):
+        collect(tmp_path / "bank.yaml", tmp_path / "pool.yaml", tmp_path / "out", source="local")
+    with pytest.raises(VkrError, match=r"no source named 'vimeo' is loaded"):
+        collect(tmp_path / "bank.yaml", tmp_path / "pool.yaml", tmp_path / "out", source="vimeo")
+    assert not (tmp_path / "out").exists()
