@@ -38,6 +38,7 @@ from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write
 from vkr_core.hookspecs import hookimpl
 from vkr_core.log import redact, register_secrets
+from vkr_core.moderation import find_image_moderator
 from vkr_core.router import seeded_rng
 from vkr_core.schemas import CallRecord, Frame, InputError, Strict, VkrError, check_video_id
 
@@ -463,20 +464,12 @@ class OpenAIModeration(Moderator):
 
 
 def find_moderator(registry: Any, name: str) -> Moderator:
-    """The moderator named ``name`` among the loaded providers; ``azure`` and ``openai``
-    are short for the built-in ones."""
-    moderators = {
-        n: p for n, p in getattr(registry, "providers", {}).items() if isinstance(p, Moderator)
-    }
-    if name in moderators:
-        return moderators[name]
-    matches = [n for n in moderators if n.startswith(f"{name}-")]
-    if len(matches) == 1:
-        return moderators[matches[0]]
-    raise InputError(
-        f"no image moderation provider named {name!r} is loaded (loaded: "
-        f"{', '.join(sorted(moderators)) or 'none'})"
-    )
+    """The moderator named ``name`` among the loaded providers (``azure`` and ``openai`` are
+    short for the built-in ones), as the engine finds it, typed as this module's kind."""
+    found = find_image_moderator(registry, name)
+    if not isinstance(found, Moderator):
+        raise InputError(f"provider {name!r} moderates images but not through vkr's Moderator")
+    return found
 
 
 class ImageModeration:
