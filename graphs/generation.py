@@ -7,11 +7,8 @@ branch has ended). Steps come from the plugin registry; nothing here names a con
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import functools
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -36,6 +33,7 @@ from vkr_core.schemas import (
 from vkr_core.seeds import SeedBank
 from vkr_core.steps import Gate, Generator, ReplyError
 from vkr_core.store import is_disk_full
+from vkr_core.video import FrameSource
 
 log = get_logger("vkr.graph")
 
@@ -120,88 +118,50 @@ def find_generator(registry: Any) -> Generator:
     return generators[0]
 
 
-class FrameSource:
-    """A run's frames, by reference: state and Send payloads carry the video, never its
-    frame list (64 frames repeated in ~30 checkpoints per video were most of their size).
+def run_skills(config: Any, registry: Any) -> list[str]:
+    """The skills a run generates: ``--skills``, else every registered one."""
+    return list(config.skills or sorted(registry.skills))
 
-    Nodes get a video's frames from a bounded cache, or after a resume from the frames
-    manifest ``sample_frames`` left in the run directory (no decoding, under a millisecond).
-    Decoding runs on threads of its own (each waits on a decoder process), never on the
-    event loop's default executor, where it queued behind network work; ``prefetch``
-    starts it ahead of a video's turn.
+
+def planned_rounds(config: Any, registry: Any) -> dict[str, int]:
+    """Rounds per skill every video gets: a video is done when each has an outcome."""
+    return {
+        name: config.rounds_per_skill or registry.get("skill", name).rounds
+        for name in run_skills(config, registry)
+    }
+
+
+def decode_call(video: Video, run: RunContext) -> Callable[[], list[Frame]]:
+    """Sampling a video's frames as the run is configured, for a FrameSource to run.
+
+    Frames travel by reference: state and Send payloads carry the video, never its frame
+    list (64 frames repeated in ~30 checkpoints per video were most of their size). After a
+    resume the frames manifest sample_frames left in the run directory answers without
+    decoding (under a millisecond).
     """
+    from vkr_core.video import sample_frames
 
-    def __init__(self, workers: int):
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="vkr-decode"
-        )
-        self._cache: OrderedDict[str, list[Frame]] = OrderedDict()
-        self._decoding: dict[str, asyncio.Future[list[Frame]]] = {}
-
-    async def get(self, video: Video, run: RunContext) -> list[Frame]:
-        frames = self._cache.get(video.video_id)
-        if frames is not None:
-            self._cache.move_to_end(video.video_id)
-            return frames
-        pending = self._started(video, run)
-        try:
-            frames = await asyncio.shield(pending)
-        finally:
-            if pending.done():
-                self._decoding.pop(video.video_id, None)
-        self._cache[video.video_id] = frames
-        while len(self._cache) > FRAME_CACHE_VIDEOS:
-            self._cache.popitem(last=False)
-        return frames
-
-    def _started(self, video: Video, run: RunContext) -> asyncio.Future[list[Frame]]:
-        pending = self._decoding.get(video.video_id)
-        if pending is None:
-            pending = self._decoding[video.video_id] = asyncio.ensure_future(
-                self._decode(video, run)
-            )
-        return pending
-
-    async def prefetch(self, video: Video, run: RunContext) -> None:
-        """Decode ahead of the video's turn. A failure waits for ``get``, which raises it
-        where the video's failure is recorded: the file is not decoded a second time."""
-        if video.video_id in self._cache:
-            return
-        pending = self._started(video, run)
-        await asyncio.wait([pending])
-
-    async def _decode(self, video: Video, run: RunContext) -> list[Frame]:
-        from vkr_core.video import sample_frames
-
-        config = run.config
-        call = functools.partial(
-            sample_frames,
-            video.path,
-            run.store.frames_dir(video.video_id),
-            fps=config.fps,
-            max_frames=config.max_frames,
-            max_side=config.max_side,
-            jpeg_quality=config.jpeg_quality,
-            timeout=config.decode_timeout,
-            pm=run.pm,
-        )
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
-    def forget(self, video_id: str) -> None:
-        self._cache.pop(video_id, None)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    config = run.config
+    return functools.partial(
+        sample_frames,
+        video.path,
+        run.store.frames_dir(video.video_id),
+        fps=config.fps,
+        max_frames=config.max_frames,
+        max_side=config.max_side,
+        jpeg_quality=config.jpeg_quality,
+        timeout=config.decode_timeout,
+        pm=run.pm,
+    )
 
 
-def build_graph(registry: Any, checkpointer: Any = None, frames: FrameSource | None = None) -> Any:
+def build_graph(registry: Any, checkpointer: Any, source: FrameSource) -> Any:
     """Compile the generation graph for the steps the plugins registered."""
     generator = find_generator(registry)
     gates: list[Gate] = registry.gates()
-    source = frames or FrameSource(workers=DECODE_WORKERS)
 
     async def frames_of(video: Video, run: RunContext) -> list[Frame]:
-        return await source.get(video, run)
+        return await source.get(video.video_id, decode_call(video, run))
 
     gate_names = [g.name for g in gates]
 
@@ -224,8 +184,16 @@ def build_graph(registry: Any, checkpointer: Any = None, frames: FrameSource | N
             # A decoder that failed because the frames could not be written is not a bad video.
             if is_disk_full(exc) or run.store.low_on_space():
                 raise run.store.disk_full_error(exc) from None
-            return {"failure": str(exc), "frame_count": 0, "planned": run.planned_rounds()}
-        return {"frame_count": len(frames), "failure": None, "planned": run.planned_rounds()}
+            return {
+                "failure": str(exc),
+                "frame_count": 0,
+                "planned": planned_rounds(run.config, run.registry),
+            }
+        return {
+            "frame_count": len(frames),
+            "failure": None,
+            "planned": planned_rounds(run.config, run.registry),
+        }
 
     def fan_out(state: VideoState, runtime: Runtime[RunContext]) -> list[Send] | str:
         if state.get("failure") or not state.get("frame_count"):
@@ -437,12 +405,12 @@ def format_funnel(rows: list[tuple[str, int]]) -> str:
 class GenerationRun(PipelineRun):
     def __init__(self, context: RunContext, checkpointer: Any):
         self.context = context
-        self.frames = FrameSource(workers=DECODE_WORKERS)
+        self.frames = FrameSource(workers=DECODE_WORKERS, keep=FRAME_CACHE_VIDEOS)
         self.graph = build_graph(context.registry, checkpointer, self.frames)
 
     async def prepare(self, item: Video) -> None:
         if not self.context.store.record_path(item.video_id).exists():
-            await self.frames.prefetch(item, self.context)
+            await self.frames.prefetch(item.video_id, decode_call(item, self.context))
 
     async def process(self, item: Video) -> VideoRecord:
         store = self.context.store
@@ -454,7 +422,7 @@ class GenerationRun(PipelineRun):
                     video_id=item.video_id,
                     video=item,
                     status="unfinished",
-                    planned=self.context.planned_rounds(),
+                    planned=planned_rounds(self.context.config, self.context.registry),
                 )
             )
         return await process_video(
@@ -484,12 +452,9 @@ class GenerationPipeline(Pipeline):
     def gate_order(self, registry: Any) -> list[str]:
         return [g.name for g in registry.gates()]
 
-    def _skills(self, run: Any) -> list[str]:
-        return run.config.skills or sorted(run.registry.skills)
-
     def check(self, run: Any) -> None:
         find_generator(run.registry)
-        skills = self._skills(run)
+        skills = run_skills(run.config, run.registry)
         for skill in skills:
             run.registry.get("skill", skill)
         # Every skill needs seeds: its plugin's, or the --seed-bank's (which wins per skill).
@@ -508,7 +473,7 @@ class GenerationPipeline(Pipeline):
         )
 
     async def open(self, context: RunContext, checkpointer: Any) -> GenerationRun:
-        skills = context.config.skills or sorted(context.registry.skills)
+        skills = run_skills(context.config, context.registry)
         context.seed_bank = SeedBank.for_run(context.registry, skills, context.config.seed_bank)
         return GenerationRun(context, checkpointer)
 

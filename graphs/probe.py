@@ -14,8 +14,7 @@ items and writes the probe's files from the records.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -50,6 +49,7 @@ from vkr_core.schemas import (
     is_disk_full,
 )
 from vkr_core.steps import ReplyError, Step
+from vkr_core.video import FrameSource
 
 log = get_logger("vkr.probe")
 
@@ -138,48 +138,39 @@ class ProbeRun(PipelineRun):
         )
         # `--concurrency` counts model calls in flight, whatever video they are for.
         self.calls = asyncio.Semaphore(self.config.concurrency)
-        # Each decode waits on a decoder process: a few threads keep the cores busy without
-        # queueing behind network work on the loop's default executor.
-        self._decoder = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.config.decode_workers, thread_name_prefix="vkr-probe-decode"
+        # Frames are chosen per trial and not needed once the video is probed: none kept.
+        self._frames = FrameSource(
+            self.config.decode_workers, keep=0, thread_name="vkr-probe-decode"
         )
-        self._frames: dict[str, asyncio.Future[list[Frame]]] = {}
         self._route = tuple(spec.name for spec in models)
 
     # ------------------------------------------------------------ frames
 
-    def _started(self, item: ProbeVideo) -> asyncio.Future[list[Frame]]:
-        pending = self._frames.get(item.item_id)
-        if pending is None:
-            pending = self._frames[item.item_id] = asyncio.ensure_future(self._decode(item))
-            # A video decoded ahead but never probed (the run stopped first) must not leave
-            # "exception was never retrieved" behind: process() is where a failure counts.
-            pending.add_done_callback(lambda done: done.cancelled() or done.exception())
-        return pending
-
-    async def _decode(self, item: ProbeVideo) -> list[Frame]:
+    def _decode_call(self, item: ProbeVideo) -> Callable[[], list[Frame]]:
         from vkr_core.video import sample_frames
 
         path = Path(item.path)
-        if not path.is_file():
-            raise InputError(f"video file not found: {path}")
         config = self.config
-        call = functools.partial(
-            sample_frames,
-            path,
-            self.frames_root / item.item_id,
-            fps=config.fps,
-            max_frames=config.max_frames,
-            max_side=config.max_side,
-            jpeg_quality=config.jpeg_quality,
-            timeout=config.decode_timeout,
-            pm=self.context.pm,
-        )
-        return await asyncio.get_running_loop().run_in_executor(self._decoder, call)
+
+        def decode() -> list[Frame]:
+            if not path.is_file():
+                raise InputError(f"video file not found: {path}")
+            return sample_frames(
+                path,
+                self.frames_root / item.item_id,
+                fps=config.fps,
+                max_frames=config.max_frames,
+                max_side=config.max_side,
+                jpeg_quality=config.jpeg_quality,
+                timeout=config.decode_timeout,
+                pm=self.context.pm,
+            )
+
+        return decode
 
     async def prepare(self, item: ProbeVideo) -> None:
         # A failure waits for process(), which records it: the file is not decoded twice.
-        await asyncio.wait([self._started(item)])
+        await self._frames.prefetch(item.item_id, self._decode_call(item))
 
     # ------------------------------------------------------------ one video
 
@@ -193,7 +184,7 @@ class ProbeRun(PipelineRun):
                 self._write(self._failed(item, _reason(exc)))
             raise
         finally:
-            self._frames.pop(item.item_id, None)
+            self._frames.forget(item.item_id)
 
     def _failed(self, item: ProbeVideo, reason: str) -> ProbeRecord:
         return ProbeRecord(
@@ -207,7 +198,7 @@ class ProbeRun(PipelineRun):
     async def _probe_video(self, item: ProbeVideo) -> ProbeRecord:
         store = self.context.store
         try:
-            frames = await self._started(item)
+            frames = await self._frames.get(item.item_id, self._decode_call(item))
         except Exception as exc:
             # A decoder that failed because the frames could not be written is not a bad video.
             if is_disk_full(exc) or store.low_on_space():
@@ -366,9 +357,7 @@ class ProbeRun(PipelineRun):
             return str(exc)
 
     async def close(self) -> None:
-        for pending in self._frames.values():
-            pending.cancel()
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._frames.close()
 
 
 class ProbePipeline(Pipeline):

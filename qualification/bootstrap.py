@@ -36,6 +36,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from graphs.generation import planned_rounds, run_skills
 from qualification.models import PILOT_INPUTS_MANIFEST, PilotInputsManifest, StepInputs
 from qualification.pilot import RecordedInput, _run_coroutine, input_sha256, read_inputs
 from vkr_core.calls import CallFailed, ModelCaller, key_messages
@@ -336,7 +337,7 @@ def collect_pilot_inputs(
             f"pool {pool_path} cannot serve the pipeline even with every model that fits a "
             f"step as a candidate: {exc}"
         ) from None
-    skills = config.skills or sorted(registry.skills)
+    skills = run_skills(config, registry)
     for skill in skills:
         registry.get("skill", skill)
     # The same seeds a run would show: the skills' own, or the --seed-bank's.
@@ -363,9 +364,7 @@ def collect_pilot_inputs(
         used=used,
         wanted=wanted,
         skills=skills,
-        rounds={
-            name: config.rounds_per_skill or registry.get("skill", name).rounds for name in skills
-        },
+        rounds=planned_rounds(config, registry),
         seed_bank=seed_bank,
         config=config,
         videos=interleave_disciplines(videos, config.seed),

@@ -125,14 +125,6 @@ class RunContext:
     # Set by a pipeline whose steps pick seed examples (generation).
     seed_bank: SeedBank | None = None
 
-    def planned_rounds(self) -> dict[str, int]:
-        """Rounds per skill every video gets: a video is done when each has an outcome."""
-        skills = self.config.skills or sorted(self.registry.skills)
-        return {
-            name: self.config.rounds_per_skill or self.registry.get("skill", name).rounds
-            for name in skills
-        }
-
 
 class StepContext:
     """One item's view of a run, for the steps that work on it.

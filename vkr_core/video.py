@@ -8,7 +8,9 @@ process by default because decord can abort the whole process or hang on corrupt
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import functools
 import hashlib
 import importlib
@@ -211,6 +213,71 @@ class FrameImages:
                 ]
             out.append({"role": message["role"], "content": content})
         return out
+
+
+# ---------------------------------------------------------------- frames for a run
+
+
+class FrameSource:
+    """A run's decoded frames, by key (the video id).
+
+    Decoding runs on threads of its own, each waiting on a decoder process: never on the
+    event loop's default executor, where it queued behind network work. ``prefetch``
+    starts a video's decoding ahead of its turn; ``get`` waits for it (or starts it) and
+    raises its failure there, where the run records it, so a file is never decoded twice.
+    The last ``keep`` videos' frame lists stay in memory (a few KB each).
+    """
+
+    def __init__(self, workers: int, keep: int = 512, thread_name: str = "vkr-decode"):
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix=thread_name
+        )
+        self._keep = keep
+        self._cache: OrderedDict[str, list[Frame]] = OrderedDict()
+        self._decoding: dict[str, asyncio.Future[list[Frame]]] = {}
+
+    def _started(self, key: str, decode: Callable[[], list[Frame]]) -> asyncio.Future[list[Frame]]:
+        pending = self._decoding.get(key)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = self._decoding[key] = asyncio.ensure_future(
+                loop.run_in_executor(self._executor, decode)
+            )
+            # A video decoded ahead but never processed (the run stopped first) must not
+            # leave "exception was never retrieved" behind: get() is where a failure counts.
+            pending.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return pending
+
+    async def get(self, key: str, decode: Callable[[], list[Frame]]) -> list[Frame]:
+        """The frames of ``key``: kept, being decoded, or decoded now by ``decode()``."""
+        frames = self._cache.get(key)
+        if frames is not None:
+            self._cache.move_to_end(key)
+            return frames
+        pending = self._started(key, decode)
+        try:
+            frames = await asyncio.shield(pending)
+        finally:
+            if pending.done():
+                self._decoding.pop(key, None)
+        if self._keep:
+            self._cache[key] = frames
+            while len(self._cache) > self._keep:
+                self._cache.popitem(last=False)
+        return frames
+
+    async def prefetch(self, key: str, decode: Callable[[], list[Frame]]) -> None:
+        """Start decoding ``key`` and wait for it to end, successfully or not."""
+        if key not in self._cache:
+            await asyncio.wait([self._started(key, decode)])
+
+    def forget(self, key: str) -> None:
+        self._cache.pop(key, None)
+
+    def close(self) -> None:
+        for pending in self._decoding.values():
+            pending.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- finding a reader
@@ -795,6 +862,7 @@ def _sample_isolated(
 __all__ = [
     "DataURL",
     "FrameImages",
+    "FrameSource",
     "FrameReader",
     "ReaderError",
     "TIMESTAMP_TOLERANCE",
