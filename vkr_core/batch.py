@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from vkr_core.pipelines import accepted_in
 from vkr_core.schemas import CallRecord
 
 
@@ -50,9 +51,7 @@ class BatchCounters:
     # The pipeline's tally of this invocation's records (``add(record)``), e.g. the funnel.
     funnel: Any = None
     # How many accepted results a record holds (the pipeline says).
-    accepted_in: Callable[[Any], int] = field(
-        default=lambda record: len(getattr(record, "accepted", []) or [])
-    )
+    accepted_in: Callable[[Any], int] = accepted_in
 
     @property
     def unfinished(self) -> int:

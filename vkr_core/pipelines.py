@@ -9,7 +9,6 @@ through ``vkr_register_pipelines``, and runs with ``vkr run --pipeline NAME``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -142,8 +141,7 @@ class Pipeline:
 
     def accepted(self, record: Any) -> int:
         """How many results a record counts toward ``--target-accepted``."""
-        value = getattr(record, "accepted", 0)
-        return len(value) if isinstance(value, list) else int(value or 0)
+        return accepted_in(record)
 
     def tally(self) -> Any:
         """A per-run accumulator with ``add(record)`` for the end-of-run summary, or None."""
@@ -183,5 +181,7 @@ def read_jsonl_items(path: str | Path, schema: type[BaseModel], id_field: str) -
     return items
 
 
-def pipeline_names(pipelines: Iterable[str]) -> str:
-    return ", ".join(sorted(pipelines)) or "none"
+def accepted_in(record: Any) -> int:
+    """A record's ``accepted``: a list of results (generation) or a count."""
+    value = getattr(record, "accepted", 0)
+    return len(value) if isinstance(value, list) else int(value or 0)
