@@ -31,9 +31,7 @@ def videos(tmp_path: Path, testdata: Path) -> list[Video]:
 
 def run(videos, run_dir, pool, pm, concurrency=3):
     counters = asyncio.run(
-        run_items(
-            videos, run_dir, pool, RunConfig(), pm, concurrency=concurrency, progress=False
-        )
+        run_items(videos, run_dir, pool, RunConfig(), pm, concurrency=concurrency, progress=False)
     )
     # A run keeps counters, not records: the records are read back from the run directory.
     return RunStore(run_dir).records(), counters

@@ -33,6 +33,8 @@ _importing: concurrent.futures.Future[Any] | None = None
 # Marks where an image's data URL goes back into an encoded body: random per process, so
 # no text a step sends can spell it.
 _IMAGE_SLOT = f"vkr-image-{secrets.token_hex(8)}-"
+
+
 def json_body(body: dict[str, Any]) -> bytes:
     """``json.dumps(body)`` as bytes, without passing the frames' base64 through the encoder.
 
