@@ -43,6 +43,15 @@ class ModelSpec(Strict):
     timeout: float = Field(default=120.0, gt=0)
     input_cost_per_token: float | None = Field(default=None, ge=0)
     output_cost_per_token: float | None = Field(default=None, ge=0)
+    structured_output: bool = Field(
+        default=False,
+        description="send each step's JSON schema with the call, in the provider's native form",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="provider-specific settings, validated by the provider named in 'provider' "
+        "(e.g. how provider: vllm starts its server)",
+    )
 
     def api_key(self) -> str | None:
         if not self.api_key_env:
