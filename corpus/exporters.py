@@ -497,9 +497,9 @@ def recorded_video_roots(split_dir: str | Path) -> dict[str, str]:
     roots: dict[str, str] = {}
     for run_dir in run_dirs:
         try:
-            config = json.loads(RunLayout(run_dir).config.read_text(encoding="utf-8"))
-            root = config["config"]["video_root"]
-        except (OSError, ValueError, KeyError, TypeError):
+            config = RunLayout(run_dir).read_config()
+            root = config["config"]["video_root"] if config else None
+        except (InputError, KeyError, TypeError):
             continue
         if isinstance(root, str) and root:
             roots[run_dir] = root

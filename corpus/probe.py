@@ -488,7 +488,13 @@ async def probe_eval_set(
 
 def _chosen_models(store: RunStore) -> tuple[list[str], str | None]:
     """The probe models and judge this probe ran with, as its run directory recorded them."""
-    chosen = json.loads(store.layout.config.read_text())["pipeline"]
+    config = store.layout.read_config()
+    if config is None or not isinstance(config.get("pipeline"), dict):
+        raise InputError(
+            f"{store.layout.config} does not record the probe's models: "
+            "was this run directory made by `vkr probe`?"
+        )
+    chosen = config["pipeline"]
     return list(chosen["models"]), chosen["judge"]
 
 

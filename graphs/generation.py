@@ -502,14 +502,10 @@ class GenerationPipeline(Pipeline):
 
 def saved_gate_order(run_dir: str | Path) -> list[str]:
     """The gate order the run saved in its config snapshot."""
-    import json
-
     from vkr_core.store import RunLayout
 
-    config = RunLayout(run_dir).config
-    if not config.exists():
-        return []
-    return list(json.loads(config.read_text()).get("gate_order") or [])
+    config = RunLayout(run_dir).read_config()
+    return list((config or {}).get("gate_order") or [])
 
 
 @hookimpl

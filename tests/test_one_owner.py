@@ -264,6 +264,39 @@ def test_a_bad_record_reads_the_same_one_line_in_report_and_split(tmp_path: Path
     assert error == f"Error: record {run_dir / 'records' / 'v1.json'}: {line}"
 
 
+def test_a_damaged_config_snapshot_is_one_line_for_report_probe_and_rerun(
+    tmp_path: Path,
+) -> None:
+    """config.json has one reader: report (gate order), probe report (its models) and a
+    rerun's config check all name the file in one line instead of a JSON traceback."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = run_dir / "config.json"
+    config.write_text('{"gate_order": ["self_con')  # cut by a full disk, say
+
+    report = vkr("report", run_dir)
+    assert report.returncode == 1
+    assert "Traceback" not in report.stderr
+    [error] = [x for x in report.stderr.splitlines() if x.startswith("Error")]
+    assert error.startswith(f"Error: {config} is damaged (not JSON:")
+
+    from corpus.probe import _chosen_models
+    from vkr_core.schemas import InputError
+    from vkr_core.store import RunStore
+
+    with pytest.raises(InputError, match="is damaged"):
+        _chosen_models(RunStore(run_dir))
+    config.write_text(json.dumps({"config": {}}))
+    with pytest.raises(InputError, match="does not record the probe's models"):
+        _chosen_models(RunStore(run_dir))
+
+    config.write_text("[1, 2]")
+    with pytest.raises(InputError, match=r"not a JSON object\): use another --out, or --force"):
+        RunStore(run_dir).check_config({"a": 1})
+    RunStore(run_dir).check_config({"a": 1}, force=True)
+    assert json.loads(config.read_text()) == {"a": 1}
+
+
 def test_a_broken_pilot_manifest_is_one_line(tmp_path: Path) -> None:
     pilot = tmp_path / "pilot"
     pilot.mkdir()

@@ -106,6 +106,27 @@ class RunLayout:
         """The config snapshot a rerun must match."""
         return self.root / "config.json"
 
+    def read_config(self) -> dict[str, Any] | None:
+        """The config snapshot, or None when the run has not written one yet.
+
+        The one reader of ``config.json``: a damaged file is an InputError naming it, never a
+        JSON traceback, whoever reads it (a report, an export, a probe).
+        """
+        path = self.config
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"{path} is damaged (not JSON: {exc})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path} is damaged (not a JSON object)")
+        return data
+
     @property
     def checkpoints(self) -> Path:
         """The SQLite checkpoint database (thread = video id)."""
@@ -344,8 +365,11 @@ class RunStore:
     def check_config(self, snapshot: dict[str, Any], force: bool = False) -> None:
         """Refuse to mix results of different configs in one run directory unless forced."""
         path = self.layout.config
-        if path.exists() and not force:
-            old = json.loads(path.read_text())
+        try:
+            old = None if force else self.layout.read_config()
+        except InputError as exc:
+            raise InputError(f"{exc}: use another --out, or --force to start it afresh") from None
+        if old is not None:
             differences = _diff(old, snapshot)
             if differences:
                 raise InputError(
