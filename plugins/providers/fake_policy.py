@@ -38,6 +38,20 @@ class Knobs(BaseModel):
     server_error: float = Field(default=0.0, ge=0, le=1, description="share of HTTP 500/503")
     hang: float = Field(default=0.0, ge=0, le=1, description="share of requests that hang")
     hang_s: float = Field(default=3600.0, ge=0, description="how long a hung request sleeps")
+    needs_schema: bool = Field(
+        default=False,
+        description=(
+            "a request without a response schema gets a malformed reply; one with a schema "
+            "is well-formed whatever the malformed share (scripted outcomes still apply)"
+        ),
+    )
+    violate_schema: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of requests with a response schema answered with valid JSON "
+        "that breaks the schema",
+    )
     script: list[Outcome] = Field(
         default_factory=list, description="outcomes consumed in order before the shares apply"
     )
@@ -59,6 +73,8 @@ class KnobOverrides(BaseModel):
     server_error: float | None = Field(default=None, ge=0, le=1)
     hang: float | None = Field(default=None, ge=0, le=1)
     hang_s: float | None = Field(default=None, ge=0)
+    needs_schema: bool | None = None
+    violate_schema: float | None = Field(default=None, ge=0, le=1)
     script: list[Outcome] | None = None
 
 

@@ -190,6 +190,9 @@ class ChatRequest:
     image_hashes: list[str]
     seed: int | None
     normalised_messages: list[dict[str, Any]]
+    # The JSON schema the request asked the reply to follow, from the protocol's native form.
+    response_schema: dict[str, Any] | None = None
+    protocol: str = "openai"
 
     def text_chars(self) -> int:
         return sum(len(t) for t in self.texts)
@@ -209,6 +212,34 @@ def _image_hash(url: str) -> str:
             except (binascii.Error, ValueError):
                 pass
     return hashlib.sha256(url.encode()).hexdigest()
+
+
+def _schema_object(value: Any, where: str) -> dict[str, Any]:
+    # vLLM takes guided_json as a JSON string as well as an object.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be a JSON schema object, got {type(value).__name__}")
+    return value
+
+
+def openai_response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema of an OpenAI ``response_format`` json_schema, or of vLLM's structured outputs."""
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise BadRequest("'response_format.json_schema.schema' is required for json_schema")
+        return _schema_object(spec["schema"], "'response_format.json_schema.schema'")
+    structured = body.get("structured_outputs")
+    if isinstance(structured, dict) and structured.get("json") is not None:
+        return _schema_object(structured["json"], "'structured_outputs.json'")
+    if body.get("guided_json") is not None:
+        return _schema_object(body["guided_json"], "'guided_json'")
+    return None
 
 
 def parse_chat_request(body: Any, step_header: str | None) -> ChatRequest:
@@ -268,6 +299,7 @@ def parse_chat_request(body: Any, step_header: str | None) -> ChatRequest:
         image_hashes=images,
         seed=seed,
         normalised_messages=normalised,
+        response_schema=openai_response_schema(body),
     )
 
 
@@ -541,6 +573,23 @@ KNOWLEDGE_STEPS = {
 }
 
 
+def schema_violation(decider: Decider, good: dict[str, Any], schema: dict[str, Any]) -> str:
+    """Valid JSON that breaks ``schema``: a required field left out, else a field of the wrong type."""
+    broken = dict(good)
+    required = [k for k in schema.get("required") or [] if isinstance(k, str) and k in good]
+    if required:
+        broken.pop(decider.pick("violate:field", required))
+        return json.dumps(broken)
+    properties = schema.get("properties") or {}
+    if isinstance(properties, dict) and properties:
+        name = decider.pick("violate:field", sorted(properties))
+        kind = properties[name].get("type") if isinstance(properties[name], dict) else None
+        broken[name] = 12345 if kind == "string" else "not what the schema allows"
+        return json.dumps(broken)
+    # A schema with no fields to break: an array is not the object every step's schema is.
+    return json.dumps([broken])
+
+
 def malformed_content(decider: Decider, good: dict[str, Any]) -> str:
     """A reply that is broken JSON, prose, or JSON in the wrong shape."""
     text = json.dumps(good)
@@ -756,6 +805,11 @@ class FakeModelServer:
         with self._lock:
             self._stats = Stats()
 
+    def clear_received(self) -> None:
+        """Forget the requests kept for :meth:`received`, so a test sees only its own."""
+        with self._lock:
+            self._received.clear()
+
     def set_policy(self, policy: dict[str, Any] | ServerPolicy) -> None:
         """Replace the policy; scripts start again from their first outcome."""
         parsed = parse_policy(policy)
@@ -882,9 +936,20 @@ class FakeModelServer:
             text, finish_reason = _REFUSAL_TEXT, "content_filter"
             kind = "refusal"
         elif forced == "malformed" or (
-            forced == "content" and decider.uniform("malformed") < knobs.malformed
+            forced == "content"
+            and not (knobs.needs_schema and chat.response_schema is not None)
+            and decider.uniform("malformed") < knobs.malformed
         ):
             text, kind = malformed_content(decider, good), "malformed"
+        elif knobs.needs_schema and chat.response_schema is None:
+            # A model that keeps to the format only when decoding is held to a schema.
+            text, kind = malformed_content(decider, good), "malformed"
+        elif (
+            chat.response_schema is not None
+            and decider.uniform("violate_schema") < knobs.violate_schema
+        ):
+            text = schema_violation(decider, good, chat.response_schema)
+            kind = "schema_violation"
         else:
             text, kind = json.dumps(good), "ok"
         prompt_tokens = max(1, math.ceil(chat.text_chars() / 4)) + TOKENS_PER_IMAGE * len(
