@@ -139,6 +139,23 @@ class Provider:
         loop while it runs.
         """
 
+    def check_entry(self, spec: ModelSpec) -> None:
+        """Raise InputError when the pool entry is wrong for this provider (its ``options``).
+
+        Called when a run opens, before its directory is written, so a fixed pool resumes it.
+        """
+
+    def use_folder(self, folder: Path) -> None:
+        """A folder of the run the provider may keep files in (a server's log), made when
+        needed; called before ``warm_up``."""
+
+    async def wait_ready(self, spec: ModelSpec) -> None:
+        """Return once the model can take requests; raise VkrError when it never will.
+
+        A server the provider starts itself may need minutes: preflight waits here, outside
+        its own timeout. The default is ready at once.
+        """
+
     name: str = ""
     # True when ``complete`` accepts ``journal=`` and replays a journalled raw reply.
     supports_journal: bool = False

@@ -92,6 +92,9 @@ async def _reach(
     cost = 0.0
     tokens = (0, 0)
     try:
+        # A server the provider starts may take minutes to load its weights: its own
+        # readiness bound applies there, the short reach timeout once it is up.
+        await provider.wait_ready(spec)
         reply = await asyncio.wait_for(provider.check(spec), timeout=timeout)
         if reply is not None:
             tokens = (reply.prompt_tokens, reply.completion_tokens)

@@ -58,6 +58,10 @@ class Run:
         }
         self.pool = pool if isinstance(pool, Pool) else load_pool(pool)
         register_secrets(spec.api_key() for spec in self.pool.models)
+        for spec in self.pool.models:  # provider options, before the directory is written
+            provider = self.registry.providers.get(spec.provider)
+            if provider is not None:
+                provider.check_entry(spec)
         registry_path = self.pool.registry_path()
         self.eligibility: EligibilityRegistry
         if registry_path is not None:
@@ -132,6 +136,7 @@ class Run:
         for name in sorted({spec.provider for spec in self.pool.models}):
             provider = self.registry.providers.get(name)
             if provider is not None:  # in the background, while preflight and decoding run
+                provider.use_folder(self.store.layout.provider_files(name))
                 provider.warm_up([s for s in self.pool.models if s.provider == name])
         health = self.router.health
         health.cooldown = self.config.cooldown

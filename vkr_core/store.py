@@ -194,6 +194,10 @@ class RunLayout:
         """The file the process that has the run open holds a lock on."""
         return self.root / "run.lock"
 
+    def provider_files(self, provider: str) -> Path:
+        """The folder a provider plugin keeps its files of the run in (a server's log)."""
+        return self.root / "providers" / provider
+
     def report(self, kind: str) -> Path:
         """The report file of a kind (``json``, ``md``, ``html``, ``png``)."""
         return self.root / f"report.{kind}"
