@@ -160,6 +160,11 @@ class Provider:
     # True when ``complete`` accepts ``journal=`` and replays a journalled raw reply.
     supports_journal: bool = False
 
+    def journals(self, spec: ModelSpec) -> bool:
+        """Whether calls to this model get ``journal=`` (a provider may journal some models
+        and not others)."""
+        return self.supports_journal
+
     async def complete(
         self,
         spec: ModelSpec,
@@ -330,7 +335,7 @@ class ModelCaller:
         params: dict[str, Any],
         headers: dict[str, str],
     ) -> ProviderReply:
-        kwargs: dict[str, Any] = {"journal": self.journal} if provider.supports_journal else {}
+        kwargs: dict[str, Any] = {"journal": self.journal} if provider.journals(spec) else {}
         limiter = self.limiter(spec)
         await limiter.acquire(estimate_tokens(messages, params) if spec.tpm else 0)
         try:
@@ -445,6 +450,7 @@ class ModelCaller:
                 cache_hit=True,
                 attempts=0,
                 outcome=hit["outcome"],
+                structured_output="response_format" in params,
             )
             self._emit(record)
             return CallResult(hit["text"], hit["outcome"], record)
@@ -581,6 +587,7 @@ class ModelCaller:
                         outcome="error",
                         error=reason,
                         rerouted_from=route.rerouted_from if route else None,
+                        structured_output="response_format" in params,
                     )
                 )
             if isinstance(exc, ModelUnavailable):
@@ -609,6 +616,7 @@ class ModelCaller:
             # it: counted (once) here, but no request was sent now.
             attempts=0 if reply.recovered else attempts,
             rerouted_from=route.rerouted_from if route else None,
+            structured_output="response_format" in params,
         )
         if reply.refusal:
             # A refusal is terminal and never cached: it says nothing about the next request.

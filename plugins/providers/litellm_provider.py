@@ -6,10 +6,11 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import secrets
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vkr_core.calls import (
     CALL_KEY_HEADER,
@@ -21,8 +22,13 @@ from vkr_core.calls import (
 )
 from vkr_core.config import ModelSpec
 from vkr_core.hookspecs import hookimpl
-from vkr_core.log import redact, register_secrets
+from vkr_core.log import get_logger, redact, register_secrets
 from vkr_core.video import DataURL
+
+if TYPE_CHECKING:
+    from plugins.providers.journal_transport import JournallingTransport
+
+log = get_logger("vkr.providers.litellm")
 
 _litellm: Any = None
 _import_lock = threading.Lock()  # held for the whole import
@@ -151,26 +157,50 @@ def _plain_route(spec: ModelSpec) -> bool:
     return spec.model.startswith("openai/") and bool(spec.api_base)
 
 
+# litellm routes that post through the ``client=`` vkr hands them (checked in litellm
+# 1.110.2: the OpenAI SDK route, and AnthropicChatCompletion and the Gemini route, which take
+# an ``AsyncHTTPHandler``); others build their own client and cannot be journalled.
+_JOURNAL_ROUTES = {"openai/": "openai", "anthropic/": "anthropic", "gemini/": "gemini"}
+
+
+def _journal_route(spec: ModelSpec) -> str | None:
+    """The journalled litellm route a model goes through, or None."""
+    for prefix, route in _JOURNAL_ROUTES.items():
+        if spec.model.startswith(prefix):
+            return route
+    return None
+
+
 def _pool_priced(spec: ModelSpec) -> bool:
     return spec.input_cost_per_token is not None or spec.output_cost_per_token is not None
 
 
 def _retry_after(exc: Any) -> float | None:
     """Seconds the provider asked to wait: OpenAI's retry-after-ms, else Retry-After (from an
-    error carrying a response, or a response)."""
-    response = getattr(exc, "response", exc)
-    headers = getattr(response, "headers", None) or {}
-    if not hasattr(headers, "get"):
-        return None
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
+    error carrying a response or litellm's copy of its headers, or a response), else Gemini's
+    ``RetryInfo.retryDelay`` in the error body."""
+    sources = [getattr(exc, "litellm_response_headers", None)]
+    sources.append(getattr(getattr(exc, "response", exc), "headers", None))
+    for headers in sources:
+        if not headers or not hasattr(headers, "get"):
             continue
-        try:
-            return float(value) / scale
-        except ValueError:
-            continue  # an HTTP date: fall back to backoff
+        for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+            value = headers.get(name)
+            if value is None:
+                continue
+            try:
+                return float(value) / scale
+            except ValueError:
+                continue  # an HTTP date: fall back to backoff
+    # Gemini says it only in the body (google.rpc.RetryInfo, a Duration such as "3s" or
+    # "0.5s"), which litellm keeps in the error's message.
+    match = _RETRY_DELAY.search(str(getattr(exc, "message", None) or exc))
+    if match:
+        return float(match.group(1))
     return None
+
+
+_RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
 
 
 def _litellm_cost(litellm: Any, model: str, prompt_tokens: int, completion_tokens: int) -> float:
@@ -228,7 +258,8 @@ class LitellmProvider(Provider):
     supports_journal = True
 
     def __init__(self) -> None:
-        self._clients: dict[tuple[Any, ...], Any] = {}
+        self._clients: dict[tuple[Any, ...], tuple[Any, JournallingTransport]] = {}
+        self._unjournalled: set[str] = set()
         self._sessions: dict[tuple[Any, ...], Any] = {}
         # model -> (input, output) price per token, looked up once: litellm's per-call cost
         # calculation is a third of its CPU per call.
@@ -263,53 +294,69 @@ class LitellmProvider(Provider):
     async def aclose(self) -> None:
         """Close the HTTP clients this provider opened (at the end of a run)."""
         clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
+        for client, _ in clients:
             await client.close()
         sessions = [session for session, _ in self._sessions.values()]
         self._sessions = {}
         for session in sessions:
             await session.close()
 
-    def _journalling_client(self, spec: ModelSpec, api_key: str | None, journal: Journal) -> Any:
-        """An OpenAI client whose HTTP layer journals each 200 body the moment it is read.
-
-        Only for litellm's OpenAI-compatible route (``openai/...`` models: OpenAI, vLLM and
-        other compatible servers); other providers go through litellm's own client.
-        """
+    def _journalling_client(
+        self, spec: ModelSpec, api_key: str | None, journal: Journal
+    ) -> tuple[Any, JournallingTransport]:
+        """A client for ``litellm.acompletion(client=...)`` whose HTTP layer is the journalling
+        transport: an OpenAI SDK client for ``openai/...`` models, litellm's own handler for
+        the Anthropic and Gemini routes (both post through the ``client`` they are given)."""
         # A client belongs to the event loop it was made in: a caller used from a second
         # asyncio.run must not get the first loop's (closed) connections.
         loop = asyncio.get_running_loop()
-        key = (spec.api_base, api_key, spec.timeout, id(journal), id(loop))
-        client = self._clients.get(key)
-        if client is None:
+        route = _journal_route(spec)
+        key: tuple[Any, ...] = (route, spec.timeout, id(journal), id(loop))
+        if route == "openai":
+            key += (spec.api_base, api_key)
+        entry = self._clients.get(key)
+        if entry is None:
             import httpx
-            from openai import AsyncOpenAI
 
-            async def save_body(response: httpx.Response) -> None:
-                call_key = response.request.headers.get(CALL_KEY_HEADER)
-                if call_key and response.status_code == 200:
-                    journal.save(call_key, await response.aread())
+            from plugins.providers.journal_transport import JournallingTransport
 
-            from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
+            transport = JournallingTransport(journal)
+            client: Any
+            if route == "openai":
+                from openai import AsyncOpenAI
 
-            # litellm's own aiohttp-backed transport: a plain httpx transport costs about
-            # 1.5 ms more CPU per call (bench/bench_calls.py).
-            # openai 3.x types its client as httpx2's; litellm hands it httpx clients too.
-            http_client: Any = httpx.AsyncClient(
-                transport=AsyncHTTPHandler.create_async_transport(),
-                event_hooks={"response": [save_body]},
-                timeout=spec.timeout,
-                follow_redirects=True,
+                # openai 3.x types its client as httpx2's; litellm hands it httpx clients too.
+                http_client: Any = httpx.AsyncClient(
+                    transport=transport, timeout=spec.timeout, follow_redirects=True
+                )
+                client = AsyncOpenAI(
+                    api_key=api_key,
+                    base_url=spec.api_base,
+                    http_client=http_client,
+                    max_retries=0,
+                    timeout=spec.timeout,
+                )
+            else:
+                from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
+
+                client = AsyncHTTPHandler(timeout=spec.timeout, transport=transport)
+            entry = self._clients[key] = (client, transport)
+        return entry
+
+    def journals(self, spec: ModelSpec) -> bool:
+        """Whether a reply from this model is journalled: only where litellm's route posts
+        through the client vkr hands it (OpenAI-compatible, Anthropic, Gemini)."""
+        if _journal_route(spec) is not None:
+            return True
+        if spec.model not in self._unjournalled:
+            self._unjournalled.add(spec.model)
+            log.warning(
+                "replies not journalled",
+                model=spec.name,
+                why="litellm's route for this provider does not take vkr's HTTP client: a "
+                "reply read just before a kill -9 is paid again on resume",
             )
-            client = AsyncOpenAI(
-                api_key=api_key,
-                base_url=spec.api_base,
-                http_client=http_client,
-                max_retries=0,
-                timeout=spec.timeout,
-            )
-            self._clients[key] = client
-        return client
+        return False
 
     async def complete(
         self,
@@ -320,7 +367,8 @@ class LitellmProvider(Provider):
         journal: Journal | None = None,
     ) -> ProviderReply:
         call_key = headers.get(CALL_KEY_HEADER)
-        if journal is not None and call_key:
+        plain = journal is not None and _plain_route(spec) and set(params) <= PLAIN_PARAMS
+        if plain and journal is not None and call_key:
             raw = journal.load(call_key)
             if raw is not None:
                 text, finish, prompt_tokens, completion_tokens, refusal = reply_from_openai_body(
@@ -341,14 +389,18 @@ class LitellmProvider(Provider):
             # Local OpenAI-compatible servers (vLLM, the fake server) need no key, but the
             # OpenAI client refuses to send a request without one: vLLM's convention.
             api_key = "EMPTY"
-        if journal is not None and _plain_route(spec) and set(params) <= PLAIN_PARAMS:
+        if plain and journal is not None:
             return await self._complete_plain(spec, messages, params, headers, api_key, journal)
         litellm = await _litellm_module()
         extra: dict[str, Any] = {}
-        if journal is not None and spec.model.startswith("openai/"):
-            extra["client"] = self._journalling_client(spec, api_key, journal)
+        transport: JournallingTransport | None = None
+        if journal is not None and _journal_route(spec) is not None:
+            extra["client"], transport = self._journalling_client(spec, api_key, journal)
         try:
-            response = await litellm.acompletion(
+            response, recovered = await self._acompletion(
+                litellm,
+                transport,
+                call_key,
                 model=spec.model,
                 messages=messages,
                 api_base=spec.api_base,
@@ -379,6 +431,8 @@ class LitellmProvider(Provider):
                 text=redact(str(exc))[:500], finish_reason="content_filter", refusal=True
             )
         except Exception as exc:  # 4xx and everything else: retrying cannot help
+            if journal is not None and call_key and getattr(exc, "vkr_recovered", False):
+                journal.drop(call_key)  # a journalled body litellm cannot parse never will
             raise PermanentError(
                 f"{type(exc).__name__}: {redact(str(exc))[:300]}",
                 getattr(exc, "status_code", None),
@@ -392,15 +446,37 @@ class LitellmProvider(Provider):
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        cost = self._cost(litellm, spec, prompt_tokens, completion_tokens)
+        refusal = finish == "content_filter" or bool(refusal_text)
+        text = text or (refusal_text or "")
+        if refusal and not text and journal is not None and call_key:
+            # Gemini's SAFETY stop and a blocked prompt carry no text: the raw reply (kept
+            # in the journal until the refusal is recorded) is what says why.
+            raw = journal.load(call_key)
+            if raw is not None:
+                text = redact(raw.decode("utf-8", "replace"))[:2000]
         return ProviderReply(
-            text=text or (refusal_text or ""),
+            text=text,
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            cost_usd=cost,
-            refusal=finish == "content_filter" or bool(refusal_text),
+            cost_usd=self._cost(litellm, spec, prompt_tokens, completion_tokens),
+            refusal=refusal,
+            recovered=recovered,
         )
+
+    @staticmethod
+    async def _acompletion(
+        litellm: Any, transport: JournallingTransport | None, call_key: str | None, **kwargs: Any
+    ) -> tuple[Any, bool]:
+        """``litellm.acompletion``'s reply, and whether the journalling transport answered it
+        from the journal (an error raised is marked ``vkr_recovered`` the same way)."""
+        try:
+            response = await litellm.acompletion(**kwargs)
+        except Exception as exc:
+            recovered = transport is not None and transport.replayed(call_key)
+            exc.vkr_recovered = recovered  # type: ignore[attr-defined]
+            raise
+        return response, transport is not None and transport.replayed(call_key)
 
     async def _complete_plain(
         self,
