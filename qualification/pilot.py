@@ -41,6 +41,7 @@ from qualification.models import (
 )
 from vkr_core.calls import CallFailed, ModelCaller
 from vkr_core.config import Pool, fingerprint, load_pool
+from vkr_core.context import call_params
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import JsonlProblem, atomic_write, read_jsonl
 from vkr_core.log import register_secrets
@@ -322,14 +323,9 @@ async def _ask(
     video_id: str,
 ) -> tuple[str, str | None, str | None, dict[str, Any] | None, str | None]:
     """(outcome, raw text, parse error or refusal reason, parsed output, cache key)."""
-    # The same sampling parameters a run uses, so the pilot sees the step as it runs.
-    params: dict[str, Any] = {"temperature": step.temperature}
-    conf = pool.steps.get(step.name)
-    if conf and conf.temperature is not None:
-        params["temperature"] = conf.temperature
-    max_tokens = conf.max_tokens if conf and conf.max_tokens else step.max_tokens
-    if max_tokens:
-        params["max_tokens"] = max_tokens
+    # The parameters a run sends (sampling, the response schema), so the pilot sees the step
+    # as it runs.
+    params = call_params(step, spec, pool)
     try:
         result = await caller.call(
             spec=spec,

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from vkr_core.calls import ModelCaller, image_part
-from vkr_core.config import ModelSpec, RunConfig
+from vkr_core.config import ModelSpec, Pool, RunConfig
 from vkr_core.health import set_route
 from vkr_core.router import Router, seeded_rng
 from vkr_core.schemas import Frame, SeedExample, Video, VkrError
 from vkr_core.seeds import SeedBank
-from vkr_core.steps import In, Out, ReplyError, Step, StepReply
+from vkr_core.steps import In, Out, ReplyError, Step, StepReply, response_format
 
 FENCE_TAG = "untrusted-data"
 UNTRUSTED_NOTE = (
@@ -109,6 +109,28 @@ def with_untrusted_note(system: str, content: str | list[dict[str, Any]]) -> lis
     if any(f"<{FENCE_TAG} " in text for text in parts):
         system = f"{system.rstrip()}\n\n{UNTRUSTED_NOTE}"
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+
+def call_params(step: Step[Any, Any], spec: ModelSpec, pool: Pool) -> dict[str, Any]:
+    """The request parameters of one call of ``step`` to ``spec``, whoever makes it (a run, a
+    qualification pilot): sampling from the step and the pool's per-step options, and the
+    step's JSON schema when the model's pool entry has ``structured_output: true``.
+
+    They are part of the call's cache key, so a call with the schema never replays one made
+    without it.
+    """
+    params: dict[str, Any] = {"temperature": step.temperature}
+    conf = pool.steps.get(step.name)
+    if conf and conf.temperature is not None:
+        params["temperature"] = conf.temperature
+    max_tokens = conf.max_tokens if conf and conf.max_tokens else step.max_tokens
+    if max_tokens:
+        params["max_tokens"] = max_tokens
+    if spec.structured_output:
+        schema = response_format(step)
+        if schema is not None:
+            params["response_format"] = schema
+    return params
 
 
 @dataclass
@@ -245,13 +267,7 @@ class StepContext:
             spec = self.choose(step.name, *key, exclude=exclude)
         messages = step.format_input(inp, self)
         version = step.version()
-        params: dict[str, Any] = {"temperature": step.temperature}
-        conf = self.run_context.router.pool.steps.get(step.name)
-        if conf and conf.temperature is not None:
-            params["temperature"] = conf.temperature
-        max_tokens = conf.max_tokens if conf and conf.max_tokens else step.max_tokens
-        if max_tokens:
-            params["max_tokens"] = max_tokens
+        params = call_params(step, spec, self.run_context.router.pool)
         result = await self.run_context.caller.call(
             spec=spec,
             step=step.name,

@@ -374,6 +374,9 @@ class CallRecord(Strict):
     # The model the router picked first for this instance, when it was cooled down and this
     # call went to another eligible model instead.
     rerouted_from: str | None = None
+    # The request carried the step's JSON schema (the model's pool entry has
+    # structured_output: true): why a model's malformed replies may have dropped.
+    structured_output: bool = False
 
 
 Candidate.model_rebuild()

@@ -93,6 +93,146 @@ def schema_digest(schema: type[BaseModel]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+# Annotations a model needs not see: pydantic's generated titles, defaults (OpenAI's strict
+# mode refuses them; the reply is validated against the pydantic model anyway), examples,
+# and the OpenAPI discriminator, whose mapping names the $defs that inlining removes.
+_DROPPED_KEYWORDS = frozenset({"title", "default", "examples", "discriminator", "$schema"})
+# Keywords whose value is data (or names), never a schema to walk into.
+_DATA_KEYWORDS = frozenset(
+    {"enum", "const", "required", "description", "pattern", "format", "type", "$comment"}
+)
+# Keywords that hold a map of names to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "dependentSchemas"})
+# The JSON Schema subset OpenAI's strict mode documents (Structured Outputs, "Supported
+# schemas"; minLength/maxLength are documented as unsupported for fine-tuned models only).
+# A schema outside it (an optional field, allOf, an open object) is sent with strict off.
+_STRICT_KEYWORDS = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "enum",
+        "anyOf",
+        "description",
+        "pattern",
+        "format",
+        "multipleOf",
+        "maximum",
+        "exclusiveMaximum",
+        "minimum",
+        "exclusiveMinimum",
+        "minItems",
+        "maxItems",
+        "minLength",
+        "maxLength",
+    }
+)
+_STRICT_MAX_OBJECT_DEPTH = 10
+
+
+def _inline(node: Any, defs: dict[str, Any], seen: tuple[str, ...], owner: str) -> Any:
+    """A schema node with its ``$ref``s replaced by their definitions, annotations dropped."""
+    if isinstance(node, list):
+        return [_inline(item, defs, seen, owner) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if isinstance(node.get("$ref"), str):
+        name = node["$ref"].rsplit("/", 1)[-1]
+        if name in seen or name not in defs:
+            why = "refers to itself" if name in seen else "has a reference vkr cannot resolve"
+            raise VkrError(
+                f"the output schema {owner} {why} ({node['$ref']}): it cannot be sent as a "
+                "response schema; set structured_output = False on the step"
+            )
+        target = _inline(defs[name], defs, (*seen, name), owner)
+        siblings = {k: v for k, v in node.items() if k != "$ref"}
+        # A field's own description says more than its type's.
+        return {**target, **_inline(siblings, defs, seen, owner)}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROPPED_KEYWORDS or key in ("$defs", "definitions"):
+            continue
+        if key in _DATA_KEYWORDS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _inline(sub, defs, seen, owner) for name, sub in value.items()}
+        elif key == "oneOf":
+            # Anthropic and OpenAI's strict mode refuse oneOf; any branch is validated after.
+            out["anyOf"] = _inline(value, defs, seen, owner)
+        else:
+            out[key] = _inline(value, defs, seen, owner)
+    if "const" in out and "enum" not in out:
+        # Gemini's schema has no const; a one-value enum says the same everywhere.
+        out["enum"] = [out.pop("const")]
+    return out
+
+
+def _is_strict(node: Any, depth: int = 0) -> bool:
+    """Whether a (portable) schema node keeps to OpenAI's strict-mode rules."""
+    if not isinstance(node, dict):
+        return False
+    if not set(node) <= _STRICT_KEYWORDS:
+        return False
+    if node.get("type") == "object" or "properties" in node:
+        properties = node.get("properties") or {}
+        if (
+            depth >= _STRICT_MAX_OBJECT_DEPTH
+            or node.get("additionalProperties") is not False
+            or set(node.get("required") or []) != set(properties)
+        ):
+            return False
+        if not all(_is_strict(sub, depth + 1) for sub in properties.values()):
+            return False
+    items = node.get("items")
+    if items is not None and not _is_strict(items, depth):
+        return False
+    return all(_is_strict(branch, depth) for branch in node.get("anyOf") or [])
+
+
+@functools.cache
+def _portable(schema: type[BaseModel]) -> tuple[str, bool]:
+    raw = schema.model_json_schema()
+    defs = {**raw.get("definitions", {}), **raw.get("$defs", {})}
+    portable = _inline(raw, defs, (), schema.__name__)
+    strict = portable.get("type") == "object" and _is_strict(portable)
+    return json.dumps(portable), strict
+
+
+def portable_schema(schema: type[BaseModel]) -> tuple[dict[str, Any], bool]:
+    """A pydantic model's JSON Schema in the form every provider's structured output takes,
+    and whether it also keeps to OpenAI's strict-mode rules.
+
+    ``$ref``s are inlined (Gemini's older responseSchema and Anthropic's output_format have
+    no ``$defs``; vLLM's grammar backends differ in support), ``oneOf`` becomes ``anyOf``,
+    ``const`` a one-value ``enum``, and titles, defaults and examples are left out. The
+    provider's own translation (litellm's, for Anthropic and Gemini) drops what its model
+    cannot enforce; vkr validates every reply against the full pydantic model either way.
+    A fresh copy each time: providers may rewrite what they are given.
+    """
+    text, strict = _portable(schema)
+    return json.loads(text), strict
+
+
+_FORMAT_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def response_format(step: Step[Any, Any]) -> dict[str, Any] | None:
+    """The step's output schema as OpenAI's ``response_format`` (json_schema), or None when
+    the step opts out or has no schema. litellm translates this form for Anthropic and
+    Gemini; OpenAI-compatible servers (vLLM) take it as is."""
+    schema = getattr(step, "output_schema", None)
+    if schema is None or not step.structured_output:
+        return None
+    body, strict = portable_schema(schema)
+    name = _FORMAT_NAME.sub("_", step.name)[:64] or "reply"
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": name, "schema": body, "strict": strict},
+    }
+
+
 @dataclass(frozen=True)
 class StepReply(Generic[Out]):
     """One parsed reply: the output, the raw text (kept in verdicts) and the model's name."""
@@ -126,6 +266,9 @@ class Step(Generic[In, Out]):
     selection: ClassVar[Literal["random", "all", "exclude_generator"]] = "random"
     temperature: ClassVar[float] = 0.0
     max_tokens: ClassVar[int | None] = 2048
+    # Whether a model whose pool entry has ``structured_output: true`` is sent this step's
+    # JSON schema. A step whose reply is not one JSON object of ``output_schema`` opts out.
+    structured_output: ClassVar[bool] = True
 
     def version(self) -> str:
         """What goes into cache keys and the eligibility registry: the prompt version and a
