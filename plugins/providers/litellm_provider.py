@@ -23,6 +23,7 @@ from vkr_core.calls import (
 from vkr_core.config import ModelSpec
 from vkr_core.hookspecs import hookimpl
 from vkr_core.log import get_logger, redact, register_secrets
+from vkr_core.schemas import InputError
 from vkr_core.video import DataURL
 
 if TYPE_CHECKING:
@@ -264,6 +265,28 @@ class LitellmProvider(Provider):
         # model -> (input, output) price per token, looked up once: litellm's per-call cost
         # calculation is a third of its CPU per call.
         self._prices: dict[str, tuple[float, float] | None] = {}
+
+    def check_entry(self, spec: ModelSpec) -> None:
+        """Refuse ``structured_output: true`` where litellm would drop the schema: with
+        drop_params on, it silently leaves out a parameter its route for the model lacks."""
+        if not spec.structured_output or _plain_route(spec):
+            return  # an OpenAI-compatible server gets response_format as is
+        litellm = _import_litellm()
+        try:
+            model, route, _, _ = litellm.get_llm_provider(spec.model, api_base=spec.api_base)
+            supported = litellm.get_supported_openai_params(model=model, custom_llm_provider=route)
+        except Exception as exc:  # litellm does not know the model's route at all
+            raise InputError(
+                f"model {spec.name!r} has structured_output: true, but litellm cannot tell "
+                f"how to send a response schema to {spec.model!r}: "
+                + " ".join(redact(str(exc)).split())[:200]
+            ) from None
+        if "response_format" not in (supported or []):
+            raise InputError(
+                f"model {spec.name!r} has structured_output: true, but litellm's {route} route "
+                f"for {spec.model!r} takes no response schema and would drop it: set "
+                "structured_output: false for this model"
+            )
 
     def warm_up(self, specs: Sequence[ModelSpec] = ()) -> None:
         # Only when a model needs it: the import is ~5 s of CPU holding the GIL against the
