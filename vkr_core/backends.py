@@ -1,17 +1,24 @@
-"""Seams for scale: where a run keeps its checkpoints and its call cache, and what runs its
-items. Each is a backend chosen by name in the run's config; the embedded ones (SQLite
-checkpoints, a diskcache call cache, the local asyncio executor) are the defaults, and a
-plugin adds others (PostgreSQL, Ray) through ``vkr_register_backends`` without touching a
-step or a pipeline.
+"""Seams for scale: where a run keeps its checkpoints and its call cache, who holds which
+item, and what runs its items. Each is a backend chosen by name in the run's config; the
+embedded ones (SQLite checkpoints, a diskcache call cache, no item status, the local asyncio
+executor) are the defaults, and a plugin adds others (PostgreSQL, Ray) through
+``vkr_register_backends`` without touching a step or a pipeline.
+
+A run's shared state can instead be named by one URL (``RunConfig.state``, ``vkr run
+--state``): the checkpointer, call cache and item status then come from the backends whose
+``schemes`` include the URL's scheme. The URL is kept without its password (see
+``split_password``), so no config snapshot or record ever holds one.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from vkr_core.hookspecs import hookimpl
+from vkr_core.schemas import InputError
 
 
 class CallCache(Protocol):
@@ -37,6 +44,12 @@ class Backend:
 
     kind: ClassVar[str]
     name: ClassVar[str]
+    # URL schemes of ``RunConfig.state`` this backend serves (``postgresql``), if any.
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, config: Any) -> None:
+        """Raise InputError when this backend cannot serve the run (a missing extra, an
+        unreachable server); called before the run directory is touched."""
 
 
 class CheckpointerBackend(Backend):
@@ -56,6 +69,86 @@ class CallCacheBackend(Backend):
 
     def tune_for_long_runs(self, cache: CallCache) -> None:
         """Settings for a run of many items (memory that stays flat); optional."""
+
+
+Claim = Literal["claimed", "done", "held"]
+
+
+class ItemStatus:
+    """Who holds which item of a run, for drivers that share one (several machines, or a
+    restarted driver while the old one's claims live). This default holds nothing: every
+    item is claimed, as when one process owns the run directory.
+
+    ``claim`` answers ``claimed`` (process it, then ``finish`` or ``release``), ``done``
+    (finished before, by any driver: skip it) or ``held`` (another live driver has it: try
+    again after ``retry_after`` seconds, when a dead driver's claim has expired).
+    """
+
+    retry_after: float = 1.0
+
+    async def claim(self, item_id: str) -> Claim:
+        return "claimed"
+
+    async def finish(self, item_id: str, status: str) -> None:
+        """The item's record is written with ``status`` (``done`` or ``failed``)."""
+
+    async def release(self, item_id: str) -> None:
+        """Give a claimed item up unfinished (the run stopped): another driver may take it."""
+
+    async def close(self) -> None:
+        """Release every claim still held and the connections."""
+
+
+class StatusBackend(Backend):
+    kind = "status"
+
+    async def open(self, store: Any) -> ItemStatus:
+        """The run's item status, open for the run (closed by the caller)."""
+        raise NotImplementedError
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """``url`` without the password in its user part, and that password (None if none)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)), parts.password
+
+
+# Passwords given in state URLs this process, by the URL without them: the config keeps the
+# URL only, the backend that connects asks here (or the server's own environment variable).
+_STATE_PASSWORDS: dict[str, str] = {}
+
+
+def remember_password(url: str, password: str) -> None:
+    _STATE_PASSWORDS[url] = password
+
+
+def state_password(url: str) -> str | None:
+    """The password given with the state URL ``url`` in this process, if one was."""
+    return _STATE_PASSWORDS.get(url)
+
+
+def state_backend(registry: Any, kind: str, url: str) -> Backend:
+    """The registered backend of ``kind`` serving ``url``'s scheme; an InputError naming the
+    schemes that are served when none does."""
+    scheme = urlsplit(url).scheme.lower()
+    served: set[str] = set()
+    for backend in registry.table("backend").values():
+        if backend.kind != kind:
+            continue
+        served.update(backend.schemes)
+        if scheme in backend.schemes:
+            return backend
+    known = ", ".join(f"{s}://" for s in sorted(served)) or "none"
+    raise InputError(
+        f"state {url}: no loaded {kind} backend serves {scheme or 'scheme-less'} URLs "
+        f"(served: {known})"
+    )
 
 
 class ExecutorBackend(Backend):
@@ -137,6 +230,15 @@ class DiskCallCache(CallCacheBackend):
             reset("sqlite_cache_size", CALL_CACHE_PAGES)
 
 
+class NoStatus(StatusBackend):
+    """One process owns the run directory (its lock says so): no claims to keep."""
+
+    name = "none"
+
+    async def open(self, store: Any) -> ItemStatus:
+        return ItemStatus()
+
+
 class LocalExecutor(ExecutorBackend):
     """asyncio on this machine: bounded concurrency, decoding ahead (vkr_core.batch)."""
 
@@ -170,5 +272,11 @@ class LocalExecutor(ExecutorBackend):
 
 @hookimpl
 def vkr_register_backends(register: Callable[[Backend], None]) -> None:
-    for backend in (SqliteCheckpointer(), MemoryCheckpointer(), DiskCallCache(), LocalExecutor()):
+    for backend in (
+        SqliteCheckpointer(),
+        MemoryCheckpointer(),
+        DiskCallCache(),
+        NoStatus(),
+        LocalExecutor(),
+    ):
         register(backend)

@@ -41,6 +41,9 @@ class BatchCounters:
     failed: int = 0
     # Videos launched; those still without a record are in flight, or were cut short.
     launched: int = 0
+    # Videos done before, by this run directory's drivers, and not processed again (a run
+    # whose state is shared: RunConfig.state).
+    skipped: int = 0
     accepted: int = 0
     paid_calls: int = 0
     cached_calls: int = 0
@@ -65,6 +68,9 @@ class BatchCounters:
             self.spend_usd += record.cost_usd
 
     def on_video(self, record: Any) -> None:
+        if record is None:  # not this driver's: done before, or held by another driver
+            self.launched -= 1
+            return
         if record.status == "done":
             self.done += 1
         else:
@@ -74,8 +80,9 @@ class BatchCounters:
             self.funnel.add(record)
 
     def line(self) -> str:
+        skipped = f", done before {self.skipped}" if self.skipped else ""
         return (
-            f"videos {self.done + self.failed}/{self.total} (failed {self.failed}) | "
+            f"videos {self.done + self.failed}/{self.total} (failed {self.failed}{skipped}) | "
             f"accepted {self.accepted} | calls paid {self.paid_calls}, cached {self.cached_calls} | "
             f"spend ${self.spend_usd:.4f}"
         )

@@ -160,6 +160,12 @@ class RunConfig(Strict):
     checkpointer: str = "sqlite"
     call_cache: str = "diskcache"
     executor: str = "local"
+    state: str | None = Field(
+        default=None,
+        description="URL of state shared by several drivers (postgresql://user@host/db): "
+        "checkpoints, call cache and item status live there, not in the run directory; kept "
+        "without its password",
+    )
     seed: int = 0
     fps: float = Field(default=0.2, gt=0)
     max_frames: int = Field(default=64, ge=1)
@@ -189,6 +195,21 @@ class RunConfig(Strict):
     max_spend: float | None = Field(
         default=None, ge=0, exclude=True, description="USD the run directory may spend in all"
     )
+
+    @field_validator("state")
+    @classmethod
+    def _state_without_password(cls, url: str | None) -> str | None:
+        # The snapshot, records and logs see the URL only; its password stays in this process.
+        from vkr_core.backends import remember_password, split_password
+        from vkr_core.log import register_secrets
+
+        if url is None:
+            return None
+        public, password = split_password(url)
+        if password is not None:
+            register_secrets([password, url])
+            remember_password(public, password)
+        return public
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

@@ -42,10 +42,13 @@ def vkr_register_pipelines(register: Callable[[Any], None]) -> None:
 @hookspec
 def vkr_register_backends(register: Callable[[Any], None]) -> None:
     """Register backends for the run's seams: call ``register(backend)`` with a
-    :class:`vkr_core.backends.Backend` (a checkpointer, a call cache or an executor).
+    :class:`vkr_core.backends.Backend` (a checkpointer, a call cache, an item status or an
+    executor).
 
     A run picks one of each by name (``RunConfig.checkpointer``, ``call_cache``,
-    ``executor``); the embedded SQLite, diskcache and local asyncio ones are the defaults.
+    ``executor``); the embedded SQLite, diskcache, no-status and local asyncio ones are the
+    defaults. With ``RunConfig.state`` (a URL), the checkpointer, call cache and status are
+    the backends whose ``schemes`` include the URL's scheme.
 
     :param register: takes a backend instance, looked up by its ``kind`` and ``name``.
     """

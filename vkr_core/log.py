@@ -25,6 +25,8 @@ _KEY_SHAPES = re.compile(
     r"|Bearer\s+[A-Za-z0-9_\-\.]{16,})"
 )
 REDACTED = "***"
+# A password inside a URL (postgresql://user:password@host): kept out whatever its length.
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*):[^@/\s]+@")
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
@@ -47,6 +49,7 @@ def redact(text: str) -> str:
     for secret in sorted(_secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, REDACTED)
+    text = _URL_PASSWORD.sub(rf"\1:{REDACTED}@", text)
     return _KEY_SHAPES.sub(REDACTED, text)
 
 

@@ -20,7 +20,7 @@ ENTRY_POINT_GROUP = "vkr"
 BUILTIN_DISTRIBUTION = "vkr"
 
 
-BACKEND_KINDS = ("checkpointer", "call_cache", "executor")
+BACKEND_KINDS = ("checkpointer", "call_cache", "status", "executor")
 
 
 class PluginError(VkrError):
@@ -207,7 +207,7 @@ def collect(pm: pluggy.PluginManager) -> Registry:
                     if not isinstance(item, Backend) or item.kind not in BACKEND_KINDS:
                         raise PluginError(
                             f"plugin {_plugin!r} registered backend {name!r} that is not a "
-                            "vkr_core.backends checkpointer, call cache or executor"
+                            "vkr_core.backends checkpointer, call cache, status or executor"
                         )
                     name = f"{item.kind}:{name}"
                 if _kind == "step" and not isinstance(item, Step):

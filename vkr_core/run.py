@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vkr_core.backends import ItemStatus, state_backend
 from vkr_core.calls import CallFailed, ModelCaller
 from vkr_core.config import (
     EligibilityRegistry,
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 
 log = get_logger("vkr.run")
 
+BACKEND_KINDS = ("checkpointer", "call_cache", "status", "executor")
+# The seams a state URL (RunConfig.state) chooses together.
+STATE_KINDS = ("checkpointer", "call_cache", "status")
+
 
 class Run:
     """An open run directory. Use as ``async with Run(...) as run: await run.process(video)``."""
@@ -52,10 +57,7 @@ class Run:
         self.config = config or RunConfig()
         self.pipeline: Pipeline = self.registry.get("pipeline", self.config.pipeline)
         # Unknown backend names fail here, before the run directory is touched.
-        self.backends = {
-            kind: self.registry.get("backend", f"{kind}:{getattr(self.config, kind)}")
-            for kind in ("checkpointer", "call_cache", "executor")
-        }
+        self.backends = {kind: self._backend(kind) for kind in BACKEND_KINDS}
         self.pool = pool if isinstance(pool, Pool) else load_pool(pool)
         register_secrets(spec.api_key() for spec in self.pool.models)
         for spec in self.pool.models:  # provider options, before the directory is written
@@ -88,9 +90,14 @@ class Run:
         self.router.check(self.model_steps())
         self.pipeline.check(self)
         self.fixed_models = self.pipeline.fixed_models(self)
+        for backend in self.backends.values():  # a missing extra, an unreachable server
+            backend.check(self.config)
         self.store = RunStore(run_dir)
-        # Before anything is written: a second process on the same directory is refused.
-        self.store.run_lock.acquire(" ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]))
+        # Before anything is written: a second process on the same directory is refused,
+        # unless both share their state (claims keep them off each other's items).
+        self.store.run_lock.acquire(
+            " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]), shared=bool(self.config.state)
+        )
         try:
             self.store.check_config(self.snapshot(), force=force)
         except BaseException:
@@ -101,6 +108,17 @@ class Run:
         self.caller: ModelCaller | None = None
         self.call_listeners: list[Callable[[CallRecord], None]] = []
         self.drain_task: Any = None
+        self.status = ItemStatus()
+        # Items another live driver held when their turn came: tried again at the end.
+        self.held: list[Any] = []
+        # Items done before (by any driver), not processed again.
+        self.skipped = 0
+
+    def _backend(self, kind: str) -> Any:
+        if self.config.state and kind in STATE_KINDS:
+            return state_backend(self.registry, kind, self.config.state)
+        name = getattr(self.config, kind, None) or "none"
+        return self.registry.get("backend", f"{kind}:{name}")
 
     def model_steps(self) -> list[str]:
         """The model-backed steps the run's pipeline calls."""
@@ -168,6 +186,11 @@ class Run:
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
+        try:
+            self.status = await self.backends["status"].open(self.store)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         self._checkpointer_cm = self.backends["checkpointer"].open(self.store)
         checkpointer = await self._checkpointer_cm.__aenter__()
         self.context = RunContext(
@@ -189,6 +212,7 @@ class Run:
                 await self._checkpointer_cm.__aexit__(*exc)
             if self.caller is not None:
                 await self.caller.aclose()
+            await self.status.close()
         finally:
             self.store.run_lock.release()
 
@@ -201,8 +225,32 @@ class Run:
         except Exception as exc:  # recorded by process(), which meets it again
             log.debug("prepare failed", item=self.pipeline.item_id(item), error=str(exc))
 
-    async def process(self, item: Any) -> BaseModel:
-        """One item through the pipeline; a failure is recorded, never raised past the run."""
+    async def process(self, item: Any) -> BaseModel | None:
+        """One item through the pipeline; a failure is recorded, never raised past the run.
+
+        None when the item is not this driver's to process: done before, or held by another
+        driver sharing the run's state (then it is in ``held``, to try again later).
+        """
+        item_id = self.pipeline.item_id(item)
+        claim = await self.status.claim(item_id)
+        if claim != "claimed":
+            if claim == "held":
+                self.held.append(item)
+            else:
+                self.skipped += 1
+            return None
+        record = None
+        try:
+            record = await self._process(item)
+        finally:
+            status = getattr(record, "status", None)
+            if status in ("done", "failed"):
+                await self.status.finish(item_id, status)
+            else:  # stopped before its record: another driver may take it now
+                await self.status.release(item_id)
+        return record
+
+    async def _process(self, item: Any) -> BaseModel:
         try:
             assert self.active is not None, "process() needs an open run (async with Run(...))"
             return await self.active.process(item)
@@ -294,18 +342,30 @@ async def run_items(
         run.backends["call_cache"].tune_for_long_runs(caller.cache)
         budget = caller.budget
         with ProgressDisplay(counters, enabled=progress) as display:
-            batch = asyncio.create_task(
-                run.backends["executor"].run(
-                    run.process,
-                    items,
-                    counters,
-                    concurrency=concurrency,
-                    target_accepted=target_accepted,
-                    on_item=lambda _record: display.update(),
-                    should_stop=caller.holding,
-                    prepare=run.prepare,
-                )
-            )
+
+            async def every_item() -> None:
+                pending = items
+                while pending:
+                    run.held = []
+                    await run.backends["executor"].run(
+                        run.process,
+                        pending,
+                        counters,
+                        concurrency=concurrency,
+                        target_accepted=target_accepted,
+                        on_item=lambda _record: display.update(),
+                        should_stop=caller.holding,
+                        prepare=run.prepare,
+                    )
+                    pending = run.held
+                    if pending and not caller.holding():
+                        # Held by another live driver: it finishes them, or its claims
+                        # expire (it died) and this driver takes them.
+                        await asyncio.sleep(run.status.retry_after)
+                    else:
+                        break
+
+            batch = asyncio.create_task(every_item())
 
             async def stop_at_budget() -> None:
                 assert budget is not None
@@ -329,6 +389,7 @@ async def run_items(
             finally:
                 if watcher is not None:
                     watcher.cancel()
+        counters.skipped = run.skipped
         if budget is not None and budget.reached and counters.done + counters.failed < len(items):
             counters.stopped = "budget"
     return counters

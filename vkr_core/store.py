@@ -289,12 +289,14 @@ class RunLock:
         self.path = RunLayout(root).lock
         self._fd: int | None = None
 
-    def acquire(self, command: str = "vkr") -> None:
+    def acquire(self, command: str = "vkr", shared: bool = False) -> None:
+        """Take the lock; ``shared`` for drivers that share their state (RunConfig.state),
+        which keep off each other's items by claims: they exclude only an unshared run."""
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
             os.close(fd)
@@ -418,8 +420,17 @@ class RunStore:
             if _ends_mid_line(path):
                 line = "\n" + line
             self._tails_checked.add(path)
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
+        # One write(2) of the whole line on an O_APPEND descriptor: drivers sharing the run
+        # directory append to the same logs, and a buffered file may split a long line
+        # into several writes that another process's line lands between.
+        encoded = line.encode("utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, encoded)
+            while written < len(encoded):  # only on a full disk or a signal: finish the line
+                written += os.write(fd, encoded[written:])
+        finally:
+            os.close(fd)
 
     def append_call(self, record: CallRecord) -> None:
         self._append(self.layout.calls, record.model_dump())
