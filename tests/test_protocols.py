@@ -1,0 +1,313 @@
+"""Every protocol through the real litellm: OpenAI, Anthropic Messages, Gemini generateContent.
+
+The fake server speaks all three on 127.0.0.1; a pool names a model by protocol
+(``openai/``, ``anthropic/``, ``gemini/``) and litellm's own code for that provider builds the
+request and parses the reply. What a user relies on is checked per protocol: a run over a
+mixed pool, exactly-once after kill -9, refusals never cached, 429 waits as asked, 5xx
+retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_run import VKR, accepted, keys_vkr_holds, vkr_run, write_manifest
+
+from plugins.providers.fake_server import write_pool
+from plugins.providers.litellm_provider import LitellmProvider
+from plugins.steps.schemas import SolvedAnswer
+from vkr_core.calls import (
+    CALL_KEY_HEADER,
+    STEP_HEADER,
+    ModelCaller,
+    RetrySettings,
+    cache_key,
+)
+from vkr_core.config import ModelSpec
+from vkr_core.steps import ReplyError, Step
+
+PROTOCOLS = ("openai", "anthropic", "gemini")
+MODELS = ("fake-a", "fake-b", "fake-c", "fake-d")
+QUESTION = "Question: [q:0000000a:mc] Which?"
+
+SERVED = "protocols" in inspect.signature(write_pool).parameters
+needs_protocols = pytest.mark.skipif(
+    not SERVED, reason="the fake server does not speak Anthropic and Gemini yet"
+)
+
+
+def protocol_param(protocol: str) -> Any:
+    marks = [] if protocol == "openai" else [needs_protocols]
+    return pytest.param(protocol, marks=marks, id=protocol)
+
+
+EACH_PROTOCOL = [protocol_param(p) for p in PROTOCOLS]
+
+
+def pool_for(tmp_path: Path, server: Any, pm: Any, protocols: dict[str, str]) -> Path:
+    """A pool of the four fake models, each speaking the protocol given for it."""
+    extra: dict[str, Any] = {}
+    others = {name: p for name, p in protocols.items() if p != "openai"}
+    if others:
+        extra["protocols"] = others
+    return write_pool(
+        tmp_path / "pool.yaml",
+        server.base_url,
+        models=MODELS,
+        registry_path=tmp_path / "eligibility.yaml",
+        pm=pm,
+        **extra,
+    )
+
+
+def specs(pool: Path) -> dict[str, ModelSpec]:
+    entries = yaml.safe_load(pool.read_text())["models"]
+    return {entry["name"]: ModelSpec(**entry) for entry in entries}
+
+
+class Solve(Step):
+    name = "self_consistency"
+    output_schema = SolvedAnswer
+
+
+def make_caller(tmp_path: Path) -> ModelCaller:
+    return ModelCaller(
+        cache_dir=tmp_path / "cache",
+        providers={"litellm": LitellmProvider()},
+        retry=RetrySettings(attempts=4, initial=0.01, maximum=0.05),
+    )
+
+
+def messages(text: str = QUESTION) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+async def closing(caller: ModelCaller, coroutine: Any) -> Any:
+    try:
+        return await coroutine
+    finally:
+        for provider in caller.providers.values():
+            await provider.aclose()
+
+
+def call(
+    caller: ModelCaller, spec: ModelSpec, text: str = QUESTION, params: dict | None = None
+) -> Any:
+    step = Solve()
+    return asyncio.run(
+        closing(
+            caller,
+            caller.call(
+                spec=spec,
+                step=step.name,
+                prompt_version="v1",
+                messages=messages(text),
+                params=params or {"temperature": 0},
+                validate=step.parse,
+            ),
+        )
+    )
+
+
+def one_protocol(tmp_path: Path, server: Any, pm: Any, protocol: str) -> ModelSpec:
+    """fake-a, speaking ``protocol``."""
+    pool = pool_for(tmp_path, server, pm, dict.fromkeys(MODELS, protocol))
+    spec = specs(pool)["fake-a"]
+    assert spec.model.startswith(f"{protocol}/"), spec.model
+    return spec
+
+
+# ------------------------------------------------------------------ a run over a mixed pool
+
+
+@needs_protocols
+def test_a_run_over_a_pool_of_three_protocols_accounts_each(
+    tmp_path, testdata, vkr_fake_server, vkr_plugin_manager
+):
+    mixed = {"fake-a": "openai", "fake-b": "anthropic", "fake-c": "gemini", "fake-d": "gemini"}
+    pool = pool_for(tmp_path, vkr_fake_server, vkr_plugin_manager, mixed)
+    manifest = write_manifest(tmp_path / "videos", testdata, good=2, bad=False)
+    vkr_run(manifest, pool, tmp_path / "run")
+    assert accepted(tmp_path / "run")
+    calls = [
+        json.loads(line) for line in (tmp_path / "run" / "calls.jsonl").read_text().splitlines()
+    ]
+    for model, protocol in mixed.items():
+        paid = [c for c in calls if c["model"] == model and c["outcome"] == "ok"]
+        assert paid, f"{model} ({protocol}) made no successful call"
+        assert all(c["prompt_tokens"] > 0 and c["completion_tokens"] > 0 for c in paid), model
+        assert sum(c["cost_usd"] for c in paid) > 0, model
+    by_model = vkr_fake_server.stats()["by_model"]
+    assert set(by_model) >= set(mixed), by_model
+    report = subprocess.run(
+        [VKR, "report", str(tmp_path / "run")], capture_output=True, text=True, check=True
+    )
+    spend = _spend_by_model(tmp_path / "run")
+    for model in mixed:
+        assert model in report.stdout
+        assert spend[model] > 0, (model, spend)
+
+
+def _spend_by_model(run_dir: Path) -> dict[str, float]:
+    for path in sorted(run_dir.rglob("*.json")):
+        if "report" not in path.name:
+            continue
+        data = json.loads(path.read_text())
+        rows = data.get("spend_by_model") or data.get("models") or {}
+        if rows:
+            if isinstance(rows, list):
+                return {row["model"]: float(row["cost_usd"]) for row in rows}
+            return {model: float(row["cost_usd"]) for model, row in rows.items()}
+    raise AssertionError(f"no report JSON with spend per model under {run_dir}")
+
+
+# ------------------------------------------------------------------ exactly once
+
+
+# A parameter outside PLAIN_PARAMS sends an OpenAI-protocol call through litellm and the
+# OpenAI SDK (as for OpenAI itself) instead of vkr's own POST.
+SDK_PARAMS = {"temperature": 0, "user": "vkr-test"}
+
+
+@pytest.mark.parametrize(
+    "protocol, params",
+    [
+        pytest.param("openai", None, id="openai"),
+        pytest.param("openai", SDK_PARAMS, id="openai-through-litellm"),
+        *(pytest.param(p, None, marks=[needs_protocols], id=p) for p in PROTOCOLS[1:]),
+    ],
+)
+def test_a_reply_read_before_a_crash_is_replayed_by_litellm_not_paid_again(
+    tmp_path, vkr_fake_server, vkr_plugin_manager, protocol, params
+):
+    """The window between reading a reply and caching it: the body is journalled as it is
+    read, and the next attempt of the call gets it from the journal through litellm's own
+    parser for the protocol, without a request."""
+    spec = one_protocol(tmp_path, vkr_fake_server, vkr_plugin_manager, protocol)
+    step = Solve()
+    caller = make_caller(tmp_path)
+    params = params or {"temperature": 0}
+    key = cache_key(spec, step.name, "v1", messages(), params, 0)
+    provider = caller.providers["litellm"]
+
+    # What a run killed right after the read leaves: a journalled body, nothing cached.
+    lost = asyncio.run(
+        closing(
+            caller,
+            provider.complete(
+                spec,
+                messages(),
+                dict(params, seed=0),
+                {STEP_HEADER: step.name, CALL_KEY_HEADER: key},
+                journal=caller.journal,
+            ),
+        )
+    )
+    assert caller.journal.load(key) is not None and caller.cache.get(key) is None
+    billed = vkr_fake_server.stats()["completions"]
+
+    result = call(caller, spec, params=params)
+    assert vkr_fake_server.stats()["completions"] == billed  # not asked again
+    assert result.outcome == "ok" and result.text == lost.text
+    SolvedAnswer.model_validate(json.loads(result.text))
+    record = result.record
+    assert record.attempts == 0 and not record.cache_hit  # recovered, accounted once
+    assert record.prompt_tokens == lost.prompt_tokens > 0 and record.cost_usd > 0
+    assert caller.journal.load(key) is None  # now in the cache proper
+    assert call(caller, spec, params=params).record.cache_hit
+
+
+@pytest.mark.parametrize("protocol", EACH_PROTOCOL)
+def test_kill_9_mid_run_and_resume_pays_no_reply_twice(
+    tmp_path, testdata, vkr_fake_server, vkr_plugin_manager, protocol
+):
+    """A reply on the wire at the kill is billed and lost whatever vkr does; a reply vkr had
+    read (journalled or cached) is never paid again."""
+    pool = pool_for(tmp_path, vkr_fake_server, vkr_plugin_manager, dict.fromkeys(MODELS, protocol))
+    manifest = write_manifest(tmp_path / "videos", testdata, good=2, bad=False)
+    vkr_fake_server.set_policy({"latency_ms": 300})
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [VKR, "run", "--videos", str(manifest), "--pool", str(pool), "--out", str(run_dir)]
+        + ["--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while vkr_fake_server.stats()["completions"] < 12 and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    held = keys_vkr_holds(run_dir)
+    assert held
+    seen = len(vkr_fake_server.stats()["repeated_call_keys"])
+
+    vkr_fake_server.set_policy({})
+    vkr_run(manifest, pool, run_dir)
+    repeated = vkr_fake_server.stats()["repeated_call_keys"][seen:]
+    assert not set(repeated) & held, "a reply vkr had read was paid again"
+    for video in ("good0", "good1"):
+        record = json.loads((run_dir / "records" / f"{video}.json").read_text())
+        assert record["status"] == "done", record
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize("protocol", EACH_PROTOCOL)
+def test_a_refusal_is_recorded_with_its_text_and_never_cached(
+    tmp_path, vkr_fake_server, vkr_plugin_manager, protocol
+):
+    spec = one_protocol(tmp_path, vkr_fake_server, vkr_plugin_manager, protocol)
+    vkr_fake_server.set_policy({"refusal": 1.0})
+    caller = make_caller(tmp_path)
+    with pytest.raises(ReplyError) as refused:
+        call(caller, spec)
+    assert refused.value.kind == "refusal"
+    assert refused.value.raw, "the refusal's own words (or raw reply) are kept"
+    assert caller.records[-1].outcome == "refusal"
+    assert len(caller.cache) == 0  # neither the reply nor its journal entry stays
+    # A rerun asks again, and gets an answer once the model gives one.
+    vkr_fake_server.set_policy({})
+    again = call(caller, spec)
+    assert again.outcome == "ok" and not again.record.cache_hit
+    assert vkr_fake_server.stats()["completions"] == 2
+
+
+# ------------------------------------------------------------------ rate limits and 5xx
+
+
+@pytest.mark.parametrize("protocol", EACH_PROTOCOL)
+def test_a_429_waits_as_long_as_the_provider_asks_and_then_succeeds(
+    tmp_path, vkr_fake_server, vkr_plugin_manager, protocol
+):
+    spec = one_protocol(tmp_path, vkr_fake_server, vkr_plugin_manager, protocol)
+    vkr_fake_server.set_policy({"script": ["429", "ok"], "retry_after_s": 1.5})
+    caller = make_caller(tmp_path)
+    started = time.monotonic()
+    result = call(caller, spec)
+    waited = time.monotonic() - started
+    assert result.outcome == "ok" and result.record.attempts == 2
+    # The backoff alone would wait at most 0.05 s: only the provider's delay explains this.
+    assert 1.5 <= waited < 1.5 * 1.25 + 3, waited
+
+
+@pytest.mark.parametrize("protocol", EACH_PROTOCOL)
+def test_server_errors_are_retried(tmp_path, vkr_fake_server, vkr_plugin_manager, protocol):
+    spec = one_protocol(tmp_path, vkr_fake_server, vkr_plugin_manager, protocol)
+    vkr_fake_server.set_policy({"script": ["500", "503", "ok"]})
+    result = call(make_caller(tmp_path), spec)
+    assert result.outcome == "ok" and result.record.attempts == 3
+    stats = vkr_fake_server.stats()
+    assert stats["requests"] == 3 and stats["completions"] == 1
