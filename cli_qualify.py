@@ -245,6 +245,8 @@ def pilot(
     click.echo(f"  model calls: {result.calls} made, {result.cache_hits} from the cache")
     click.echo("  strata: " + ", ".join(f"{k}: {v}" for k, v in manifest.strata.items()))
     click.echo(f"  pre-labelled hard failures (format): {auto}")
+    if manifest.structured_output:
+        click.echo("  each call carried the step's JSON schema (structured_output: true)")
     click.echo(f"next: vkr qualify review {out}")
 
 
@@ -397,7 +399,7 @@ def score(
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
 def table(registry: str, pool: str, markdown: bool) -> None:
     """The eligibility matrix: steps x models of the pool."""
-    from qualification.table import LEGEND, load_matrix
+    from qualification.table import load_matrix
 
     matrix = load_matrix(registry, pool)
     if markdown:
@@ -409,12 +411,12 @@ def table(registry: str, pool: str, markdown: bool) -> None:
     grid = Table(title="eligibility")
     grid.add_column("step")
     for model in matrix.models:
-        grid.add_column(model, justify="center")
+        grid.add_column(matrix.model_label(model), justify="center")
     for step, row in zip(matrix.steps, matrix.rows(), strict=True):
         name = step + (f" ({matrix.notes[step]})" if step in matrix.notes else "")
         grid.add_row(name, *row[1:])
     Console(width=max(80, 24 + 12 * len(matrix.models))).print(grid)
-    click.echo(LEGEND)
+    click.echo(matrix.legend())
 
 
 @hookimpl

@@ -489,6 +489,8 @@ class _CallTally:
 
     def __init__(self) -> None:
         self.calls = self.paid = self.hits = self.requests = self.retries = 0
+        # Paid calls that carried the step's JSON schema: why a model's malformed count fell.
+        self.structured = 0
         self.prompt_tokens = self.completion_tokens = 0
         self.spend = self.saved = 0.0
         self.outcomes: Counter[str] = Counter()
@@ -508,6 +510,7 @@ class _CallTally:
         # A call that ended in an error after its retries got no reply: nothing was billed.
         if call.outcome != "error":
             self.paid += 1
+            self.structured += call.structured_output
             self.prompt_tokens += call.prompt_tokens
             self.completion_tokens += call.completion_tokens
             self.latencies.append(call.latency_s)
@@ -516,6 +519,7 @@ class _CallTally:
         return {
             "calls": self.calls,
             "paid_calls": self.paid,
+            "structured_calls": self.structured,
             "cache_hits": self.hits,
             "cache_hit_rate": _share(self.hits, self.calls),
             "failed_calls": self.outcomes["error"],
@@ -697,6 +701,7 @@ MODEL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("spend", "spend_usd"),
     ("p50 s", "latency_p50_s"),
     ("p95 s", "latency_p95_s"),
+    ("with schema", "structured_calls"),
     ("malformed", "malformed"),
     ("refusal", "refusal"),
     ("error", "error"),
@@ -728,7 +733,7 @@ def _videos_line(totals: dict[str, Any]) -> str:
 
 def _headline(report: dict[str, Any]) -> list[tuple[str, str]]:
     t = report["totals"]
-    return [
+    lines = [
         ("videos", _videos_line(t)),
         (
             "examples",
@@ -741,6 +746,15 @@ def _headline(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("tokens", f"{t['prompt_tokens']} in, {t['completion_tokens']} out"),
         ("retries", str(t["retries"])),
     ]
+    if t.get("structured_calls"):
+        lines.insert(
+            5,
+            (
+                "with response schema",
+                f"{t['structured_calls']} of {t['paid_calls']} paid calls (structured_output)",
+            ),
+        )
+    return lines
 
 
 # ---------------------------------------------------------------- markdown

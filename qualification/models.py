@@ -44,6 +44,11 @@ class PilotManifest(Strict):
     available: int = Field(description="distinct current inputs the sample was drawn from")
     strata: dict[str, int] = Field(description='"discipline / skill" -> items sampled')
     created: str
+    structured_output: bool = Field(
+        default=False,
+        description="the calls carried the step's JSON schema (the pool entry's "
+        "structured_output): its format failures are the model's under that schema",
+    )
 
 
 class PilotFrame(Strict):

@@ -363,6 +363,10 @@ def run_pilot(
     register_secrets(spec.api_key() for spec in pool.models)
     step = _check_step_and_model(pm, pool, step_name, model)
     spec = pool.get(model)
+    provider = pm.registry.providers.get(spec.provider)
+    if provider is not None:  # the pool entry as the provider sees it, as a run checks it
+        provider.check_entry(spec)
+    structured = "response_format" in call_params(step, spec, pool)
     sources = [Path(d) for d in run_dirs]
     if not sources:
         raise InputError("name at least one run directory to sample inputs from (--from)")
@@ -374,7 +378,11 @@ def run_pilot(
     pilot_id = "{}-{}-{}".format(
         step_name,
         re.sub(r"[^A-Za-z0-9_.-]", "_", model),
-        fingerprint([step_name, model, version, seed, inputs_sha256])[:10],
+        # A pilot with the response schema is another experiment than one without it.
+        fingerprint(
+            [step_name, model, version, seed, inputs_sha256]
+            + (["structured_output"] if structured else [])
+        )[:10],
     )
     pilot_dir = Path(out)
     paths = pilot_dir_paths(pilot_dir)
@@ -535,6 +543,7 @@ def run_pilot(
         available=available,
         strata=dict(sorted(strata.items())),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        structured_output=structured,
     )
     if paths["manifest"].exists():
         # A rerun of the same pilot keeps the time it was first made.

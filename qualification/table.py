@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,14 @@ UNSUPPORTED = "—"
 NOT_PILOTED = "?"
 STALE = "stale"
 
+SCHEMA_NOTE = "schema"
 LEGEND = (
     f"{ELIGIBLE} eligible   {FAILED} failed its pilot   {UNSUPPORTED} text-only model on a "
     f"vision step   {NOT_PILOTED} not piloted   {STALE} piloted on an older prompt version"
+)
+SCHEMA_LEGEND = (
+    f"({SCHEMA_NOTE}): the pool sends this model each step's JSON schema (structured_output), "
+    "so its replies keep to the format by decoding, not by chance"
 )
 
 
@@ -27,12 +32,20 @@ class EligibilityMatrix:
     models: list[str]
     cells: dict[tuple[str, str], str]
     notes: dict[str, str]
+    # model -> what the pool says about how it is asked (SCHEMA_NOTE: structured output).
+    model_notes: dict[str, str] = field(default_factory=dict)
+
+    def model_label(self, model: str) -> str:
+        return model + (f" ({self.model_notes[model]})" if model in self.model_notes else "")
+
+    def legend(self) -> str:
+        return LEGEND + ("\n" + SCHEMA_LEGEND if self.model_notes else "")
 
     def rows(self) -> list[list[str]]:
         return [[step] + [self.cells[(step, m)] for m in self.models] for step in self.steps]
 
     def markdown(self) -> str:
-        header = ["step", *self.models]
+        header = ["step", *(self.model_label(m) for m in self.models)]
         lines = [
             "| " + " | ".join(header) + " |",
             "|" + "|".join(["---"] + [":---:"] * len(self.models)) + "|",
@@ -42,7 +55,7 @@ class EligibilityMatrix:
             lines.append(
                 "| " + " | ".join([name] + [self.cells[(step, m)] for m in self.models]) + " |"
             )
-        return "\n".join(lines) + "\n\n" + LEGEND + "\n"
+        return "\n".join(lines) + "\n\n" + self.legend() + "\n"
 
 
 def _cell(step: Any, spec: Any, entry: Any) -> str:
@@ -73,7 +86,8 @@ def eligibility_matrix(
             cells[(step_name, spec.name)] = _cell(
                 loaded.get(step_name), spec, registry.entry(step_name, spec.name)
             )
-    return EligibilityMatrix(steps + extra, pool.names(), cells, notes)
+    model_notes = {spec.name: SCHEMA_NOTE for spec in pool.models if spec.structured_output}
+    return EligibilityMatrix(steps + extra, pool.names(), cells, notes, model_notes)
 
 
 def load_matrix(

@@ -1,0 +1,366 @@
+"""Structured output: a pool entry with ``structured_output: true`` sends each step's JSON
+schema with every call, so a model that keeps to the format only under a schema loses no
+replies to format failures, in runs and in qualification pilots alike; a reply that breaks
+the schema is still a recorded hard failure with its raw text.
+
+All through the real CLI and real litellm/HTTP against the fake model server, whose
+``needs_schema`` knob answers well-formed only when the request carries a schema.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from pydantic import BaseModel, ConfigDict, Field
+
+from cli import cli
+from plugins.providers.fake_server import FakeModelServer, write_pool
+from qualification.pilot import open_pilot
+from vkr_core.config import ModelSpec, Pool
+from vkr_core.context import call_params
+from vkr_core.plugins import get_plugin_manager
+from vkr_core.schemas import VkrError
+from vkr_core.steps import Step, portable_schema, response_format
+
+VKR = str(Path(sys.executable).parent / "vkr")
+PILOT_STEP = "example_generation"
+
+
+def structured(pool: Path, on: bool = True, models: tuple[str, ...] = ()) -> Path:
+    """The pool with ``structured_output`` set on its models (all, or the ones named)."""
+    data = yaml.safe_load(pool.read_text())
+    for entry in data["models"]:
+        if not models or entry["name"] in models:
+            entry["structured_output"] = on
+    pool.write_text(yaml.safe_dump(data, sort_keys=False))
+    return pool
+
+
+def write_videos(folder: Path, testdata: Path, count: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        shutil.copy(testdata / "flipping_a_pancake.mkv", folder / f"clip{i}.mkv")
+        lines.append(
+            {
+                "video_id": f"clip{i}",
+                "path": f"clip{i}.mkv",
+                "discipline": "cooking" if i % 2 == 0 else "physics",
+                "subject": "batter cookery",
+                "knowledge_point": "Maillard reaction",
+                "title": f"Pancake flip number {i}",
+            }
+        )
+    manifest = folder / "videos.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def vkr_run(videos: Path, pool: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [VKR, "run", "--videos", str(videos), "--pool", str(pool), "--out", str(out)]
+        + ["--no-progress"],
+        capture_output=True,
+        text=True,
+    )
+
+
+def calls(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "calls.jsonl").read_text().splitlines()]
+
+
+def invoke(*args: Any) -> Any:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Any:
+    """The same videos run twice against a model that needs the schema: once without
+    structured output, once with it."""
+    root = tmp_path_factory.mktemp("structured")
+    pm = get_plugin_manager()
+    server = FakeModelServer(seed=0)
+    url = server.start()
+    try:
+        server.set_policy({"defaults": {"needs_schema": True}})
+        videos = write_videos(root / "videos", testdata)
+        plain_pool = write_pool(root / "plain" / "pool.yaml", url, pm=pm)
+        schema_pool = structured(write_pool(root / "schema" / "pool.yaml", url, pm=pm))
+
+        plain = vkr_run(videos, plain_pool, root / "plain" / "run")
+        plain_requests = server.received()
+        server.clear_received()
+        with_schema = vkr_run(videos, schema_pool, root / "schema" / "run")
+        schema_requests = server.received()
+        yield {
+            "root": root,
+            "server": server,
+            "pm": pm,
+            "plain": (plain, plain_pool, root / "plain" / "run", plain_requests),
+            "schema": (with_schema, schema_pool, root / "schema" / "run", schema_requests),
+        }
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- runs
+
+
+def test_a_run_with_structured_output_has_no_format_failures_where_one_without_has_many(runs):
+    result, _, run_dir, _ = runs["plain"]
+    assert result.returncode in (0, 3), result.stderr
+    without = calls(run_dir)
+    assert sum(c["outcome"] == "malformed" for c in without) == len(without) > 0
+    assert not any(c["structured_output"] for c in without)
+
+    result, _, run_dir, _ = runs["schema"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    made = calls(run_dir)
+    # Every step of generation ran, and none lost a reply to its format.
+    assert {c["step"] for c in made} >= {"example_generation", "self_consistency"}
+    assert [c for c in made if c["outcome"] == "malformed"] == []
+    assert all(c["structured_output"] for c in made)
+    records = [json.loads(p.read_text()) for p in (run_dir / "records").glob("*.json")]
+    assert records and all(r["status"] == "done" for r in records)
+    assert not [x for r in records for x in r["rejected"] if x["kind"] == "malformed"]
+
+
+def test_each_request_carries_its_steps_schema_and_a_model_without_it_sends_none(runs):
+    registry = runs["pm"].registry.steps
+    *_, requests = runs["schema"]
+    assert requests
+    for request in requests:
+        expected, _ = portable_schema(registry[request.step].output_schema)
+        assert request.response_schema == expected, request.step
+    # Inlined: the fake server saw cot_verification's nested step object, not a $ref.
+    cot = [r for r in requests if r.step == "cot_verification"]
+    for request in cot:
+        items = request.response_schema["properties"]["steps"]["items"]
+        assert items["type"] == "object" and "$ref" not in json.dumps(request.response_schema)
+
+    *_, plain_requests = runs["plain"]
+    assert plain_requests and all(r.response_schema is None for r in plain_requests)
+
+
+def test_the_report_shows_which_calls_carried_the_schema(runs):
+    _, _, run_dir, _ = runs["schema"]
+    result = invoke("report", run_dir)
+    assert result.exit_code == 0, result.output
+    report = json.loads((run_dir / "report.json").read_text())
+    for stats in report["models"].values():
+        assert stats["structured_calls"] == stats["paid_calls"] > 0
+    assert "| with schema |" in (run_dir / "report.md").read_text()
+    assert "<th>with schema</th>" in (run_dir / "report.html").read_text()
+    paid = report["totals"]["paid_calls"]
+    assert f"with response schema       {paid} of {paid} paid calls" in result.output
+
+    _, _, plain_dir, _ = runs["plain"]
+    assert invoke("report", plain_dir).exit_code == 0
+    plain = json.loads((plain_dir / "report.json").read_text())
+    for stats in plain["models"].values():
+        assert stats["structured_calls"] == 0 and stats["outcomes"]["malformed"] > 0
+
+
+def test_a_reply_that_breaks_the_schema_is_a_recorded_malformed_rejection(runs, testdata, tmp_path):
+    server = runs["server"]
+    server.set_policy({"defaults": {"needs_schema": True, "violate_schema": 1.0}})
+    try:
+        pool = structured(write_pool(tmp_path / "pool.yaml", server.base_url, pm=runs["pm"]))
+        videos = write_videos(tmp_path / "videos", testdata, count=1)
+        result = vkr_run(videos, pool, tmp_path / "run")
+    finally:
+        server.set_policy({"defaults": {"needs_schema": True}})
+    assert result.returncode in (0, 3), result.stderr
+    made = calls(tmp_path / "run")
+    assert made and all(c["outcome"] == "malformed" and c["structured_output"] for c in made)
+    record = json.loads((tmp_path / "run" / "records" / "clip0.json").read_text())
+    assert record["accepted"] == []
+    rejected = record["rejected"]
+    assert rejected and all(r["kind"] == "malformed" for r in rejected)
+    for rejection in rejected:
+        # The raw reply is kept: valid JSON that leaves out a field the schema requires.
+        raw = json.loads(rejection["raw_reply"])
+        assert isinstance(raw, dict)
+        assert "Field required" in rejection["reason"] or "valid" in rejection["reason"]
+
+
+# ---------------------------------------------------------------- pilots
+
+
+def pilot(runs: Any, source: str, out: Path, model: str = "fake-a") -> Any:
+    _, pool, run_dir, _ = runs[source]
+    return invoke(
+        "qualify",
+        "pilot",
+        "--step",
+        PILOT_STEP,
+        "--model",
+        model,
+        "--pool",
+        pool,
+        "--n",
+        6,
+        "--from",
+        runs["plain"][2],
+        "--out",
+        out,
+    )
+
+
+def test_a_pilot_with_structured_output_records_no_format_failures(runs, tmp_path):
+    server = runs["server"]
+    server.clear_received()
+    result = pilot(runs, "schema", tmp_path / "with")
+    assert result.exit_code == 0, result.output
+    assert "pre-labelled hard failures (format): 0" in result.output
+    assert "carried the step's JSON schema" in result.output
+    opened = open_pilot(tmp_path / "with")
+    assert opened.manifest.structured_output
+    assert [i.outcome for i in opened.items] == ["ok"] * 6
+    with opened.labels() as store:
+        assert store.current("auto") == []
+    requests = server.received(PILOT_STEP)
+    assert len(requests) == 6 and all(r.response_schema for r in requests)
+
+    # The same inputs without the schema: the model's format failures count against it.
+    without = pilot(runs, "plain", tmp_path / "without")
+    assert without.exit_code == 0, without.output
+    opened = open_pilot(tmp_path / "without")
+    assert not opened.manifest.structured_output
+    assert [i.outcome for i in opened.items] == ["malformed"] * 6
+    assert opened.manifest.pilot_id != open_pilot(tmp_path / "with").manifest.pilot_id
+    with opened.labels() as store:
+        assert len(store.current("auto")) == 6
+
+
+def test_the_eligibility_table_names_the_models_asked_with_a_schema(runs, tmp_path):
+    _, pool, _, _ = runs["schema"]
+    one = structured(
+        write_pool(tmp_path / "pool.yaml", runs["server"].base_url, pm=runs["pm"]),
+        models=("fake-b",),
+    )
+    data = yaml.safe_load(one.read_text())
+    registry = one.parent / data["registry"]
+    result = invoke("qualify", "table", "--registry", registry, "--pool", one, "--markdown")
+    assert result.exit_code == 0, result.output
+    header = result.output.splitlines()[0]
+    assert "| fake-a |" in header and "| fake-b (schema) |" in header
+    assert "(schema): the pool sends this model each step's JSON schema" in result.output
+
+
+# ---------------------------------------------------------------- routes that cannot
+
+
+def test_a_model_whose_route_takes_no_schema_is_refused_before_anything_runs(
+    runs, testdata, tmp_path
+):
+    pool = write_pool(tmp_path / "pool.yaml", runs["server"].base_url, pm=runs["pm"])
+    data = yaml.safe_load(pool.read_text())
+    # litellm's Cohere route has no response_format: with drop_params it would drop it.
+    data["models"][0].update(model="cohere/command-r", api_base=None, structured_output=True)
+    pool.write_text(yaml.safe_dump(data, sort_keys=False))
+    videos = write_videos(tmp_path / "videos", testdata, count=1)
+    result = vkr_run(videos, pool, tmp_path / "run")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "'fake-a' has structured_output: true" in lines[0]
+    assert "cohere route" in lines[0] and "takes no response schema" in lines[0]
+    assert not (tmp_path / "run" / "calls.jsonl").exists()
+
+    pilot = invoke(
+        "qualify",
+        "pilot",
+        "--step",
+        PILOT_STEP,
+        "--model",
+        "fake-a",
+        "--pool",
+        pool,
+        "--n",
+        2,
+        "--from",
+        runs["plain"][2],
+        "--out",
+        tmp_path / "pilot",
+    )
+    assert pilot.exit_code != 0
+    assert "takes no response schema" in pilot.output and "Traceback" not in pilot.output
+
+
+# ---------------------------------------------------------------- the schema itself
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(description="the part's own title field")
+    note: str = ""
+
+
+class _Whole(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parts: list[_Part] = Field(min_length=1)
+    kind: str = Field(default="x", json_schema_extra={"const": "x"})
+
+
+class _Nested(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    children: list[_Nested] = []
+
+
+class _Tidy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    answer: str = Field(min_length=1)
+
+
+class _TidyStep(Step[str, _Tidy]):
+    name = "tidy step/v2"
+    output_schema = _Tidy
+
+
+class _ProseStep(_TidyStep):
+    structured_output = False
+
+
+def test_the_schema_is_inlined_without_annotations_and_strict_only_when_openai_allows():
+    schema, strict = portable_schema(_Whole)
+    text = json.dumps(schema)
+    assert "$ref" not in text and "$defs" not in text and "default" not in text
+    part = schema["properties"]["parts"]["items"]
+    # Pydantic's titles go; a field that is *called* title stays.
+    assert set(part["properties"]) == {"title", "note"} and "title" not in part
+    assert part["properties"]["title"]["description"] == "the part's own title field"
+    assert schema["properties"]["kind"]["enum"] == ["x"]
+    # An optional field breaks OpenAI's strict rule that every property is required.
+    assert strict is False
+    assert portable_schema(_Tidy) == (
+        {
+            "additionalProperties": False,
+            "properties": {"answer": {"minLength": 1, "type": "string"}},
+            "required": ["answer"],
+            "type": "object",
+        },
+        True,
+    )
+    with pytest.raises(VkrError, match=r"_Nested refers to itself .*structured_output = False"):
+        portable_schema(_Nested)
+
+
+def test_the_schema_goes_only_where_the_pool_and_the_step_both_allow_it():
+    pool = Pool(models=[ModelSpec(name="m", model="openai/m", api_base="http://127.0.0.1:9")])
+    on = ModelSpec(name="m", model="openai/m", structured_output=True)
+    off = ModelSpec(name="m", model="openai/m")
+    sent = call_params(_TidyStep(), on, pool)["response_format"]
+    assert sent == response_format(_TidyStep())
+    assert sent["json_schema"]["name"] == "tidy_step_v2" and sent["json_schema"]["strict"]
+    # Without it the parameters are what they always were.
+    assert call_params(_TidyStep(), off, pool) == {"temperature": 0.0, "max_tokens": 2048}
+    assert "response_format" not in call_params(_ProseStep(), on, pool)
