@@ -39,6 +39,16 @@ def _skill_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     return names
 
 
+def _state_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or not scheme or not rest:
+        # Never echo the value: it may hold a password.
+        raise click.BadParameter("give a URL such as postgresql://user@host:5432/dbname")
+    return value
+
+
 def pipeline_options(func: Any) -> Any:
     """The settings every command that runs the pipeline shares; they become a RunConfig."""
     options = [
@@ -75,6 +85,15 @@ def pipeline_options(func: Any) -> Any:
         click.option(
             "--force", is_flag=True, help="Reuse a run directory made with another config."
         ),
+        click.option(
+            "--state",
+            callback=_state_url,
+            metavar="URL",
+            help="Keep checkpoints, the call cache and item claims in this database "
+            "(postgresql://user[:password]@host:port/db; needs vkr[postgres]) instead of the "
+            "run directory, so several drivers can run the same manifest. The password is "
+            "never stored: give it in the URL each time, or in PGPASSWORD.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -103,3 +122,43 @@ def outage_options(func: Any) -> Any:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def engine_options(func: Any) -> Any:
+    """What runs the items: the local asyncio engine, or Ray (they change no result)."""
+    options = [
+        click.option(
+            "--engine",
+            default="local",
+            show_default=True,
+            metavar="NAME",
+            help="What runs the items: local (asyncio in this process) or ray (a Ray "
+            "cluster's workers; pip install 'vkr[ray]').",
+        ),
+        click.option(
+            "--ray-address",
+            metavar="ADDRESS",
+            help="With --engine ray: the cluster to join (host:port of its head, or auto) "
+            "[default: start a local Ray on this machine].",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            help="With --engine ray: worker processes, --concurrency split across them "
+            "[default: one per CPU of the cluster, at most --concurrency].",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def engine_settings(engine: str, ray_address: str | None, workers: int | None) -> dict[str, Any]:
+    """The RunConfig fields the engine options set; a Ray option without --engine ray is a
+    usage error (it would be silently ignored)."""
+    if engine != "ray":
+        for name, value in (("--ray-address", ray_address), ("--workers", workers)):
+            if value is not None:
+                raise click.UsageError(f"{name} needs --engine ray")
+    options = {"address": ray_address, "workers": workers} if engine == "ray" else {}
+    return {"executor": engine, "executor_options": options}

@@ -95,3 +95,37 @@ def vkr_youtube_server() -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def vkr_postgres_server() -> Iterator[str]:
+    """A PostgreSQL server's superuser URL: ``$VKR_TEST_POSTGRES_URL``, else a throwaway
+    cluster started from ``initdb``/``pg_ctl`` (as the ``postgres`` user when root). Without
+    either the test fails, saying how to get PostgreSQL: it never skips."""
+    from plugins.backends.postgres_server import PostgresUnavailable, ThrowawayPostgres
+
+    given = os.environ.get("VKR_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    try:
+        server = ThrowawayPostgres()
+        url = server.start()
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def vkr_postgres_url(vkr_postgres_server: str) -> Iterator[str]:
+    """A fresh database of its own for one test (URL with its password), dropped after."""
+    from plugins.backends.postgres_server import create_database, drop_database
+
+    url = create_database(vkr_postgres_server)
+    try:
+        yield url
+    finally:
+        drop_database(vkr_postgres_server, url)
