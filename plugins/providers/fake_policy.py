@@ -16,8 +16,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vkr_core.errors import describe_validation_error
 from vkr_core.schemas import InputError
 
-Outcome = Literal["ok", "429", "500", "503", "malformed", "refusal", "hang"]
-OUTCOMES: tuple[str, ...] = ("ok", "429", "500", "503", "malformed", "refusal", "hang")
+# "503" is the protocol's overload reply (Anthropic words it 529); "blocked" refuses the prompt
+# as a whole (Gemini's promptFeedback.blockReason; a plain refusal on the other protocols).
+Outcome = Literal["ok", "429", "500", "503", "malformed", "refusal", "blocked", "hang"]
+OUTCOMES: tuple[str, ...] = (
+    "ok",
+    "429",
+    "500",
+    "503",
+    "malformed",
+    "refusal",
+    "blocked",
+    "hang",
+)
 
 
 class Knobs(BaseModel):
@@ -32,6 +43,13 @@ class Knobs(BaseModel):
     )
     malformed: float = Field(default=0.0, ge=0, le=1, description="share of broken replies")
     refusal: float = Field(default=0.0, ge=0, le=1, description="share of content_filter refusals")
+    blocked: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of prompts refused as a whole (Gemini promptFeedback.blockReason; "
+        "a refusal on the other protocols)",
+    )
     latency_ms: float = Field(default=0.0, ge=0, description="added to every request")
     rate_limit: float = Field(default=0.0, ge=0, le=1, description="share of HTTP 429")
     retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After of a 429")
@@ -67,6 +85,7 @@ class KnobOverrides(BaseModel):
     relevant: float | None = Field(default=None, ge=0, le=1)
     malformed: float | None = Field(default=None, ge=0, le=1)
     refusal: float | None = Field(default=None, ge=0, le=1)
+    blocked: float | None = Field(default=None, ge=0, le=1)
     latency_ms: float | None = Field(default=None, ge=0)
     rate_limit: float | None = Field(default=None, ge=0, le=1)
     retry_after_s: float | None = Field(default=None, ge=0)

@@ -1,4 +1,5 @@
-"""A loopback OpenAI-compatible chat-completions server with scripted behaviour.
+"""A loopback model server with scripted behaviour, speaking OpenAI chat completions, Anthropic
+Messages and Gemini generateContent on one port.
 
 Tests and ``vkr demo`` run the pipeline through the real litellm client over HTTP to this
 server, so request serialisation, retries, refusals and cost accounting are exercised the
@@ -12,13 +13,15 @@ Content decisions (right or wrong, malformed, refusal, which question) are a pur
 of the server seed, model, step, messages (images by sha256) and the request's ``seed``;
 transport faults (429, 5xx, hangs) come from a seeded random stream per request, so a
 retry of the same request can succeed.
+
+The protocols differ only in their envelopes (:mod:`plugins.providers.fake_protocols`): each
+request becomes one :class:`ChatRequest`, and the decisions, policy and stats above are the
+same whichever protocol carried it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -30,9 +33,8 @@ import secrets
 import signal
 import sys
 import threading
-import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +49,27 @@ from plugins.providers.fake_policy import (
     load_policy,
     parse_policy,
 )
+from plugins.providers.fake_protocols import (
+    PROTOCOL_HANDLERS,
+    PROTOCOLS,
+    REFUSAL_TEXT,
+    Answer,
+    BadRequest,
+    ChatRequest,
+    Fault,
+    Protocol,
+    openai_error,
+    parse_chat_request,
+)
 from vkr_core.hookspecs import hookimpl
 from vkr_core.schemas import InputError, VkrError
 
 __all__ = [
     "DEFAULT_MODELS",
+    "PROTOCOLS",
+    "ChatRequest",
+    "parse_chat_request",
+    "protocol_api_base",
     "FakeModelServer",
     "MODEL_BACKED_STEPS",
     "TAG_PATTERN",
@@ -143,8 +161,6 @@ _KNOWLEDGE: tuple[str, ...] = (
     "This is the expected order of steps in the procedure",
 )
 
-_REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
-
 
 # ---------------------------------------------------------------- ground truth
 
@@ -178,129 +194,6 @@ def find_tag(texts: Iterable[str]) -> str | None:
 
 
 # ---------------------------------------------------------------- request digest
-
-
-@dataclass
-class ChatRequest:
-    """The parts of a chat-completions request that decide the reply."""
-
-    model: str
-    step: str
-    texts: list[str]
-    image_hashes: list[str]
-    seed: int | None
-    normalised_messages: list[dict[str, Any]]
-    # The JSON schema the request asked the reply to follow, from the protocol's native form.
-    response_schema: dict[str, Any] | None = None
-    protocol: str = "openai"
-
-    def text_chars(self) -> int:
-        return sum(len(t) for t in self.texts)
-
-
-class BadRequest(VkrError):
-    """A request the server answers with HTTP 400."""
-
-
-def _image_hash(url: str) -> str:
-    # Hash the decoded bytes of a data URL so the hash matches the frame file's own sha256.
-    if url.startswith("data:") and "," in url:
-        header, payload = url.split(",", 1)
-        if header.endswith(";base64"):
-            try:
-                return hashlib.sha256(base64.b64decode(payload, validate=False)).hexdigest()
-            except (binascii.Error, ValueError):
-                pass
-    return hashlib.sha256(url.encode()).hexdigest()
-
-
-def _schema_object(value: Any, where: str) -> dict[str, Any]:
-    # vLLM takes guided_json as a JSON string as well as an object.
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise BadRequest(f"{where} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"{where} must be a JSON schema object, got {type(value).__name__}")
-    return value
-
-
-def openai_response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
-    """The schema of an OpenAI ``response_format`` json_schema, or of vLLM's structured outputs."""
-    response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or "schema" not in spec:
-            raise BadRequest("'response_format.json_schema.schema' is required for json_schema")
-        return _schema_object(spec["schema"], "'response_format.json_schema.schema'")
-    structured = body.get("structured_outputs")
-    if isinstance(structured, dict) and structured.get("json") is not None:
-        return _schema_object(structured["json"], "'structured_outputs.json'")
-    if body.get("guided_json") is not None:
-        return _schema_object(body["guided_json"], "'guided_json'")
-    return None
-
-
-def parse_chat_request(body: Any, step_header: str | None) -> ChatRequest:
-    """Validate an OpenAI chat-completions body or raise BadRequest naming the field."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a non-empty string")
-    model = model.removeprefix("openai/")
-    if body.get("stream"):
-        raise BadRequest("'stream': true is not supported by the fake model server")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' is required and must be a non-empty list")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise BadRequest(f"'seed' must be an integer, got {seed!r}")
-    texts: list[str] = []
-    images: list[str] = []
-    normalised: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message:
-            raise BadRequest(f"messages[{i}] must be an object with a 'role'")
-        content = message.get("content")
-        parts: list[Any] = []
-        if isinstance(content, str):
-            texts.append(content)
-            parts.append({"text": content})
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    text = str(part.get("text", ""))
-                    texts.append(text)
-                    parts.append({"text": text})
-                elif kind == "image_url":
-                    image = part.get("image_url")
-                    url = image.get("url") if isinstance(image, dict) else image
-                    if not isinstance(url, str) or not url:
-                        raise BadRequest(f"messages[{i}].content[{j}].image_url has no url")
-                    digest = _image_hash(url)
-                    images.append(digest)
-                    parts.append({"image": digest})
-                else:
-                    raise BadRequest(
-                        f"messages[{i}].content[{j}] has unsupported type {kind!r} "
-                        "(expected 'text' or 'image_url')"
-                    )
-        elif content is not None:
-            raise BadRequest(f"messages[{i}].content must be a string or a list of parts")
-        normalised.append({"role": message["role"], "content": parts})
-    return ChatRequest(
-        model=model,
-        step=step_header or "(none)",
-        texts=texts,
-        image_hashes=images,
-        seed=seed,
-        normalised_messages=normalised,
-        response_schema=openai_response_schema(body),
-    )
 
 
 class Decider:
@@ -611,6 +504,8 @@ class Stats:
     by_model: dict[str, int] = field(default_factory=dict)
     by_step: dict[str, int] = field(default_factory=dict)
     by_model_step: dict[str, int] = field(default_factory=dict)
+    # Billed completions by the protocol the request came in on (openai, anthropic, gemini).
+    by_protocol: dict[str, int] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
     auth_present: int = 0
     auth_missing: int = 0
@@ -633,6 +528,7 @@ class Stats:
             "by_model": dict(sorted(self.by_model.items())),
             "by_step": dict(sorted(self.by_step.items())),
             "by_model_step": dict(sorted(self.by_model_step.items())),
+            "by_protocol": dict(sorted(self.by_protocol.items())),
             "faults": dict(sorted(self.faults.items())),
             "authorization": {
                 "present": self.auth_present,
@@ -655,18 +551,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _openai_error(message: str, kind: str, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
 # ---------------------------------------------------------------- the server
 
 
 class FakeModelServer:
-    """An OpenAI-compatible chat-completions server on loopback, in a background thread.
+    """A scripted model server on loopback, in a background thread.
 
     ``with FakeModelServer(policy={"accuracy": 0.9}) as server: server.base_url`` gives a
-    URL like ``http://127.0.0.1:PORT/v1`` to use as litellm's ``api_base``.
+    URL like ``http://127.0.0.1:PORT/v1`` to use as litellm's ``api_base`` for ``openai/``
+    and ``gemini/`` models; ``server.api_base("anthropic")`` (the root) is the one for
+    ``anthropic/`` models.
     """
 
     def __init__(self, policy: dict[str, Any] | ServerPolicy | None = None, seed: int = 0):
@@ -743,6 +637,11 @@ class FakeModelServer:
         app = web.Application(client_max_size=256 * 1024**2)
         app.router.add_post("/v1/chat/completions", self._handle_completion)
         app.router.add_post("/chat/completions", self._handle_completion)
+        # Anthropic's client appends /v1/messages to its api_base: the server root.
+        app.router.add_post("/v1/messages", self._handle_anthropic)
+        # Gemini's client posts to {api_base}/models/{model}:generateContent.
+        app.router.add_post("/v1/models/{target}", self._handle_gemini)
+        app.router.add_post("/v1beta/models/{target}", self._handle_gemini)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/models", self._handle_models)
         app.router.add_get("/stats", self._handle_stats)
@@ -791,6 +690,11 @@ class FakeModelServer:
         """Counts of requests, billed completions by model and step, and faults served."""
         with self._lock:
             return self._stats.as_dict()
+
+    def api_base(self, protocol: str = "openai") -> str:
+        """The litellm ``api_base`` that reaches this server on ``protocol``."""
+        assert self.base_url is not None, "the server is not started"
+        return protocol_api_base(self.base_url, protocol)
 
     def received(self, step: str | None = None) -> list[ChatRequest]:
         """The last requests the server parsed (at most RECEIVED_LIMIT), oldest first.
@@ -856,26 +760,50 @@ class FakeModelServer:
             _bump(self._stats.faults, name)
 
     async def _handle_completion(self, request: web.Request) -> web.Response:
+        return await self._handle(PROTOCOL_HANDLERS["openai"], request)
+
+    async def _handle_anthropic(self, request: web.Request) -> web.Response:
+        return await self._handle(PROTOCOL_HANDLERS["anthropic"], request)
+
+    async def _handle_gemini(self, request: web.Request) -> web.Response:
+        model, _, method = request.match_info["target"].partition(":")
+        if method != "generateContent":
+            protocol = PROTOCOL_HANDLERS["gemini"]
+            with self._lock:
+                self._stats.requests += 1
+            return self._render_fault(
+                protocol,
+                Fault(
+                    "bad_request",
+                    f"method {method or '(none)'!r} is not supported by the fake model server "
+                    "(only generateContent, no streaming)",
+                ),
+                "400",
+            )
+        return await self._handle(PROTOCOL_HANDLERS["gemini"], request, path_model=model)
+
+    def _render_fault(self, protocol: Protocol, fault: Fault, name: str | None) -> web.Response:
+        if name is not None:
+            self._fault(name)
+        rendered = protocol.fault(fault)
+        return web.json_response(rendered.body, status=rendered.status, headers=rendered.headers)
+
+    async def _handle(
+        self, protocol: Protocol, request: web.Request, path_model: str | None = None
+    ) -> web.Response:
+        """One request on any protocol: parse to a ChatRequest, decide, reply in its words."""
         with self._lock:
             self._stats.requests += 1
-            self._record_auth(request.headers.get("Authorization"))
+            self._record_auth(protocol.credential(request.headers, request.query))
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            self._fault("400")
-            return web.json_response(
-                _openai_error(
-                    f"request body is not valid JSON: {exc}", "invalid_request_error", None
-                ),
-                status=400,
-            )
+            message = f"request body is not valid JSON: {exc}"
+            return self._render_fault(protocol, Fault("bad_request", message), "400")
         try:
-            chat = parse_chat_request(body, request.headers.get(STEP_HEADER))
+            chat = protocol.parse(body, request.headers.get(STEP_HEADER), path_model)
         except BadRequest as exc:
-            self._fault("400")
-            return web.json_response(
-                _openai_error(str(exc), "invalid_request_error", None), status=400
-            )
+            return self._render_fault(protocol, Fault("bad_request", str(exc)), "400")
         with self._lock:
             self._received.append(chat)
             knobs, script_scope = self._policy.resolve(chat.model, chat.step)
@@ -883,103 +811,83 @@ class FakeModelServer:
             await asyncio.sleep(knobs.latency_ms / 1000)
         outcome = self._decide_outcome(chat.model, knobs, script_scope)
 
+        # Faults are counted by outcome, not by the status a protocol words them with
+        # (Anthropic's overload is 529), so stats read the same for every protocol.
         if outcome == "429":
-            self._fault("429")
             retry_after = knobs.retry_after_s
-            return web.json_response(
-                _openai_error(
-                    f"Rate limit reached for {chat.model} (fake model server). "
-                    f"Please try again in {retry_after:g}s.",
-                    "requests",
-                    "rate_limit_exceeded",
-                ),
-                status=429,
-                headers={
-                    "Retry-After": str(math.ceil(retry_after)),
-                    "retry-after-ms": str(int(retry_after * 1000)),
-                },
-            )
-        if outcome in ("500", "503"):
-            self._fault(outcome)
             message = (
-                "The server had an error while processing your request (fake model server)."
-                if outcome == "500"
-                else "The engine is currently overloaded (fake model server)."
+                f"Rate limit reached for {chat.model} (fake model server). "
+                f"Please try again in {retry_after:g}s."
             )
-            return web.json_response(
-                _openai_error(message, "server_error", None), status=int(outcome)
-            )
+            return self._render_fault(protocol, Fault("rate_limit", message, retry_after), "429")
+        if outcome == "500":
+            message = "The server had an error while processing your request (fake model server)."
+            return self._render_fault(protocol, Fault("server_error", message), "500")
+        if outcome == "503":
+            message = "The engine is currently overloaded (fake model server)."
+            return self._render_fault(protocol, Fault("overloaded", message), "503")
         if outcome == "hang":
-            self._fault("hang")
+            self._fault("hang")  # counted now: a test reads stats while the request hangs
             assert self._stopping is not None
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=knobs.hang_s)
             except TimeoutError:
                 pass
-            return web.json_response(
-                _openai_error("the request hung (fake model server)", "server_error", None),
-                status=504,
-            )
-        return self._complete(
+            message = "the request hung (fake model server)"
+            return self._render_fault(protocol, Fault("timeout", message), None)
+        answer = self._complete(
             chat, knobs, forced=outcome, call_key=request.headers.get("X-Vkr-Call")
         )
+        return web.json_response(protocol.reply(chat, answer))
 
     def _complete(
         self, chat: ChatRequest, knobs: Knobs, forced: str, call_key: str | None = None
-    ) -> web.Response:
+    ) -> Answer:
+        """Decide the reply and bill it; the protocol only words it."""
         decider = Decider(self.seed, chat)
         good = reply_content(decider, chat, knobs)
-        finish_reason = "stop"
-        if forced == "refusal" or (
+        schema = chat.response_schema
+        if forced == "blocked" or (
+            forced == "content" and decider.uniform("blocked") < knobs.blocked
+        ):
+            text, kind = REFUSAL_TEXT, "blocked"
+        elif forced == "refusal" or (
             forced == "content" and decider.uniform("refusal") < knobs.refusal
         ):
-            text, finish_reason = _REFUSAL_TEXT, "content_filter"
-            kind = "refusal"
+            text, kind = REFUSAL_TEXT, "refusal"
         elif forced == "malformed" or (
             forced == "content"
-            and not (knobs.needs_schema and chat.response_schema is not None)
+            and not (knobs.needs_schema and schema is not None)
             and decider.uniform("malformed") < knobs.malformed
         ):
             text, kind = malformed_content(decider, good), "malformed"
-        elif knobs.needs_schema and chat.response_schema is None:
+        elif forced == "content" and knobs.needs_schema and schema is None:
             # A model that keeps to the format only when decoding is held to a schema.
             text, kind = malformed_content(decider, good), "malformed"
         elif (
-            chat.response_schema is not None
+            forced == "content"
+            and schema is not None
             and decider.uniform("violate_schema") < knobs.violate_schema
         ):
-            text = schema_violation(decider, good, chat.response_schema)
-            kind = "schema_violation"
+            text, kind = schema_violation(decider, good, schema), "schema_violation"
         else:
             text, kind = json.dumps(good), "ok"
         prompt_tokens = max(1, math.ceil(chat.text_chars() / 4)) + TOKENS_PER_IMAGE * len(
             chat.image_hashes
         )
-        completion_tokens = max(1, math.ceil(len(text) / 4))
-        reply = {
-            "id": f"chatcmpl-fake-{decider.key[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": chat.model,
-            "system_fingerprint": "vkr-fake-model-server",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish_reason,
-                    "logprobs": None,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+        answer = Answer(
+            model=chat.model,
+            text=text,
+            kind=kind,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=max(1, math.ceil(len(text) / 4)),
+            reply_id=decider.key[:24],
+        )
         with self._lock:
             stats = self._stats
             stats.completions += 1
-            fingerprint = Decider(0, chat).key
+            # Per protocol: the same question put to two vendors is two bills, not a repeat.
+            fingerprint = f"{chat.protocol}:{Decider(0, chat).key}"
             if fingerprint in stats.billed:
                 stats.repeats += 1
                 if call_key:
@@ -988,9 +896,10 @@ class FakeModelServer:
             _bump(stats.by_model, chat.model)
             _bump(stats.by_step, chat.step)
             _bump(stats.by_model_step, f"{chat.model}|{chat.step}")
+            _bump(stats.by_protocol, chat.protocol)
             if kind != "ok":
                 _bump(stats.faults, kind)
-        return web.json_response(reply)
+        return answer
 
     async def _handle_models(self, request: web.Request) -> web.Response:
         with self._lock:
@@ -1023,12 +932,12 @@ class FakeModelServer:
             self.set_policy(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return web.json_response(
-                _openai_error(f"policy is not valid JSON: {exc}", "invalid_request_error", None),
+                openai_error(f"policy is not valid JSON: {exc}", "invalid_request_error", None),
                 status=400,
             )
         except InputError as exc:
             return web.json_response(
-                _openai_error(str(exc), "invalid_request_error", None), status=400
+                openai_error(str(exc), "invalid_request_error", None), status=400
             )
         return await self._handle_get_policy(request)
 
@@ -1039,18 +948,36 @@ class FakeModelServer:
 # ---------------------------------------------------------------- pool and registry
 
 
+def protocol_api_base(base_url: str, protocol: str) -> str:
+    """The ``api_base`` for ``protocol`` of the server whose OpenAI base URL is ``base_url``.
+
+    litellm posts OpenAI and Gemini requests under the base it is given (``/v1/chat/completions``,
+    ``/v1/models/{model}:generateContent``) but appends ``/v1/messages`` to an Anthropic one, so
+    Anthropic's base is the server root.
+    """
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    if protocol == "anthropic":
+        return base_url.removesuffix("/").removesuffix("/v1")
+    return base_url
+
+
 def write_pool(
     pool_path: str | Path,
     base_url: str,
     models: Sequence[str] = DEFAULT_MODELS,
     registry_path: str | Path | None = None,
     pm: Any = None,
+    protocols: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a pool YAML of fake models at ``base_url`` and a registry marking them all eligible.
 
     The registry goes to ``registry_path`` (default: ``<pool stem>-registry.yaml`` beside the
     pool). Each model-backed step gets an entry per model; when ``pm`` is a loaded plugin
     manager, entries carry the step's current prompt version so they are not stale.
+    ``protocols`` maps some model names to ``openai`` (the default), ``anthropic`` or
+    ``gemini``: each entry then reaches the server on that protocol (``anthropic/fake-b``
+    at the server root, ``gemini/fake-c`` at ``base_url``), priced like the others.
     Returns the pool path.
     """
     names = list(models)
@@ -1058,6 +985,16 @@ def write_pool(
         raise InputError("write_pool needs at least one model name")
     if len(set(names)) != len(names):
         raise InputError(f"write_pool got a model name twice: {names}")
+    chosen = dict(protocols or {})
+    unknown_names = sorted(set(chosen) - set(names))
+    if unknown_names:
+        raise InputError(f"write_pool protocols name models not in the pool: {unknown_names}")
+    for name, protocol in chosen.items():
+        if protocol not in PROTOCOLS:
+            raise InputError(
+                f"write_pool: model {name!r} has protocol {protocol!r}; "
+                f"expected one of {', '.join(PROTOCOLS)}"
+            )
     pool_file = Path(pool_path)
     registry_file = (
         Path(registry_path)
@@ -1085,8 +1022,8 @@ def write_pool(
         "models": [
             {
                 "name": name,
-                "model": f"openai/{name}",
-                "api_base": base_url,
+                "model": f"{chosen.get(name, 'openai')}/{name}",
+                "api_base": protocol_api_base(base_url, chosen.get(name, "openai")),
                 "api_key_env": API_KEY_ENV,
                 "modality": ["text", "vision"],
                 "max_concurrency": 8,
@@ -1116,6 +1053,7 @@ def serve_forever(
     policy_file: str | None,
     pool_file: str | None,
     echo: Any = print,
+    protocols: Mapping[str, str] | None = None,
 ) -> None:
     """Run the server in the foreground until SIGINT or SIGTERM (``vkr dev fake-server``)."""
     policy = load_policy(policy_file) if policy_file else None
@@ -1140,9 +1078,11 @@ def serve_forever(
     try:
         echo(f"fake model server: {base_url}")
         if pool_file:
-            written = write_pool(pool_file, base_url, pm=pm)
+            written = write_pool(pool_file, base_url, pm=pm, protocols=protocols)
             echo(f"pool: {written.resolve()}")
             echo(f"set {API_KEY_ENV} to any value before running against this pool")
+        for protocol in PROTOCOLS:
+            echo(f"{protocol}: api_base {protocol_api_base(base_url, protocol)} ({protocol}/NAME)")
         echo("press Ctrl-C to stop")
         while not done.wait(0.2):
             pass
@@ -1184,18 +1124,55 @@ def vkr_register_commands(cli: Any) -> None:
         type=click.Path(dir_okay=False),
         help="write a pool YAML (and its registry) pointing at this server",
     )
+    @click.option(
+        "--protocol",
+        "protocol_choices",
+        multiple=True,
+        metavar="MODEL=PROTOCOL",
+        help="in the written pool, reach MODEL over openai (default), anthropic or gemini; "
+        "repeatable, e.g. --protocol fake-b=anthropic",
+    )
     def fake_server(
-        host: str, port: int, seed: int, policy_file: str | None, pool_file: str | None
+        host: str,
+        port: int,
+        seed: int,
+        policy_file: str | None,
+        pool_file: str | None,
+        protocol_choices: tuple[str, ...],
     ) -> None:
-        """Serve a scripted OpenAI-compatible model on loopback until Ctrl-C."""
+        """Serve scripted models on loopback until Ctrl-C.
+
+        One port speaks three protocols: OpenAI chat completions (POST /v1/chat/completions),
+        Anthropic Messages (POST /v1/messages; litellm's api_base is the server root) and
+        Gemini generateContent (POST /v1/models/MODEL:generateContent).
+        """
         if not _is_loopback(host):
             raise click.BadParameter(
                 f"{host!r} is not a loopback address; the fake server listens on "
                 "127.0.0.1, ::1 or localhost only",
                 param_hint="--host",
             )
+        protocols: dict[str, str] = {}
+        for choice in protocol_choices:
+            name, sep, protocol = choice.partition("=")
+            if not sep or not name or protocol not in PROTOCOLS:
+                raise click.BadParameter(
+                    f"{choice!r} is not MODEL=PROTOCOL with PROTOCOL one of {', '.join(PROTOCOLS)}",
+                    param_hint="--protocol",
+                )
+            protocols[name] = protocol
+        if protocols and not pool_file:
+            raise click.BadParameter("needs --write-pool", param_hint="--protocol")
         try:
-            serve_forever(host, port, seed, policy_file, pool_file, echo=_echo_flush)
+            serve_forever(
+                host,
+                port,
+                seed,
+                policy_file,
+                pool_file,
+                echo=_echo_flush,
+                protocols=protocols,
+            )
         except VkrError as exc:
             raise click.ClickException(str(exc)) from None
 
