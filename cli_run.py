@@ -81,6 +81,10 @@ def generate(
     except KeyboardInterrupt:
         click.echo("interrupted: finished work is saved; run the same command to resume", err=True)
         sys.exit(ExitCode.INTERRUPTED)
+    if record is None:  # --state: not this driver's to process
+        where = RunLayout(run_dir).record(video_id)
+        click.echo(f"video {video_id}: done before, or another driver has it (record: {where})")
+        return
     if record.status == "failed":
         raise ExitWith(f"video {video_id} failed: {record.failure}", ExitCode.VIDEOS_FAILED)
     gates = pm.registry.get("pipeline", config.pipeline).gate_order(pm.registry)
