@@ -188,6 +188,8 @@ async def test_one_message_is_one_request_on_every_protocol(server) -> None:
     assert openai.normalised_messages == anthropic.normalised_messages
     # Each vendor bills its own call: the same question over three protocols is no repeat.
     assert server.stats()["repeats"] == 0
+    # One key, whether sent as a bearer token, as x-api-key or as x-goog-api-key.
+    assert server.stats()["authorization"] == {"present": 3, "missing": 0, "distinct": 1}
 
 
 async def test_the_same_request_gets_the_same_reply_on_every_protocol(server) -> None:
@@ -228,7 +230,6 @@ async def test_the_script_runs_per_model_whatever_the_protocol(server, protocol)
 
 
 async def test_refusals_as_litellm_presents_them(server) -> None:
-    server.set_policy({"script": ["refusal", "blocked"]})
     seen: dict[tuple[str, str], tuple[str, str | None, int]] = {}
     for protocol in PROTOCOLS:
         server.set_policy({"script": ["refusal", "blocked"]})

@@ -177,6 +177,11 @@ class Rendered:
     headers: dict[str, str]
 
 
+def _bearer(header: str | None) -> str | None:
+    # The same key sent as a bearer token (OpenAI) and bare (Anthropic, Gemini) is one key.
+    return header.removeprefix("Bearer ").strip() or None if header else None
+
+
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
@@ -191,6 +196,7 @@ class Protocol:
     name: ClassVar[str]
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        """The API key the request carries, bare (no ``Bearer``), or None."""
         raise NotImplementedError
 
     def parse(self, body: Any, step_header: str | None, path_model: str | None) -> ChatRequest:
@@ -280,7 +286,7 @@ class OpenAIProtocol(Protocol):
     name = "openai"
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-        return headers.get("Authorization")
+        return _bearer(headers.get("Authorization"))
 
     def parse(self, body: Any, step_header: str | None, path_model: str | None) -> ChatRequest:
         return parse_chat_request(body, step_header)
@@ -371,7 +377,7 @@ class AnthropicProtocol(Protocol):
     RATE_LIMIT: ClassVar[int] = 50
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-        return headers.get("x-api-key") or headers.get("Authorization")
+        return headers.get("x-api-key") or _bearer(headers.get("Authorization"))
 
     def parse(self, body: Any, step_header: str | None, path_model: str | None) -> ChatRequest:
         if not isinstance(body, dict):
