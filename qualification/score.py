@@ -154,6 +154,8 @@ class PilotScore:
                 wilson_high=round(self.wilson_high, 6),
                 rule=self.rule,
                 kappa=[a.as_dict() for a in self.agreement],
+                # Earned with the schema: say so (absent, as before, when earned without).
+                structured_output=True if manifest.structured_output else None,
             )
         )
 

@@ -229,6 +229,15 @@ def test_a_pilot_with_structured_output_records_no_format_failures(runs, tmp_pat
         assert store.current("auto") == []
     requests = server.received(PILOT_STEP)
     assert len(requests) == 6 and all(r.response_schema for r in requests)
+    # An expert finds the content fine: the verdict says it was earned with the schema.
+    with opened.labels() as store:
+        for item in opened.items:
+            store.set(item.item_id, "alice", "ok")
+    registry = tmp_path / "eligibility.yaml"
+    scored = invoke("qualify", "score", tmp_path / "with", "--registry", registry)
+    assert scored.exit_code == 0, scored.output
+    entry = yaml.safe_load(registry.read_text())[PILOT_STEP]["fake-a"]
+    assert entry["eligible"] and entry["hard"] == 0 and entry["structured_output"] is True
 
     # The same inputs without the schema: the model's format failures count against it.
     without = pilot(runs, "plain", tmp_path / "without")

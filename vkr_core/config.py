@@ -131,6 +131,8 @@ class Eligibility(Strict):
     wilson_high: float | None = Field(default=None, ge=0, le=1)
     rule: str | None = None
     kappa: list[dict[str, Any]] | None = None
+    # The pilot's calls carried the step's JSON schema (the pool entry's structured_output).
+    structured_output: bool | None = None
 
     @field_validator("date", mode="before")
     @classmethod
