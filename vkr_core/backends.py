@@ -165,8 +165,14 @@ class ExecutorBackend(Backend):
         on_item: Callable[[Any], None] | None,
         should_stop: Callable[[], bool],
         prepare: Callable[[Any], Awaitable[None]] | None,
+        run: Any = None,
     ) -> Any:
-        """Process every item (``process`` records each), feeding ``counters``."""
+        """Process every item (``process`` records each), feeding ``counters``.
+
+        ``run`` is the engine's open ``vkr_core.run.Run``: an executor whose workers are other
+        processes opens the same run in each (``Run(..., joined=True)``) from its run
+        directory, pool and config, and hands their call records to ``run.heard``.
+        """
         raise NotImplementedError
 
 
@@ -255,6 +261,7 @@ class LocalExecutor(ExecutorBackend):
         on_item: Callable[[Any], None] | None,
         should_stop: Callable[[], bool],
         prepare: Callable[[Any], Awaitable[None]] | None,
+        run: Any = None,
     ) -> Any:
         from vkr_core.batch import run_batch
 

@@ -187,6 +187,12 @@ class RunConfig(Strict):
     video_root: str | None = None
     # Not part of what a run produces, so left out of the config snapshot.
     retry_failed: bool = Field(default=False, exclude=True)
+    executor_options: dict[str, Any] = Field(
+        default_factory=dict,
+        exclude=True,
+        description="settings of the executor backend that change no result (Ray's address "
+        "and number of workers)",
+    )
     skip_preflight: bool = Field(
         default=False, exclude=True, description="skip the reach check (keys are still checked)"
     )

@@ -51,7 +51,11 @@ class Run:
         config: RunConfig | None = None,
         pm: VkrPluginManager | None = None,
         force: bool = False,
+        joined: bool = False,
     ):
+        """``joined``: open a run its driver holds, from a worker process of a distributed
+        executor: no lock is taken, and the driver's config snapshot is compared (a worker
+        whose plugins or settings differ is refused), never written."""
         self.pm = pm or get_plugin_manager()
         self.registry = self.pm.registry
         self.config = config or RunConfig()
@@ -92,7 +96,7 @@ class Run:
         self.fixed_models = self.pipeline.fixed_models(self)
         for backend in self.backends.values():  # a missing extra, an unreachable server
             backend.check(self.config)
-        self.store = RunStore(run_dir)
+        self.store = RunStore(run_dir, joined=joined)
         # Before anything is written: a second process on the same directory is refused,
         # unless both share their state (claims keep them off each other's items).
         self.store.run_lock.acquire(
@@ -129,6 +133,14 @@ class Run:
         self.store.append_preflight(record)
         if self.caller is not None and self.caller.budget is not None:
             self.caller.budget.add(record.cost_usd)
+
+    def heard(self, record: CallRecord) -> None:
+        """A call record made in another process of the run (a worker) and already in the
+        call log: the budget and the listeners hear it as if this process had made it."""
+        if self.caller is not None and self.caller.budget is not None and not record.cache_hit:
+            self.caller.budget.add(record.cost_usd)
+        for listener in self.call_listeners:
+            listener(record)
 
     def _on_call(self, record: CallRecord) -> None:
         self.store.append_call(record)
@@ -356,6 +368,7 @@ async def run_items(
                         on_item=lambda _record: display.update(),
                         should_stop=caller.holding,
                         prepare=run.prepare,
+                        run=run,
                     )
                     pending = run.held
                     if pending and not caller.holding():

@@ -330,9 +330,19 @@ class RunLock:
             self._fd = None
 
 
+class _DriversLock(RunLock):
+    """The lock of a run a worker process joins: its driver holds it, the worker takes none."""
+
+    def acquire(self, command: str = "vkr", shared: bool = False) -> None:
+        pass
+
+
 class RunStore:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, joined: bool = False):
+        """``joined``: a worker process of a run its driver has open (a distributed
+        executor): no lock of its own, and the config snapshot is only compared."""
         self.root = Path(run_dir)
+        self.joined = joined
         self.layout = RunLayout(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.layout.records.mkdir(exist_ok=True)
@@ -340,7 +350,7 @@ class RunStore:
         self._seen_inputs: dict[str, DigestSet] = {}
         # Logs whose end has been checked since this store opened (see _append).
         self._tails_checked: set[Path] = set()
-        self.run_lock = RunLock(self.root)
+        self.run_lock = _DriversLock(self.root) if joined else RunLock(self.root)
 
     def disk_full_error(self, exc: BaseException | None = None) -> DiskFull:
         if isinstance(exc, DiskFull) and str(exc).startswith("the disk holding"):
@@ -371,6 +381,9 @@ class RunStore:
     def check_config(self, snapshot: dict[str, Any], force: bool = False) -> None:
         """Refuse to mix results of different configs in one run directory unless forced."""
         path = self.layout.config
+        if self.joined:
+            self._check_joined(snapshot)
+            return
         try:
             old = None if force else self.layout.read_config()
         except InputError as exc:
@@ -385,6 +398,23 @@ class RunStore:
                     + "): use another --out, or --force to continue with the new config"
                 )
         atomic_write(path, json.dumps(snapshot, indent=2, sort_keys=True))
+
+    def _check_joined(self, snapshot: dict[str, Any]) -> None:
+        # A worker on another machine may have other plugin versions (prompts, schemas):
+        # its replies would not be the run's, so it stops before any call.
+        old = self.layout.read_config()
+        if old is None:
+            raise InputError(
+                f"{self.layout.config} is missing: a worker joins a run its driver has opened"
+            )
+        differences = _diff(old, snapshot)
+        if differences:
+            raise InputError(
+                f"this worker's config or plugins differ from the run in {self.root} ("
+                + "; ".join(differences[:5])
+                + (" ..." if len(differences) > 5 else "")
+                + "): install the driver's vkr and plugins on every node"
+            )
 
     def write_record(self, record: BaseModel, item_id: str | None = None) -> Path:
         """An item's record (a VideoRecord, or another pipeline's record, named by its
