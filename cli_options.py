@@ -153,12 +153,20 @@ def engine_options(func: Any) -> Any:
     return func
 
 
-def engine_settings(engine: str, ray_address: str | None, workers: int | None) -> dict[str, Any]:
+def engine_settings(
+    engine: str, ray_address: str | None, workers: int | None, concurrency: int
+) -> dict[str, Any]:
     """The RunConfig fields the engine options set; a Ray option without --engine ray is a
     usage error (it would be silently ignored)."""
     if engine != "ray":
         for name, value in (("--ray-address", ray_address), ("--workers", workers)):
             if value is not None:
                 raise click.UsageError(f"{name} needs --engine ray")
+    if workers is not None and workers > concurrency:
+        # --concurrency is the whole cluster's, split across the workers.
+        raise click.UsageError(
+            f"--workers {workers} is more than --concurrency {concurrency}: each worker needs "
+            "at least one item in flight"
+        )
     options = {"address": ray_address, "workers": workers} if engine == "ray" else {}
     return {"executor": engine, "executor_options": options}

@@ -11,7 +11,14 @@ from typing import Any
 
 import click
 
-from cli_options import EXIT_CODES_HELP, ExitWith, outage_options, pipeline_options
+from cli_options import (
+    EXIT_CODES_HELP,
+    ExitWith,
+    engine_options,
+    engine_settings,
+    outage_options,
+    pipeline_options,
+)
 from vkr_core.hookspecs import hookimpl
 from vkr_core.store import RunLayout
 
@@ -141,6 +148,7 @@ def generate(
     help="Stop starting items and model calls once the run directory has spent this much "
     "(earlier invocations included); calls in flight still land. Rerun to go on.",
 )
+@engine_options
 @click.option("--strict-manifest", is_flag=True, help="Refuse to start if any input line is bad.")
 @click.option(
     "--retry-failed",
@@ -161,6 +169,9 @@ def run_command(
     strict_manifest: bool,
     no_progress: bool,
     log_level: str,
+    engine: str,
+    ray_address: str | None,
+    workers: int | None,
     **settings: Any,
 ) -> None:
     """Run a pipeline over every item of an input file (by default: generate verified
@@ -173,6 +184,7 @@ def run_command(
     from vkr_core.run import run_items
 
     configure_logging(log_level)
+    settings.update(engine_settings(engine, ray_address, workers, concurrency))
     pm = get_plugin_manager()
     chosen = pm.registry.get("pipeline", pipeline)
     loaded = chosen.read_items(manifest, RunConfig(video_root=video_root))
