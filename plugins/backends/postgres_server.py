@@ -53,7 +53,9 @@ def _free_port() -> int:
 class ThrowawayPostgres:
     """``start()`` returns the superuser's URL (``postgresql://postgres:PW@127.0.0.1:PORT/postgres``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        # Tests want speed (fsync off); a benchmark wants a server's real commit cost.
+        self.durable = durable
         self.bin = find_binaries()
         self.password = secrets.token_hex(12)
         self.port = _free_port()
@@ -97,7 +99,8 @@ class ThrowawayPostgres:
             "--no-sync",
         )
         password_file.unlink()
-        # Durability is not under test here (a throwaway cluster): fsync off keeps it fast.
+        # Durability is not under test (a throwaway cluster): fsync off keeps tests fast.
+        fast = "" if self.durable else " -c fsync=off -c synchronous_commit=off"
         self._run(
             str(self.bin / "pg_ctl"),
             "-D",
@@ -106,8 +109,8 @@ class ThrowawayPostgres:
             str(self.root / "server.log"),
             "-w",
             "-o",
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c max_connections=200",
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            f"-c max_connections=200{fast}",
             "start",
         )
         return self.url
