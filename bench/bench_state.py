@@ -89,7 +89,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as folder:
             opened: dict[str, Callable[[], Any]] = {
-                "diskcache": lambda: DiskCallCache.open_dir(Path(folder) / "cache"),
+                "diskcache": lambda: DiskCallCache.open_dir(Path(folder) / "diskcache"),
                 "postgres": lambda: PostgresCalls.open_url(url, "vkr_bench"),
             }
             caches = {name: open_() for name, open_ in opened.items()}
