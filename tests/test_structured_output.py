@@ -285,6 +285,14 @@ def test_a_model_whose_route_takes_no_schema_is_refused_before_anything_runs(
     assert "cohere route" in lines[0] and "takes no response schema" in lines[0]
     assert not (tmp_path / "run" / "calls.jsonl").exists()
 
+    # litellm's Gemini route puts the schema into the prompt for a model its map does not
+    # list as taking one: refused too.
+    data["models"][0].update(model="gemini/fake-a", api_base=runs["server"].api_base("gemini"))
+    pool.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = vkr_run(videos, pool, tmp_path / "run")
+    assert result.returncode != 0
+    assert "puts the schema into the prompt instead of sending it" in result.stderr
+
     pilot = invoke(
         "qualify",
         "pilot",
@@ -302,7 +310,7 @@ def test_a_model_whose_route_takes_no_schema_is_refused_before_anything_runs(
         tmp_path / "pilot",
     )
     assert pilot.exit_code != 0
-    assert "takes no response schema" in pilot.output and "Traceback" not in pilot.output
+    assert "puts the schema into the prompt" in pilot.output and "Traceback" not in pilot.output
 
 
 # ---------------------------------------------------------------- the schema itself
@@ -373,3 +381,95 @@ def test_the_schema_goes_only_where_the_pool_and_the_step_both_allow_it():
     # Without it the parameters are what they always were.
     assert call_params(_TidyStep(), off, pool) == {"temperature": 0.0, "max_tokens": 2048}
     assert "response_format" not in call_params(_ProseStep(), on, pool)
+
+
+# ---------------------------------------------------------------- every protocol
+
+# One model per way litellm 1.110.2 sends a schema: OpenAI's response_format (vkr's plain
+# route), Anthropic's output_format (Claude models it marks for native structured output)
+# and forced json_tool_call (any other Claude), Gemini's responseJsonSchema (2.0 and later)
+# and responseSchema (any other Gemini).
+MIXED = {
+    "fake-a": "openai/fake-a",
+    "fake-b": "anthropic/claude-sonnet-4-5",
+    "fake-c": "gemini/gemini-2.5-flash",
+    "fake-d": "anthropic/fake-d",
+    "fake-e": "gemini/gemini-flash-latest",
+}
+
+
+def mixed_pool(path: Path, server: FakeModelServer, pm: Any, on: bool) -> Path:
+    protocols = {name: model.split("/")[0] for name, model in MIXED.items()}
+    pool = write_pool(path, server.base_url, models=tuple(MIXED), pm=pm, protocols=protocols)
+    data = yaml.safe_load(pool.read_text())
+    for entry in data["models"]:
+        entry["model"] = MIXED[entry["name"]]
+        entry["structured_output"] = on
+    pool.write_text(yaml.safe_dump(data, sort_keys=False))
+    return pool
+
+
+def test_every_protocol_carries_the_schema_in_its_own_form(runs, testdata, tmp_path):
+    server, pm = runs["server"], runs["pm"]
+    videos = write_videos(tmp_path / "videos", testdata)
+
+    server.clear_received()
+    plain = vkr_run(
+        videos, mixed_pool(tmp_path / "a" / "pool.yaml", server, pm, False), tmp_path / "a" / "run"
+    )
+    assert plain.returncode in (0, 3), plain.stderr
+    without = server.received()
+    assert {r.protocol for r in without} == {"openai", "anthropic", "gemini"}
+    assert all(r.response_schema is None for r in without)
+    assert {c["outcome"] for c in calls(tmp_path / "a" / "run")} == {"malformed"}
+
+    server.clear_received()
+    run_dir = tmp_path / "b" / "run"
+    result = vkr_run(videos, mixed_pool(tmp_path / "b" / "pool.yaml", server, pm, True), run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    made = calls(run_dir)
+    assert {c["model"] for c in made} == set(MIXED)
+    assert [c for c in made if c["outcome"] == "malformed"] == []
+    assert all(c["structured_output"] for c in made)
+
+    # The reach check before the run is a one-token request of no step: it needs no schema.
+    requests = [r for r in server.received() if r.step != "preflight"]
+    by_model: dict[str, list[Any]] = {}
+    for request in requests:
+        by_model.setdefault(request.model, []).append(request)
+    assert set(by_model) == {
+        "fake-a",
+        "claude-sonnet-4-5",
+        "gemini-2.5-flash",
+        "fake-d",
+        "gemini-flash-latest",
+    }
+    steps = pm.registry.steps
+    for model, received in by_model.items():
+        for request in received:
+            expected, _ = portable_schema(steps[request.step].output_schema)
+            sent = request.response_schema
+            assert sent is not None, (model, request.step)
+            # Whatever the form, the fields and what is required are the step's.
+            assert sent["required"] == expected["required"], (model, request.step)
+            assert set(sent["properties"]) == set(expected["properties"])
+    openai_sent = by_model["fake-a"][0]
+    assert (
+        openai_sent.protocol == "openai"
+        and openai_sent.response_schema == portable_schema(steps[openai_sent.step].output_schema)[0]
+    )
+    # Anthropic's output_format: length bounds become notes in the description.
+    native = [r for r in by_model["claude-sonnet-4-5"] if r.step == "self_consistency"]
+    assert native and all(r.schema_tool is None for r in native)
+    answer = native[0].response_schema["properties"]["answer"]
+    assert "minLength" not in answer and "minimum length: 1" in answer["description"]
+    # Other Claude models: a forced tool whose input schema is the step's schema.
+    assert {r.schema_tool for r in by_model["fake-d"]} == {"json_tool_call"}
+    # Gemini 2.x keeps the JSON Schema; older names get the OpenAPI subset without
+    # additionalProperties.
+    assert all(
+        r.response_schema["additionalProperties"] is False for r in by_model["gemini-2.5-flash"]
+    )
+    assert all(
+        "additionalProperties" not in r.response_schema for r in by_model["gemini-flash-latest"]
+    )

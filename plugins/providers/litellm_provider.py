@@ -149,6 +149,11 @@ PLAIN_PARAMS = frozenset(
         "top_logprobs",
     }
 )
+# litellm routes that, for a model its map does not mark supports_response_schema, turn the
+# schema into a user message instead of sending it (litellm 1.110.2: the Gemini/Vertex
+# request transformation; Z.ai's and BigModel's prompts_unsupported_json_schema): structured
+# output there would not be what it says.
+SCHEMA_TO_PROMPT_ROUTES = frozenset({"gemini", "vertex_ai", "vertex_ai_beta", "zai", "bigmodel"})
 # Statuses litellm maps to its retryable errors (timeouts, conflicts, rate limits; and 5xx).
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
@@ -286,6 +291,15 @@ class LitellmProvider(Provider):
                 f"model {spec.name!r} has structured_output: true, but litellm's {route} route "
                 f"for {spec.model!r} takes no response schema and would drop it: set "
                 "structured_output: false for this model"
+            )
+        if route in SCHEMA_TO_PROMPT_ROUTES and not litellm.supports_response_schema(
+            model=model, custom_llm_provider=route
+        ):
+            raise InputError(
+                f"model {spec.name!r} has structured_output: true, but litellm does not list "
+                f"{spec.model!r} as taking a response schema, and its {route} route then puts "
+                "the schema into the prompt instead of sending it: name a model litellm lists "
+                "(e.g. a dated release), or set structured_output: false for this model"
             )
 
     def warm_up(self, specs: Sequence[ModelSpec] = ()) -> None:
