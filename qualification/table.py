@@ -21,8 +21,12 @@ LEGEND = (
     f"vision step   {NOT_PILOTED} not piloted   {STALE} piloted on an older prompt version"
 )
 SCHEMA_LEGEND = (
-    f"({SCHEMA_NOTE}): the pool sends this model each step's JSON schema (structured_output), "
-    "so its replies keep to the format by decoding, not by chance"
+    f"({SCHEMA_NOTE}): the pool sends this model each step's JSON schema (structured_output)"
+)
+ASKED_OTHERWISE = "*"
+ASKED_OTHERWISE_LEGEND = (
+    f"{ASKED_OTHERWISE} piloted with the response schema and the pool now sends none, or the "
+    "reverse: its format failures were measured another way; pilot it again"
 )
 
 
@@ -39,7 +43,12 @@ class EligibilityMatrix:
         return model + (f" ({self.model_notes[model]})" if model in self.model_notes else "")
 
     def legend(self) -> str:
-        return LEGEND + ("\n" + SCHEMA_LEGEND if self.model_notes else "")
+        lines = [LEGEND]
+        if self.model_notes:
+            lines.append(SCHEMA_LEGEND)
+        if any(cell.endswith(ASKED_OTHERWISE) for cell in self.cells.values()):
+            lines.append(ASKED_OTHERWISE_LEGEND)
+        return "\n".join(lines)
 
     def rows(self) -> list[list[str]]:
         return [[step] + [self.cells[(step, m)] for m in self.models] for step in self.steps]
@@ -69,7 +78,11 @@ def _cell(step: Any, spec: Any, entry: Any) -> str:
         and entry.prompt_version != step.version()
     ):
         return STALE
-    return ELIGIBLE if entry.eligible else FAILED
+    verdict = ELIGIBLE if entry.eligible else FAILED
+    asked_with_schema = spec.structured_output and getattr(step, "structured_output", True)
+    if bool(entry.structured_output) != bool(asked_with_schema):
+        return verdict + ASKED_OTHERWISE
+    return verdict
 
 
 def eligibility_matrix(

@@ -258,11 +258,21 @@ def test_the_eligibility_table_names_the_models_asked_with_a_schema(runs, tmp_pa
     )
     data = yaml.safe_load(one.read_text())
     registry = one.parent / data["registry"]
+    # fake-b earned its example_generation verdict with the schema, the others without.
+    entries = yaml.safe_load(registry.read_text())
+    entries[PILOT_STEP]["fake-b"]["structured_output"] = True
+    registry.write_text(yaml.safe_dump(entries))
     result = invoke("qualify", "table", "--registry", registry, "--pool", one, "--markdown")
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[0]
     assert "| fake-a |" in header and "| fake-b (schema) |" in header
     assert "(schema): the pool sends this model each step's JSON schema" in result.output
+    # A verdict measured without the schema, for a model now asked with it, is marked.
+    assert f"| `{PILOT_STEP}` | ✓ | ✓ | ✓ | ✓ |" in result.output
+    assert "| `self_consistency` | ✓ | ✓* | ✓ | ✓ |" in result.output
+    assert "* piloted with the response schema and the pool now sends none, or the reverse" in (
+        result.output
+    )
 
 
 # ---------------------------------------------------------------- routes that cannot
