@@ -125,8 +125,9 @@ def test_two_drivers_on_one_manifest_process_every_video_exactly_once(
     tmp_path, testdata, vkr_pool, vkr_fake_server, vkr_postgres_url
 ):
     vkr_fake_server.set_policy({"latency_ms": 150})
-    manifest = write_manifest(tmp_path / "videos", testdata, good=8, bad=False)
-    vkr_run(manifest, vkr_pool, tmp_path / "single", "--concurrency", "2")
+    manifest = write_manifest(tmp_path / "videos", testdata, good=7, bad=True)
+    single = vkr_run(manifest, vkr_pool, tmp_path / "single", "--concurrency", "2", check=False)
+    assert single.returncode == 3, single.stderr  # the three bad videos
     reference = accepted(tmp_path / "single")
     per_video = paid_calls_per_video(tmp_path / "single")
     vkr_fake_server.reset_stats()
@@ -138,8 +139,10 @@ def test_two_drivers_on_one_manifest_process_every_video_exactly_once(
     ]
     outputs = [driver.communicate(timeout=600) for driver in drivers]
     for driver, (out, err) in zip(drivers, outputs, strict=True):
-        assert driver.returncode == 0, out + err
+        # 3: this driver met a bad video (each is failed by one driver only).
+        assert driver.returncode in (0, 3), out + err
         assert "Traceback" not in err
+    assert 3 in {driver.returncode for driver in drivers}
 
     # Every video once: each request reached the server once, and each video's paid calls
     # are the single run's, whichever driver made them.
@@ -149,12 +152,15 @@ def test_two_drivers_on_one_manifest_process_every_video_exactly_once(
     assert sum(per_video.values()) == stats["completions"]
     rows = status_rows(vkr_postgres_url, run_dir)
     assert {item: (state, claims) for item, (state, _, claims) in rows.items()} == {
-        f"good{i}": ("done", 1) for i in range(8)
+        **{f"good{i}": ("done", 1) for i in range(7)},
+        **{bad: ("failed", 1) for bad in ("corrupted", "truncated", "notes")},
     }
     # Both drivers did part of the work.
     assert len({owner for _, owner, _ in rows.values()}) == 2
     assert accepted(run_dir) == reference
-    assert set(done_records(run_dir).values()) == {"done"}
+    assert done_records(run_dir) == done_records(tmp_path / "single")
+    failures = [line["video_id"] for _, line in read_jsonl(run_dir / "failures.jsonl")]
+    assert sorted(failures) == ["corrupted", "notes", "truncated"]
 
 
 @pytest.mark.slow
@@ -324,3 +330,21 @@ def test_call_cache_transaction_is_all_or_nothing_across_connections(vkr_postgre
     finally:
         first.close()
         second.close()
+
+
+def test_a_run_is_the_same_run_from_any_directory_and_another_config_is_another(tmp_path):
+    """A run's rows are found by its config, not its path: a second machine mounting the
+    run directory elsewhere finds them; a run with other settings never sees them."""
+    config = {"config": {"seed": 0, "state": "postgresql://vkr@db-a/vkr"}, "steps": {"x": "1"}}
+    for name, data in {
+        "here": config,
+        "mounted-elsewhere": {
+            **config,
+            "config": {"seed": 0, "state": "postgresql://vkr@db-b/vkr"},
+        },
+        "other-seed": {**config, "config": {"seed": 1, "state": "postgresql://vkr@db-a/vkr"}},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(data))
+    assert run_schema(tmp_path / "here") == run_schema(tmp_path / "mounted-elsewhere")
+    assert run_schema(tmp_path / "here") != run_schema(tmp_path / "other-seed")

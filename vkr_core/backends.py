@@ -80,8 +80,9 @@ class ItemStatus:
     item is claimed, as when one process owns the run directory.
 
     ``claim`` answers ``claimed`` (process it, then ``finish`` or ``release``), ``done``
-    (finished before, by any driver: skip it) or ``held`` (another live driver has it: try
-    again after ``retry_after`` seconds, when a dead driver's claim has expired).
+    (finished, by any driver: skip it; an item that failed in an earlier invocation is
+    claimed again, as a local rerun retries it) or ``held`` (another live driver has it:
+    try again after ``retry_after`` seconds, when a dead driver's claim has expired).
     """
 
     retry_after: float = 1.0

@@ -277,8 +277,13 @@ def lease_seconds() -> float:
 class PostgresItemStatus(ItemStatus):
     """Claims with a lease, renewed by a heartbeat while this driver lives."""
 
-    def __init__(self, conn: Any, schema: str, lease: float, owner: str | None = None):
+    def __init__(
+        self, conn: Any, schema: str, lease: float, started: Any, owner: str | None = None
+    ):
         self._conn = conn
+        # The database's clock when this driver opened: an item that failed before is tried
+        # again (a rerun), one another driver failed since is not (it is that run's result).
+        self.started = started
         self._table = f'"{schema}".items'
         self.lease = lease
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -287,16 +292,18 @@ class PostgresItemStatus(ItemStatus):
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def claim(self, item_id: str) -> Claim:
-        # New, failed (a rerun tries it again, as the local engine does) or a claim whose
-        # lease ran out (its driver died): ours. Done, or claimed by a live driver: not.
+        # New, failed before this driver started (a rerun tries it again, as the local
+        # engine does) or a claim whose lease ran out (its driver died): ours. Done, failed
+        # by a driver of this round, or claimed by a live driver: not.
         cursor = await self._conn.execute(
             f"INSERT INTO {self._table} AS i (item_id, state, owner, lease_until) "
             "VALUES (%s, 'claimed', %s, now() + make_interval(secs => %s)) "
             "ON CONFLICT (item_id) DO UPDATE SET state = 'claimed', owner = excluded.owner, "
             "lease_until = excluded.lease_until, claims = i.claims + 1, updated = now() "
-            "WHERE i.state = 'failed' OR (i.state = 'claimed' AND i.lease_until < now()) "
+            "WHERE (i.state = 'failed' AND i.updated < %s) "
+            "OR (i.state = 'claimed' AND i.lease_until < now()) "
             "RETURNING i.claims",
-            (item_id, self.owner, self.lease),
+            (item_id, self.owner, self.lease, self.started),
         )
         row = await cursor.fetchone()
         if row is not None:
@@ -308,7 +315,7 @@ class PostgresItemStatus(ItemStatus):
             f"SELECT state FROM {self._table} WHERE item_id = %s", (item_id,)
         )
         row = await cursor.fetchone()
-        return "done" if row is not None and row[0] == "done" else "held"
+        return "done" if row is not None and row[0] in ("done", "failed") else "held"
 
     async def finish(self, item_id: str, status: str) -> None:
         state = "done" if status == "done" else "failed"
@@ -379,7 +386,10 @@ class PostgresStatus(PostgresBackend, StatusBackend):
         url, schema = self.url(store), run_schema(store.root)
         await asyncio.to_thread(ensure_schema, url, schema)
         conn = await AsyncConnection.connect(conninfo(url), autocommit=True)
-        return PostgresItemStatus(conn, schema, lease_seconds())
+        cursor = await conn.execute("SELECT now()")
+        row = await cursor.fetchone()
+        assert row is not None
+        return PostgresItemStatus(conn, schema, lease_seconds(), started=row[0])
 
 
 @hookimpl
