@@ -173,7 +173,8 @@ def test_a_driver_killed_with_sigkill_is_taken_over_after_its_lease_paying_nothi
     reference = accepted(tmp_path / "single")
     vkr_fake_server.reset_stats()
 
-    env = dict(os.environ, VKR_STATE_LEASE="2")
+    lease = 5
+    env = dict(os.environ, VKR_STATE_LEASE=str(lease))
     run_dir = tmp_path / "shared"
     killed = start_driver(manifest, vkr_pool, run_dir, "--state", vkr_postgres_url, env=env)
     deadline = time.monotonic() + 120
@@ -182,6 +183,10 @@ def test_a_driver_killed_with_sigkill_is_taken_over_after_its_lease_paying_nothi
         time.sleep(0.05)
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
+    with psycopg.connect(vkr_postgres_url) as conn:
+        row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        killed_at = row[0]
     held = keys_vkr_holds(vkr_postgres_url, run_dir)
     claimed = {
         i for i, (s, _, _) in status_rows(vkr_postgres_url, run_dir).items() if s == "claimed"
@@ -191,7 +196,6 @@ def test_a_driver_killed_with_sigkill_is_taken_over_after_its_lease_paying_nothi
 
     # At once, while the dead driver's claims still look alive: the new driver does the rest
     # and takes those over once their lease has run out.
-    started = time.monotonic()
     rerun = vkr_run(manifest, vkr_pool, run_dir, "--state", vkr_postgres_url, env=env)
     assert "Traceback" not in rerun.stderr
     stats = vkr_fake_server.stats()
@@ -202,10 +206,16 @@ def test_a_driver_killed_with_sigkill_is_taken_over_after_its_lease_paying_nothi
     assert {item: state for item, (state, _, _) in rows.items()} == {
         f"good{i}": "done" for i in range(4)
     }
-    # Taken over exactly once each: the items the dead driver held, and no other.
+    # Taken over exactly once each: the items the dead driver held, and no other, and only
+    # once their lease had run out.
     assert {item for item, (_, _, claims) in rows.items() if claims == 2} == claimed
     assert all(claims <= 2 for _, _, claims in rows.values())
-    assert time.monotonic() - started >= 1.0  # it waited for the lease
+    with psycopg.connect(vkr_postgres_url) as conn:
+        taken = conn.execute(
+            f'SELECT min(claimed) FROM "{run_schema(run_dir)}".items WHERE claims = 2'
+        ).fetchone()
+    # The last heartbeat before the kill was at most a third of the lease earlier.
+    assert taken is not None and (taken[0] - killed_at).total_seconds() >= lease * 2 / 3 - 0.1
     assert accepted(run_dir) == reference
 
 

@@ -143,6 +143,7 @@ def ensure_schema(url: str, schema: str) -> None:
                     "owner text NOT NULL, "
                     "lease_until timestamptz, "
                     "claims integer NOT NULL DEFAULT 1, "
+                    "claimed timestamptz NOT NULL DEFAULT now(), "
                     "updated timestamptz NOT NULL DEFAULT now())"
                 )
         finally:
@@ -299,7 +300,8 @@ class PostgresItemStatus(ItemStatus):
             f"INSERT INTO {self._table} AS i (item_id, state, owner, lease_until) "
             "VALUES (%s, 'claimed', %s, now() + make_interval(secs => %s)) "
             "ON CONFLICT (item_id) DO UPDATE SET state = 'claimed', owner = excluded.owner, "
-            "lease_until = excluded.lease_until, claims = i.claims + 1, updated = now() "
+            "lease_until = excluded.lease_until, claims = i.claims + 1, claimed = now(), "
+            "updated = now() "
             "WHERE (i.state = 'failed' AND i.updated < %s) "
             "OR (i.state = 'claimed' AND i.lease_until < now()) "
             "RETURNING i.claims",
