@@ -249,6 +249,20 @@ def test_a_pilot_with_structured_output_records_no_format_failures(runs, tmp_pat
     with opened.labels() as store:
         assert len(store.current("auto")) == 6
 
+    # Under the schema, a reply that still breaks it is a hard format failure all the same.
+    server.set_policy({"defaults": {"needs_schema": True, "violate_schema": 1.0}})
+    try:
+        violating = pilot(runs, "schema", tmp_path / "violating")
+    finally:
+        server.set_policy({"defaults": {"needs_schema": True}})
+    assert violating.exit_code == 0, violating.output
+    assert "pre-labelled hard failures (format): 6" in violating.output
+    opened = open_pilot(tmp_path / "violating")
+    assert opened.manifest.structured_output
+    for item in opened.items:
+        assert item.outcome == "malformed" and isinstance(json.loads(item.output), dict)
+        assert (item.auto_label.label, item.auto_label.category) == ("hard", "format")
+
 
 def test_the_eligibility_table_names_the_models_asked_with_a_schema(runs, tmp_path):
     _, pool, _, _ = runs["schema"]
