@@ -28,7 +28,7 @@ from vkr_core.config import ModelSpec, Pool
 from vkr_core.context import call_params
 from vkr_core.plugins import get_plugin_manager
 from vkr_core.schemas import VkrError
-from vkr_core.steps import Step, portable_schema, response_format
+from vkr_core.steps import Gate, Step, portable_schema, response_format
 
 VKR = str(Path(sys.executable).parent / "vkr")
 PILOT_STEP = "example_generation"
@@ -497,3 +497,23 @@ def test_every_protocol_carries_the_schema_in_its_own_form(runs, testdata, tmp_p
     assert all(
         "additionalProperties" not in r.response_schema for r in by_model["gemini-flash-latest"]
     )
+
+
+class _Recursive(Gate[_Nested]):
+    name = "self_consistency"
+    output_schema = _Nested
+    order = 10
+
+
+def test_a_step_schema_that_cannot_be_sent_stops_the_run_before_it_starts(runs, tmp_path):
+    from vkr_core.run import Run
+
+    pm = get_plugin_manager()
+    # A third party's self_consistency whose reply nests itself: no provider takes that.
+    pm.registry.steps["self_consistency"] = _Recursive()
+    pool = structured(write_pool(tmp_path / "pool.yaml", runs["server"].base_url, pm=pm))
+    with pytest.raises(VkrError, match=r"_Nested refers to itself .*structured_output = False"):
+        Run(tmp_path / "run", pool, pm=pm)
+    assert not (tmp_path / "run").exists()
+    # Without structured output the schema is never sent, so nothing stops the run.
+    Run(tmp_path / "run", structured(pool, on=False), pm=pm).store.run_lock.release()

@@ -27,6 +27,7 @@ from vkr_core.pipelines import Pipeline, PipelineRun
 from vkr_core.plugins import VkrPluginManager, get_plugin_manager
 from vkr_core.router import Router
 from vkr_core.schemas import CallRecord, InputError, VkrError
+from vkr_core.steps import response_format
 from vkr_core.store import DiskFull, RunStore, is_disk_full
 
 if TYPE_CHECKING:
@@ -68,6 +69,12 @@ class Run:
             provider = self.registry.providers.get(spec.provider)
             if provider is not None:
                 provider.check_entry(spec)
+        if any(spec.structured_output for spec in self.pool.models):
+            # A step schema that cannot be sent stops the run here, not every item later.
+            for name in self.model_steps():
+                step = self.registry.steps.get(name)
+                if step is not None:
+                    response_format(step)
         registry_path = self.pool.registry_path()
         self.eligibility: EligibilityRegistry
         if registry_path is not None:
