@@ -28,6 +28,7 @@ from plugins.steps.schemas import SolvedAnswer
 from vkr_core.calls import (
     CALL_KEY_HEADER,
     STEP_HEADER,
+    CallFailed,
     ModelCaller,
     RetrySettings,
     cache_key,
@@ -321,3 +322,26 @@ def test_server_errors_are_retried(tmp_path, vkr_fake_server, vkr_plugin_manager
     assert result.outcome == "ok" and result.record.attempts == 3
     stats = vkr_fake_server.stats()
     assert stats["requests"] == 3 and stats["completions"] == 1
+
+
+CANARY = "sk-canary-" + "0b9d8c7a6f5e4d3c2b1a09f8e7d6c5b4"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_client_error_is_not_retried_and_never_shows_the_key(
+    tmp_path, vkr_fake_server, vkr_plugin_manager, protocol, monkeypatch
+):
+    served = one_protocol(tmp_path, vkr_fake_server, vkr_plugin_manager, protocol)
+    monkeypatch.setenv("VKR_PROTOCOLS_TEST_KEY", CANARY)
+    wrong = served.model_copy(
+        update={
+            "api_base": str(served.api_base).rstrip("/") + "/nowhere",
+            "api_key_env": "VKR_PROTOCOLS_TEST_KEY",
+        }
+    )
+    caller = make_caller(tmp_path)
+    with pytest.raises(CallFailed, match="after 1 attempt") as failed:
+        call(caller, wrong)
+    record = caller.records[-1]
+    assert record.outcome == "error" and record.attempts == 1
+    assert CANARY not in str(failed.value) and CANARY not in (record.error or "")
