@@ -355,9 +355,9 @@ class Server:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             if self.attached:
-                self._await_ready(None)
-                self._set_state("ready")
-                self.ready.set()
+                if self._await_ready(None):
+                    self._set_state("ready")
+                    self.ready.set()
                 return
             self._take_port()
             while not self.stopping.is_set():
@@ -694,14 +694,17 @@ class VllmProvider(Provider):
     def target(self, spec: ModelSpec) -> ModelSpec:
         """The entry as the OpenAI-compatible route reaches its server."""
         server = self.server(spec)
-        return spec.model_copy(
-            update={
-                "provider": "litellm",
-                "model": f"openai/{served_name(spec)}",
-                "api_base": server.api_base,
-                "options": {},
-            }
-        )
+        update: dict[str, Any] = {
+            "provider": "litellm",
+            "model": f"openai/{served_name(spec)}",
+            "api_base": server.api_base,
+            "options": {},
+        }
+        if spec.input_cost_per_token is None and spec.output_cost_per_token is None:
+            # Your own GPUs bill no tokens; priced here, litellm's cost map (an import of
+            # seconds) is never needed for it.
+            update.update(input_cost_per_token=0.0, output_cost_per_token=0.0)
+        return spec.model_copy(update=update)
 
     async def wait_ready(self, spec: ModelSpec) -> None:
         await self.server(spec).until_ready()
@@ -747,7 +750,7 @@ class VllmProvider(Provider):
     async def aclose(self) -> None:
         """Stop the servers this provider started (the end of a run); attached ones stay."""
         servers = list(self.servers.values())
-        self.servers, self.by_entry = {}, {}
+        self.servers, self.by_entry, self.folder = {}, {}, None
         if servers:
             await asyncio.gather(*(asyncio.to_thread(server.stop) for server in servers))
         await self.http.aclose()
