@@ -358,3 +358,48 @@ def test_a_run_is_the_same_run_from_any_directory_and_another_config_is_another(
         (tmp_path / name / "config.json").write_text(json.dumps(data))
     assert run_schema(tmp_path / "here") == run_schema(tmp_path / "mounted-elsewhere")
     assert run_schema(tmp_path / "here") != run_schema(tmp_path / "other-seed")
+
+
+@pytest.mark.slow
+def test_losing_the_state_database_stops_the_run_and_the_rerun_resumes_it(
+    tmp_path, testdata, vkr_pool, vkr_fake_server
+):
+    from plugins.backends.postgres_server import ThrowawayPostgres, create_database
+
+    server = ThrowawayPostgres()  # its own: this test stops it
+    try:
+        url = create_database(server.start())
+        vkr_fake_server.set_policy({"latency_ms": 300})
+        manifest = write_manifest(tmp_path / "videos", testdata, good=4, bad=False)
+        vkr_run(manifest, vkr_pool, tmp_path / "single")
+        reference = accepted(tmp_path / "single")
+        vkr_fake_server.reset_stats()
+
+        run_dir = tmp_path / "shared"
+        driver = start_driver(manifest, vkr_pool, run_dir, "--state", url)
+        deadline = time.monotonic() + 120
+        while vkr_fake_server.stats()["completions"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop_server()
+        out, err = driver.communicate(timeout=300)
+        assert driver.returncode == 1, out + err
+        assert "lost the state database" in err and "run the same command again" in err
+        assert "Traceback" not in err
+        # Not the videos' fault: none is recorded as failed because of it.
+        assert not (run_dir / "failures.jsonl").exists()
+        assert set(done_records(run_dir).values()) <= {"unfinished", "done"}
+
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+
+        server.start_server()
+        held = keys_vkr_holds(url, run_dir)
+        seen = len(vkr_fake_server.stats()["repeated_call_keys"])
+        vkr_run(manifest, vkr_pool, run_dir, "--state", url)
+        assert accepted(run_dir) == reference
+        # Replies that reached vkr before the outage are never paid again; those on the wire
+        # when it went away (they could not be kept) are, at most what can be in flight.
+        stats = vkr_fake_server.stats()
+        assert not set(stats["repeated_call_keys"][seen:]) & held
+        assert stats["repeats"] <= 4 * 8
+    finally:
+        server.stop()

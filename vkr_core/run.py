@@ -26,7 +26,7 @@ from vkr_core.log import get_logger, register_secrets
 from vkr_core.pipelines import Pipeline, PipelineRun
 from vkr_core.plugins import VkrPluginManager, get_plugin_manager
 from vkr_core.router import Router
-from vkr_core.schemas import CallRecord, InputError, VkrError
+from vkr_core.schemas import CallRecord, InputError, RunStopped, VkrError
 from vkr_core.steps import response_format
 from vkr_core.store import DiskFull, RunStore, is_disk_full
 
@@ -275,6 +275,8 @@ class Run:
             return await self.active.process(item)
         except DiskFull as exc:
             raise self.store.disk_full_error(exc) from None
+        except RunStopped:
+            raise
         except CallFailed as exc:
             reason = f"model calls failed: {exc}"
         except VkrError as exc:

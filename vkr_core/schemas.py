@@ -37,6 +37,11 @@ class DiskFull(VkrError):
     """The run directory's disk is full: the whole run stops; rerunning resumes it."""
 
 
+class RunStopped(VkrError):
+    """Something every item needs is gone (say, the database holding the run's state): the
+    whole run stops instead of failing item after item; rerunning resumes it."""
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """ENOSPC/EDQUOT from the OS, or SQLite's 'database or disk is full', here or in what
     caused it (a provider's transport wraps the journal's failed write in its own error)."""

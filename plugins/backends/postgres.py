@@ -24,13 +24,15 @@ run stops before anything is written, saying ``pip install 'vkr[postgres]'``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import os
 import pickle
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from hashlib import sha256
 from typing import Any
 
@@ -45,7 +47,7 @@ from vkr_core.backends import (
 )
 from vkr_core.hookspecs import hookimpl
 from vkr_core.log import get_logger, redact
-from vkr_core.schemas import InputError, VkrError
+from vkr_core.schemas import InputError, RunStopped, VkrError
 from vkr_core.store import RunLayout
 
 log = get_logger("vkr.state")
@@ -87,6 +89,26 @@ def conninfo(url: str) -> str:
 
 def _one_line(exc: BaseException) -> str:
     return redact(" ".join(str(exc).split())) or type(exc).__name__
+
+
+def quiet_driver_warnings() -> None:
+    """psycopg logs a lost connection's cleanup as a warning of its own, beside the one line
+    the run stops with (RunStopped): keep its errors only."""
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
+
+
+def lost(url: str, exc: BaseException) -> RunStopped:
+    """The run's state database stopped answering: every item needs it, so the run stops."""
+    return RunStopped(
+        f"lost the state database {url} ({_one_line(exc)}): nothing finished is lost; run "
+        "the same command again once it answers"
+    )
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import psycopg
+
+    return (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 _reachable: set[str] = set()
@@ -172,18 +194,24 @@ class PostgresBackend(Backend):
 class PostgresCallCache:
     """vkr's ``CallCache`` over one table; one connection, used from the event loop."""
 
-    def __init__(self, conn: Any, schema: str):
+    def __init__(self, conn: Any, schema: str, url: str):
         self._conn = conn
         self._table = f'"{schema}".call_cache'
+        self._url = url
+        self._lost = _connection_errors()
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        try:
+            return self._conn.execute(sql, params)
+        except self._lost as exc:
+            raise lost(self._url, exc) from None
 
     def get(self, key: str, default: Any = None) -> Any:
-        row = self._conn.execute(
-            f"SELECT value FROM {self._table} WHERE key = %s", (key,)
-        ).fetchone()
+        row = self._execute(f"SELECT value FROM {self._table} WHERE key = %s", (key,)).fetchone()
         return default if row is None else pickle.loads(row[0])
 
     def set(self, key: str, value: Any) -> bool:
-        self._conn.execute(
+        self._execute(
             f"INSERT INTO {self._table} (key, value) VALUES (%s, %s) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)),
@@ -191,17 +219,20 @@ class PostgresCallCache:
         return True
 
     def delete(self, key: str) -> bool:
-        return bool(
-            self._conn.execute(f"DELETE FROM {self._table} WHERE key = %s", (key,)).rowcount
-        )
+        return bool(self._execute(f"DELETE FROM {self._table} WHERE key = %s", (key,)).rowcount)
 
-    def transact(self) -> Any:
+    @contextmanager
+    def transact(self) -> Iterator[None]:
         """One transaction: a reply's entry and its journal drop commit together."""
-        return self._conn.transaction()
+        try:
+            with self._conn.transaction():
+                yield
+        except self._lost as exc:  # the commit (or the rollback) met a dead connection
+            raise lost(self._url, exc) from None
 
     def keys(self) -> list[str]:
         """Every key (tests and audits: which replies the run holds)."""
-        return [row[0] for row in self._conn.execute(f"SELECT key FROM {self._table}")]
+        return [row[0] for row in self._execute(f"SELECT key FROM {self._table}")]
 
     def close(self) -> None:
         self._conn.close()
@@ -218,7 +249,7 @@ class PostgresCalls(PostgresBackend, CallCacheBackend):
         import psycopg
 
         ensure_schema(url, schema)
-        return PostgresCallCache(psycopg.connect(conninfo(url), autocommit=True), schema)
+        return PostgresCallCache(psycopg.connect(conninfo(url), autocommit=True), schema, url)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -237,6 +268,7 @@ class PostgresCheckpointer(PostgresBackend, CheckpointerBackend):
             from psycopg.rows import dict_row
 
             await asyncio.to_thread(ensure_schema, url, schema)
+            quiet_driver_warnings()
             conn = await AsyncConnection.connect(
                 conninfo(url),
                 autocommit=True,
@@ -245,7 +277,8 @@ class PostgresCheckpointer(PostgresBackend, CheckpointerBackend):
                 options=f"-c search_path={schema}",
             )
             try:
-                saver = AsyncPostgresSaver(conn)
+                saver = _stopping_saver(AsyncPostgresSaver)(conn)
+                saver.url = url
                 # Its migrations are not safe against a second driver running them at once.
                 await conn.execute("SELECT pg_advisory_lock(%s)", (SETUP_LOCK,))
                 try:
@@ -257,6 +290,42 @@ class PostgresCheckpointer(PostgresBackend, CheckpointerBackend):
                 await conn.close()
 
         return opened()
+
+
+@functools.cache
+def _stopping_saver(base: type) -> type:
+    """``AsyncPostgresSaver`` whose lost connection stops the run (RunStopped) instead of
+    failing the item whose checkpoint it was writing, and every item after it."""
+    errors = _connection_errors()
+
+    class StoppingSaver(base):  # type: ignore[misc, valid-type]
+        url = ""
+
+        async def aget_tuple(self, config: Any) -> Any:
+            try:
+                return await super().aget_tuple(config)
+            except errors as exc:
+                raise lost(self.url, exc) from None
+
+        async def aput(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().aput(*args, **kwargs)
+            except errors as exc:
+                raise lost(self.url, exc) from None
+
+        async def aput_writes(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().aput_writes(*args, **kwargs)
+            except errors as exc:
+                raise lost(self.url, exc) from None
+
+        async def adelete_thread(self, thread_id: str) -> None:
+            try:
+                await super().adelete_thread(thread_id)
+            except errors as exc:
+                raise lost(self.url, exc) from None
+
+    return StoppingSaver
 
 
 # ---------------------------------------------------------------- item status
@@ -279,9 +348,16 @@ class PostgresItemStatus(ItemStatus):
     """Claims with a lease, renewed by a heartbeat while this driver lives."""
 
     def __init__(
-        self, conn: Any, schema: str, lease: float, started: Any, owner: str | None = None
+        self,
+        conn: Any,
+        schema: str,
+        lease: float,
+        started: Any,
+        owner: str | None = None,
+        url: str = "",
     ):
         self._conn = conn
+        self.url = url
         # The database's clock when this driver opened: an item that failed before is tried
         # again (a rerun), one another driver failed since is not (it is that run's result).
         self.started = started
@@ -296,6 +372,12 @@ class PostgresItemStatus(ItemStatus):
         # New, failed before this driver started (a rerun tries it again, as the local
         # engine does) or a claim whose lease ran out (its driver died): ours. Done, failed
         # by a driver of this round, or claimed by a live driver: not.
+        try:
+            return await self._claim(item_id)
+        except _connection_errors() as exc:
+            raise lost(self.url, exc) from None
+
+    async def _claim(self, item_id: str) -> Claim:
         cursor = await self._conn.execute(
             f"INSERT INTO {self._table} AS i (item_id, state, owner, lease_until) "
             "VALUES (%s, 'claimed', %s, now() + make_interval(secs => %s)) "
@@ -328,7 +410,7 @@ class PostgresItemStatus(ItemStatus):
                 (state, item_id, self.owner),
             )
         except Exception as exc:  # the record is written; the claim expires and is replayed
-            log.warning("could not mark item", item_id=item_id, state=state, error=_one_line(exc))
+            self._complain("could not mark item", exc, item_id=item_id, state=state)
             return
         if not cursor.rowcount:
             log.warning(
@@ -347,7 +429,13 @@ class PostgresItemStatus(ItemStatus):
                 (*params, self.owner),
             )
         except Exception as exc:  # the lease runs out on its own
-            log.warning("could not release claims", error=_one_line(exc))
+            self._complain("could not release claims", exc)
+
+    def _complain(self, what: str, exc: Exception, **where: Any) -> None:
+        # A lost connection is said once, by the RunStopped that stops the run; a warning
+        # per item on top of it would bury that line.
+        quiet = isinstance(exc, _connection_errors())
+        (log.debug if quiet else log.warning)(what, error=_one_line(exc), **where)
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():
@@ -365,7 +453,7 @@ class PostgresItemStatus(ItemStatus):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a blip: the next beat may land before the lease ends
-                log.warning("state heartbeat failed", error=_one_line(exc))
+                self._complain("state heartbeat failed", exc)
 
     async def close(self) -> None:
         if self._heartbeat is not None:
@@ -391,7 +479,7 @@ class PostgresStatus(PostgresBackend, StatusBackend):
         cursor = await conn.execute("SELECT now()")
         row = await cursor.fetchone()
         assert row is not None
-        return PostgresItemStatus(conn, schema, lease_seconds(), started=row[0])
+        return PostgresItemStatus(conn, schema, lease_seconds(), started=row[0], url=url)
 
 
 @hookimpl

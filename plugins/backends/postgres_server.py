@@ -99,6 +99,11 @@ class ThrowawayPostgres:
             "--no-sync",
         )
         password_file.unlink()
+        self.start_server()
+        return self.url
+
+    def start_server(self) -> None:
+        """Start the server on the cluster (again, after ``stop_server``)."""
         # Durability is not under test (a throwaway cluster): fsync off keeps tests fast.
         fast = "" if self.durable else " -c fsync=off -c synchronous_commit=off"
         self._run(
@@ -113,7 +118,10 @@ class ThrowawayPostgres:
             f"-c max_connections=200{fast}",
             "start",
         )
-        return self.url
+
+    def stop_server(self) -> None:
+        """Stop the server, keeping the cluster (a database outage, for tests)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop")
 
     def stop(self) -> None:
         try:
