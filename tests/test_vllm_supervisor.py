@@ -223,6 +223,44 @@ def test_a_server_that_never_becomes_ready_stops_the_run_with_its_log(
     assert not (out / "records").exists() or not list((out / "records").glob("*.json"))
 
 
+def test_a_server_that_keeps_crashing_is_given_up_with_its_log(
+    tmp_path: Path, testdata: Path, vkr_pool: Path
+) -> None:
+    crashing = (
+        "import sys\nprint('torch.OutOfMemoryError: CUDA out of memory', flush=True)\nsys.exit(1)\n"
+    )
+    options = {"command": ["{python}", "-c", crashing], "max_restarts": 1, "ready_timeout": 60}
+    pool = vllm_pool(vkr_pool, {"fake-d": options})
+    manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
+    out = tmp_path / "run"
+    result = run(manifest, pool, out)
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "exited (code 1) and was restarted 1 time(s): gave up" in result.stderr
+    assert "CUDA out of memory" in result.stderr
+    status = statuses(out)["fake-d"]
+    assert status["state"] == "failed" and status["restarts"] == 1
+
+
+def test_without_vllm_installed_the_default_command_says_how_to_install_it(
+    tmp_path: Path, testdata: Path, vkr_pool: Path
+) -> None:
+    pool = vllm_pool(vkr_pool, {"fake-d": {"model": "Qwen/Qwen3-VL-32B-Instruct"}})
+    manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
+    empty_bin = tmp_path / "bin"  # a PATH where no vllm is, whatever this machine has
+    empty_bin.mkdir()
+    result = subprocess.run(
+        [VKR, "run", "--videos", manifest, "--pool", pool, "--out", tmp_path / "run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": str(empty_bin)},
+    )
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "command 'vllm' not found (vllm is not installed here: pip install 'vkr[vllm]')" in (
+        result.stderr
+    )
+
+
 def test_an_attached_server_is_used_and_never_stopped(
     tmp_path: Path, testdata: Path, vkr_pool: Path, vkr_fake_server: Any
 ) -> None:

@@ -393,13 +393,13 @@ class Server:
             _live.discard(self)
 
     def _crashed(self, process: subprocess.Popen[bytes]) -> None:
-        self.restarts += 1
         code = process.returncode
-        if self.restarts > self.options.max_restarts:
+        if self.restarts >= self.options.max_restarts:
             raise ServerFailed(
                 f"{self.what} exited (code {code}) and was restarted "
                 f"{self.options.max_restarts} time(s): gave up; {log_tail(self.log_path)}"
             )
+        self.restarts += 1
         backoff = min(MAX_BACKOFF_S, 2.0 ** (self.restarts - 1))
         self._set_state("restarting")
         message = (
