@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vkr_core.backends import Backend, ExecutorBackend
+from vkr_core.backends import Backend, ExecutorBackend, state_password
 from vkr_core.hookspecs import hookimpl
 from vkr_core.log import get_logger
 from vkr_core.schemas import CallRecord, InputError, VkrError
@@ -213,6 +213,15 @@ class RunWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def remember_state_password(self, url: str, password: str) -> None:
+        """The password of the run's state URL: the config carries the URL without it, and
+        the driver's copy lives in the driver's process only."""
+        from vkr_core.backends import remember_password
+        from vkr_core.log import register_secrets
+
+        register_secrets([password])
+        remember_password(url, password)
 
     async def _open(self) -> Any:
         if self._opening is None:
@@ -421,6 +430,12 @@ async def _drive(
             },
         )
         slot.actor = worker_actor.options(name=slot.name).remote(settings)
+        if run.config.state and state_password(run.config.state) is not None:
+            # A method call, not a creation argument: Ray keeps an actor's creation arguments
+            # for its restarts; this lives in the worker's memory only.
+            slot.actor.remember_state_password.remote(
+                run.config.state, state_password(run.config.state)
+            )
         slot.dead = False
         slot.in_flight = 0
 
@@ -430,6 +445,10 @@ async def _drive(
     queue: deque[Any] = deque(items)
     pending: dict[asyncio.Future[Any], tuple[Any, _Slot, int]] = {}
     deaths: Counter[str] = Counter()
+    # Deaths since a worker last finished an item: workers that die whatever they are given
+    # (a node without vkr's dependencies, out of memory at start) stop the run instead.
+    deaths_in_a_row = 0
+    holding = False
     errors: list[BaseException] = []
     held_later: list[Any] = []
     item_id = run.pipeline.item_id
@@ -462,8 +481,17 @@ async def _drive(
         counters.launched += 1
 
     async def worker_died(slot: _Slot, generation: int, item: Any, exc: BaseException) -> None:
+        nonlocal deaths_in_a_row
         if slot.generation == generation and not slot.dead:
             slot.dead = True
+            deaths_in_a_row += 1
+            if deaths_in_a_row > DEATHS_PER_ITEM * len(slots):
+                errors.append(
+                    VkrError(f"Ray workers keep dying ({deaths_in_a_row} in a row; last: {exc})")
+                )
+            # Unavailable is not always dead (a lost connection): make sure it is before its
+            # items go to another worker, or two workers could process one video.
+            ray.kill(slot.actor, no_restart=True)
             freed = await limits.forget.remote(slot.name)
             _tell(
                 f"Ray worker {slot.name} died ({type(exc).__name__}); its items go to the "
@@ -482,6 +510,7 @@ async def _drive(
             queue.appendleft(item)
 
     async def settle(future: asyncio.Future[Any]) -> None:
+        nonlocal deaths_in_a_row
         item, slot, generation = pending.pop(future)
         if slot.generation == generation:
             slot.in_flight -= 1
@@ -496,6 +525,7 @@ async def _drive(
             cause = getattr(exc, "cause", None)
             errors.append(cause if isinstance(cause, BaseException) else exc)
             return
+        deaths_in_a_row = 0
         if outcome.record is None:
             counters.launched -= 1
             if outcome.held:
@@ -514,7 +544,8 @@ async def _drive(
                 await asyncio.sleep(getattr(getattr(run, "status", None), "retry_after", 1.0))
                 queue.extend(held_later)
                 held_later.clear()
-            if stop_launching():
+            if stop_launching() and not holding:
+                holding = True
                 queue.clear()
                 held_later.clear()
                 for slot in slots:
