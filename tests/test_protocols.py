@@ -244,7 +244,7 @@ def test_kill_9_mid_run_and_resume_pays_no_reply_twice(
     """A reply on the wire at the kill is billed and lost whatever vkr does; a reply vkr had
     read (journalled or cached) is never paid again."""
     pool = pool_for(tmp_path, vkr_fake_server, vkr_plugin_manager, dict.fromkeys(MODELS, protocol))
-    manifest = write_manifest(tmp_path / "videos", testdata, good=2, bad=False)
+    manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
     vkr_fake_server.set_policy({"latency_ms": 300})
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
@@ -254,7 +254,7 @@ def test_kill_9_mid_run_and_resume_pays_no_reply_twice(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while vkr_fake_server.stats()["completions"] < 12 and time.monotonic() < deadline:
+    while vkr_fake_server.stats()["completions"] < 8 and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -267,9 +267,8 @@ def test_kill_9_mid_run_and_resume_pays_no_reply_twice(
     vkr_run(manifest, pool, run_dir)
     repeated = vkr_fake_server.stats()["repeated_call_keys"][seen:]
     assert not set(repeated) & held, "a reply vkr had read was paid again"
-    for video in ("good0", "good1"):
-        record = json.loads((run_dir / "records" / f"{video}.json").read_text())
-        assert record["status"] == "done", record
+    record = json.loads((run_dir / "records" / "good0.json").read_text())
+    assert record["status"] == "done", record
 
 
 # ------------------------------------------------------------------ refusals

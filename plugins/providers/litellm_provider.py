@@ -380,6 +380,13 @@ class LitellmProvider(Provider):
             entry = self._clients[key] = (client, transport)
         return entry
 
+    async def wait_ready(self, spec: ModelSpec) -> None:
+        # Preflight reaches Anthropic, Gemini and other non-OpenAI models through litellm:
+        # its import (seconds, tens on a loaded machine) is not the model's time to answer,
+        # so it must not count against the reach timeout.
+        if not spec.model.startswith("openai/"):
+            await _litellm_module()
+
     def journals(self, spec: ModelSpec) -> bool:
         """Whether a reply from this model is journalled: only where litellm's route posts
         through the client vkr hands it (OpenAI-compatible, Anthropic, Gemini)."""
