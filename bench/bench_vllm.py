@@ -111,6 +111,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from vkr_core.answers import question_block
     from vkr_core.calls import ModelCaller, image_part
     from vkr_core.steps import ReplyError
+    from vkr_core.store import RunLayout
 
     options: dict[str, Any] = {
         "model": args.model,
@@ -139,8 +140,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     )
     provider = VllmProvider()
     provider.check_entry(spec)
-    provider.use_folder(work / "server")
-    caller = ModelCaller(cache_dir=work / "cache", providers={"vllm": provider})
+    layout = RunLayout(work)  # the scratch folder laid out as a run directory
+    provider.use_folder(layout.provider_files("vllm"))
+    caller = ModelCaller(cache_dir=layout.cache, providers={"vllm": provider})
     step = VideoDependency()
     frames = frames_of(args.video, 4, work)
     messages: list[dict[str, Any]] = [
