@@ -23,6 +23,7 @@ import pytest
 import yaml
 from test_run import VKR, accepted, keys_vkr_holds, vkr_run, write_manifest
 
+from plugins.providers.fake_protocols import REFUSAL_TEXT
 from plugins.providers.fake_server import write_pool
 from plugins.providers.litellm_provider import LitellmProvider
 from plugins.steps.schemas import SolvedAnswer
@@ -117,9 +118,27 @@ def test_a_run_over_a_pool_of_three_protocols_accounts_each(
 ):
     mixed = {"fake-a": "openai", "fake-b": "anthropic", "fake-c": "gemini", "fake-d": "gemini"}
     pool = pool_for(tmp_path, vkr_fake_server, vkr_plugin_manager, mixed)
+    # Anthropic's fake-b declines to write examples (stop_reason refusal), and Gemini's fake-c
+    # has every such prompt blocked (promptFeedback.blockReason).
+    vkr_fake_server.set_policy(
+        {
+            "model_steps": {
+                "fake-b|example_generation": {"refusal": 1.0},
+                "fake-c|example_generation": {"blocked": 1.0},
+            }
+        }
+    )
     manifest = write_manifest(tmp_path / "videos", testdata, good=2, bad=False)
     vkr_run(manifest, pool, tmp_path / "run")
     assert accepted(tmp_path / "run")
+    refused = [
+        rejection["raw_reply"] or ""
+        for record in (tmp_path / "run" / "records").glob("*.json")
+        for rejection in json.loads(record.read_text())["rejected"]
+        if rejection["kind"] == "refusal"
+    ]
+    assert any(REFUSAL_TEXT in raw for raw in refused), refused
+    assert any("blockReason" in raw for raw in refused), refused
     calls = [
         json.loads(line) for line in (tmp_path / "run" / "calls.jsonl").read_text().splitlines()
     ]
@@ -278,9 +297,9 @@ def test_kill_9_mid_run_and_resume_pays_no_reply_twice(
     "protocol, form, words",
     [
         # OpenAI: finish_reason content_filter with the model's words.
-        ("openai", "refusal", None),
+        ("openai", "refusal", REFUSAL_TEXT),
         # Anthropic: stop_reason "refusal".
-        ("anthropic", "refusal", None),
+        ("anthropic", "refusal", REFUSAL_TEXT),
         # Gemini: a candidate stopped with finishReason SAFETY (no text: the raw reply is kept).
         ("gemini", "refusal", "SAFETY"),
         # Gemini: the prompt blocked as a whole, promptFeedback.blockReason and no candidate.
