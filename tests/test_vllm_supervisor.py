@@ -161,6 +161,21 @@ def test_a_run_starts_its_vllm_servers_uses_them_and_stops_them(
     assert all(c["outcome"] == "ok" for c in gate)
 
 
+def test_an_entry_no_step_of_the_run_uses_is_never_started(
+    tmp_path: Path, testdata: Path, vkr_pool: Path
+) -> None:
+    data = yaml.safe_load(vkr_pool.read_text())
+    # In the pool, but eligible for no step (the registry does not name it).
+    data["models"].append({"name": "spare", "model": "openai/spare", "provider": "vllm"})
+    data["models"][-1]["options"] = {"command": ["{python}", "-c", NEVER_READY]}
+    vkr_pool.write_text(yaml.safe_dump(data, sort_keys=False))
+    manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
+    out = tmp_path / "run"
+    result = run(manifest, vkr_pool, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert statuses(out) == {}  # no server was started for it
+
+
 def test_a_server_killed_mid_run_is_restarted_and_no_video_fails(
     tmp_path: Path, testdata: Path, vkr_pool: Path
 ) -> None:

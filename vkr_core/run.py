@@ -170,11 +170,16 @@ class Run:
         from vkr_core.preflight import preflight
         from vkr_core.store import spent_in
 
-        for name in sorted({spec.provider for spec in self.pool.models}):
+        # Only the models the run may call: a provider that starts a server per model (vLLM)
+        # must not load weights no step of this run uses.
+        in_use = {s.name for s in self.router.models_in_use(self.model_steps())}
+        in_use |= {s.name for s in self.fixed_models}
+        specs = [s for s in self.pool.models if s.name in in_use]
+        for name in sorted({spec.provider for spec in specs}):
             provider = self.registry.providers.get(name)
             if provider is not None:  # in the background, while preflight and decoding run
                 provider.use_folder(self.store.layout.provider_files(name))
-                provider.warm_up([s for s in self.pool.models if s.provider == name])
+                provider.warm_up([s for s in specs if s.provider == name])
         health = self.router.health
         health.cooldown = self.config.cooldown
         health.notify = _tell
