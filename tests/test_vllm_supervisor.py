@@ -353,6 +353,39 @@ def test_a_second_vkr_cannot_start_a_server_on_the_same_port_and_kill_9_leaves_n
             first.wait()
 
 
+def test_entries_with_the_same_model_and_options_share_one_server(tmp_path: Path) -> None:
+    import asyncio
+
+    from plugins.providers.vllm import VllmProvider
+    from vkr_core.config import ModelSpec
+
+    stats_dir = tmp_path / "stats"
+    stats_dir.mkdir()
+    options = {"command": stand_in(stats_dir), "ready_timeout": 60.0}
+    specs = [
+        ModelSpec(name=name, model="openai/fake-d", provider="vllm", options=options)
+        for name in ("gate-cold", "gate-warm")
+    ]
+
+    async def both() -> list[str]:
+        provider = VllmProvider()
+        provider.use_folder(tmp_path / "servers")
+        provider.warm_up(specs)
+        try:
+            replies = [
+                await provider.complete(spec, [{"role": "user", "content": "hi"}], {}, {})
+                for spec in specs
+            ]
+            assert provider.server(specs[0]) is provider.server(specs[1])
+        finally:
+            await provider.aclose()
+        return [reply.text for reply in replies]
+
+    assert all(asyncio.run(both()))
+    (stats,) = served_stats(stats_dir).values()  # one process served both entries
+    assert stats["by_model"] == {"fake-d": 2}
+
+
 def test_vkr_core_never_imports_vllm() -> None:
     probe = "import sys, plugins.providers.vllm, vkr_core.run; print('vllm' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
