@@ -249,3 +249,51 @@ def test_engine_options_say_what_is_wrong_in_one_line(tmp_path, testdata, server
     assert result.returncode == 1
     assert "pip install 'vkr[ray]'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+async def test_ray_workers_share_postgresql_state_and_a_killed_worker_loses_nothing(
+    ray_cluster, tmp_path, pm, testdata, pool, server, vkr_postgres_url, monkeypatch
+):
+    # Short leases: the killed worker's claims expire in seconds, then another takes them.
+    monkeypatch.setenv("VKR_STATE_LEASE", "3")
+    manifest = write_manifest(tmp_path / "videos", testdata, good=8, bad=False)
+    server.set_policy({"latency_ms": 200})
+    server.reset_stats()
+    pipeline = pm.registry.get("pipeline", "generation")
+    loaded = pipeline.read_items(manifest, RunConfig())
+    config = RunConfig(
+        executor="ray",
+        executor_options={"workers": 2},
+        state=vkr_postgres_url,
+        **loaded.settings,
+    )
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    async def kill_a_worker() -> None:
+        while server.stats()["completions"] < 40:
+            await asyncio.sleep(0.05)
+        names = [
+            a["name"]
+            for a in ray_cluster.util.list_named_actors(all_namespaces=True)
+            if "-w1." in a["name"]
+        ]
+        pid = await ray_cluster.get_actor(names[0]).pid.remote()
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = asyncio.create_task(kill_a_worker())
+    counters = await run_items(loaded.items, out, pool, config, pm, concurrency=4, progress=False)
+    await killer
+    assert killed
+    assert counters.done == 8 and counters.failed == 0
+    assert len(all_done(out)) == 8
+    assert not (out / "cache").exists() and not (out / "checkpoints.sqlite").exists()
+    stats = server.stats()
+    assert stats["repeats"] <= 32
+    assert set(paid_twice(out)) <= set(stats["repeated_call_keys"])
+    # The password reached the workers without reaching a file.
+    password = vkr_postgres_url.split(":")[2].split("@")[0]
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert password.encode() not in path.read_bytes(), path

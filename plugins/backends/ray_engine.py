@@ -46,6 +46,9 @@ CALLS_EVERY_S = 0.5
 # A worker that dies this many times with the same item in hand fails the item: something
 # about it (a decoder bug, its memory) kills whoever takes it.
 DEATHS_PER_ITEM = 3
+# Settings of the driver's environment its workers take: never a key (each node has its
+# own, in the variables the pool names).
+WORKER_ENV = ("LITELLM_LOCAL_MODEL_COST_MAP", "VKR_STATE_LEASE")
 
 
 def import_ray() -> Any:
@@ -230,8 +233,9 @@ class RunWorker:
             if self.run is not None:
                 return self.run
             s = self.settings
+            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
             for name, value in s.env.items():
-                os.environ.setdefault(name, value)
+                os.environ[name] = value  # the driver's: every worker on the same lease
             # Relative paths in the pool, the manifest or a seed bank mean what they mean to
             # the driver when its folder is here too (one machine, or a shared path).
             if os.path.isdir(s.cwd):
@@ -411,7 +415,7 @@ async def _drive(
     worker_config = run.config.model_copy(update={"skip_preflight": True})
     slots = [_Slot(index=i, share=share) for i, share in enumerate(shares)]
 
-    def start(slot: _Slot) -> None:
+    async def start(slot: _Slot) -> None:
         slot.generation += 1
         slot.name = f"vkr-{run_id}-w{slot.index}.{slot.generation}"
         settings = WorkerSettings(
@@ -423,24 +427,20 @@ async def _drive(
             holder=slot.name,
             limits=limits,
             log_level=_log_level(),
-            env={
-                "LITELLM_LOCAL_MODEL_COST_MAP": os.environ.get(
-                    "LITELLM_LOCAL_MODEL_COST_MAP", "True"
-                )
-            },
+            env={name: os.environ[name] for name in WORKER_ENV if name in os.environ},
         )
         slot.actor = worker_actor.options(name=slot.name).remote(settings)
         if run.config.state and state_password(run.config.state) is not None:
-            # A method call, not a creation argument: Ray keeps an actor's creation arguments
-            # for its restarts; this lives in the worker's memory only.
-            slot.actor.remember_state_password.remote(
+            # A method call, not a creation argument (Ray's control store keeps those): it
+            # lives in the worker's memory only. Awaited: an async actor's calls may start
+            # out of order, and the worker needs it before it opens the run.
+            await slot.actor.remember_state_password.remote(
                 run.config.state, state_password(run.config.state)
             )
         slot.dead = False
         slot.in_flight = 0
 
-    for slot in slots:
-        start(slot)
+    await asyncio.gather(*(start(slot) for slot in slots))
 
     queue: deque[Any] = deque(items)
     pending: dict[asyncio.Future[Any], tuple[Any, _Slot, int]] = {}
@@ -497,7 +497,7 @@ async def _drive(
                 f"Ray worker {slot.name} died ({type(exc).__name__}); its items go to the "
                 f"other workers" + (f" ({freed} model slot(s) given back)" if freed else "")
             )
-            start(slot)
+            await start(slot)
         deaths[item_id(item)] += 1
         if deaths[item_id(item)] >= DEATHS_PER_ITEM:
             reason = f"its Ray worker died {DEATHS_PER_ITEM} times while processing it"
