@@ -193,22 +193,27 @@ SDK_PARAMS = {"temperature": 0, "user": "vkr-test"}
 
 
 @pytest.mark.parametrize(
-    "protocol, params",
+    "protocol, params, route",
     [
-        pytest.param("openai", None, id="openai"),
-        pytest.param("openai", SDK_PARAMS, id="openai-through-litellm"),
-        pytest.param("anthropic", None, id="anthropic"),
-        pytest.param("gemini", None, id="gemini"),
+        pytest.param("openai", None, None, id="openai"),
+        pytest.param("openai", SDK_PARAMS, None, id="openai-through-litellm"),
+        pytest.param("anthropic", None, None, id="anthropic"),
+        pytest.param("gemini", None, None, id="gemini"),
+        # OpenAI-protocol servers that litellm reaches through its generic HTTP handler.
+        pytest.param("openai", None, "deepseek", id="deepseek"),
+        pytest.param("openai", None, "hosted_vllm", id="hosted_vllm"),
     ],
 )
 def test_a_reply_read_before_a_kill_9_is_replayed_by_litellm_not_paid_again(
-    tmp_path, vkr_fake_server, vkr_plugin_manager, protocol, params
+    tmp_path, vkr_fake_server, vkr_plugin_manager, protocol, params, route
 ):
     """The worst moment to die: the reply is read, the cache write not yet made. A process
     killed -9 right there leaves the body in the journal, and the next attempt of the call
     gets it from the journal through litellm's own parser for the protocol, without a
     request."""
     spec = one_protocol(tmp_path, vkr_fake_server, vkr_plugin_manager, protocol)
+    if route is not None:
+        spec = spec.model_copy(update={"model": f"{route}/{spec.name}"})
     step = Solve()
     params = params or {"temperature": 0}
     key = cache_key(spec, step.name, "v1", messages(), params, 0)

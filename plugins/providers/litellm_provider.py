@@ -163,10 +163,17 @@ def _plain_route(spec: ModelSpec) -> bool:
     return spec.model.startswith("openai/") and bool(spec.api_base)
 
 
-# litellm routes that post through the ``client=`` vkr hands them (checked in litellm
-# 1.110.2: the OpenAI SDK route, and AnthropicChatCompletion and the Gemini route, which take
-# an ``AsyncHTTPHandler``); others build their own client and cannot be journalled.
-_JOURNAL_ROUTES = {"openai/": "openai", "anthropic/": "anthropic", "gemini/": "gemini"}
+# litellm routes that post through the ``client=`` vkr hands them (read in litellm 1.110.2:
+# the OpenAI SDK route takes an ``AsyncOpenAI``; AnthropicChatCompletion, the Gemini route and
+# base_llm_http_handler, which serves DeepSeek and hosted vLLM, take an ``AsyncHTTPHandler``);
+# other routes build their own client and cannot be journalled.
+_JOURNAL_ROUTES = {
+    "openai/": "openai",
+    "anthropic/": "anthropic",
+    "gemini/": "gemini",
+    "deepseek/": "deepseek",
+    "hosted_vllm/": "hosted_vllm",
+}
 
 
 def _journal_route(spec: ModelSpec) -> str | None:
