@@ -382,3 +382,14 @@ def test_a_client_error_is_not_retried_and_never_shows_the_key(
     record = caller.records[-1]
     assert record.outcome == "error" and record.attempts == 1
     assert CANARY not in str(failed.value) and CANARY not in (record.error or "")
+
+
+def test_a_model_whose_route_cannot_be_journalled_is_named_in_the_log(capsys):
+    provider = LitellmProvider()
+    assert provider.journals(ModelSpec(name="claude", model="anthropic/claude-sonnet-4-5"))
+    vertex = ModelSpec(name="vertex-flash", model="vertex_ai/gemini-2.5-flash")
+    assert not provider.journals(vertex)
+    assert not provider.journals(vertex)  # said once, not per call
+    said = capsys.readouterr()
+    log = said.out + said.err
+    assert log.count("replies not journalled") == 1 and "vertex-flash" in log
