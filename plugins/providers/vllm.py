@@ -23,7 +23,6 @@ import asyncio
 import atexit
 import ctypes
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -415,6 +414,8 @@ class Server:
     def _take_port(self) -> None:
         """The port for this process alone: a lock file per host and port, held while the
         server lives, so a second vkr process cannot start a second server there."""
+        import fcntl  # POSIX only: imported here so the plugin still loads elsewhere
+
         host = _connect_host(self.host)
         path = Path(tempfile.gettempdir()) / f"vkr-vllm-{host}-{self.port}.lock"
         handle = path.open("a+")
@@ -475,7 +476,10 @@ class Server:
                         stdout=output,
                         stderr=subprocess.STDOUT,
                         env=env,
-                        start_new_session=True,  # its own process group, stopped as one
+                        # Its own process group, stopped as one, and out of the terminal's:
+                        # vkr answers Ctrl-C by finishing the calls in flight, which need
+                        # the server.
+                        start_new_session=True,
                         preexec_fn=_die_with_parent(os.getpid()),
                     )
                 except FileNotFoundError:
