@@ -297,3 +297,24 @@ async def test_ray_workers_share_postgresql_state_and_a_killed_worker_loses_noth
     for path in out.rglob("*"):
         if path.is_file():
             assert password.encode() not in path.read_bytes(), path
+
+
+async def test_any_registered_pipeline_runs_on_ray_as_it_does_locally(
+    ray_cluster, tmp_path, pm, pool, server
+):
+    # The knowledge bank build: a text pipeline whose items are lectures, not videos.
+    bank = tmp_path / "bank.yaml"
+    subprocess.run([VKR, "bank", "example", str(bank)], check=True, capture_output=True)
+    server.set_policy({"latency_ms": 50})
+    pipeline = pm.registry.get("pipeline", "bank")
+    loaded = pipeline.read_items(bank, RunConfig())
+    records = {}
+    for engine, options in (("local", {}), ("ray", {"workers": 2})):
+        config = RunConfig(pipeline="bank", executor=engine, executor_options=options)
+        out = tmp_path / engine
+        counters = await run_items(
+            loaded.items, out, pool, config, pm, concurrency=4, progress=False
+        )
+        assert counters.done == len(loaded.items) > 1
+        records[engine] = {p.name: p.read_text() for p in (out / "records").iterdir()}
+    assert records["ray"] == records["local"]
