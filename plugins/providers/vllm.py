@@ -385,6 +385,8 @@ class Server:
             if not self.attached:
                 self._terminate()
                 if self._port_lock is not None:
+                    # Removed while still held, so a lock file is never left per port used.
+                    Path(self._port_lock.name).unlink(missing_ok=True)
                     self._port_lock.close()  # releases the flock
                 if self.state != "failed":
                     self._set_state("stopped")
