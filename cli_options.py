@@ -138,8 +138,9 @@ def engine_options(func: Any) -> Any:
         click.option(
             "--ray-address",
             metavar="ADDRESS",
-            help="With --engine ray: the cluster to join (host:port of its head, or auto) "
-            "[default: start a local Ray on this machine].",
+            help="With --engine ray: the cluster to join (host:port of its head) [default: "
+            "$RAY_ADDRESS, else the Ray `ray start` started on this machine, else a new local "
+            "Ray for this run].",
         ),
         click.option(
             "--workers",
