@@ -471,8 +471,6 @@ async def _drive(
                     fold(await slot.actor.take_calls.remote())
                 except Exception:  # a dead worker: the item loop hears it too
                     pass
-            if on_item is not None:
-                on_item(None)
 
     def send(item: Any, slot: _Slot) -> None:
         future = asyncio.wrap_future(slot.actor.process.remote(item).future())
