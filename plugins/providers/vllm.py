@@ -675,7 +675,8 @@ class VllmProvider(Provider):
     @staticmethod
     def _key(spec: ModelSpec, options: VllmOptions) -> str:
         if options.attach is not None:
-            return json.dumps(["attach", options.attach.rstrip("/").removesuffix("/v1")])
+            url = options.attach.rstrip("/").removesuffix("/v1")
+            return json.dumps(["attach", url, served_name(spec)])  # each name is checked
         return json.dumps([served_name(spec), options.model_dump()], sort_keys=True)
 
     def server(self, spec: ModelSpec, group: Sequence[ModelSpec] = ()) -> Server:
