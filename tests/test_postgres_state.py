@@ -251,7 +251,7 @@ def test_the_password_never_reaches_the_run_directory_a_log_or_an_error(
 
 
 def test_an_unreachable_server_a_bad_url_or_a_missing_extra_stop_before_anything_is_written(
-    tmp_path, testdata, vkr_pool
+    tmp_path, testdata, vkr_pool, vkr_postgres_url
 ):
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
     import socket
@@ -272,6 +272,25 @@ def test_an_unreachable_server_a_bad_url_or_a_missing_extra_stop_before_anything
     other = vkr_run(manifest, vkr_pool, tmp_path / "bad", "--state", "mysql://h/db", check=False)
     assert other.returncode == 1 and "no loaded checkpointer backend serves mysql" in other.stderr
     assert not (tmp_path / "bad").exists()
+
+    # A user that may not create the run's schema: told so before anything is written.
+    role = f"vkr_reader_{os.getpid()}_{int(time.time())}"  # roles are server-wide
+    with psycopg.connect(vkr_postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'reader-password'")
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(vkr_postgres_url)
+        reader = (
+            f"postgresql://{role}:reader-password@{params['host']}:{params['port']}/"
+            f"{params['dbname']}"
+        )
+        denied = vkr_run(manifest, vkr_pool, tmp_path / "denied", "--state", reader, check=False)
+        assert denied.returncode == 1, denied.stdout + denied.stderr
+        assert f"user {role} may not create schemas" in denied.stderr, denied.stderr
+        assert "reader-password" not in denied.stderr and "Traceback" not in denied.stderr
+        assert not (tmp_path / "denied").exists()
+    finally:
+        with psycopg.connect(vkr_postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP ROLE {role}")
 
     # Without psycopg installed (made unimportable): the pip line, nothing written.
     code = (

@@ -122,10 +122,19 @@ def check_reachable(url: str) -> None:
     psycopg = _require(url)
     try:
         with psycopg.connect(conninfo(url), autocommit=True) as conn:
-            conn.execute("SELECT 1")
+            row = conn.execute(
+                "SELECT current_user, "
+                "has_database_privilege(current_user, current_database(), 'CREATE')"
+            ).fetchone()
     except (psycopg.Error, ValueError) as exc:
         # psycopg names host, port and user, never the password; redact() would catch one.
         raise InputError(f"cannot use the state database {url}: {_one_line(exc)}") from None
+    if row is None or not row[1]:
+        user = row[0] if row else "this user"
+        raise InputError(
+            f"cannot use the state database {url}: user {user} may not create schemas in it "
+            "(a run keeps its state in a schema of its own): GRANT CREATE ON DATABASE to it"
+        )
     _reachable.add(url)
 
 
@@ -149,6 +158,16 @@ def ensure_schema(url: str, schema: str) -> None:
         return
     import psycopg
 
+    try:
+        _create_schema(psycopg, url, schema)
+    except _connection_errors() as exc:
+        raise lost(url, exc) from None
+    except psycopg.Error as exc:  # privileges changed since the check, say
+        raise InputError(f"cannot set up the run's state in {url}: {_one_line(exc)}") from None
+    _ready.add((url, schema))
+
+
+def _create_schema(psycopg: Any, url: str, schema: str) -> None:
     with psycopg.connect(conninfo(url), autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (SETUP_LOCK,))
         try:
@@ -170,7 +189,6 @@ def ensure_schema(url: str, schema: str) -> None:
                 )
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK,))
-    _ready.add((url, schema))
 
 
 class PostgresBackend(Backend):
@@ -249,7 +267,11 @@ class PostgresCalls(PostgresBackend, CallCacheBackend):
         import psycopg
 
         ensure_schema(url, schema)
-        return PostgresCallCache(psycopg.connect(conninfo(url), autocommit=True), schema, url)
+        try:
+            conn = psycopg.connect(conninfo(url), autocommit=True)
+        except _connection_errors() as exc:
+            raise lost(url, exc) from None
+        return PostgresCallCache(conn, schema, url)
 
 
 # ---------------------------------------------------------------- checkpoints
