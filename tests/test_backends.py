@@ -135,8 +135,9 @@ def test_an_unknown_backend_is_refused_before_the_run_directory_is_touched(
 ):
     folder = tmp_path / "videos"
     folder.mkdir()
-    config = RunConfig(executor="ray")
-    with pytest.raises(PluginError, match=r"no backend named 'executor:ray' is loaded \(loaded: "):
+    # Ray is a loaded executor now (plugins/backends/ray_engine.py): name one that is not.
+    config = RunConfig(executor="dask")
+    with pytest.raises(PluginError, match=r"no backend named 'executor:dask' is loaded \(loaded: "):
         asyncio.run(
             run_items(
                 videos(folder, testdata, 1),
