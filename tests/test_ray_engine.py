@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -318,3 +319,46 @@ async def test_any_registered_pipeline_runs_on_ray_as_it_does_locally(
         assert counters.done == len(loaded.items) > 1
         records[engine] = {p.name: p.read_text() for p in (out / "records").iterdir()}
     assert records["ray"] == records["local"]
+
+
+def test_a_killed_driver_leaves_no_worker_and_the_rerun_pays_nothing_twice(
+    ray_cluster, tmp_path, testdata, server, pm
+):
+    pool = write_pool(tmp_path / "pool.yaml", server.base_url, pm=pm)
+    manifest = write_manifest(tmp_path / "videos", testdata, good=8, bad=False)
+    server.set_policy({"latency_ms": 300})
+    server.reset_stats()
+    address = ray_cluster.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    command = [
+        VKR, "run", "--videos", str(manifest), "--pool", str(pool), "--out", str(out),
+        "--no-progress", "--engine", "ray", "--ray-address", address, "--workers", "2",
+        "--concurrency", "4",
+    ]  # fmt: skip
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while server.stats()["completions"] < 60 and driver.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait()
+
+    def workers_left() -> list[str]:
+        return [
+            a["name"]
+            for a in ray_cluster.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("vkr-")
+        ]
+
+    # Ray ends an actor whose owner died: no worker goes on calling models for a dead run.
+    deadline = time.monotonic() + 60
+    while workers_left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert workers_left() == []
+    held = keys_vkr_holds(out)
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(all_done(out)) == 8
+    stats = server.stats()
+    assert not set(stats["repeated_call_keys"]) & held
+    assert stats["repeats"] <= 32  # only replies on the wire when the driver died
