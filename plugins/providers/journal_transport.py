@@ -26,11 +26,7 @@ class JournallingTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, journal: Journal, inner: httpx.AsyncBaseTransport | None = None):
         if inner is None:
-            from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
-
-            # litellm's own aiohttp-backed transport: a plain httpx transport costs about
-            # 1.5 ms more CPU per call (bench/bench_calls.py).
-            inner = AsyncHTTPHandler.create_async_transport()
+            inner = _litellm_transport()
         self.journal = journal
         self.inner: Any = inner
         # Keys answered from the journal and not yet claimed by the caller: how a reply
@@ -69,3 +65,24 @@ class JournallingTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _litellm_transport() -> httpx.AsyncBaseTransport:
+    """The transport litellm's own client would use, with the same TLS settings (its
+    ``SSL_VERIFY`` / ``SSL_CERT_FILE`` handling), so a route that gets vkr's client instead of
+    litellm's connects the same way."""
+    import ssl
+
+    from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler, get_ssl_configuration
+
+    ssl_config = get_ssl_configuration(None)
+    # litellm's aiohttp-backed transport by default: a plain httpx transport costs about
+    # 1.5 ms more CPU per call (bench/bench_calls.py).
+    transport = AsyncHTTPHandler.create_async_transport(
+        ssl_context=ssl_config if isinstance(ssl_config, ssl.SSLContext) else None,
+        ssl_verify=ssl_config if isinstance(ssl_config, bool) else None,
+    )
+    if transport is None:  # litellm's answer for "httpx's default" when aiohttp is off
+        verify = ssl_config if isinstance(ssl_config, (bool, ssl.SSLContext)) else True
+        transport = httpx.AsyncHTTPTransport(verify=verify)
+    return transport
