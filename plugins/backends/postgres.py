@@ -141,9 +141,10 @@ def check_reachable(url: str) -> None:
 def run_schema(run_dir: str | os.PathLike[str]) -> str:
     """The run's schema: its identity, the config snapshot without where its state lives
     (the same on every machine that runs it; the run directory's path is not)."""
-    snapshot = RunLayout(run_dir).read_config()
+    layout = RunLayout(run_dir)
+    snapshot = layout.read_config()
     if snapshot is None:
-        raise VkrError(f"run directory {run_dir} has no config.json: the run is not open")
+        raise VkrError(f"{layout.config} does not exist: the run is not open")
     config = {k: v for k, v in (snapshot.get("config") or {}).items() if k != "state"}
     blob = json.dumps({**snapshot, "config": config}, sort_keys=True, separators=(",", ":"))
     return "vkr_" + sha256(blob.encode()).hexdigest()[:20]
