@@ -394,6 +394,8 @@ def run_pilot(
                 f"{existing.model}, n={existing.n}, seed={existing.seed}): use another --out"
             )
     paths["frames"].mkdir(parents=True, exist_ok=True)
+    if provider is not None:  # a supervised server's log sits with the pilot, as with a run
+        provider.use_folder(RunLayout(pilot_dir).provider_files(spec.provider))
 
     video_paths = _video_paths(sources)
     prepared = []

@@ -160,6 +160,22 @@ def test_a_run_starts_its_vllm_servers_uses_them_and_stops_them(
     assert {c["model"] for c in gate} == set(GATE_MODELS)
     assert all(c["outcome"] == "ok" for c in gate)
 
+    # A pilot of the gate on one of them starts its own server, and keeps its log with the
+    # pilot as a run does (not in a temporary folder).
+    pilot = tmp_path / "pilot"
+    piloted = subprocess.run(
+        [VKR, "qualify", "pilot", "--step", "video_dependency", "--model", GATE_MODELS[0]]
+        + ["--pool", str(pool), "--n", "2", "--from", str(out), "--out", str(pilot)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert piloted.returncode == 0, piloted.stdout + piloted.stderr
+    [status] = statuses(pilot).values()
+    assert status["served_name"] == GATE_MODELS[0] and status["state"] == "stopped"
+    assert Path(status["log"]).parent == pilot / "providers" / "vllm"
+    assert "stand-in: serving on port" in Path(status["log"]).read_text()
+
 
 def test_an_entry_no_step_of_the_run_uses_is_never_started(
     tmp_path: Path, testdata: Path, vkr_pool: Path
