@@ -8,15 +8,28 @@ index per call and a fresh cache directory per repeat); the cache-hit path is ti
 replaying the same calls on the same cache. Sides run round-robin, repeat by repeat, with
 the order rotating, so load from other processes falls on all of them alike.
 
-A third side, "raw, httpx client", is litellm given an ``AsyncOpenAI`` client over a plain
-``httpx.AsyncClient``, which is what vkr's journalling provider builds: it splits vkr's
-extra cost into the HTTP transport and vkr's own code.
+``--protocol`` (repeatable) picks the wire protocol: ``openai`` (the default), ``anthropic``
+(Messages) or ``gemini`` (generateContent), each compared on its own with the model string
+``PROTOCOL/fake-a`` and the fake server's ``api_base`` for that protocol. The third side
+differs by protocol:
+
+- openai: "raw, httpx client" is litellm given an ``AsyncOpenAI`` client over a plain
+  ``httpx.AsyncClient`` (httpx's own transport). vkr does not take that route for this
+  model: with only plain sampling parameters its provider posts the request itself on
+  aiohttp (``_complete_plain``), and for other parameters the SDK route's client sits on
+  ``JournallingTransport``. The side shows what litellm's OpenAI route costs over httpx.
+- anthropic, gemini: "raw, vkr's handler" is litellm given the client vkr's provider hands
+  these routes, an ``AsyncHTTPHandler`` on ``JournallingTransport`` over litellm's own
+  transport, with a distinct ``X-Vkr-Call`` key per call so every body is journalled: it
+  splits vkr's extra cost into the transport with its journal and vkr's own code.
 
 Part two (throughput): the server sleeps ``--latency-ms`` per request and
 ``--throughput-concurrency`` calls are kept in flight; achieved calls/s is reported as a
-share of the ideal concurrency / latency, beside a bare aiohttp client as the floor.
+share of the ideal concurrency / latency, beside a bare aiohttp client as the floor. It runs
+on the OpenAI protocol only, when ``--protocol openai`` is among those asked.
 
     .venv/bin/python bench/bench_calls.py [--calls 300] [--repeats 5] [--concurrency 8]
+        [--protocol openai|anthropic|gemini ...]
 """
 
 from __future__ import annotations
@@ -46,8 +59,15 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from plugins.providers.fake_server import protocol_api_base  # noqa: E402
 from plugins.providers.litellm_provider import LitellmProvider, _import_litellm  # noqa: E402
-from vkr_core.calls import ModelCaller, RetrySettings, image_part  # noqa: E402
+from vkr_core.calls import (  # noqa: E402
+    CALL_KEY_HEADER,
+    Journal,
+    ModelCaller,
+    RetrySettings,
+    image_part,
+)
 from vkr_core.config import ModelSpec  # noqa: E402
 from vkr_core.schemas import Frame  # noqa: E402
 
@@ -69,7 +89,7 @@ def clip() -> Path:
 VIDEO = clip()
 RESULTS = ROOT / "bench" / "results"
 STEP = "self_consistency"
-MODEL = "openai/fake-a"
+PROTOCOLS = ("openai", "anthropic", "gemini")
 QUESTION = (
     "You are given frames of an expert video with their timestamps, and a question about it.\n"
     "Solve the question step by step from what the frames show and standard domain "
@@ -263,31 +283,51 @@ def make_payload(name: str, frames: list[Frame]) -> Payload:
 # ---------------------------------------------------------------- the clients
 
 
-def model_spec(base_url: str, concurrency: int) -> ModelSpec:
+@dataclass(frozen=True)
+class Route:
+    """Where one protocol's calls go: litellm's model string and the server's base for it."""
+
+    protocol: str
+    model: str
+    api_base: str
+
+
+def route(server: FakeServerProcess, protocol: str) -> Route:
+    return Route(protocol, f"{protocol}/fake-a", protocol_api_base(server.base_url, protocol))
+
+
+def model_spec(target: Route, concurrency: int) -> ModelSpec:
     # Prices set in the pool, as for a local server: vkr then does not ask litellm's price map.
     return ModelSpec(
         name="fake-a",
-        model=MODEL,
-        api_base=base_url,
+        model=target.model,
+        api_base=target.api_base,
         max_concurrency=concurrency,
         input_cost_per_token=5e-7,
         output_cost_per_token=1.5e-6,
     )
 
 
-def raw_call(base_url: str, payload: Payload, client: Any = None) -> OneCall:
-    """Plain ``litellm.acompletion``; ``client`` is passed through when given."""
+def raw_call(
+    target: Route, payload: Payload, client: Any = None, call_keys: str | None = None
+) -> OneCall:
+    """Plain ``litellm.acompletion``; ``client`` is passed through when given, and with
+    ``call_keys`` each call carries its own ``X-Vkr-Call`` key (so a journalling client
+    journals its body, as it does for vkr)."""
     litellm = _import_litellm()  # the module settings vkr's provider uses, for both sides
     extra = {"client": client} if client is not None else {}
 
     async def one(sample: int) -> Any:
+        headers = {"X-Vkr-Step": STEP}
+        if call_keys is not None:
+            headers[CALL_KEY_HEADER] = f"{call_keys}-{sample}"
         response = await litellm.acompletion(
-            model=MODEL,
+            model=target.model,
             messages=payload.raw_messages,
-            api_base=base_url,
+            api_base=target.api_base,
             api_key="EMPTY",
             timeout=120.0,
-            extra_headers={"X-Vkr-Step": STEP},
+            extra_headers=headers,
             max_retries=0,
             temperature=0,
             seed=sample,
@@ -304,13 +344,25 @@ def httpx_openai_client(base_url: str) -> Any:
     import httpx
     from openai import AsyncOpenAI
 
+    # openai 3.x types its client as httpx2's; litellm hands it httpx clients too.
+    http_client: Any = httpx.AsyncClient(timeout=120.0, follow_redirects=True)
     return AsyncOpenAI(
         api_key="EMPTY",
         base_url=base_url,
-        http_client=httpx.AsyncClient(timeout=120.0, follow_redirects=True),
+        http_client=http_client,
         max_retries=0,
         timeout=120.0,
     )
+
+
+def journalling_handler(journal: Journal) -> Any:
+    """The client vkr's provider hands litellm's Anthropic and Gemini routes: litellm's
+    ``AsyncHTTPHandler`` on ``JournallingTransport`` over litellm's own transport."""
+    from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
+
+    from plugins.providers.journal_transport import JournallingTransport
+
+    return AsyncHTTPHandler(timeout=120.0, transport=JournallingTransport(journal))
 
 
 def aiohttp_call(base_url: str, payload: Payload, session: Any) -> OneCall:
@@ -413,30 +465,36 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 async def overhead(
     server: FakeServerProcess,
+    protocol: str,
     payload: Payload,
     calls: int,
     repeats: int,
     concurrency: int,
     scratch: Path,
 ) -> dict[str, Any]:
-    """vkr (cache miss), raw, raw over httpx, then vkr again on the same cache (all hits)."""
-    spec = model_spec(server.base_url, concurrency)
-    httpx_client = httpx_openai_client(server.base_url)
+    """vkr (cache miss), raw, raw with a third client (``third_side``), then vkr again on
+    the same cache (all hits)."""
+    target = route(server, protocol)
+    spec = model_spec(target, concurrency)
+    folder = scratch / f"{protocol}-{payload.name}"
     # Warm-up: first-use imports, connection pools, vkr's frame-image cache.
-    warm = VkrSide(scratch / "warm")
+    warm = VkrSide(folder / "warm")
     await in_flight(concurrency, concurrency, warm.call(spec, payload, -10_000, False))
     await warm.close()
-    await in_flight(concurrency, concurrency, raw_call(server.base_url, payload))
-    await in_flight(concurrency, concurrency, raw_call(server.base_url, payload, httpx_client))
+    await in_flight(concurrency, concurrency, raw_call(target, payload))
+    third, close_third = third_side(target, folder / "third")
+    await in_flight(concurrency, concurrency, third(payload, "warm"))
 
-    timings: dict[str, list[Timing]] = {"vkr": [], "raw": [], "raw_httpx": [], "vkr_hit": []}
+    # The openai side keeps the key its results have always had.
+    third_key = "raw_httpx" if protocol == "openai" else "raw_handler"
+    timings: dict[str, list[Timing]] = {"vkr": [], "raw": [], third_key: [], "vkr_hit": []}
     for repeat in range(repeats):
-        side = VkrSide(scratch / f"{payload.name}-{repeat}")
+        side = VkrSide(folder / str(repeat))
         offset = repeat * calls
         calls_of = {
             "vkr": side.call(spec, payload, offset, expect_hit=False),
-            "raw": raw_call(server.base_url, payload),
-            "raw_httpx": raw_call(server.base_url, payload, httpx_client),
+            "raw": raw_call(target, payload),
+            third_key: third(payload, str(repeat)),
         }
         before = server.completions()
         for name in rotated(list(calls_of), repeat):
@@ -447,9 +505,11 @@ async def overhead(
         timings["vkr_hit"].append(await timed(calls, concurrency, hits))
         assert server.completions() == paid, "a cache hit reached the server"
         await side.close()
-    await httpx_client.close()
+    await close_third()
 
     row: dict[str, Any] = {
+        "protocol": protocol,
+        "third_side": THIRD_SIDE[protocol == "openai"],
         "payload": payload.name,
         "calls": calls,
         "body_bytes": payload.body_bytes,
@@ -462,11 +522,48 @@ async def overhead(
     pairs = list(zip(timings["vkr"], timings["raw"], strict=True))
     row["wall_ratio"] = [v.wall_s / r.wall_s for v, r in pairs]
     row["extra_cpu_ms_per_call"] = [(v.cpu_s - r.cpu_s) / calls * 1000 for v, r in pairs]
-    transport = list(zip(timings["raw_httpx"], timings["raw"], strict=True))
+    row["cpu_ratio"] = [v.cpu_s / r.cpu_s for v, r in pairs]
+    hit_pairs = list(zip(timings["vkr_hit"], timings["raw"], strict=True))
+    row["hit_cpu_ratio"] = [h.cpu_s / r.cpu_s for h, r in hit_pairs]
+    transport = list(zip(timings[third_key], timings["raw"], strict=True))
     row["transport_cpu_ms_per_call"] = [(h.cpu_s - r.cpu_s) / calls * 1000 for h, r in transport]
-    own = list(zip(timings["vkr"], timings["raw_httpx"], strict=True))
+    own = list(zip(timings["vkr"], timings[third_key], strict=True))
     row["own_cpu_ms_per_call"] = [(v.cpu_s - h.cpu_s) / calls * 1000 for v, h in own]
     return row
+
+
+# The third side's label: vkr's journalling handler (anthropic, gemini), or plain httpx (openai).
+THIRD_SIDE = ("raw, vkr's handler", "raw over httpx")
+
+ThirdSide = Callable[[Payload, str], OneCall]
+
+
+def third_side(target: Route, folder: Path) -> tuple[ThirdSide, Callable[[], Awaitable[None]]]:
+    """The third side's calls for a repeat (keys distinct per repeat), and how to close its
+    client: litellm over plain httpx for openai, else over vkr's journalling handler with a
+    journal of its own in ``folder``."""
+    if target.protocol == "openai":
+        client = httpx_openai_client(target.api_base)
+
+        def openai_calls(payload: Payload, repeat: str) -> OneCall:
+            return raw_call(target, payload, client)
+
+        return openai_calls, client.close
+
+    from vkr_core.backends import DiskCallCache
+
+    cache = DiskCallCache.open_dir(folder)
+    handler = journalling_handler(Journal(cache))
+
+    def handler_calls(payload: Payload, repeat: str) -> OneCall:
+        return raw_call(target, payload, handler, call_keys=f"{payload.name}-{repeat}")
+
+    async def close() -> None:
+        await handler.close()
+        cache.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    return handler_calls, close
 
 
 def print_overhead(rows: list[dict[str, Any]]) -> None:
@@ -485,8 +582,18 @@ def print_overhead(rows: list[dict[str, Any]]) -> None:
             f"| {statistics.median(hit_wall):.3f}, "
             f"{statistics.median(row['vkr_hit']['cpu_ms_per_call']):.3f} |"
         )
+    if rows and rows[0].get("protocol", "openai") != "openai":
+        # The default table above stays as it was; other protocols get the CPU ratios too.
+        print("\nCPU per call against raw litellm, median (min–max):\n")
+        print("| payload | vkr miss / raw | vkr hit / raw |")
+        print("|---|---:|---:|")
+        for row in rows:
+            print(
+                f"| {row['payload']} | {fmt(row['cpu_ratio'])} | {fmt(row['hit_cpu_ratio'], 3)} |"
+            )
+    third = rows[0]["third_side"] if rows else THIRD_SIDE[1]
     print("\nwhere vkr's extra CPU goes (ms per call, median (min–max)):\n")
-    print("| payload | raw over httpx − raw (transport) | vkr − raw over httpx (vkr's code) |")
+    print(f"| payload | {third} − raw (transport) | vkr − {third} (vkr's code) |")
     print("|---|---:|---:|")
     for row in rows:
         print(
@@ -509,7 +616,8 @@ async def throughput(
 ) -> dict[str, Any]:
     import aiohttp
 
-    spec = model_spec(server.base_url, concurrency)
+    target = route(server, "openai")
+    spec = model_spec(target, concurrency)
     ideal = concurrency / (latency_ms / 1000)
     timings: dict[str, list[Timing]] = {"vkr": [], "raw": [], "aiohttp": []}
     server.set_policy({"latency_ms": latency_ms})
@@ -519,7 +627,7 @@ async def throughput(
                 side = VkrSide(scratch / f"throughput-{payload.name}-{repeat}")
                 calls_of = {
                     "vkr": side.call(spec, payload, 1_000_000 + repeat * calls, False),
-                    "raw": raw_call(server.base_url, payload),
+                    "raw": raw_call(target, payload),
                     "aiohttp": aiohttp_call(server.base_url, payload, session),
                 }
                 for name in rotated(list(calls_of), repeat):
@@ -571,17 +679,32 @@ async def run_all(args: argparse.Namespace, server: FakeServerProcess, scratch: 
         make_payload("69 frames", frames),
     ]
     results: dict[str, Any] = {"overhead": [], "throughput": []}
+    protocols = args.protocol or ["openai"]
     if not args.only_throughput:
-        for payload in payloads:
-            calls = args.calls_69 if payload.name == "69 frames" else args.calls
-            row = await overhead(server, payload, calls, args.repeats, args.concurrency, scratch)
-            results["overhead"].append(row)
-            print(f"  {payload.name}: done at load average {os.getloadavg()[0]:.1f}", flush=True)
-        print(
-            f"\nper-call overhead: {args.calls} calls per pass ({args.calls_69} with 69 frames), "
-            f"{args.concurrency} in flight, {args.repeats} repeats; median (min–max)\n"
-        )
-        print_overhead(results["overhead"])
+        for protocol in protocols:
+            rows = []
+            for payload in payloads:
+                calls = args.calls_69 if payload.name == "69 frames" else args.calls
+                rows.append(
+                    await overhead(
+                        server, protocol, payload, calls, args.repeats, args.concurrency, scratch
+                    )
+                )
+                done = f"{protocol}, " if protocols != ["openai"] else ""
+                print(
+                    f"  {done}{payload.name}: done at load average {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+            results["overhead"] += rows
+            model = f" on {protocol} ({protocol}/fake-a)" if protocols != ["openai"] else ""
+            print(
+                f"\nper-call overhead{model}: {args.calls} calls per pass ({args.calls_69} with "
+                f"69 frames), {args.concurrency} in flight, {args.repeats} repeats; "
+                "median (min–max)\n"
+            )
+            print_overhead(rows)
+    if "openai" not in protocols:
+        return results
     for payload in payloads[:2]:
         results["throughput"].append(
             await throughput(
@@ -614,6 +737,13 @@ def main() -> None:
     parser.add_argument("--throughput-calls", type=int, default=320)
     parser.add_argument("--throughput-repeats", type=int, default=3)
     parser.add_argument("--only-throughput", action="store_true")
+    parser.add_argument(
+        "--protocol",
+        action="append",
+        choices=PROTOCOLS,
+        help="wire protocol of the per-call comparison, repeatable (default: openai); the "
+        "throughput part runs only with openai",
+    )
     args = parser.parse_args()
 
     load_start = os.getloadavg()[0]
@@ -625,7 +755,10 @@ def main() -> None:
             results = asyncio.run(run_all(args, server, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    write_results(results, "calls.json", args, started, load_start)
+    # The default run keeps its file; other protocols get their own beside it.
+    protocols = args.protocol or ["openai"]
+    name = "calls.json" if protocols == ["openai"] else f"calls-{'-'.join(protocols)}.json"
+    write_results(results, name, args, started, load_start)
 
 
 def write_results(
