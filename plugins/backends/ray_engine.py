@@ -440,7 +440,12 @@ async def _drive(
         slot.dead = False
         slot.in_flight = 0
 
-    await asyncio.gather(*(start(slot) for slot in slots))
+    try:
+        await asyncio.gather(*(start(slot) for slot in slots))
+    except BaseException:
+        for actor in [limits, *(slot.actor for slot in slots if slot.actor is not None)]:
+            ray.kill(actor)
+        raise
 
     queue: deque[Any] = deque(items)
     pending: dict[asyncio.Future[Any], tuple[Any, _Slot, int]] = {}
