@@ -159,6 +159,24 @@ def test_a_run_over_a_pool_of_three_protocols_accounts_each(
         assert stats["spend_usd"] > 0 and stats["prompt_tokens"] > 0, (model, stats)
         assert stats["completion_tokens"] > 0, (model, stats)
 
+    # Qualification pilots go through the same protocols: the run's recorded inputs of a
+    # gate, answered by the Anthropic and the Gemini model.
+    for model, protocol in (("fake-b", "anthropic"), ("fake-c", "gemini")):
+        before = vkr_fake_server.stats()["by_protocol"].get(protocol, 0)
+        out = tmp_path / f"pilot-{model}"
+        piloted = subprocess.run(
+            [VKR, "qualify", "pilot", "--step", "self_consistency", "--model", model]
+            + ["--pool", str(pool), "--n", "3", "--from", str(tmp_path / "run")]
+            + ["--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
+        assert piloted.returncode == 0, piloted.stdout + piloted.stderr
+        items = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
+        assert items and all(item["outcome"] == "ok" for item in items), items
+        # Each item a new request in that protocol, unless the run already asked it.
+        assert vkr_fake_server.stats()["by_protocol"][protocol] > before
+
 
 @pytest.mark.parametrize(
     "model", ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5", "gemini/gemini-2.5-flash"]
