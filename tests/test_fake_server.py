@@ -664,3 +664,27 @@ def test_cli_refuses_non_loopback_hosts() -> None:
     result = CliRunner().invoke(root, ["dev", "fake-server", "--host", "0.0.0.0"])
     assert result.exit_code == 2
     assert "not a loopback address" in result.output
+
+
+# ---------------------------------------------------------------- concurrency seen
+
+
+async def test_the_peak_of_requests_in_flight_is_counted_per_model(server, frames) -> None:
+    """What a concurrency limit's test reads (local or across a Ray cluster): the most
+    requests of one model the server held at once, reset with the stats."""
+    import asyncio
+
+    server.set_policy({"latency_ms": 300})
+    prompt = "Write one question."
+    await asyncio.gather(
+        *(
+            ask(server, "example_generation", user_message(frames, f"{prompt} {i}"), model="peak-a")
+            for i in range(3)
+        ),
+        ask(server, "example_generation", user_message(frames, prompt), model="peak-b"),
+    )
+    await ask(server, "example_generation", user_message(frames, f"{prompt} alone"), model="peak-a")
+    peaks = server.stats()["peak_in_flight"]  # other tests may leave requests hanging
+    assert (peaks["peak-a"], peaks["peak-b"]) == (3, 1)
+    server.reset_stats()
+    assert server.stats()["peak_in_flight"] == {}

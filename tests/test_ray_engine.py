@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,33 +35,10 @@ VIDEOS = 40
 ROUNDS = 6  # 3 skills x 2 rounds
 
 
-class PeakServer(FakeModelServer):
-    """The fake model server, counting each model's completions in flight (and the peak)."""
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._flight_lock = threading.Lock()
-        self.in_flight: Counter[str] = Counter()
-        self.peaks: Counter[str] = Counter()
-
-    async def _handle_completion(self, request: Any) -> Any:
-        try:
-            model = str((await request.json()).get("model"))
-        except Exception:  # the server's own handler answers a bad body
-            model = "?"
-        with self._flight_lock:
-            self.in_flight[model] += 1
-            self.peaks[model] = max(self.peaks[model], self.in_flight[model])
-        try:
-            return await super()._handle_completion(request)
-        finally:
-            with self._flight_lock:
-                self.in_flight[model] -= 1
-
-
 @pytest.fixture(scope="session")
 def ray_cluster() -> Any:
     import ray  # the dev extra installs it: a missing ray fails here, never skips
+
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         yield ray
@@ -72,8 +48,8 @@ def ray_cluster() -> Any:
 
 @pytest.fixture(scope="module")
 def server() -> Any:
-    with PeakServer(seed=0) as peak_server:
-        yield peak_server
+    with FakeModelServer(seed=0) as fake_server:
+        yield fake_server
 
 
 @pytest.fixture(scope="module")
@@ -200,12 +176,11 @@ async def test_max_concurrency_holds_across_the_cluster(
     pool.write_text(yaml.safe_dump(data))
     manifest = write_manifest(tmp_path / "videos", testdata, good=6, bad=False)
     server.set_policy({"latency_ms": 150})
-    server.reset_stats()
-    server.peaks.clear()
+    server.reset_stats()  # and with it each model's peak of requests in flight
     # 2 workers x 4 videos each: without a cluster-wide limit each worker would send 2.
     counters = await run(pm, manifest, pool, tmp_path / "out", "ray", concurrency=8, workers=2)
     assert counters.done == 6
-    peaks = {model.removeprefix("openai/"): n for model, n in server.peaks.items()}
+    peaks = server.stats()["peak_in_flight"]
     assert peaks and max(peaks.values()) == 2, peaks
 
 

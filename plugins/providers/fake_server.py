@@ -518,6 +518,9 @@ class Stats:
     # vkr's cache keys (X-Vkr-Call) of the repeated completions, to tell which were lost
     # on the wire and which had reached vkr.
     repeated_call_keys: list[str] = field(default_factory=list)
+    # The most requests of a model the server held at once (parsed, not yet answered): what a
+    # test of a concurrency limit, local or cluster-wide, reads.
+    peak_in_flight: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -529,6 +532,7 @@ class Stats:
             "by_step": dict(sorted(self.by_step.items())),
             "by_model_step": dict(sorted(self.by_model_step.items())),
             "by_protocol": dict(sorted(self.by_protocol.items())),
+            "peak_in_flight": dict(sorted(self.peak_in_flight.items())),
             "faults": dict(sorted(self.faults.items())),
             "authorization": {
                 "present": self.auth_present,
@@ -572,6 +576,7 @@ class FakeModelServer:
         self._auth_secret = secrets.token_bytes(16)
         self._transport_rng = random.Random(seed)
         self._script_cursors: dict[tuple[str, str], int] = {}
+        self._in_flight: dict[str, int] = {}  # requests of each model being answered now
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -804,6 +809,20 @@ class FakeModelServer:
             chat = protocol.parse(body, request.headers.get(STEP_HEADER), path_model)
         except BadRequest as exc:
             return self._render_fault(protocol, Fault("bad_request", str(exc)), "400")
+        with self._lock:
+            self._in_flight[chat.model] = self._in_flight.get(chat.model, 0) + 1
+            peaks = self._stats.peak_in_flight
+            peaks[chat.model] = max(peaks.get(chat.model, 0), self._in_flight[chat.model])
+        try:
+            return await self._answer(protocol, request, chat)
+        finally:
+            with self._lock:
+                self._in_flight[chat.model] -= 1
+
+    async def _answer(
+        self, protocol: Protocol, request: web.Request, chat: ChatRequest
+    ) -> web.Response:
+        """A parsed request's reply: latency, then a fault or a completion, per the policy."""
         with self._lock:
             self._received.append(chat)
             knobs, script_scope = self._policy.resolve(chat.model, chat.step)
