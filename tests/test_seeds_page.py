@@ -1,0 +1,274 @@
+"""`vkr seeds`: write a seed on a video's frames, a second annotator revises and approves it,
+the exported bank is what `vkr run --seed-bank` shows the generator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from experts.seeds import SeedsServer
+from vkr_core.plugins import get_plugin_manager
+from vkr_core.seeds import read_seeds
+
+CHROMIUM_HELP = (
+    "the seed page is tested in a real browser and none was found: install Debian's "
+    "chromium (apt-get install -y chromium) or set VKR_CHROMIUM to a Chromium executable; "
+    "never `playwright install`"
+)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+TITLE = "<b>Flip</b> & <script>alert(1)</script>"
+QUESTION = "Which way does the pancake turn when it leaves the pan?"
+REVISED = "Which way does the pancake rotate in the air after the flick of the pan?"
+OPTIONS = ["A. It does not turn", "B. Half a turn, browned side up", "C. Two full turns"]
+REASONING = "Step 1: at 00:00 the pancake lies raw side up. Step 2: it lands browned side up."
+
+
+@pytest.fixture
+def manifest(tmp_path: Path, testdata: Path) -> Path:
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(testdata / "flipping_a_pancake.mkv", folder / "pancake.mkv")
+    line = {
+        "video_id": "pancake",
+        "path": "pancake.mkv",
+        "discipline": "cooking",
+        "subject": "egg and batter cookery",
+        "title": TITLE,
+    }
+    (folder / "manifest.jsonl").write_text(json.dumps(line) + "\n")
+    return folder / "manifest.jsonl"
+
+
+def find_chromium() -> str:
+    named = os.environ.get("VKR_CHROMIUM")
+    found = shutil.which(named or "chromium")
+    if found is None:
+        pytest.fail(f"no Chromium ({named or 'chromium'}): {CHROMIUM_HELP}")
+    return found
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's chromium under Playwright; a missing browser fails the test, it never skips."""
+    from playwright.sync_api import sync_playwright
+
+    executable = find_chromium()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def open_page(browser: Any, url: str) -> Any:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("dialog", lambda dialog: errors.append("dialog: " + dialog.message))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready]")
+    page.errors = errors
+    return page
+
+
+def status(page: Any, text: str) -> None:
+    page.wait_for_function(
+        "t => document.getElementById('status').textContent.includes(t)", arg=text, timeout=20000
+    )
+
+
+def versions(seeds_dir: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(seeds_dir / "seeds.sqlite") as db:
+        return db.execute("SELECT annotator, action, question FROM versions ORDER BY id").fetchall()
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url + "api/seeds", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def seed_body(**changes: Any) -> dict[str, Any]:
+    body = {
+        "annotator": "alice",
+        "video_id": "pancake",
+        "skill": "VidR",
+        "question": QUESTION,
+        "options": OPTIONS,
+        "answer": "B",
+        "reasoning": REASONING,
+    }
+    return {**body, **changes}
+
+
+def test_write_resume_revise_approve_in_the_browser(manifest, tmp_path):
+    seeds_dir = tmp_path / "seeds"
+    with (
+        SeedsServer(manifest, seeds_dir, get_plugin_manager(), target=150) as server,
+        chromium() as browser,
+    ):
+        page = open_page(browser, server.url)
+        page.fill("#annotator", "alice")
+        page.press("#annotator", "Tab")
+        # The frames a run samples, with their clock; the title is shown as text, not HTML.
+        page.wait_for_selector("figure img", timeout=60000)
+        clocks = page.locator("figcaption").all_inner_texts()
+        assert clocks[:2] == ["00:00", "00:05"]
+        assert TITLE in page.inner_text("#video-info")
+        page.select_option("#skill", "VidR")
+        page.fill("#question", QUESTION)
+        page.fill("#options", "\n".join(OPTIONS))
+        page.fill("#answer", "B")
+        page.fill("#reasoning", "Step 1: at ")
+        page.locator("figure").nth(1).click()  # cites the frame's time
+        assert page.input_value("#reasoning") == "Step 1: at 00:05"
+        page.type("#reasoning", " the pancake is in the air, browned side up.")
+        page.click("#save")
+        status(page, "saved: seed")
+        assert versions(seeds_dir) == [("alice", "written", QUESTION)]
+
+        # Resume: a reload shows the seed, the annotator is remembered.
+        page.reload()
+        page.wait_for_selector("body[data-ready]")
+        assert page.input_value("#annotator") == "alice"
+        assert QUESTION in page.inner_text("#seeds")
+        assert page.locator("#seeds button.approve").count() == 0  # no self-approval
+
+        # A second annotator revises it (keyboard save); the original stays in the history.
+        page.goto(server.url + "?annotator=bob")
+        page.wait_for_selector("body[data-ready]")
+        page.click("#seeds button.edit")
+        page.wait_for_function("() => document.getElementById('question').value.length > 0")
+        assert page.inner_text("#form-title").startswith("Revise seed")
+        page.fill("#question", REVISED)
+        page.press("#question", "Control+Enter")
+        status(page, "2 versions, pending")
+        assert versions(seeds_dir) == [
+            ("alice", "written", QUESTION),
+            ("bob", "revised", REVISED),
+        ]
+        page.click("#seeds button.approve")
+        status(page, "approved")
+        assert "approved by bob" in page.inner_text("#seeds")
+        row = page.locator("#counts tbody tr").first.locator("td").all_inner_texts()
+        assert row == ["cooking", "VidR", "1", "1", "1", "149"]
+        assert page.errors == []
+
+    out = tmp_path / "bank.jsonl"
+    done = CliRunner().invoke(cli, ["seeds", "export", str(seeds_dir), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    [seed] = read_seeds(out, {"VidR", "KnowVid", "KnowVidR"})
+    assert (seed.question, seed.discipline, seed.answer) == (REVISED, "cooking", "B")
+    assert "00:05" in seed.reasoning
+
+
+def test_bad_seeds_are_refused_with_one_line_in_the_api_and_the_page(manifest, tmp_path):
+    seeds_dir = tmp_path / "seeds"
+    with SeedsServer(manifest, seeds_dir, get_plugin_manager()) as server:
+        code, reply = post(server.url, seed_body(question="  "))
+        assert (code, reply) == (400, {"error": "the question is empty: write one"})
+        code, reply = post(server.url, seed_body(skill="Cooking"))
+        assert code == 400
+        assert reply["error"] == (
+            "skill 'Cooking' is not a registered skill (registered: KnowVid, KnowVidR, VidR)"
+        )
+        code, reply = post(server.url, seed_body(reasoning="it turns over"))
+        assert code == 400 and "cites no timestamp" in reply["error"]
+        code, reply = post(server.url, seed_body(answer="E"))
+        assert code == 400 and "option's letter" in reply["error"]
+        assert not (seeds_dir / "seeds.sqlite").exists() or versions(seeds_dir) == []
+
+        with chromium() as browser:
+            page = open_page(browser, server.url + "?annotator=alice")
+            page.fill("#question", "")
+            page.fill("#options", "\n".join(OPTIONS))
+            page.fill("#answer", "B")
+            page.fill("#reasoning", REASONING)
+            page.click("#save")
+            status(page, "the question is empty: write one")
+            assert page.get_attribute("#status", "class") == "error"
+            assert "\n" not in page.inner_text("#status")
+            assert versions(seeds_dir) == []
+            assert page.errors == []
+
+        # A seed cannot be approved by its own author.
+        code, written = post(server.url, seed_body())
+        assert code == 200 and written["status"] == "pending"
+        code, reply = post(
+            server.url, {"annotator": "alice", "seed_id": written["seed_id"], "approve": True}
+        )
+        assert (code, reply) == (
+            400,
+            {"error": "alice wrote this seed: a second annotator approves it"},
+        )
+
+    done = CliRunner().invoke(
+        cli, ["seeds", "export", str(seeds_dir), "--out", str(tmp_path / "b")]
+    )
+    assert done.exit_code == 1
+    assert done.output.strip() == (
+        f"Error: {seeds_dir} holds no approved seed: a second annotator approves them"
+    )
+
+
+def test_exported_bank_drives_a_run_whose_prompts_show_the_seed(
+    manifest, tmp_path, vkr_pool, vkr_fake_server
+):
+    seeds_dir = tmp_path / "seeds"
+    with SeedsServer(manifest, seeds_dir, get_plugin_manager()) as server:
+        code, written = post(server.url, seed_body())
+        assert code == 200, written
+        code, approved = post(
+            server.url, {"annotator": "bob", "seed_id": written["seed_id"], "approve": True}
+        )
+        assert (code, approved["status"]) == (200, "approved")
+    bank = tmp_path / "bank.jsonl"
+    done = CliRunner().invoke(cli, ["seeds", "export", str(seeds_dir), "--out", str(bank)])
+    assert done.output.strip() == f"wrote 1 approved seed to {bank}"
+
+    ran = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--inputs",
+            str(manifest),
+            "--pool",
+            str(vkr_pool),
+            "--out",
+            str(tmp_path / "run"),
+            "--seed-bank",
+            str(bank),
+            "--skills",
+            "VidR",
+        ],
+    )
+    assert ran.exit_code == 0, ran.output
+    prompts = ["\n".join(r.texts) for r in vkr_fake_server.received("example_generation")]
+    assert prompts and all(QUESTION in p for p in prompts)
+    assert all(REASONING in p for p in prompts)
