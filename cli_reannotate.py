@@ -1,0 +1,74 @@
+"""`vkr reannotate`: experts write new grounded questions on probe-filtered eval videos.
+
+Imported by cli.py at every start: library imports stay inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vkr_core.hookspecs import hookimpl
+
+_DIR = click.Path(file_okay=False, path_type=Path)
+
+
+@click.group()
+def reannotate() -> None:
+    """Re-annotate the evaluation questions `vkr probe` filtered (single-frame-solvable)."""
+
+
+@reannotate.command()
+@click.argument("probe_out", type=_DIR)
+@click.option("--out", "out_dir", required=True, type=_DIR, help="Folder of reannotations.sqlite.")
+@click.option("--port", default=8761, show_default=True, help="Port on 127.0.0.1 (0: any free).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback only.")
+@click.option("--annotator", help="Your name, recorded with every item you write.")
+@click.option(
+    "--frames-dir",
+    type=_DIR,
+    help="The probe's --frames-dir, if it had one [default: PROBE_OUT/frames].",
+)
+def serve(
+    probe_out: Path,
+    out_dir: Path,
+    port: int,
+    host: str,
+    annotator: str | None,
+    frames_dir: Path | None,
+) -> None:
+    """Serve the re-annotation page for PROBE_OUT's filtered questions until Ctrl-C."""
+    from experts.reannotate import ReannotateServer
+
+    server = ReannotateServer(
+        probe_out, out_dir, host=host, port=port, annotator=annotator, frames_dir=frames_dir
+    )
+    click.echo(f"reannotate {probe_out}: open {server.url}")
+    click.echo(f"items are saved to {out_dir} as you write them; press Ctrl-C to stop")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@reannotate.command("export")
+@click.argument("reannotations", type=_DIR)
+@click.option(
+    "--probe", "probe_out", required=True, type=_DIR, help="The `vkr probe` output folder."
+)
+@click.option("--out", "out_dir", required=True, type=_DIR, help="Folder for VideoKR_eval.jsonl.")
+def export_command(reannotations: Path, probe_out: Path, out_dir: Path) -> None:
+    """Merge the probe's kept questions and the new ones into an eval file `vkr probe` reads."""
+    from experts.reannotate import export
+
+    path, kept, new = export(reannotations, probe_out, out_dir)
+    click.echo(f"wrote {path}: {kept} kept + {new} re-annotated questions")
+
+
+@hookimpl
+def vkr_register_commands(cli: Any) -> None:
+    cli.add_command(reannotate)

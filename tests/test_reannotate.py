@@ -1,0 +1,236 @@
+"""`vkr reannotate`: new grounded questions on probe-filtered videos, written in a real
+browser, saved with history, merged with the kept questions into a file `vkr probe` reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from test_qualify import chromium, open_page, saved
+
+from cli import cli
+from corpus.probe import ProbeOptions, load_eval_set, run_probe
+from experts.reannotate import DB_FILE, PROVENANCE_KIND, ReannotateServer, new_item_id
+from plugins.providers.fake_server import make_tag, truth_for_tag
+
+OPTIONS = [
+    "A. The pan is tilted",
+    "B. The batter is poured",
+    "C. The pancake is flipped",
+    "D. The stove is turned off",
+]
+
+
+def _question(number: int, kind: str = "mc") -> dict[str, Any]:
+    tag = make_tag(f"{number:08x}", kind)
+    row: dict[str, Any] = {
+        "id": f"q{number}",
+        "video_path": "pancake.mkv",
+        # Untrusted text: the page must show it, not run it.
+        "question": f"{tag} <img src=x onerror=window.pwned=1> What does the cook do?",
+    }
+    if kind == "mc":
+        row["options"] = OPTIONS
+    row.update(
+        problem_type="multiple-choice" if kind == "mc" else "open-ended",
+        solution=f"<answer>{truth_for_tag(tag)}</answer>",
+        dataset="bench-a",
+        subject="cooking",
+        skill="temporal",
+    )
+    return row
+
+
+@pytest.fixture
+def probed(tmp_path, testdata, vkr_pool, vkr_fake_server, vkr_plugin_manager) -> Path:
+    """A real `vkr probe` output: some questions kept, some filtered, frames in OUT/frames."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(testdata / "flipping_a_pancake.mkv", videos / "pancake.mkv")
+    rows = [_question(n) for n in range(10)] + [_question(99, "oe")]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vkr_fake_server.set_policy({"accuracy": 0.6})
+    run_probe(
+        eval_file, videos, vkr_pool, tmp_path / "probe", ProbeOptions(), pm=vkr_plugin_manager
+    )
+    out = tmp_path / "probe"
+    kept = (out / "kept.jsonl").read_text().splitlines()
+    filtered = (out / "filtered.jsonl").read_text().splitlines()
+    assert kept and len(filtered) >= 2, "the fake's 0.6 accuracy should keep some, filter some"
+    return out
+
+
+def _filtered(probe_out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (probe_out / "filtered.jsonl").read_text().splitlines()]
+
+
+def _history(out: Path, source_id: str) -> list[dict[str, Any]]:
+    with sqlite3.connect(out / DB_FILE) as db:
+        rows = db.execute(
+            "SELECT payload FROM items WHERE source_id = ? ORDER BY id", (source_id,)
+        ).fetchall()
+    return [json.loads(r[0]) for r in rows]
+
+
+def test_page_writes_a_new_item_resumes_and_keeps_history_on_revision(probed, tmp_path):
+    out = tmp_path / "re"
+    first, second = _filtered(probed)[:2]
+    with ReannotateServer(probed, out) as server, chromium() as browser:
+        page = open_page(browser, server.url)
+        page.fill("#annotator", "alice")
+        page.press("#annotator", "Enter")
+        page.wait_for_function(
+            "id => document.getElementById('item-title').textContent.includes(id)", arg=first["id"]
+        )
+        # The filtered question is shown as text, with why it was filtered.
+        assert "<img src=x" in page.inner_text("#orig-question")
+        assert page.evaluate("window.pwned") is None
+        assert "answered from a single frame by" in page.inner_text("#why")
+        clocks = page.locator("#frames figcaption").all_inner_texts()
+        assert clocks[:3] == ["00:00", "00:01", "00:02"]
+
+        page.fill("#question", "What happens after the pancake leaves the pan?")
+        page.fill(
+            "#options", "It lands back in the pan\nIt falls on the floor\nIt sticks to the ceiling"
+        )
+        page.fill("#answer", "A")
+        page.locator("#frames figure").nth(1).click()
+        page.locator("#frames figure").nth(2).click()
+        assert page.inner_text("#grounding") == "00:01, 00:02"
+        page.click("#save")
+        saved(page, "saved")
+        assert _history(out, first["id"])[-1]["grounding"] == [1.0, 2.0]
+
+        # Resume: a reload opens at the first filtered question alice has not written for.
+        page.reload()
+        page.wait_for_selector("body[data-ready]")
+        assert page.input_value("#annotator") == "alice"
+        page.wait_for_function(
+            "id => document.getElementById('item-title').textContent.includes(id)", arg=second["id"]
+        )
+        assert "done" in page.get_attribute(f"nav button[data-item='{first['id']}']", "class")
+
+        # Revise with the keyboard: the old version stays in the history.
+        page.click(f"nav button[data-item='{first['id']}']")
+        assert page.input_value("#question") == "What happens after the pancake leaves the pan?"
+        assert page.input_value("#answer") == "A"
+        page.fill("#answer", "It falls on the floor")  # an option's text is stored as its letter
+        page.keyboard.press("Control+Enter")
+        saved(page, "revised 1×, history kept")
+        versions = _history(out, first["id"])
+        assert [v["answer"] for v in versions] == ["A", "B"]
+
+        # A refused item says why in one line and changes nothing.
+        page.fill("#answer", "E")
+        page.click("#save")
+        saved(page, "not saved: new item for")
+        assert "is not among its options" in page.inner_text("#status")
+        assert len(_history(out, first["id"])) == 2
+        assert page.errors == []
+
+
+def test_export_merges_kept_unchanged_and_new_items_that_probe_reads_again(probed, tmp_path):
+    out = tmp_path / "re"
+    filtered = _filtered(probed)
+    with ReannotateServer(probed, out) as server:
+        app = server.app
+        app.save(
+            {
+                "source_id": filtered[0]["id"],
+                "annotator": "alice",
+                "question": "When does the pancake turn over?",
+                "problem_type": "open-ended",
+                "answer": "after the pan is jerked up",
+                "grounding": [2, 3],
+            }
+        )
+        body = {
+            "source_id": filtered[1]["id"],
+            "annotator": "bob",
+            "question": "Which happens first?",
+            "problem_type": "multiple-choice",
+            "options": ["the flip", "the pour"],
+            "answer": "A",
+            "grounding": [0],
+        }
+        app.save(body)
+        app.save({**body, "answer": "B"})  # a revision keeps the item's id
+
+    result = CliRunner().invoke(
+        cli,
+        ["reannotate", "export", str(out), "--probe", str(probed), "--out", str(tmp_path / "ev")],
+    )
+    assert result.exit_code == 0, result.output
+    kept = (probed / "kept.jsonl").read_text().splitlines()
+    assert f"{len(kept)} kept + 2 re-annotated" in result.output
+    merged = tmp_path / "ev" / "VideoKR_eval.jsonl"
+    lines = merged.read_text().splitlines()
+    # Every retained item unchanged, byte for byte as JSON, in the probe's order.
+    assert [json.loads(line) for line in lines[: len(kept)]] == [json.loads(k) for k in kept]
+
+    items = load_eval_set(merged)  # the reader `vkr probe` uses
+    new = {i.question.id: i for i in items[len(kept) :]}
+    bob = new[new_item_id(filtered[1]["id"], "bob")]
+    assert bob.question.answer == "B" and bob.question.options == ["the flip", "the pour"]
+    assert bob.raw["provenance"]["kind"] == PROVENANCE_KIND
+    assert bob.raw["provenance"]["replaces"] == filtered[1]["id"]
+    assert bob.raw["provenance"]["revisions"] == 1
+    assert bob.raw["grounding_timestamps"] == [0.0]
+    assert bob.raw["video_path"] == "pancake.mkv" and bob.raw["skill"] == "temporal"
+    assert "solved_by" not in bob.raw and "solving_frames" not in bob.raw
+    alice = new[new_item_id(filtered[0]["id"], "alice")]
+    assert alice.question.problem_type == "open-ended" and alice.question.options is None
+
+    # Stable ids: exporting again writes the same file.
+    before = merged.read_text()
+    CliRunner().invoke(
+        cli,
+        ["reannotate", "export", str(out), "--probe", str(probed), "--out", str(tmp_path / "ev")],
+    )
+    assert merged.read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"grounding": []}, "no grounding timestamps (pick the frames that show the answer)"),
+        ({"answer": "D"}, "answer 'D' is not among its options (A, B)"),
+        ({"answer": "the stove"}, "answer 'the stove' is not among its options (A, B)"),
+        ({"grounding": [9999]}, "is past the video's last frame"),
+    ],
+)
+def test_ungrounded_or_off_option_items_are_refused_in_one_line(probed, tmp_path, change, message):
+    out = tmp_path / "re"
+    source = _filtered(probed)[0]
+    body = {
+        "source_id": source["id"],
+        "annotator": "alice",
+        "question": "Which happens first?",
+        "problem_type": "multiple-choice",
+        "options": ["the flip", "the pour"],
+        "answer": "A",
+        "grounding": [1],
+        **change,
+    }
+    with ReannotateServer(probed, out) as server:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            server.url + "api/items",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 400
+        error = json.loads(refused.value.read())["error"]
+    assert message in error and "\n" not in error
+    assert error.startswith(f"new item for {source['id']}:")
+    assert _history(out, source["id"]) == []
