@@ -23,7 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from experts.seeds_page import PAGE
 from qualification.labels import check_annotator, now
-from qualification.review import check_host
+from qualification.review import check_host as _loopback
+from vkr_core.config import RunConfig
 from vkr_core.files import atomic_write
 from vkr_core.manifest import load_manifest
 from vkr_core.plugins import VkrPluginManager
@@ -69,6 +70,17 @@ _CONTENT = (
     "answer",
     "reasoning",
 )
+
+
+def check_host(host: str) -> str:
+    """The host if it is a loopback address; else InputError in the seed page's words."""
+    try:
+        return _loopback(host)
+    except InputError:
+        raise InputError(
+            f"the seed page serves on 127.0.0.1 only, not on {host!r}: seeds and frames stay "
+            "on this machine (use an SSH tunnel to write seeds from elsewhere)"
+        ) from None
 
 
 def _text(body: dict[str, Any], field: str, what: str) -> str:
@@ -360,7 +372,18 @@ class SeedsApp:
         video = self._video(video_id)
         with self._frame_lock:
             if video_id not in self._frames:
-                frames = sample_frames(video.path, self.seeds_dir / "frames" / video_id, pm=self.pm)
+                # A run's default sampling: the seed cites the clocks the generator will see.
+                config = RunConfig()
+                frames = sample_frames(
+                    video.path,
+                    self.seeds_dir / "frames" / video_id,
+                    fps=config.fps,
+                    max_frames=config.max_frames,
+                    max_side=config.max_side,
+                    jpeg_quality=config.jpeg_quality,
+                    timeout=config.decode_timeout,
+                    pm=self.pm,
+                )
                 self._frames[video_id] = {f.sha256: f for f in frames}
         return [
             {"url": f"/frames/{video_id}/{f.sha256}.jpg", "clock": f.clock, "time": f.timestamp}

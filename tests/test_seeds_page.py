@@ -272,3 +272,27 @@ def test_exported_bank_drives_a_run_whose_prompts_show_the_seed(
     prompts = ["\n".join(r.texts) for r in vkr_fake_server.received("example_generation")]
     assert prompts and all(QUESTION in p for p in prompts)
     assert all(REASONING in p for p in prompts)
+
+
+def test_only_loopback_and_only_requests_addressed_to_it(manifest, tmp_path):
+    from vkr_core.schemas import InputError
+
+    with pytest.raises(
+        InputError, match=r"^the seed page serves on 127.0.0.1 only, not on '0.0.0.0'"
+    ):
+        SeedsServer(manifest, tmp_path / "seeds", get_plugin_manager(), host="0.0.0.0")
+    with SeedsServer(manifest, tmp_path / "seeds", get_plugin_manager()) as server:
+        # A DNS-rebinding page reaches the port under its own host name: refused.
+        request = urllib.request.Request(server.url + "api/seeds", headers={"Host": "evil.test"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 403
+        # A cross-site form posts form-encoded, never JSON: refused before it is read.
+        form = urllib.request.Request(
+            server.url + "api/seeds",
+            b"question=x",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(form, timeout=30)
+        assert refused.value.code == 415
