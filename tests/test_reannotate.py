@@ -135,7 +135,9 @@ def test_page_writes_a_new_item_resumes_and_keeps_history_on_revision(probed, tm
         assert page.errors == []
 
 
-def test_export_merges_kept_unchanged_and_new_items_that_probe_reads_again(probed, tmp_path):
+def test_export_merges_kept_unchanged_and_new_items_that_probe_reads_again(
+    probed, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager
+):
     out = tmp_path / "re"
     filtered = _filtered(probed)
     with ReannotateServer(probed, out) as server:
@@ -195,6 +197,32 @@ def test_export_merges_kept_unchanged_and_new_items_that_probe_reads_again(probe
     )
     assert merged.read_text() == before
 
+    # The merged set is probed again as it is, new questions included.
+    vkr_fake_server.set_policy({"accuracy": 0.0})
+    again = run_probe(
+        merged,
+        tmp_path / "videos",
+        vkr_pool,
+        tmp_path / "probe2",
+        ProbeOptions(),
+        pm=vkr_plugin_manager,
+    )
+    assert again.report["counts"]["questions"] == len(kept) + 2
+    reprobed = {json.loads(line)["id"] for line in (tmp_path / "probe2" / "trials.jsonl").open()}
+    assert bob.question.id in reprobed  # an open-ended one waits for a --judge, kept unscored
+    rekept = {json.loads(line)["id"] for line in (tmp_path / "probe2" / "kept.jsonl").open()}
+    assert set(new) <= rekept
+
+    # Not a probe output: one line, nothing written.
+    wrong = CliRunner().invoke(
+        cli, ["reannotate", "export", str(out), "--probe", str(out), "--out", str(tmp_path / "x")]
+    )
+    assert wrong.exit_code == 1
+    assert wrong.output.strip().splitlines() == [
+        f"Error: {out} is not a `vkr probe` output folder (no kept.jsonl)"
+    ]
+    assert not (tmp_path / "x").exists()
+
 
 @pytest.mark.parametrize(
     ("change", "message"),
@@ -231,6 +259,21 @@ def test_ungrounded_or_off_option_items_are_refused_in_one_line(probed, tmp_path
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 400
         error = json.loads(refused.value.read())["error"]
+        # A page of another host (DNS rebinding) is not answered.
+        rebound = urllib.request.Request(server.url + "api/filtered", headers={"Host": "evil.test"})
+        with pytest.raises(urllib.error.HTTPError) as forbidden:
+            urllib.request.urlopen(rebound, timeout=10)
+        assert forbidden.value.code == 403
     assert message in error and "\n" not in error
     assert error.startswith(f"new item for {source['id']}:")
     assert _history(out, source["id"]) == []
+
+
+def test_serve_refuses_a_non_loopback_host_in_one_line(probed, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        ["reannotate", "serve", str(probed), "--out", str(tmp_path / "re"), "--host", "0.0.0.0"],
+    )
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert "serves on 127.0.0.1 only" in result.output
