@@ -76,6 +76,36 @@ def export_command(seeds_dir: Path, out: Path) -> None:
     click.echo(f"wrote {n} approved seed{'' if n == 1 else 's'} to {out}")
 
 
+@seeds.command("tasks")
+@click.argument("seeds_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Label Studio tasks JSON (its labelling config is written beside it).",
+)
+def tasks_command(seeds_dir: Path, out: Path) -> None:
+    """Write SEEDS_DIR's pending seeds as Label Studio tasks for a second annotator."""
+    from experts.seeds_labelstudio import export_tasks
+
+    n = export_tasks(seeds_dir, out)
+    click.echo(f"wrote {n} pending seed{'' if n == 1 else 's'} to {out}")
+    click.echo(f"labelling config: {out.with_suffix('.config.xml')}")
+
+
+@seeds.command("import")
+@click.argument("seeds_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("export", type=click.Path(dir_okay=False, path_type=Path))
+def import_command(seeds_dir: Path, export: Path) -> None:
+    """Apply the approvals and revisions of a Label Studio JSON export (all or nothing)."""
+    from experts.seeds_labelstudio import import_reviews
+    from vkr_core.plugins import get_plugin_manager
+
+    skills = sorted(get_plugin_manager().registry.skills)
+    done = import_reviews(seeds_dir, export, skills)
+    click.echo(f"imported {done['approved']} approvals and {done['revised']} revisions")
+
+
 @hookimpl
 def vkr_register_commands(cli: Any) -> None:
     cli.add_command(seeds)

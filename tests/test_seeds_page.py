@@ -296,3 +296,53 @@ def test_only_loopback_and_only_requests_addressed_to_it(manifest, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(form, timeout=30)
         assert refused.value.code == 415
+
+
+def test_label_studio_round_trip_approves_and_revises_with_history(manifest, tmp_path):
+    seeds_dir = tmp_path / "seeds"
+    with SeedsServer(manifest, seeds_dir, get_plugin_manager()) as server:
+        first = post(server.url, seed_body())[1]
+        second = post(server.url, seed_body(question="What does the cook hold?", answer="A"))[1]
+    tasks_path = tmp_path / "ls" / "tasks.json"
+    tasks_path.parent.mkdir()
+    runner = CliRunner()
+    done = runner.invoke(cli, ["seeds", "tasks", str(seeds_dir), "--out", str(tasks_path)])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "ls" / "tasks.config.xml").read_text().startswith("<View>")
+    tasks = json.loads(tasks_path.read_text())
+    assert [t["data"]["question"] for t in tasks] == [QUESTION, "What does the cook hold?"]
+
+    # What Label Studio's JSON export returns: the tasks with bob's annotations.
+    def annotation(verdict: str, **revised: str) -> dict[str, Any]:
+        result = [{"from_name": "verdict", "type": "choices", "value": {"choices": [verdict]}}]
+        result += [
+            {"from_name": f"revised_{k}", "type": "textarea", "value": {"text": [v]}}
+            for k, v in revised.items()
+        ]
+        return {"completed_by": {"email": "bob@lab.example"}, "result": result}
+
+    tasks[0]["annotations"] = [annotation("approve")]
+    tasks[1]["annotations"] = [annotation("revise", question=REVISED)]
+    exported = tmp_path / "ls" / "export.json"
+
+    # A bad revision refuses the whole file: nothing is imported.
+    bad = json.loads(json.dumps(tasks))
+    bad[1]["annotations"] = [annotation("revise", answer="Z")]
+    exported.write_text(json.dumps(bad))
+    refused = runner.invoke(cli, ["seeds", "import", str(seeds_dir), str(exported)])
+    assert refused.exit_code == 1
+    assert "the answer of a multiple-choice question is an option's letter" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    assert len(versions(seeds_dir)) == 2
+
+    exported.write_text(json.dumps(tasks))
+    done = runner.invoke(cli, ["seeds", "import", str(seeds_dir), str(exported)])
+    assert done.output.strip() == "imported 1 approvals and 1 revisions"
+    assert versions(seeds_dir)[2:] == [
+        ("bob@lab.example", "approved", QUESTION),
+        ("bob@lab.example", "revised", REVISED),
+    ]
+    # The same export again is a conflict: both seeds were saved since.
+    again = runner.invoke(cli, ["seeds", "import", str(seeds_dir), str(exported)])
+    assert again.exit_code == 1 and "was saved again since the export" in again.output
+    assert {first["seed_id"], second["seed_id"]} == {t["data"]["seed_id"] for t in tasks}
