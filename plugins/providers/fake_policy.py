@@ -38,6 +38,13 @@ class Knobs(BaseModel):
 
     accuracy: float = Field(default=0.8, ge=0, le=1, description="share of right answers at gates")
     cot_pass: float = Field(default=0.8, ge=0, le=1, description="share of cot_verification passes")
+    mistake: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of generated examples whose answer is the question's common mistake; "
+        "where set at a gate, its wrong answers are that same mistake (a shared misconception)",
+    )
     relevant: float = Field(
         default=0.8, ge=0, le=1, description="share of items the relevance judges pass"
     )
@@ -82,6 +89,7 @@ class KnobOverrides(BaseModel):
 
     accuracy: float | None = Field(default=None, ge=0, le=1)
     cot_pass: float | None = Field(default=None, ge=0, le=1)
+    mistake: float | None = Field(default=None, ge=0, le=1)
     relevant: float | None = Field(default=None, ge=0, le=1)
     malformed: float | None = Field(default=None, ge=0, le=1)
     refusal: float | None = Field(default=None, ge=0, le=1)

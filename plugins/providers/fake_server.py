@@ -245,6 +245,13 @@ def _reasoning(decider: Decider, clock: str, answer: str, label: str) -> str:
     return "\n".join(f"{i}. {line}" for i, line in enumerate(lines, start=1))
 
 
+def common_mistake(tag: str) -> str:
+    """The wrong answer every model gives to ``tag``'s question when it shares the mistake."""
+    truth = truth_for_tag(tag)
+    wrong = [a for a in ("ABCD" if truth in "ABCD" else OPEN_ENDED_ANSWERS) if a != truth]
+    return wrong[int(hashlib.sha256(tag.encode()).hexdigest()[:8], 16) % len(wrong)]
+
+
 def _wrong_answer(decider: Decider, truth: str) -> str:
     if truth in "ABCD" and len(truth) == 1:
         return decider.pick("wrong", [letter for letter in "ABCD" if letter != truth])
@@ -262,15 +269,22 @@ def _gate_answer(decider: Decider, request: ChatRequest, knobs: Knobs) -> tuple[
     truth = truth_for_tag(tag)
     if decider.uniform("correct") < knobs.accuracy:
         return truth, clock
+    if knobs.mistake > 0:
+        return common_mistake(tag), clock
     return _wrong_answer(decider, truth), clock
 
 
-def generate_example(decider: Decider, request: ChatRequest) -> dict[str, Any]:
-    """A GeneratedExample whose question carries its ground-truth tag."""
+def generate_example(
+    decider: Decider, request: ChatRequest, knobs: Knobs | None = None
+) -> dict[str, Any]:
+    """A GeneratedExample whose question carries its ground-truth tag (and whose answer is
+    the tag's common mistake with probability ``mistake``)."""
     hex8 = decider.digest("tag")[:8]
     kind = "oe" if int(hex8, 16) % 3 == 0 else "mc"
     tag = make_tag(hex8, kind)
     truth = truth_for_tag(tag)
+    if knobs is not None and decider.uniform("mistake") < knobs.mistake:
+        truth = common_mistake(tag)
     clocks = _clocks(request.texts)
     clock = decider.pick("clock", clocks) if clocks else "00:00"
     question = f"{tag} {decider.pick('template', _QUESTION_TEMPLATES).format(clock=clock)}"
@@ -376,7 +390,7 @@ def reply_content(decider: Decider, request: ChatRequest, knobs: Knobs) -> dict[
     if step in KNOWLEDGE_STEPS:
         return KNOWLEDGE_STEPS[step](decider, request)
     if step == "example_generation":
-        return generate_example(decider, request)
+        return generate_example(decider, request, knobs)
     if step == "judge_equivalence":
         return judge_equivalence(decider, request, knobs)
     if step == "cot_verification":
