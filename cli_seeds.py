@@ -84,11 +84,17 @@ def export_command(seeds_dir: Path, out: Path) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Label Studio tasks JSON (its labelling config is written beside it).",
 )
-def tasks_command(seeds_dir: Path, out: Path) -> None:
+@click.option(
+    "--frame-url-prefix",
+    default="",
+    help="Put before each frame's SEEDS_DIR-relative path, e.g. Label Studio's "
+    "'/data/local-files/?d=seeds/'.",
+)
+def tasks_command(seeds_dir: Path, out: Path, frame_url_prefix: str) -> None:
     """Write SEEDS_DIR's pending seeds as Label Studio tasks for a second annotator."""
     from experts.seeds_labelstudio import export_tasks
 
-    n = export_tasks(seeds_dir, out)
+    n = export_tasks(seeds_dir, out, frame_url_prefix)
     click.echo(f"wrote {n} pending seed{'' if n == 1 else 's'} to {out}")
     click.echo(f"labelling config: {out.with_suffix('.config.xml')}")
 

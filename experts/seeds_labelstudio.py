@@ -21,6 +21,7 @@ from vkr_core.schemas import InputError
 REVISABLE = ("question", "options", "answer", "reasoning")
 CONFIG = """<View>
   <Header value="$skill · $discipline · video $video_id"/>
+  <Image name="frames" valueList="$frames"/>
   <Header value="Question"/>
   <Text name="question" value="$question"/>
   <Header value="Options (empty: open question)"/>
@@ -42,8 +43,19 @@ CONFIG = """<View>
 """
 
 
-def export_tasks(seeds_dir: str | Path, out: str | Path) -> int:
-    """Write the pending seeds as Label Studio tasks (and the config beside them)."""
+def _frames(seeds_dir: Path, video_id: str, prefix: str) -> list[str]:
+    # The frames the page sampled (their names carry index and time): the reviewer checks
+    # the reasoning's timestamps against the same pictures the author saw.
+    folder = seeds_dir / "frames" / video_id
+    return [prefix + f"frames/{video_id}/{p.name}" for p in sorted(folder.glob("frame_*.jpg"))]
+
+
+def export_tasks(seeds_dir: str | Path, out: str | Path, frame_url_prefix: str = "") -> int:
+    """Write the pending seeds as Label Studio tasks (and the config beside them).
+
+    :param frame_url_prefix: put before each frame's SEEDS_DIR-relative path, e.g. Label
+        Studio's ``/data/local-files/?d=seeds/``.
+    """
     store = _open(seeds_dir)
     try:
         pending = [s for s in store.seeds() if s["status"] == "pending"]
@@ -63,6 +75,7 @@ def export_tasks(seeds_dir: str | Path, out: str | Path) -> int:
                 "options": "\n".join(seed["options"] or []),
                 "answer": seed["answer"],
                 "reasoning": seed["reasoning"],
+                "frames": _frames(Path(seeds_dir), seed["video_id"], frame_url_prefix),
             },
         }
         for n, seed in enumerate(pending, start=1)

@@ -303,14 +303,27 @@ def test_label_studio_round_trip_approves_and_revises_with_history(manifest, tmp
     with SeedsServer(manifest, seeds_dir, get_plugin_manager()) as server:
         first = post(server.url, seed_body())[1]
         second = post(server.url, seed_body(question="What does the cook hold?", answer="A"))[1]
+        with urllib.request.urlopen(server.url + "api/frames?video=pancake", timeout=60) as r:
+            clocks = [f["clock"] for f in json.loads(r.read())["frames"]]
     tasks_path = tmp_path / "ls" / "tasks.json"
     tasks_path.parent.mkdir()
     runner = CliRunner()
-    done = runner.invoke(cli, ["seeds", "tasks", str(seeds_dir), "--out", str(tasks_path)])
+    prefix = "/data/local-files/?d=seeds/"
+    done = runner.invoke(
+        cli,
+        ["seeds", "tasks", str(seeds_dir), "--out", str(tasks_path), "--frame-url-prefix", prefix],
+    )
     assert done.exit_code == 0, done.output
-    assert (tmp_path / "ls" / "tasks.config.xml").read_text().startswith("<View>")
+    assert '<Image name="frames" valueList="$frames"/>' in (
+        (tmp_path / "ls" / "tasks.config.xml").read_text()
+    )
     tasks = json.loads(tasks_path.read_text())
     assert [t["data"]["question"] for t in tasks] == [QUESTION, "What does the cook hold?"]
+    frames = tasks[0]["data"]["frames"]
+    assert len(frames) == len(clocks) and frames[1].startswith(
+        prefix + "frames/pancake/frame_0001_"
+    )
+    assert (seeds_dir / frames[1].removeprefix(prefix)).is_file()
 
     # What Label Studio's JSON export returns: the tasks with bob's annotations.
     def annotation(verdict: str, **revised: str) -> dict[str, Any]:
