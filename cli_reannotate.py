@@ -29,7 +29,8 @@ def reannotate() -> None:
 @click.option(
     "--frames-dir",
     type=_DIR,
-    help="The probe's --frames-dir, if it had one [default: PROBE_OUT/frames].",
+    help="Where the probe's frames are [default: the probe's --frames-dir as PROBE_OUT "
+    "recorded it, else PROBE_OUT/frames].",
 )
 def serve(
     probe_out: Path,

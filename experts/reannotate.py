@@ -33,6 +33,7 @@ from qualification.review import check_host
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write, read_jsonl
 from vkr_core.schemas import OPTION_LETTERS, EvalQuestion, InputError, VkrError
+from vkr_core.store import RunLayout
 
 DB_FILE = "reannotations.sqlite"
 # What a new item's provenance says it is; the export's readers can select on it.
@@ -44,7 +45,8 @@ _PROBE_FIELDS = {"solved_by", "solving_frames", "unprobed_reason"}
 _QUESTION_FIELDS = {"id", "question", "options", "problem_type", "solution"}
 MAX_BODY = 64 * 1024
 MAX_TEXT = 4000
-_FRAME_URL = re.compile(r"^/frames/([0-9a-f]{64})\.jpg$")
+# One frame image by a hash the page was given: the URL never names a path.
+_FRAME_URL = re.compile(r"^/frame/([0-9a-f]{64})\.jpg$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -83,7 +85,7 @@ def load_filtered(
     out = Path(probe_out)
     if not (out / "filtered.jsonl").is_file():
         raise InputError(f"{out} is not a `vkr probe` output folder (no filtered.jsonl)")
-    root = Path(frames_dir) if frames_dir else out / "frames"
+    root = Path(frames_dir) if frames_dir else _probe_frames(out)
     items = []
     for _, row in read_jsonl(out / "filtered.jsonl"):
         if "id" not in row or "video_path" not in row:
@@ -91,6 +93,15 @@ def load_filtered(
         folder = root / video_key(str(row["video_path"]))
         items.append(FilteredVideo(row, _frames(folder)))
     return items
+
+
+def _probe_frames(out: Path) -> Path:
+    """Where the probe put its frames: its --frames-dir as its config recorded it, else the
+    run directory's own frames folder."""
+    layout = RunLayout(out)
+    config = (layout.read_config() or {}).get("config")
+    recorded = config.get("frames_dir") if isinstance(config, dict) else None
+    return Path(recorded) if isinstance(recorded, str) and recorded else layout.frames_root
 
 
 def _frames(folder: Path) -> list[tuple[float, Path]]:
@@ -305,7 +316,7 @@ def export(
     if not (probe / "kept.jsonl").is_file():
         raise InputError(f"{probe} is not a `vkr probe` output folder (no kept.jsonl)")
     kept = [row for _, row in read_jsonl(probe / "kept.jsonl")]
-    sources = {s.source_id: s for s in load_filtered(probe, frames_dir=probe / "frames")}
+    sources = {s.source_id: s for s in load_filtered(probe)}
     store = ReannotationStore(db)
     try:
         current = store.current()
@@ -357,7 +368,7 @@ class ReannotateApp:
             for timestamp, path in s.frames:
                 sha = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
                 self.frames[sha] = path
-                views.append({"url": f"/frames/{sha}.jpg", "t": timestamp})
+                views.append({"url": f"/frame/{sha}.jpg", "t": timestamp})
             items.append({"source": {k: v for k, v in s.row.items()}, "frames": views})
         self.items_json = json.dumps(
             {"default_annotator": default_annotator, "items": items}

@@ -48,7 +48,8 @@ def _question(number: int, kind: str = "mc") -> dict[str, Any]:
 
 @pytest.fixture
 def probed(tmp_path, testdata, vkr_pool, vkr_fake_server, vkr_plugin_manager) -> Path:
-    """A real `vkr probe` output: some questions kept, some filtered, frames in OUT/frames."""
+    """A real `vkr probe` output: some questions kept, some filtered; its frames in a
+    --frames-dir of their own, which the page finds through the probe's config."""
     videos = tmp_path / "videos"
     videos.mkdir()
     shutil.copy(testdata / "flipping_a_pancake.mkv", videos / "pancake.mkv")
@@ -57,7 +58,12 @@ def probed(tmp_path, testdata, vkr_pool, vkr_fake_server, vkr_plugin_manager) ->
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     vkr_fake_server.set_policy({"accuracy": 0.6})
     run_probe(
-        eval_file, videos, vkr_pool, tmp_path / "probe", ProbeOptions(), pm=vkr_plugin_manager
+        eval_file,
+        videos,
+        vkr_pool,
+        tmp_path / "probe",
+        ProbeOptions(frames_dir=tmp_path / "shared-frames"),
+        pm=vkr_plugin_manager,
     )
     out = tmp_path / "probe"
     kept = (out / "kept.jsonl").read_text().splitlines()
