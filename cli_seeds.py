@@ -76,13 +76,17 @@ def export_command(seeds_dir: Path, out: Path) -> None:
     click.echo(f"wrote {n} approved seed{'' if n == 1 else 's'} to {out}")
 
 
+_FORMAT = click.Choice(["labelstudio", "argilla"])
+
+
 @seeds.command("tasks")
 @click.argument("seeds_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", default="labelstudio", show_default=True, type=_FORMAT)
 @click.option(
     "--out",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Label Studio tasks JSON (its labelling config is written beside it).",
+    type=click.Path(path_type=Path),
+    help="Label Studio: tasks JSON (config XML beside it). Argilla: an empty folder.",
 )
 @click.option(
     "--frame-url-prefix",
@@ -90,25 +94,28 @@ def export_command(seeds_dir: Path, out: Path) -> None:
     help="Put before each frame's SEEDS_DIR-relative path, e.g. Label Studio's "
     "'/data/local-files/?d=seeds/'.",
 )
-def tasks_command(seeds_dir: Path, out: Path, frame_url_prefix: str) -> None:
-    """Write SEEDS_DIR's pending seeds as Label Studio tasks for a second annotator."""
-    from experts.seeds_labelstudio import export_tasks
+def tasks_command(seeds_dir: Path, fmt: str, out: Path, frame_url_prefix: str) -> None:
+    """Write SEEDS_DIR's pending seeds for a second annotator in Label Studio or Argilla."""
+    from experts.seeds_interchange import export_tasks
 
-    n = export_tasks(seeds_dir, out, frame_url_prefix)
+    n = export_tasks(seeds_dir, out, frame_url_prefix, fmt)
     click.echo(f"wrote {n} pending seed{'' if n == 1 else 's'} to {out}")
-    click.echo(f"labelling config: {out.with_suffix('.config.xml')}")
+    if fmt == "labelstudio":
+        click.echo(f"labelling config: {out.with_suffix('.config.xml')}")
 
 
 @seeds.command("import")
 @click.argument("seeds_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("export", type=click.Path(dir_okay=False, path_type=Path))
-def import_command(seeds_dir: Path, export: Path) -> None:
-    """Apply the approvals and revisions of a Label Studio JSON export (all or nothing)."""
-    from experts.seeds_labelstudio import import_reviews
+@click.argument("export", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="labelstudio", show_default=True, type=_FORMAT)
+def import_command(seeds_dir: Path, export: Path, fmt: str) -> None:
+    """Apply the approvals and revisions of a Label Studio JSON export or an Argilla
+    dataset folder (all or nothing)."""
+    from experts.seeds_interchange import import_reviews
     from vkr_core.plugins import get_plugin_manager
 
     skills = sorted(get_plugin_manager().registry.skills)
-    done = import_reviews(seeds_dir, export, skills)
+    done = import_reviews(seeds_dir, export, skills, fmt)
     click.echo(f"imported {done['approved']} approvals and {done['revised']} revisions")
 
 

@@ -359,3 +359,36 @@ def test_label_studio_round_trip_approves_and_revises_with_history(manifest, tmp
     again = runner.invoke(cli, ["seeds", "import", str(seeds_dir), str(exported)])
     assert again.exit_code == 1 and "was saved again since the export" in again.output
     assert {first["seed_id"], second["seed_id"]} == {t["data"]["seed_id"] for t in tasks}
+
+
+def test_argilla_round_trip_approves_and_revises(manifest, tmp_path):
+    seeds_dir = tmp_path / "seeds"
+    with SeedsServer(manifest, seeds_dir, get_plugin_manager()) as server:
+        post(server.url, seed_body())
+        post(server.url, seed_body(question="What does the cook hold?", answer="A"))
+    out = tmp_path / "argilla"
+    runner = CliRunner()
+    done = runner.invoke(
+        cli, ["seeds", "tasks", str(seeds_dir), "--format", "argilla", "--out", str(out)]
+    )
+    assert done.exit_code == 0, done.output
+    settings = json.loads((out / ".argilla" / "settings.json").read_text())
+    assert [q["name"] for q in settings["questions"]][0] == "verdict"
+    records = json.loads((out / "records.json").read_text())
+    assert [r["fields"]["question"] for r in records] == [QUESTION, "What does the cook hold?"]
+    # What rg.Dataset.to_disk writes back after carol's review in Argilla.
+    records[0]["responses"] = {"verdict": [{"value": "approve", "user_id": "carol"}]}
+    records[1]["responses"] = {
+        "verdict": [{"value": "revise", "user_id": "carol"}],
+        "revised_options": [{"value": "A. A spatula\nB. A whisk", "user_id": "carol"}],
+        "revised_answer": [{"value": "B", "user_id": "carol"}],
+    }
+    (out / "records.json").write_text(json.dumps(records))
+    done = runner.invoke(cli, ["seeds", "import", str(seeds_dir), str(out), "--format", "argilla"])
+    assert done.output.strip() == "imported 1 approvals and 1 revisions"
+    assert [v[:2] for v in versions(seeds_dir)[2:]] == [("carol", "approved"), ("carol", "revised")]
+    with sqlite3.connect(seeds_dir / "seeds.sqlite") as db:
+        options, answer = db.execute(
+            "SELECT options, answer FROM versions ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+    assert (json.loads(options), answer) == (["A. A spatula", "B. A whisk"], "B")
