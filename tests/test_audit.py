@@ -221,6 +221,15 @@ def test_page_labels_by_click_and_key_resumes_after_reload_and_keeps_history(
     audit = tmp_path / "a"
     vkr("audit", str(run_dir), "--n", "8", "--out", str(audit))
     _, items = load_audit(audit)
+    # Model output is untrusted: markup in a question or trace is shown as text, never run.
+    hostile = '<img src=x onerror="document.body.dataset.pwned=1"><b>bold</b>'
+    lines = (audit / "sample.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["example"]["question"] += hostile
+    first["example"]["think"] = first["example"]["think"].replace("</think>", hostile + "</think>")
+    lines[0] = json.dumps(first)
+    (audit / "sample.jsonl").write_text("\n".join(lines) + "\n")
+    _, items = load_audit(audit)
     with AuditServer(audit) as server, chromium() as browser:
         page = browser.new_page()
         errors: list[str] = []
@@ -237,6 +246,9 @@ def test_page_labels_by_click_and_key_resumes_after_reload_and_keeps_history(
         assert clocks == [f.clock for f in items[0].frames]
         assert page.inner_text("#question") == items[0].example.question
         assert "Therefore the answer is" in page.inner_text("#trace")
+        assert page.inner_text("#trace").endswith(hostile)
+        assert page.locator("#item b, #item img[src=x]").count() == 0
+        assert page.evaluate("document.body.dataset.pwned") is None
 
         page.click("#label-ok")  # a click
         saved(page, "saved: ok")
