@@ -113,12 +113,32 @@ function cite(clock) {
   const box = $("reasoning"), at = box.selectionStart ?? box.value.length;
   box.value = box.value.slice(0, at) + clock + box.value.slice(at);
   box.focus();
+  keepDraft();
+}
+
+// The form as typed, per annotator: a reload or a closed tab resumes mid-sentence.
+const FIELDS = ["skill", "question", "options", "answer", "reasoning"];
+function draftKey() { return "vkr-seeds-draft:" + annotator(); }
+function keepDraft() {
+  if (!annotator()) return;
+  const draft = {editing, video: $("video").value};
+  for (const id of FIELDS) draft[id] = $(id).value;
+  localStorage.setItem(draftKey(), JSON.stringify(draft));
+}
+function restoreDraft() {
+  const draft = JSON.parse(localStorage.getItem(draftKey()) || "null");
+  if (!draft) return;
+  editing = draft.editing;
+  if (config.videos.some(v => v.video_id === draft.video)) $("video").value = draft.video;
+  for (const id of FIELDS) if (typeof draft[id] === "string") $(id).value = draft[id];
+  $("form-title").textContent = editing ? "Seed " + editing.slice(0, 8) : "New seed";
 }
 
 function clearForm() {
   editing = null;
   $("form-title").textContent = "New seed";
   for (const id of ["question", "options", "answer", "reasoning"]) $(id).value = "";
+  keepDraft();
 }
 
 function load(seed) {
@@ -130,6 +150,7 @@ function load(seed) {
   $("options").value = (seed.options || []).join("\n");
   $("answer").value = seed.answer;
   $("reasoning").value = seed.reasoning;
+  keepDraft();
   showVideo();
 }
 
@@ -142,6 +163,7 @@ async function save() {
   try {
     const seed = await api("/api/seeds", body);
     editing = seed.seed_id;
+    keepDraft();
     status(`saved: seed ${seed.seed_id.slice(0, 8)} (${seed.history.length} version${seed.history.length > 1 ? "s" : ""}, ${seed.status})`);
     await refresh();
   } catch (err) { status(err.message, true); }
@@ -199,13 +221,20 @@ async function start() {
   $("annotator").value = query || localStorage.getItem("vkr-seeds-annotator") || config.default_annotator || "";
   const last = localStorage.getItem("vkr-seeds-video");
   if (last && config.videos.some(v => v.video_id === last)) $("video").value = last;
-  $("annotator").onchange = () => { localStorage.setItem("vkr-seeds-annotator", annotator()); refresh(); };
-  $("video").onchange = showVideo;
+  $("annotator").onchange = () => {
+    localStorage.setItem("vkr-seeds-annotator", annotator());
+    restoreDraft();
+    refresh();
+    showVideo();
+  };
+  $("form").addEventListener("input", keepDraft);
+  $("video").onchange = () => { keepDraft(); showVideo(); };
   $("save").onclick = save;
   $("new").onclick = () => { clearForm(); status(""); };
   document.addEventListener("keydown", e => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); save(); }
   });
+  restoreDraft();
   await refresh();
   await showVideo();
   document.body.dataset.ready = "1";

@@ -159,6 +159,12 @@ def test_write_resume_revise_approve_in_the_browser(manifest, tmp_path):
         assert page.input_value("#annotator") == "alice"
         assert QUESTION in page.inner_text("#seeds")
         assert page.locator("#seeds button.approve").count() == 0  # no self-approval
+        # A seed half written when the tab closed is still in the form.
+        page.click("#new")
+        page.fill("#question", "Half a question")
+        page.reload()
+        page.wait_for_selector("body[data-ready]")
+        assert page.input_value("#question") == "Half a question"
 
         # A second annotator revises it (keyboard save); the original stays in the history.
         page.goto(server.url + "?annotator=bob")
