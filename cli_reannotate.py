@@ -70,6 +70,52 @@ def export_command(reannotations: Path, probe_out: Path, out_dir: Path) -> None:
     click.echo(f"wrote {path}: {kept} kept + {new} re-annotated questions")
 
 
+@reannotate.command()
+@click.argument("probe_out", type=_DIR)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Label Studio tasks JSON file (its labelling config is written beside it, .xml).",
+)
+@click.option(
+    "--frame-url-prefix",
+    default="",
+    help="Put before each frame's path under the probe's frames folder, e.g. Label Studio's "
+    "'/data/local-files/?d=frames/'.",
+)
+@click.option("--frames-dir", type=_DIR, help="Where the probe's frames are (as for serve).")
+def tasks(probe_out: Path, out: Path, frame_url_prefix: str, frames_dir: Path | None) -> None:
+    """Write PROBE_OUT's filtered questions as Label Studio tasks to re-annotate there."""
+    from experts.reannotate_labelstudio import write_tasks
+
+    path, config = write_tasks(probe_out, out, frame_url_prefix, frames_dir)
+    click.echo(f"wrote {path} and its labelling config {config}")
+
+
+@reannotate.command("import")
+@click.argument("reannotations", type=_DIR)
+@click.option(
+    "--probe", "probe_out", required=True, type=_DIR, help="The `vkr probe` output folder."
+)
+@click.option(
+    "--labelstudio",
+    "export_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Label Studio's JSON export of the tasks `vkr reannotate tasks` wrote.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace different items (history is kept).")
+def import_command(
+    reannotations: Path, probe_out: Path, export_file: Path, overwrite: bool
+) -> None:
+    """Read items written in Label Studio into REANNOTATIONS, checked as the page checks them."""
+    from experts.reannotate_labelstudio import import_labelstudio
+
+    done = import_labelstudio(reannotations, probe_out, export_file, overwrite)
+    click.echo(f"imported: {done.created} new, {done.changed} changed, {done.unchanged} unchanged")
+
+
 @hookimpl
 def vkr_register_commands(cli: Any) -> None:
     cli.add_command(reannotate)

@@ -283,3 +283,114 @@ def test_serve_refuses_a_non_loopback_host_in_one_line(probed, tmp_path):
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1
     assert "serves on 127.0.0.1 only" in result.output
+
+
+def _ls_annotation(user: Any, **fields: str) -> dict[str, Any]:
+    result = []
+    for name, text in fields.items():
+        if name == "problem_type":
+            result.append(
+                {
+                    "from_name": name,
+                    "to_name": "original",
+                    "type": "choices",
+                    "value": {"choices": [text]},
+                }
+            )
+        else:
+            result.append(
+                {
+                    "from_name": name,
+                    "to_name": "original",
+                    "type": "textarea",
+                    "value": {"text": [text]},
+                }
+            )
+    return {"completed_by": user, "result": result, "was_cancelled": False}
+
+
+def test_label_studio_round_trip_lands_in_the_store_and_the_export(probed, tmp_path):
+    out = tmp_path / "re"
+    tasks_file = tmp_path / "ls" / "tasks.json"
+    run = CliRunner().invoke(
+        cli,
+        [
+            "reannotate",
+            "tasks",
+            str(probed),
+            "--out",
+            str(tasks_file),
+            "--frame-url-prefix",
+            "/data/?d=",
+        ],
+    )
+    assert run.exit_code == 0, run.output
+    tasks = json.loads(tasks_file.read_text())
+    filtered = _filtered(probed)
+    assert [t["data"]["source_id"] for t in tasks] == [f["id"] for f in filtered]
+    first = tasks[0]["data"]
+    assert first["frames"][0].startswith("/data/?d=pancake.mkv-") and first["frames"][0].endswith(
+        ".jpg"
+    )
+    assert first["frame_times"].startswith("0s, 1s, 2s")
+    assert (
+        '<Image name="frames" valueList="$frames"/>' in tasks_file.with_suffix(".xml").read_text()
+    )
+
+    # What Label Studio's JSON export gives back: the tasks with the experts' annotations.
+    tasks[0]["annotations"] = [
+        _ls_annotation(
+            {"id": 3, "email": "carol@example.org"},
+            question="Which comes first?",
+            problem_type="multiple-choice",
+            options="the flip\nthe pour",
+            answer="B",
+            grounding="0, 1.0s",
+        )
+    ]
+    export_file = tmp_path / "ls" / "export.json"
+    export_file.write_text(json.dumps(tasks))
+    args = [
+        "reannotate",
+        "import",
+        str(out),
+        "--probe",
+        str(probed),
+        "--labelstudio",
+        str(export_file),
+    ]
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 0, run.output
+    assert "imported: 1 new, 0 changed, 0 unchanged" in run.output
+    assert CliRunner().invoke(cli, args).output.strip() == "imported: 0 new, 0 changed, 1 unchanged"
+
+    # A changed item is a conflict unless --overwrite; then the old one stays in the history.
+    tasks[0]["annotations"][0]["result"][3]["value"]["text"] = ["A"]
+    export_file.write_text(json.dumps(tasks))
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 1
+    assert "carol@example.org already wrote a different item" in run.output
+    assert len(run.output.strip().splitlines()) == 1
+    assert [v["answer"] for v in _history(out, filtered[0]["id"])] == ["B"]
+    assert CliRunner().invoke(cli, [*args, "--overwrite"]).exit_code == 0
+    assert [v["answer"] for v in _history(out, filtered[0]["id"])] == ["B", "A"]
+
+    # An ungrounded item from the tool is refused like one from the page, and nothing lands.
+    tasks[1]["annotations"] = [
+        _ls_annotation(7, question="Why?", problem_type="open-ended", answer="heat", grounding="")
+    ]
+    export_file.write_text(json.dumps(tasks))
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 1 and "no grounding timestamps" in run.output
+    assert "labelstudio-user-7" in run.output
+    assert _history(out, filtered[1]["id"]) == []
+
+    run = CliRunner().invoke(
+        cli,
+        ["reannotate", "export", str(out), "--probe", str(probed), "--out", str(tmp_path / "ev")],
+    )
+    assert "+ 1 re-annotated" in run.output
+    items = load_eval_set(tmp_path / "ev" / "VideoKR_eval.jsonl")
+    carol = items[-1].raw
+    assert carol["provenance"]["annotator"] == "carol@example.org"
+    assert carol["grounding_timestamps"] == [0.0, 1.0] and carol["solution"] == "<answer>A</answer>"
