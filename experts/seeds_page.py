@@ -30,7 +30,7 @@ PAGE = r"""<!doctype html>
   li { margin-bottom: .6rem; }
   li .q { white-space: pre-wrap; word-break: break-word; }
   .pending { color: #b54708; } .approved { color: #1a7f37; }
-  table { border-collapse: collapse; } td, th { border: 1px solid var(--line); padding: .2rem .4rem; }
+  table { border-collapse: collapse; font-size: 12px; width: 100%; } td, th { border: 1px solid var(--line); padding: .2rem .4rem; }
   .muted { color: #667085; }
 </style>
 </head>
