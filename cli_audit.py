@@ -95,6 +95,48 @@ def drop(audit_dir: Path, split_dir: Path) -> None:
     )
 
 
+@audit.command("export")
+@click.argument("audit_dir", type=_DIR)
+@click.option(
+    "--format", "fmt", required=True, type=click.Choice(["labelstudio"]), help="Labelling tool."
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Tasks JSON (the config goes beside it).",
+)
+@click.option(
+    "--frame-url-prefix",
+    default="",
+    help="Put before each frame's path, e.g. /data/local-files/?d= for Label Studio.",
+)
+def export_command(audit_dir: Path, fmt: str, out: Path, frame_url_prefix: str) -> None:
+    """Write AUDIT_DIR's sampled examples as Label Studio tasks and labelling config."""
+    from experts.audit_labelstudio import export_labelstudio
+
+    for path in export_labelstudio(audit_dir, out, frame_url_prefix):
+        click.echo(f"wrote {path}")
+
+
+@audit.command("import")
+@click.argument("audit_dir", type=_DIR)
+@click.argument("labels", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--format", "fmt", required=True, type=click.Choice(["labelstudio"]), help="Labelling tool."
+)
+@click.option("--overwrite", is_flag=True, help="Replace differing stored labels (history kept).")
+def import_command(audit_dir: Path, labels: Path, fmt: str, overwrite: bool) -> None:
+    """Store the labels of a Label Studio JSON export in AUDIT_DIR; all or nothing."""
+    from experts.audit_labelstudio import import_labelstudio
+
+    report = import_labelstudio(audit_dir, labels, overwrite=overwrite)
+    click.echo(
+        f"imported labels of {', '.join(report.annotators) or 'nobody'}: {report.created} new, "
+        f"{report.changed} changed, {report.unchanged} unchanged"
+    )
+
+
 @hookimpl
 def vkr_register_commands(cli: Any) -> None:
     cli.add_command(audit)

@@ -186,6 +186,99 @@ def test_a_missing_source_is_one_line(tmp_path: Path) -> None:
     assert "is not a folder" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_label_studio_round_trip_stores_labels_and_refuses_silent_overwrites(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    audit = tmp_path / "a"
+    vkr("audit", str(run_dir), "--n", "4", "--out", str(audit))
+    _, items = load_audit(audit)
+    result = vkr(
+        "audit", "export", str(audit), "--format", "labelstudio", "--out", str(tmp_path / "t.json")
+    )
+    assert "t.config.xml" in result.stdout
+    config = (tmp_path / "t.config.xml").read_text()
+    assert '<Choice value="trace error that changes the answer"/>' in config
+    tasks = json.loads((tmp_path / "t.json").read_text())
+    assert [t["data"]["item_id"] for t in tasks] == [i.item_id for i in items]
+    assert tasks[0]["data"]["frame_times"] == [f.clock for f in items[0].frames]
+    assert tasks[0]["data"]["question"].startswith(items[0].example.question)
+
+    def annotate(choice: str, note: str = "") -> None:
+        # What Label Studio's JSON export gives back: the tasks with their annotations.
+        annotations = [(7, choice, note), ({"email": "bo@x.org"}, "ok", "")]
+        for task, (who, label, text) in zip(tasks[:2], annotations, strict=True):
+            result = [
+                {
+                    "from_name": "label",
+                    "to_name": "trace",
+                    "type": "choices",
+                    "value": {"choices": [label]},
+                }
+            ]
+            if text:
+                result.append(
+                    {
+                        "from_name": "note",
+                        "to_name": "trace",
+                        "type": "textarea",
+                        "value": {"text": [text]},
+                    }
+                )
+            task["annotations"] = [{"completed_by": who, "result": result}]
+        (tmp_path / "done.json").write_text(json.dumps(tasks))
+
+    annotate("not visually grounded", "no frame shows the pan")
+    result = vkr(
+        "audit", "import", str(audit), str(tmp_path / "done.json"), "--format", "labelstudio"
+    )
+    assert "2 new, 0 changed" in result.stdout
+    with AuditLabels(AuditLayout(audit).labels) as store:
+        current = {(r["item_id"], r["annotator"]): (r["label"], r["note"]) for r in store.current()}
+    assert current == {
+        (items[0].item_id, "labelstudio-user-7"): ("not_grounded", "no frame shows the pan"),
+        (items[1].item_id, "bo@x.org"): ("ok", ""),
+    }
+
+    annotate("unsupported step")
+    refused = vkr(
+        "audit",
+        "import",
+        str(audit),
+        str(tmp_path / "done.json"),
+        "--format",
+        "labelstudio",
+        check=False,
+    )
+    assert refused.returncode != 0 and "nothing was imported" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    result = vkr(
+        "audit",
+        "import",
+        str(audit),
+        str(tmp_path / "done.json"),
+        "--format",
+        "labelstudio",
+        "--overwrite",
+    )
+    assert "0 new, 1 changed, 1 unchanged" in result.stdout
+    with AuditLabels(AuditLayout(audit).labels) as store:
+        history = [r["label"] for r in store.history(items[0].item_id, "labelstudio-user-7")]
+    assert history == ["not_grounded", "unsupported_step"]
+
+    tasks[0]["data"]["item_id"] = "not-sampled"
+    (tmp_path / "done.json").write_text(json.dumps(tasks))
+    refused = vkr(
+        "audit",
+        "import",
+        str(audit),
+        str(tmp_path / "done.json"),
+        "--format",
+        "labelstudio",
+        check=False,
+    )
+    assert "1 example(s) this audit did not sample: not-sampled" in refused.stderr
+
+
 # ---------------------------------------------------------------- the page, in Chromium
 
 
