@@ -70,13 +70,17 @@ def export_command(reannotations: Path, probe_out: Path, out_dir: Path) -> None:
     click.echo(f"wrote {path}: {kept} kept + {new} re-annotated questions")
 
 
+_FORMAT = click.Choice(["labelstudio", "argilla"])
+
+
 @reannotate.command()
 @click.argument("probe_out", type=_DIR)
+@click.option("--format", "fmt", required=True, type=_FORMAT, help="Labelling tool.")
 @click.option(
     "--out",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Label Studio tasks JSON file (its labelling config is written beside it, .xml).",
+    type=click.Path(path_type=Path),
+    help="Label Studio: tasks JSON file (config .xml beside it). Argilla: an empty folder.",
 )
 @click.option(
     "--frame-url-prefix",
@@ -85,12 +89,17 @@ def export_command(reannotations: Path, probe_out: Path, out_dir: Path) -> None:
     "'/data/local-files/?d=frames/'.",
 )
 @click.option("--frames-dir", type=_DIR, help="Where the probe's frames are (as for serve).")
-def tasks(probe_out: Path, out: Path, frame_url_prefix: str, frames_dir: Path | None) -> None:
-    """Write PROBE_OUT's filtered questions as Label Studio tasks to re-annotate there."""
-    from experts.reannotate_labelstudio import write_tasks
+def tasks(
+    probe_out: Path, fmt: str, out: Path, frame_url_prefix: str, frames_dir: Path | None
+) -> None:
+    """Write PROBE_OUT's filtered questions for Label Studio or Argilla to re-annotate there."""
+    from experts.reannotate_interchange import write_argilla, write_tasks
 
-    path, config = write_tasks(probe_out, out, frame_url_prefix, frames_dir)
-    click.echo(f"wrote {path} and its labelling config {config}")
+    if fmt == "labelstudio":
+        paths = list(write_tasks(probe_out, out, frame_url_prefix, frames_dir))
+    else:
+        paths = write_argilla(probe_out, out, frame_url_prefix, frames_dir)
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
 @reannotate.command("import")
@@ -98,21 +107,23 @@ def tasks(probe_out: Path, out: Path, frame_url_prefix: str, frames_dir: Path | 
 @click.option(
     "--probe", "probe_out", required=True, type=_DIR, help="The `vkr probe` output folder."
 )
+@click.option("--format", "fmt", required=True, type=_FORMAT, help="Labelling tool.")
 @click.option(
-    "--labelstudio",
-    "export_file",
+    "--from",
+    "source",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Label Studio's JSON export of the tasks `vkr reannotate tasks` wrote.",
+    type=click.Path(path_type=Path),
+    help="Label Studio's JSON export, or Argilla's to_disk folder (or its records.json).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace different items (history is kept).")
 def import_command(
-    reannotations: Path, probe_out: Path, export_file: Path, overwrite: bool
+    reannotations: Path, probe_out: Path, fmt: str, source: Path, overwrite: bool
 ) -> None:
-    """Read items written in Label Studio into REANNOTATIONS, checked as the page checks them."""
-    from experts.reannotate_labelstudio import import_labelstudio
+    """Read items written in Label Studio or Argilla into REANNOTATIONS, checked as the page
+    checks them."""
+    from experts.reannotate_interchange import import_labels
 
-    done = import_labelstudio(reannotations, probe_out, export_file, overwrite)
+    done = import_labels(reannotations, probe_out, fmt, source, overwrite)
     click.echo(f"imported: {done.created} new, {done.changed} changed, {done.unchanged} unchanged")
 
 

@@ -318,6 +318,8 @@ def test_label_studio_round_trip_lands_in_the_store_and_the_export(probed, tmp_p
             "reannotate",
             "tasks",
             str(probed),
+            "--format",
+            "labelstudio",
             "--out",
             str(tasks_file),
             "--frame-url-prefix",
@@ -350,15 +352,8 @@ def test_label_studio_round_trip_lands_in_the_store_and_the_export(probed, tmp_p
     ]
     export_file = tmp_path / "ls" / "export.json"
     export_file.write_text(json.dumps(tasks))
-    args = [
-        "reannotate",
-        "import",
-        str(out),
-        "--probe",
-        str(probed),
-        "--labelstudio",
-        str(export_file),
-    ]
+    args = ["reannotate", "import", str(out), "--probe", str(probed)]
+    args += ["--format", "labelstudio", "--from", str(export_file)]
     run = CliRunner().invoke(cli, args)
     assert run.exit_code == 0, run.output
     assert "imported: 1 new, 0 changed, 0 unchanged" in run.output
@@ -394,3 +389,57 @@ def test_label_studio_round_trip_lands_in_the_store_and_the_export(probed, tmp_p
     carol = items[-1].raw
     assert carol["provenance"]["annotator"] == "carol@example.org"
     assert carol["grounding_timestamps"] == [0.0, 1.0] and carol["solution"] == "<answer>A</answer>"
+
+
+def test_argilla_round_trip_lands_in_the_store(probed, tmp_path):
+    out = tmp_path / "re"
+    folder = tmp_path / "argilla"
+    run = CliRunner().invoke(
+        cli, ["reannotate", "tasks", str(probed), "--format", "argilla", "--out", str(folder)]
+    )
+    assert run.exit_code == 0, run.output
+    settings = json.loads((folder / ".argilla" / "settings.json").read_text())
+    assert [q["name"] for q in settings["questions"]] == [
+        "question",
+        "problem_type",
+        "options",
+        "answer",
+        "grounding",
+    ]
+    records = json.loads((folder / "records.json").read_text())
+    filtered = _filtered(probed)
+    assert [r["metadata"]["source_id"] for r in records] == [f["id"] for f in filtered]
+    assert records[0]["fields"]["frames"].startswith("![0s](pancake.mkv-")
+    # Exporting over a folder that has files is refused, in one line.
+    again = CliRunner().invoke(
+        cli, ["reannotate", "tasks", str(probed), "--format", "argilla", "--out", str(folder)]
+    )
+    assert again.exit_code == 1 and "is not an empty folder" in again.output
+
+    # What rg.Dataset.to_disk writes after annotation: responses per question and user.
+    def said(value: Any) -> list[dict[str, Any]]:
+        return [{"value": value, "user_id": "dave", "status": "submitted"}]
+
+    records[0]["responses"] = {
+        "question": said("What is the cook holding?"),
+        "problem_type": said("open-ended"),
+        "answer": said("a pan"),
+        "grounding": said("3"),
+    }
+    (folder / "records.json").write_text(json.dumps(records))
+    run = CliRunner().invoke(
+        cli,
+        ["reannotate", "import", str(out), "--probe", str(probed), "--format", "argilla"]
+        + ["--from", str(folder)],
+    )
+    assert run.exit_code == 0, run.output
+    assert "imported: 1 new" in run.output
+    assert _history(out, filtered[0]["id"]) == [
+        {
+            "question": "What is the cook holding?",
+            "problem_type": "open-ended",
+            "options": None,
+            "answer": "a pan",
+            "grounding": [3.0],
+        }
+    ]
