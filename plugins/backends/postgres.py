@@ -60,6 +60,28 @@ CONNECT_TIMEOUT = 10
 # pg_advisory_lock key under which drivers create a run's schema and tables one at a time
 # (CREATE ... IF NOT EXISTS still fails when two sessions race to create the same name).
 SETUP_LOCK = 0x766B725F7374  # "vkr_st"
+SETUP_LOCK_POLL = 0.1
+
+
+def take_setup_lock(conn: Any) -> None:
+    """Take SETUP_LOCK on an autocommit connection, trying rather than waiting: a session
+    blocked in pg_advisory_lock holds a snapshot, which the holder's CREATE INDEX
+    CONCURRENTLY (LangGraph's migrations) waits for, a deadlock when two drivers start
+    together."""
+    import time
+
+    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (SETUP_LOCK,)).fetchone()[0]:
+        time.sleep(SETUP_LOCK_POLL)
+
+
+async def atake_setup_lock(conn: Any) -> None:
+    """take_setup_lock on an async connection."""
+    while True:
+        cursor = await conn.execute("SELECT pg_try_advisory_lock(%s) AS taken", (SETUP_LOCK,))
+        row = await cursor.fetchone()
+        if (row["taken"] if isinstance(row, dict) else row[0]) is True:
+            return
+        await asyncio.sleep(SETUP_LOCK_POLL)
 
 
 def _require(url: str) -> Any:
@@ -170,7 +192,7 @@ def ensure_schema(url: str, schema: str) -> None:
 
 def _create_schema(psycopg: Any, url: str, schema: str) -> None:
     with psycopg.connect(conninfo(url), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (SETUP_LOCK,))
+        take_setup_lock(conn)
         try:
             with conn.transaction():
                 conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
@@ -303,7 +325,7 @@ class PostgresCheckpointer(PostgresBackend, CheckpointerBackend):
                 saver = _stopping_saver(AsyncPostgresSaver)(conn)
                 saver.url = url
                 # Its migrations are not safe against a second driver running them at once.
-                await conn.execute("SELECT pg_advisory_lock(%s)", (SETUP_LOCK,))
+                await atake_setup_lock(conn)
                 try:
                     await saver.setup()
                 finally:
