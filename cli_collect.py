@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from cli_options import ExitWith
+from cli_options import ExitWith, _state_url
 from vkr_core.hookspecs import hookimpl
 from vkr_core.store import RunLayout
 
@@ -87,6 +87,15 @@ quota ran out, or --max-spend was reached): rerun the same command after the quo
     metavar="USD",
     help="Stop starting model calls once the collection's run has spent this much.",
 )
+@click.option(
+    "--state",
+    callback=_state_url,
+    metavar="URL",
+    help="Keep the run's checkpoints, call cache and point claims, and the YouTube quota "
+    "ledger, in this database (postgresql://user[:password]@host:port/db; needs "
+    "vkr[postgres]), so several drivers can collect one bank with one API key. The password "
+    "is never stored: give it in the URL each time, or in PGPASSWORD.",
+)
 @click.option("--force", is_flag=True, help="Reuse OUT even though its settings changed.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--log-level", default="WARNING", show_default=True)
@@ -102,6 +111,7 @@ def collect(
     download_interval: float,
     concurrency: int,
     max_spend: float | None,
+    state: str | None,
     force: bool,
     no_progress: bool,
     log_level: str,
@@ -141,6 +151,7 @@ def collect(
             progress=not no_progress,
             now=os.environ.get(NOW_ENV),
             force=force,
+            state=state,
         )
     except PreflightError as exc:
         raise ExitWith(str(exc), ExitCode.PREFLIGHT) from None

@@ -10,7 +10,8 @@ for nothing twice.
 
 A video is judged, downloaded and moderated once, however many keywords or points find it:
 its outcome is kept in ``DIR/state/<video_id>.json`` (and, while it is being worked on, one
-in-process future that every point finding it waits on). It is judged against the first
+in-process future that every point finding it waits on; with a shared state, a claim in the
+run's item status that other drivers wait on). It is judged against the first
 point (and scenario) that found it, and linked to every point that did (``DIR/links.jsonl``).
 
 The collection folder ``DIR`` holds ``manifest.jsonl`` (what ``vkr run`` reads), the videos
@@ -67,6 +68,10 @@ STOP_FILE = "quota_stop.json"
 VIDEOS_DIR = "videos"
 STATE_DIR = "state"
 RUN_DIR = "run"
+# A video's claim in the run's item status, beside the points' (whose ids never have it).
+VIDEO_CLAIM = "video:"
+# Seconds between looks at a video another driver is working out.
+CLAIM_POLL = 0.5
 # For tests only: the wall clock the quota ledger reads (ISO 8601), so a test can move to
 # the next Pacific day without waiting for it.
 NOW_ENV = "VKR_COLLECT_NOW"
@@ -227,6 +232,13 @@ class KeyRefused(VkrError):
     """YouTube refused the API key: no point can be searched until it is fixed."""
 
 
+def shared_quota(state: str | None) -> dict[str, Any]:
+    """The source's quota ledger lives where the run's state does: with a state URL, in that
+    database, so every driver of the collection keeps to one daily quota. A source that
+    keeps no shared ledger is not asked to."""
+    return {"state": state} if state else {}
+
+
 def search_source(registry: Any, name: str) -> SearchSource:
     """The registered source ``name``, if it can search and download."""
     source = registry.get("source", name)
@@ -265,6 +277,7 @@ class CollectionRun(PipelineRun):
             clock=clock_from(self.config.now),
             api_base=self.config.youtube_api_base or None,
             api_key=api_key,
+            **shared_quota(self.config.state),
         )
         self.client = await self._search.__aenter__()
         settings = self.config.moderation
@@ -400,6 +413,35 @@ class CollectionRun(PipelineRun):
     async def _video(self, candidate: Any, point: KnowledgePoint, scenario: str) -> VideoState:
         known = read_state(self.dir, candidate.video_id)
         if known is not None:
+            return known
+        status = self.context.status
+        if status is None:
+            return await self._work_out(candidate, point, scenario)
+        # Drivers sharing the run's state judge a video once too: the first to claim it
+        # works it out, the others wait for its state file (on the shared folder). A claim
+        # whose driver died runs out with its lease and is taken over.
+        claim_id = VIDEO_CLAIM + candidate.video_id
+        while True:
+            claim = await status.claim(claim_id)
+            if claim == "claimed":
+                break
+            known = read_state(self.dir, candidate.video_id)
+            if known is not None:
+                return known
+            if claim == "done":  # its state file was lost since: worked out again, from caches
+                return await self._work_out(candidate, point, scenario)
+            await asyncio.sleep(min(CLAIM_POLL, status.retry_after))
+        try:
+            state = await self._work_out(candidate, point, scenario)
+        except BaseException:
+            await status.release(claim_id)
+            raise
+        await status.finish(claim_id, "done")
+        return state
+
+    async def _work_out(self, candidate: Any, point: KnowledgePoint, scenario: str) -> VideoState:
+        known = read_state(self.dir, candidate.video_id)
+        if known is not None:  # another driver finished it while this one claimed it
             return known
         state = VideoState(
             video_id=candidate.video_id,
@@ -559,6 +601,7 @@ def finish(
     units_before: int | None = None,
     stopped: dict[str, Any] | None = None,
     source: SearchSource | None = None,
+    state_url: str | None = None,
 ) -> dict[str, Any]:
     """Write ``links.jsonl``, ``manifest.jsonl`` and ``collect_report.json`` from what the
     runs recorded (the point records and the video states); return the report.
@@ -642,7 +685,9 @@ def finish(
             elif call.get("outcome") != "error":
                 paid += 1
                 spend += float(call.get("cost_usd") or 0.0)
-    quota = source.quota(root, daily_quota=daily_quota, clock=clock_from(now))
+    quota = source.quota(
+        root, daily_quota=daily_quota, clock=clock_from(now), **shared_quota(state_url)
+    )
     units = quota.units_by_method
     report: dict[str, Any] = {
         "funnel": funnel,
@@ -831,29 +876,41 @@ def collect(
     now: str | None = None,
     force: bool = False,
     source: str | None = None,
+    state: str | None = None,
 ) -> CollectResult:
     """`vkr collect`: bank -> knowledge points -> ... -> ``out/manifest.jsonl``.
 
     ``now`` (ISO 8601) sets the quota ledger's clock, for tests. ``source`` names the
-    registered search source (``youtube`` unless given). Stops cleanly when the
+    registered search source (``youtube`` unless given). ``state`` (a URL such as
+    ``postgresql://...``) keeps the run's state and the quota ledger in that database,
+    shared by every driver of the collection. Stops cleanly when the
     YouTube quota runs out (``result.stopped``); the next run goes on from where it stopped.
     """
+    from vkr_core.backends import state_backend
     from vkr_core.plugins import get_plugin_manager
     from vkr_core.run import run_items
 
     pm = pm or get_plugin_manager()
     source_name = source or CollectConfig().source
     search_from = search_source(pm.registry, source_name)
+    clock_from(now)  # a bad clock stops here
+    # The password leaves the URL here (the config keeps it in this process only); a missing
+    # extra, a wrong password or a server that does not answer stops before anything is
+    # written.
+    public_state = CollectConfig(state=state).state
+    if public_state is not None:
+        state_backend(pm.registry, "status", public_state).check(CollectConfig(state=state))
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    clock_from(now)  # a bad clock stops here
     points, bank_failures = load_points(
         bank, pool, root, concurrency=concurrency, progress=progress, pm=pm
     )
     if not points:
         raise InputError(f"{bank}: the bank has no knowledge points to collect for")
     (root / STOP_FILE).unlink(missing_ok=True)
-    before = search_from.quota(root, daily_quota=daily_quota, clock=clock_from(now)).spent
+    before = search_from.quota(
+        root, daily_quota=daily_quota, clock=clock_from(now), **shared_quota(public_state)
+    ).spent
     config = CollectConfig(
         collection_dir=str(root),
         source=source_name,
@@ -864,6 +921,7 @@ def collect(
         now=now,
         moderation=moderation,
         max_spend=max_spend,
+        state=public_state,
     )
     counters = asyncio.run(
         run_items(
@@ -887,6 +945,7 @@ def collect(
         units_before=before,
         stopped=stopped,
         source=search_from,
+        state_url=public_state,
     )
     if stopped is not None and stopped.get("kind") == "key":
         raise InputError(stopped["reason"])

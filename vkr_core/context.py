@@ -146,6 +146,10 @@ class RunContext:
     pm: Any = None
     # Set by a pipeline whose steps pick seed examples (generation).
     seed_bank: SeedBank | None = None
+    # The run's item claims (vkr_core.backends.ItemStatus): a pipeline whose items share work
+    # (one video found by two knowledge points) claims that work too, so drivers sharing the
+    # run's state do it once.
+    status: Any = None
 
 
 class StepContext:

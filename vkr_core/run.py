@@ -224,6 +224,7 @@ class Run:
             config=self.config,
             store=self.store,
             pm=self.pm,
+            status=self.status,
         )
         self.active = await self.pipeline.open(self.context, checkpointer)
         return self

@@ -90,8 +90,10 @@ class SearchSource(Source):
         clock: Callable[[], datetime],
         api_base: str | None = None,
         api_key: str,
+        state: str | None = None,
     ) -> AbstractAsyncContextManager[SearchSession]:
-        """An open search charged to the quota kept in ``folder``. Raises
+        """An open search charged to the quota kept in ``folder``, or, given ``state`` (the
+        run's shared state URL), the one every driver of the collection shares. Raises
         SearchQuotaExhausted and SearchKeyRefused (or subclasses)."""
         raise NotImplementedError
 
@@ -101,8 +103,14 @@ class SearchSource(Source):
         raise NotImplementedError
 
     def quota(
-        self, folder: str | Path, *, daily_quota: int, clock: Callable[[], datetime]
+        self,
+        folder: str | Path,
+        *,
+        daily_quota: int,
+        clock: Callable[[], datetime],
+        state: str | None = None,
     ) -> SearchQuota:
+        """Today's spend, from the ledger ``open_search`` with the same arguments charges."""
         raise NotImplementedError
 
     def describe_reset(self, resets_at: datetime) -> str:

@@ -135,7 +135,84 @@ class QuotaStatus(Strict):
     resets_at: datetime
 
 
-class QuotaLedger:
+class Ledger:
+    """What every quota ledger shares: the day, the budget check and the exhausted error.
+
+    A request's units are reserved (``reserve``) in one transaction before it is sent, so
+    concurrent requests, in one process or several sharing the ledger, never spend past the
+    quota between them; ``charge`` then records the answered request (its units stay spent,
+    as YouTube charges every answered request), and ``refund`` gives the units back when
+    YouTube did not charge it (no answer, a quota or key refusal).
+    """
+
+    daily_quota: int
+    clock: Callable[[], datetime]
+
+    def today(self) -> date:
+        return quota_day(self.clock())
+
+    def status(self) -> QuotaStatus:
+        raise NotImplementedError
+
+    def units_by_method(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def reserve(self, method: str) -> None:
+        raise NotImplementedError
+
+    def refund(self, method: str) -> None:
+        raise NotImplementedError
+
+    def charge(self, method: str, key: str | None, params: dict[str, Any], body: Any) -> None:
+        raise NotImplementedError
+
+    def mark_exhausted(self) -> None:
+        raise NotImplementedError
+
+    def cached(self, key: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def remember_videos(self, items: dict[str, Any], missing: Iterable[str]) -> None:
+        raise NotImplementedError
+
+    def known_videos(self, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def exhausted_error(self, why: str) -> QuotaExhausted:
+        status = self.status()
+        resets_at = status.resets_at
+        return QuotaExhausted(
+            f"YouTube quota for {status.day} (Pacific) is used up ({why}; "
+            f"{status.spent:,} of {status.limit:,} units spent by this collection): it resets at "
+            f"{describe_reset(resets_at)}; rerun then, and answered requests are replayed, "
+            "not paid again",
+            resets_at,
+        )
+
+    def over_budget(self, method: str, spent: int, exhausted: bool) -> str | None:
+        """Why ``method`` may not be sent with ``spent`` units spent today, or None."""
+        cost = METHOD_COST[method]
+        if exhausted and spent < self.daily_quota:
+            return "YouTube answered quotaExceeded"
+        if spent + cost > self.daily_quota:
+            return (
+                f"a {method}.list request costs {cost} units, "
+                f"{max(0, self.daily_quota - spent):,} left"
+            )
+        return None
+
+    def check_budget(self, method: str) -> None:
+        """Raise QuotaExhausted when ``method`` would spend past today's quota."""
+        status = self.status()
+        why = self.over_budget(method, status.spent, status.exhausted)
+        if why is not None:
+            raise self.exhausted_error(why)
+
+
+class QuotaLedger(Ledger):
     """Units spent per Pacific day and every answered response, in one SQLite file.
 
     A response and its charge are written in one transaction, so a run killed at any moment
@@ -177,9 +254,6 @@ class QuotaLedger:
     def close(self) -> None:
         self._db.close()
 
-    def today(self) -> date:
-        return quota_day(self.clock())
-
     def status(self) -> QuotaStatus:
         day = self.today().isoformat()
         rows = self._db.execute(
@@ -204,27 +278,34 @@ class QuotaLedger:
         rows = self._db.execute("SELECT method, SUM(units) FROM spend GROUP BY method")
         return {method: int(units) for method, units in rows}
 
-    def exhausted_error(self, why: str) -> QuotaExhausted:
-        status = self.status()
-        resets_at = status.resets_at
-        return QuotaExhausted(
-            f"YouTube quota for {status.day} (Pacific) is used up ({why}; "
-            f"{status.spent:,} of {status.limit:,} units spent by this collection): it resets at "
-            f"{describe_reset(resets_at)}; rerun then, and answered requests are replayed, "
-            "not paid again",
-            resets_at,
-        )
-
-    def check_budget(self, method: str) -> None:
-        """Raise QuotaExhausted when ``method`` would spend past today's quota."""
-        status = self.status()
-        cost = METHOD_COST[method]
-        if status.exhausted and status.spent < status.limit:
-            raise self.exhausted_error("YouTube answered quotaExceeded")
-        if status.spent + cost > status.limit:
-            raise self.exhausted_error(
-                f"a {method}.list request costs {cost} units, {status.limit - status.spent:,} left"
+    def reserve(self, method: str) -> None:
+        """Spend ``method``'s units before its request is sent, or raise QuotaExhausted."""
+        day = self.today().isoformat()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(units), 0) FROM spend WHERE day = ?", (day,)
+            ).fetchone()
+            exhausted = (
+                self._db.execute("SELECT 1 FROM exhausted WHERE day = ?", (day,)).fetchone()
+                is not None
             )
+            why = self.over_budget(method, int(row[0]), exhausted)
+            if why is None:
+                self._db.execute(
+                    "INSERT INTO spend VALUES (?, ?, 0, ?) ON CONFLICT (day, method) DO UPDATE "
+                    "SET units = units + excluded.units",
+                    (day, method, METHOD_COST[method]),
+                )
+        if why is not None:
+            raise self.exhausted_error(why)
+
+    def refund(self, method: str) -> None:
+        """Give back a reservation YouTube did not charge."""
+        self._db.execute(
+            "UPDATE spend SET units = units - ? WHERE day = ? AND method = ?",
+            (METHOD_COST[method], self.today().isoformat(), method),
+        )
 
     def mark_exhausted(self) -> None:
         self._db.execute(
@@ -239,15 +320,15 @@ class QuotaLedger:
         return None if row is None else json.loads(row[0])
 
     def charge(self, method: str, key: str | None, params: dict[str, Any], body: Any) -> None:
-        """Charge one answered request; keep its response when it is one to replay."""
+        """Count one answered request (its units were reserved); keep its response when it
+        is one to replay."""
         day, now = self.today().isoformat(), self.clock().isoformat()
-        cost = METHOD_COST[method]
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
-                "INSERT INTO spend VALUES (?, ?, 1, ?) ON CONFLICT (day, method) DO UPDATE "
-                "SET requests = requests + 1, units = units + excluded.units",
-                (day, method, cost),
+                "INSERT INTO spend VALUES (?, ?, 1, 0) ON CONFLICT (day, method) DO UPDATE "
+                "SET requests = requests + 1",
+                (day, method),
             )
             if key is not None:
                 clean = {k: v for k, v in params.items() if k != "key"}
@@ -276,6 +357,26 @@ class QuotaLedger:
             ):
                 found[vid] = None if item is None else json.loads(item)
         return found
+
+
+def open_ledger(
+    folder: str | Path,
+    daily_quota: int = DEFAULT_DAILY_QUOTA,
+    clock: Callable[[], datetime] = _utc_now,
+    state: str | None = None,
+) -> Ledger:
+    """The collection's ledger: the SQLite file in ``folder``, or, with a state URL, the
+    database every driver of the collection shares (so together they keep to the quota)."""
+    if state is None:
+        return QuotaLedger(folder, daily_quota, clock)
+    scheme = state.partition("://")[0].lower()
+    if scheme not in ("postgresql", "postgres"):
+        raise InputError(
+            f"state {state}: the YouTube quota ledger can be kept in postgresql:// URLs only"
+        )
+    from plugins.backends.postgres_ledger import PostgresQuotaLedger
+
+    return PostgresQuotaLedger(state, daily_quota, clock)
 
 
 class Candidate(Strict):
@@ -365,7 +466,7 @@ class YouTubeClient:
     def __init__(
         self,
         api_key: str,
-        ledger: QuotaLedger,
+        ledger: Ledger,
         base_url: str = API_BASE,
         *,
         max_attempts: int = 5,
@@ -411,17 +512,22 @@ class YouTubeClient:
         url = f"{self.base_url}/{method}"
         last = ""
         for attempt in range(self.max_attempts):
-            self.ledger.check_budget(method)
+            self.ledger.reserve(method)
             try:
                 async with self._session.get(url, params={**params, "key": self._key}) as reply:
                     text = await reply.text()
                     status, retry_after = reply.status, reply.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError) as exc:
+                # Unanswered, so not charged by YouTube.
+                self.ledger.refund(method)
                 # aiohttp's text can carry the URL, and so the key.
                 last = redact(f"{type(exc).__name__}: {exc}")
                 if attempt + 1 < self.max_attempts:
                     await asyncio.sleep(self._wait(attempt, None))
                 continue
+            except BaseException:  # cancelled mid-request: as if never sent
+                self.ledger.refund(method)
+                raise
             try:
                 body = json.loads(text) if text else {}
             except json.JSONDecodeError:
@@ -431,6 +537,9 @@ class YouTubeClient:
                 return body
             reasons, message = _error_parts(status, body)
             message = redact(message)
+            if reasons & _QUOTA_REASONS or reasons & _KEY_REASONS or status == 401:
+                # YouTube charges neither a quota nor a key refusal.
+                self.ledger.refund(method)
             if reasons & _QUOTA_REASONS:
                 self.ledger.mark_exhausted()
                 raise self.ledger.exhausted_error(
@@ -605,8 +714,9 @@ class YouTubeSource(SearchSource):
         clock: Callable[[], datetime],
         api_base: str | None = None,
         api_key: str,
+        state: str | None = None,
     ) -> AsyncIterator[YouTubeClient]:
-        ledger = QuotaLedger(folder, daily_quota, clock)
+        ledger = open_ledger(folder, daily_quota, clock, state)
         try:
             async with YouTubeClient(api_key, ledger, api_base or API_BASE) as client:
                 yield client
@@ -628,9 +738,14 @@ class YouTubeSource(SearchSource):
         )
 
     def quota(
-        self, folder: str | Path, *, daily_quota: int, clock: Callable[[], datetime]
+        self,
+        folder: str | Path,
+        *,
+        daily_quota: int,
+        clock: Callable[[], datetime],
+        state: str | None = None,
     ) -> SearchQuota:
-        ledger = QuotaLedger(folder, daily_quota, clock)
+        ledger = open_ledger(folder, daily_quota, clock, state)
         try:
             status = ledger.status()
             return SearchQuota(
