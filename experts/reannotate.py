@@ -379,7 +379,11 @@ class ReannotateApp:
 
     def items_of(self, annotator: str) -> dict[str, Any]:
         annotator = check_annotator(annotator)
-        return {"annotator": annotator, "items": self.store.mine(annotator)}
+        others: dict[str, list[str]] = {}
+        for entry in self.store.current():
+            if entry["annotator"] != annotator:
+                others.setdefault(entry["source_id"], []).append(entry["annotator"])
+        return {"annotator": annotator, "items": self.store.mine(annotator), "others": others}
 
     def save(self, body: dict[str, Any]) -> dict[str, Any]:
         source = self.sources.get(str(body.get("source_id")))

@@ -75,14 +75,16 @@ PAGE = r"""<!doctype html>
     <div>Grounding: <span id="grounding" class="muted"></span></div>
     <button id="save"><kbd>Ctrl</kbd>+<kbd>Enter</kbd> save</button>
     <div id="status" role="status"></div>
+    <div id="others" class="muted"></div>
     <details><summary>Keyboard</summary>
       <p><kbd>j</kbd> next · <kbd>k</kbd> previous · <kbd>q</kbd> question ·
-      <kbd>Ctrl</kbd>+<kbd>Enter</kbd> save · <kbd>Esc</kbd> leave a box</p></details>
+      <kbd>Ctrl</kbd>+<kbd>Enter</kbd> save · <kbd>Esc</kbd> leave a box ·
+      <kbd>Tab</kbd> to a frame, <kbd>Space</kbd> picks it</p></details>
   </aside>
 </main>
 <script>
 "use strict";
-const state = {items: [], idx: 0, annotator: "", mine: {}, grounding: new Set()};
+const state = {items: [], idx: 0, annotator: "", mine: {}, others: {}, grounding: new Set()};
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs, ...children) {
@@ -116,7 +118,11 @@ function renderList() {
 }
 
 function renderGrounding() {
-  for (const fig of document.querySelectorAll("#frames figure")) fig.classList.toggle("grounding", state.grounding.has(Number(fig.dataset.t)));
+  for (const fig of document.querySelectorAll("#frames figure")) {
+    const on = state.grounding.has(Number(fig.dataset.t));
+    fig.classList.toggle("grounding", on);
+    fig.setAttribute("aria-checked", String(on));
+  }
   const stamps = [...state.grounding].sort((a, b) => a - b);
   $("grounding").textContent = stamps.length ? stamps.map(clock).join(", ") : "none yet";
 }
@@ -132,7 +138,10 @@ function renderItem() {
   $("orig-question").textContent = src.question;
   $("orig-options").replaceChildren(...(src.options || []).map((o) => el("li", {}, o)));
   $("orig-answer").textContent = "answer: " + src.solution;
-  $("frames").replaceChildren(...it.frames.map((f) => el("figure", {"data-t": f.t, onclick: () => toggle(f.t)},
+  // Frames are checkboxes for the keyboard too: Tab to one, Space or Enter picks it.
+  $("frames").replaceChildren(...it.frames.map((f) => el("figure", {"data-t": f.t, tabindex: "0", role: "checkbox",
+    "aria-checked": "false", onclick: () => toggle(f.t),
+    onkeydown: (e) => { if (e.key === " " || e.key === "Enter") { e.preventDefault(); toggle(f.t); } }},
     el("img", {src: f.url, alt: `frame at ${clock(f.t)}`, loading: "lazy"}), el("figcaption", {}, clock(f.t)))));
   const mine = state.mine[sid(it)];
   $("question").value = mine ? mine.question : "";
@@ -143,6 +152,8 @@ function renderItem() {
   renderGrounding();
   if (mine) status("saved" + (mine.changes ? ` (revised ${mine.changes}×, history kept)` : ""));
   else status(state.annotator ? "not written yet" : "enter your name to start", !state.annotator);
+  const others = state.others[sid(it)] || [];
+  $("others").textContent = others.length ? `also written by: ${others.join(", ")}` : "";
 }
 
 function render() { renderList(); renderItem(); }
@@ -171,7 +182,8 @@ async function setAnnotator(name) {
   const url = new URL(location.href); url.searchParams.set("annotator", state.annotator);
   history.replaceState(null, "", url);
   try {
-    state.mine = (await api("/api/items?annotator=" + encodeURIComponent(state.annotator))).items;
+    const data = await api("/api/items?annotator=" + encodeURIComponent(state.annotator));
+    state.mine = data.items; state.others = data.others;
     const first = state.items.findIndex((it) => !state.mine[sid(it)]);
     state.idx = first === -1 ? 0 : first;  // resume at the first question not yet re-annotated
     render();

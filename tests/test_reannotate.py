@@ -106,8 +106,9 @@ def test_page_writes_a_new_item_resumes_and_keeps_history_on_revision(probed, tm
             "#options", "It lands back in the pan\nIt falls on the floor\nIt sticks to the ceiling"
         )
         page.fill("#answer", "A")
-        page.locator("#frames figure").nth(1).click()
         page.locator("#frames figure").nth(2).click()
+        page.locator("#frames figure").nth(1).focus()  # the keyboard picks a frame too
+        page.keyboard.press("Space")
         assert page.inner_text("#grounding") == "00:01, 00:02"
         page.click("#save")
         saved(page, "saved")
@@ -138,6 +139,15 @@ def test_page_writes_a_new_item_resumes_and_keeps_history_on_revision(probed, tm
         saved(page, "not saved: new item for")
         assert "is not among its options" in page.inner_text("#status")
         assert len(_history(out, first["id"])) == 2
+
+        # Another annotator starts at the beginning and sees who wrote for the question.
+        page.fill("#annotator", "bob")
+        page.press("#annotator", "Enter")
+        page.wait_for_function(
+            "() => document.getElementById('others').textContent === 'also written by: alice'"
+        )
+        assert first["id"] in page.inner_text("#item-title")
+        assert page.input_value("#question") == ""
         assert page.errors == []
 
 
