@@ -66,8 +66,14 @@ def export_command(reannotations: Path, probe_out: Path, out_dir: Path) -> None:
     """Merge the probe's kept questions and the new ones into an eval file `vkr probe` reads."""
     from experts.reannotate import export
 
-    path, kept, new = export(reannotations, probe_out, out_dir)
-    click.echo(f"wrote {path}: {kept} kept + {new} re-annotated questions")
+    done = export(reannotations, probe_out, out_dir)
+    click.echo(f"wrote {done.path}: {done.kept} kept + {done.new} re-annotated questions")
+    if done.unprobed:
+        click.echo(
+            f"note: {done.unprobed} question(s) the probe could not read are not in it "
+            f"(see {probe_out}/unprobed.jsonl; probe them again once their videos are fixed)",
+            err=True,
+        )
 
 
 _FORMAT = click.Choice(["labelstudio", "argilla"])

@@ -304,11 +304,19 @@ def new_item_id(source_id: str, annotator: str) -> str:
     return f"{source_id}-re-{digest}"
 
 
-def export(
-    reannotations: str | Path, probe_out: str | Path, out_dir: str | Path
-) -> tuple[Path, int, int]:
-    """Write OUT/VideoKR_eval.jsonl: kept.jsonl unchanged, then the new items; returns the
-    path, the kept count and the new count. The file is read back with ``vkr probe``'s reader."""
+@dataclass
+class Exported:
+    path: Path
+    kept: int
+    new: int
+    # Questions whose video the probe could not read: in neither kept nor filtered, so not
+    # in the merged set either; the user is told, they are not dropped silently.
+    unprobed: int
+
+
+def export(reannotations: str | Path, probe_out: str | Path, out_dir: str | Path) -> Exported:
+    """Write OUT/VideoKR_eval.jsonl: kept.jsonl unchanged, then the new items. The file is
+    read back with ``vkr probe``'s reader."""
     probe = Path(probe_out)
     db = Path(reannotations) / DB_FILE
     if not db.is_file():
@@ -345,7 +353,8 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept + new_rows))
     load_eval_set(path)  # duplicate ids or a bad line: an error now, not at the next probe
-    return path, len(kept), len(new_rows)
+    unprobed = sum(1 for _ in read_jsonl(probe / "unprobed.jsonl", missing_ok=True))
+    return Exported(path, len(kept), len(new_rows), unprobed)
 
 
 # ---------------------------------------------------------------- the page's server

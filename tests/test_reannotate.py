@@ -229,6 +229,15 @@ def test_export_merges_kept_unchanged_and_new_items_that_probe_reads_again(
     rekept = {json.loads(line)["id"] for line in (tmp_path / "probe2" / "kept.jsonl").open()}
     assert set(new) <= rekept
 
+    # A question whose video the probe could not read is named, not dropped silently.
+    unprobed = {**_filtered(probed)[0], "id": "q-broken", "unprobed_reason": "cannot decode"}
+    (probed / "unprobed.jsonl").write_text(json.dumps(unprobed) + "\n")
+    noted = CliRunner().invoke(
+        cli,
+        ["reannotate", "export", str(out), "--probe", str(probed), "--out", str(tmp_path / "ev")],
+    )
+    assert "note: 1 question(s) the probe could not read are not in it" in noted.output
+
     # Not a probe output: one line, nothing written.
     wrong = CliRunner().invoke(
         cli, ["reannotate", "export", str(out), "--probe", str(out), "--out", str(tmp_path / "x")]
