@@ -192,9 +192,11 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_pid(
     tmp_path, testdata, vkr_pool, vkr_fake_server
 ):
     vkr_fake_server.set_policy({"latency_ms": 400})
-    manifest = write_manifest(tmp_path / "videos", testdata, good=4, bad=False)
+    manifest = write_manifest(tmp_path / "videos", testdata, good=12, bad=False)
     run_dir = tmp_path / "run"
-    # One video at a time at 0.4 s a reply: the first run is busy for a good while.
+    # One video at a time at 0.4 s a reply: the first run is busy for minutes, so on a loaded
+    # machine it is still mid-run (its Ctrl-C handler installed) when the test interrupts it;
+    # with 4 videos it once reached its shutdown first and Ctrl-C met click's "Aborted!".
     first = start_run(manifest, vkr_pool, run_dir, "--concurrency", "1")
     wait_for_completions(vkr_fake_server, 1, first)
     assert first.poll() is None
