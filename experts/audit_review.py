@@ -193,7 +193,13 @@ class AuditServer:
         port: int = 0,
         annotator: str | None = None,
     ):
-        host = check_host(host)
+        try:
+            host = check_host(host)
+        except InputError:
+            raise InputError(
+                f"the audit page serves on 127.0.0.1 only, not on {host!r}: the corpus and its "
+                "labels stay on this machine (use an SSH tunnel to label from elsewhere)"
+            ) from None
         if annotator is not None:
             annotator = check_annotator(annotator)
         self.app = AuditApp(audit_dir, annotator)
