@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from cli_options import ExitWith, _state_url
+from cli_options import ExitWith, _state_url, engine_options, engine_settings
 from vkr_core.hookspecs import hookimpl
 from vkr_core.store import RunLayout
 
@@ -96,6 +96,7 @@ quota ran out, or --max-spend was reached): rerun the same command after the quo
     "vkr[postgres]), so several drivers can collect one bank with one API key. The password "
     "is never stored: give it in the URL each time, or in PGPASSWORD.",
 )
+@engine_options
 @click.option("--force", is_flag=True, help="Reuse OUT even though its settings changed.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--log-level", default="WARNING", show_default=True)
@@ -112,6 +113,9 @@ def collect(
     concurrency: int,
     max_spend: float | None,
     state: str | None,
+    engine: str,
+    ray_address: str | None,
+    workers: int | None,
     force: bool,
     no_progress: bool,
     log_level: str,
@@ -130,6 +134,14 @@ def collect(
     from vkr_core.log import configure_logging
     from vkr_core.preflight import PreflightError
 
+    executor = engine_settings(engine, ray_address, workers, concurrency)
+    if engine != "local" and state is None:
+        # A video two points find is claimed in the shared state, so the workers (other
+        # processes, other machines) judge and download it once.
+        raise click.UsageError(
+            f"--engine {engine} needs --state postgresql://...: the workers claim each video "
+            "in the shared state so that one of them judges and downloads it"
+        )
     configure_logging(log_level)
     settings: dict[str, Any] | None = None
     if moderation != "none":
@@ -152,6 +164,8 @@ def collect(
             now=os.environ.get(NOW_ENV),
             force=force,
             state=state,
+            executor=executor["executor"],
+            executor_options=executor["executor_options"],
         )
     except PreflightError as exc:
         raise ExitWith(str(exc), ExitCode.PREFLIGHT) from None

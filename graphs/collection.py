@@ -877,13 +877,17 @@ def collect(
     force: bool = False,
     source: str | None = None,
     state: str | None = None,
+    executor: str = "local",
+    executor_options: dict[str, Any] | None = None,
 ) -> CollectResult:
     """`vkr collect`: bank -> knowledge points -> ... -> ``out/manifest.jsonl``.
 
     ``now`` (ISO 8601) sets the quota ledger's clock, for tests. ``source`` names the
     registered search source (``youtube`` unless given). ``state`` (a URL such as
     ``postgresql://...``) keeps the run's state and the quota ledger in that database,
-    shared by every driver of the collection. Stops cleanly when the
+    shared by every driver of the collection. ``executor`` (``ray`` with its
+    ``executor_options``) runs the points on another engine's workers; any but the local one
+    needs ``state``, where the workers claim the videos they share. Stops cleanly when the
     YouTube quota runs out (``result.stopped``); the next run goes on from where it stopped.
     """
     from vkr_core.backends import state_backend
@@ -898,6 +902,11 @@ def collect(
     # extra, a wrong password or a server that does not answer stops before anything is
     # written.
     public_state = CollectConfig(state=state).state
+    if executor != "local" and public_state is None:
+        raise InputError(
+            f"collecting on the {executor} engine needs a shared state (postgresql://...): "
+            "its workers claim each video there so that one of them judges and downloads it"
+        )
     if public_state is not None:
         state_backend(pm.registry, "status", public_state).check(CollectConfig(state=state))
     root = Path(out).resolve()
@@ -922,6 +931,8 @@ def collect(
         moderation=moderation,
         max_spend=max_spend,
         state=public_state,
+        executor=executor,
+        executor_options=executor_options or {},
     )
     counters = asyncio.run(
         run_items(

@@ -27,6 +27,7 @@ from test_collect import (  # noqa: F401  (fixtures)
     youtube,
 )
 
+from plugins.backends.postgres import run_schema
 from plugins.backends.postgres_ledger import SCHEMA
 from vkr_core.backends import split_password
 
@@ -172,3 +173,95 @@ def test_two_drivers_with_one_key_keep_to_one_quota_and_the_rerun_finishes(
         if r.step == "metadata_relevance" and any("gear train, close up" in t for t in r.texts)
     ]
     assert len(judged) == 1
+
+
+@pytest.mark.slow
+def test_collect_on_ray_writes_the_same_manifest_and_judges_each_video_once(
+    tmp_path,
+    world,  # noqa: F811  (the fixture)
+    vkr_postgres_url,
+):
+    built = build_bank(world, tmp_path)
+    world = {**world, "bank": built}
+    single = tmp_path / "single"
+    ok(run_collect(world, single))
+    expected = manifest_lines(single)
+    tube = world["youtube"]
+    units_once = sum(tube.units.values())
+    files_once = {vid: tube.file_requests[vid] for vid in KEPT}
+
+    # Without a shared state the workers could not claim the videos they share: refused.
+    refused = run_collect(world, tmp_path / "no-state", "--engine", "ray")
+    assert refused.returncode == 2 and "--engine ray needs --state" in refused.stderr
+    assert not (tmp_path / "no-state").exists()
+
+    reset_counts(world)
+    world["models"].clear_received()
+    on_ray = tmp_path / "ray"
+    ok(
+        run_collect(
+            world,
+            on_ray,
+            "--state",
+            vkr_postgres_url,
+            "--engine",
+            "ray",
+            "--workers",
+            "2",
+            "--concurrency",
+            "2",
+        )
+    )
+    assert without_point(manifest_lines(on_ray)) == without_point(expected)
+    # Both workers collected: each claims what it works on under an owner of its own.
+    with psycopg.connect(vkr_postgres_url) as conn:
+        rows = conn.execute(
+            f'SELECT item_id, state, owner FROM "{run_schema(on_ray / "run")}".items'
+        ).fetchall()
+    assert {state for _, state, _ in rows} == {"done"}
+    assert len({owner for item, _, owner in rows if not item.startswith("video:")}) == 2
+    assert {item for item, _, _ in rows if item.startswith("video:")} >= {
+        f"video:{vid}" for vid in KEPT
+    }
+    # The same YouTube requests as one local driver, each answered once.
+    assert sum(tube.units.values()) == units_once == ledger_units(vkr_postgres_url)
+    assert len(tube.answered) == len(set(tube.answered))
+    assert {vid: tube.file_requests[vid] for vid in KEPT} == files_once
+    judged = [
+        r
+        for r in world["models"].received()
+        if r.step == "metadata_relevance" and any("gear train, close up" in t for t in r.texts)
+    ]
+    assert len(judged) == 1
+    assert world["models"].stats()["repeats"] == 0
+
+
+@pytest.mark.slow
+def test_collect_on_ray_stops_at_the_quota_and_the_rerun_finishes(
+    tmp_path,
+    world,  # noqa: F811  (the fixture)
+    vkr_postgres_url,
+):
+    built = build_bank(world, tmp_path)
+    world = {**world, "bank": built}
+    single = tmp_path / "single"
+    ok(run_collect(world, single))
+    expected = manifest_lines(single)
+
+    reset_counts(world)
+    tube = world["youtube"]
+    on_ray = tmp_path / "ray"
+    ray = ("--state", vkr_postgres_url, "--engine", "ray", "--workers", "2", "--concurrency", "2")
+    first = run_collect(world, on_ray, *ray, "--daily-quota", str(QUOTA))
+    assert first.returncode == 4, first.stderr
+    assert "YouTube quota is used up" in first.stderr
+    spent = sum(tube.units.values())
+    assert spent == ledger_units(vkr_postgres_url, "2026-12-02")
+    assert QUOTA - 100 < spent <= QUOTA
+
+    tube.new_day()
+    tomorrow = {**world["env"], "VKR_COLLECT_NOW": "2026-12-03T18:00:00+00:00"}
+    ok(run_collect(world, on_ray, *ray, "--daily-quota", str(QUOTA), env=tomorrow))
+    assert without_point(manifest_lines(on_ray)) == without_point(expected)
+    assert world["models"].stats()["repeats"] == 0
+    assert len(tube.answered) == len(set(tube.answered))
