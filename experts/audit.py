@@ -193,7 +193,10 @@ def _load_source(source: Path) -> tuple[str, list[Path], list[AcceptedExample], 
         return "split", run_dirs, examples, excluded
     if RunLayout(source).records.is_dir():
         return "run", [source], load_accepted([source], True, excluded), excluded
-    raise InputError(f"{source} is neither a run directory (records/) nor a split (split.json)")
+    raise InputError(
+        f"{source} is neither a run directory ({RunLayout(source).records.name}/) nor a split "
+        f"({SplitLayout(source).manifest.name})"
+    )
 
 
 def create_audit(source: str | Path, out: str | Path, n: int = 800, seed: int = 0) -> AuditManifest:

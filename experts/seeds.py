@@ -35,6 +35,13 @@ MAX_BODY = 64 * 1024
 MAX_FIELD = 8000
 DEFAULT_TARGET = 150
 _FRAME = re.compile(r"^/frames/([A-Za-z0-9._-]+)/([0-9a-f]{64})\.jpg$")
+
+
+def seed_frames_dir(seeds_dir: Path, video_id: str) -> Path:
+    """Where the seeds folder keeps a video's sampled frames (its own layout, not a run's)."""
+    return seeds_dir / "frames" / video_id
+
+
 # A step cites the frame it rests on as mm:ss (or h:mm:ss), the clock the frames show.
 _CLOCK = re.compile(r"\b\d{1,2}:\d{2}(:\d{2})?\b")
 _OPTION = re.compile(r"^[A-Z]\. \S")
@@ -376,7 +383,7 @@ class SeedsApp:
                 config = RunConfig()
                 frames = sample_frames(
                     video.path,
-                    self.seeds_dir / "frames" / video_id,
+                    seed_frames_dir(self.seeds_dir, video_id),
                     fps=config.fps,
                     max_frames=config.max_frames,
                     max_side=config.max_side,

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from experts.seeds import SeedStore, check_seed
+from experts.seeds import SeedStore, check_seed, seed_frames_dir
 from qualification.labels import check_annotator
 from vkr_core.files import atomic_write
 from vkr_core.schemas import InputError
@@ -48,8 +48,9 @@ CONFIG = """<View>
 def _frames(seeds_dir: Path, video_id: str, prefix: str) -> list[str]:
     # The frames the page sampled (their names carry index and time): the reviewer checks
     # the reasoning's timestamps against the same pictures the author saw.
-    folder = seeds_dir / "frames" / video_id
-    return [prefix + f"frames/{video_id}/{p.name}" for p in sorted(folder.glob("frame_*.jpg"))]
+    folder = seed_frames_dir(seeds_dir, video_id)
+    where = folder.relative_to(seeds_dir).as_posix()  # the same path under the URL prefix
+    return [f"{prefix}{where}/{p.name}" for p in sorted(folder.glob("frame_*.jpg"))]
 
 
 FORMATS = ("labelstudio", "argilla")

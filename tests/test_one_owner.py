@@ -408,6 +408,8 @@ ALLOWED = {
     ("bench/bench_calls.py", "frames"): "a scratch folder of the benchmark",
     ("bench/bench_probe.py", "frames"): "a scratch folder of the benchmark",
     ("qualification/review.py", "frames"): "the review page's URL of a frame image",
+    ("experts/audit_review.py", "frames"): "the audit page's URL of a frame image",
+    ("experts/seeds.py", "frames"): "the seeds folder's own frames, and the page's frame URL",
     ("cli_options.py", "failures.jsonl"): "the exit codes' help text (documentation)",
     ("cli_collect.py", "failures.jsonl"): "vkr collect's exit codes' help text (documentation)",
 }
