@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from experts.audit import LABEL_NAMES, LABELS, AuditLabels, AuditLayout, check_annotator, load_audit
-from qualification.review import check_host
+from qualification.review import LoopbackServer, check_host
 from vkr_core.schemas import InputError, VkrError
 
 MAX_BODY = 64 * 1024
@@ -183,7 +182,9 @@ class _AuditHTTPServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
 
-class AuditServer:
+class AuditServer(LoopbackServer):
+    thread_name = "vkr-audit"
+
     """``with AuditServer(audit_dir) as server: server.url`` serves the page in a thread."""
 
     def __init__(
@@ -203,38 +204,7 @@ class AuditServer:
         if annotator is not None:
             annotator = check_annotator(annotator)
         self.app = AuditApp(audit_dir, annotator)
-        try:
-            self.httpd = _AuditHTTPServer((host, port), self.app)
-        except OSError as exc:
-            self.app.close()
-            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        self.url = f"http://{host}:{self.httpd.server_address[1]}/"
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> str:
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="vkr-audit", daemon=True
-        )
-        self._thread.start()
-        return self.url
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join(timeout=10)
-            self._thread = None
-        self.httpd.server_close()
-        self.app.close()
-
-    def __enter__(self) -> AuditServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.listen(_AuditHTTPServer, host, port)
 
 
 PAGE = r"""<!doctype html>

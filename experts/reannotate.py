@@ -29,7 +29,7 @@ from corpus.probe import load_eval_set, video_key
 from experts.reannotate_page import PAGE
 from plugins.exporters.evaluation import EVAL_FILE
 from qualification.labels import check_annotator
-from qualification.review import check_host
+from qualification.review import LoopbackServer, check_host
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write, read_jsonl
 from vkr_core.schemas import OPTION_LETTERS, EvalQuestion, InputError, VkrError
@@ -492,7 +492,9 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
 
-class ReannotateServer:
+class ReannotateServer(LoopbackServer):
+    thread_name = "vkr-reannotate"
+
     """``with ReannotateServer(probe_out, out_dir) as server: server.url`` serves the page."""
 
     def __init__(
@@ -508,35 +510,4 @@ class ReannotateServer:
         if annotator is not None:
             annotator = check_annotator(annotator)
         self.app = ReannotateApp(probe_out, out_dir, annotator, frames_dir)
-        try:
-            self.httpd = _Server((host, port), self.app)
-        except OSError as exc:
-            self.app.close()
-            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        self.url = f"http://{host}:{self.httpd.server_address[1]}/"
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> str:
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="vkr-reannotate", daemon=True
-        )
-        self._thread.start()
-        return self.url
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join(timeout=10)
-            self._thread = None
-        self.httpd.server_close()
-        self.app.close()
-
-    def __enter__(self) -> ReannotateServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.listen(_Server, host, port)

@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from experts.seeds_page import PAGE
 from qualification.labels import check_annotator, now
+from qualification.review import LoopbackServer
 from qualification.review import check_host as _loopback
 from vkr_core.config import RunConfig
 from vkr_core.files import atomic_write
@@ -515,7 +516,9 @@ class _SeedsHTTPServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
 
-class SeedsServer:
+class SeedsServer(LoopbackServer):
+    thread_name = "vkr-seeds"
+
     """``with SeedsServer(manifest, seeds_dir, pm) as server: server.url`` serves the page."""
 
     def __init__(
@@ -532,35 +535,4 @@ class SeedsServer:
         if annotator is not None:
             annotator = check_annotator(annotator)
         self.app = SeedsApp(manifest, seeds_dir, pm, target, annotator)
-        try:
-            self.httpd = _SeedsHTTPServer((host, port), self.app)
-        except OSError as exc:
-            self.app.close()
-            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        self.url = f"http://{host}:{self.httpd.server_address[1]}/"
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> str:
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="vkr-seeds", daemon=True
-        )
-        self._thread.start()
-        return self.url
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join(timeout=10)
-            self._thread = None
-        self.httpd.server_close()
-        self.app.close()
-
-    def __enter__(self) -> SeedsServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.listen(_SeedsHTTPServer, host, port)

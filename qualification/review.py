@@ -16,7 +16,7 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from qualification.labels import LabelStore, check_annotator
@@ -272,22 +272,20 @@ class _ReviewHTTPServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
 
-class ReviewServer:
-    """``with ReviewServer(pilot_dir) as server: server.url`` serves the page in a thread."""
+class LoopbackServer:
+    """A page's HTTP server on loopback, served in a thread; the app is closed with it.
 
-    def __init__(
-        self,
-        pilot_dir: str | Path,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        annotator: str | None = None,
-    ):
-        host = check_host(host)
-        if annotator is not None:
-            annotator = check_annotator(annotator)
-        self.app = ReviewApp(open_pilot(pilot_dir), annotator)
+    The pilot page and the expert pages (experts/) share it: a subclass checks its host and
+    makes its app, then calls ``listen``. ``with Server(...) as server: server.url``.
+    """
+
+    thread_name = "vkr-page"
+    app: Any
+    httpd: ThreadingHTTPServer
+
+    def listen(self, server_class: Any, host: str, port: int) -> None:
         try:
-            self.httpd = _ReviewHTTPServer((host, port), self.app)
+            self.httpd = server_class((host, port), self.app)
         except OSError as exc:
             self.app.close()
             raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -296,7 +294,7 @@ class ReviewServer:
 
     def start(self) -> str:
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="vkr-review", daemon=True
+            target=self.httpd.serve_forever, name=self.thread_name, daemon=True
         )
         self._thread.start()
         return self.url
@@ -312,9 +310,28 @@ class ReviewServer:
         self.httpd.server_close()
         self.app.close()
 
-    def __enter__(self) -> ReviewServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ReviewServer(LoopbackServer):
+    thread_name = "vkr-review"
+
+    """``with ReviewServer(pilot_dir) as server: server.url`` serves the page in a thread."""
+
+    def __init__(
+        self,
+        pilot_dir: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        annotator: str | None = None,
+    ):
+        host = check_host(host)
+        if annotator is not None:
+            annotator = check_annotator(annotator)
+        self.app = ReviewApp(open_pilot(pilot_dir), annotator)
+        self.listen(_ReviewHTTPServer, host, port)
