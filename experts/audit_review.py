@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import re
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from experts.audit import LABEL_NAMES, LABELS, AuditLabels, AuditLayout, check_annotator, load_audit
-from qualification.review import LoopbackServer, check_host
+from qualification.review import LoopbackHandler, LoopbackServer, check_host
 from vkr_core.schemas import InputError, VkrError
 
 MAX_BODY = 64 * 1024
@@ -92,36 +92,8 @@ class AuditApp:
         }
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LoopbackHandler):
     server: _AuditHTTPServer
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # see qualification/review.py: a delayed ACK per label
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a line per frame would bury the URL the user needs
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("X-Frame-Options", "DENY")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json")
-
-    def _host_ok(self) -> bool:
-        port = self.server.server_address[1]
-        allowed = {f"127.0.0.1:{port}", f"localhost:{port}", f"{self.server.host}:{port}"}
-        if self.headers.get("Host") not in allowed:
-            self._json(
-                HTTPStatus.FORBIDDEN, {"error": "requests must be addressed to the loopback host"}
-            )
-            return False
-        return True
 
     def do_GET(self) -> None:
         if not self._host_ok():

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -29,7 +29,7 @@ from corpus.probe import load_eval_set, video_key
 from experts.reannotate_page import PAGE
 from plugins.exporters.evaluation import EVAL_FILE
 from qualification.labels import check_annotator
-from qualification.review import LoopbackServer, check_host
+from qualification.review import LoopbackHandler, LoopbackServer, check_host
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write, read_jsonl
 from vkr_core.schemas import OPTION_LETTERS, EvalQuestion, InputError, VkrError
@@ -402,37 +402,8 @@ class ReannotateApp:
         return self.store.save(source.source_id, annotator, check_item(source, body))
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LoopbackHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("X-Frame-Options", "DENY")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json")
-
-    def _host_ok(self) -> bool:
-        # A DNS-rebinding page names its own host: only our loopback address is answered.
-        port = self.server.server_address[1]
-        allowed = {f"127.0.0.1:{port}", f"localhost:{port}", f"{self.server.host}:{port}"}
-        if self.headers.get("Host") not in allowed:
-            self._json(
-                HTTPStatus.FORBIDDEN, {"error": "requests must be addressed to the loopback host"}
-            )
-            return False
-        return True
 
     def do_GET(self) -> None:
         if not self._host_ok():

@@ -16,14 +16,14 @@ import threading
 import uuid
 from collections.abc import Collection
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from experts.seeds_page import PAGE
 from qualification.labels import check_annotator, now
-from qualification.review import LoopbackServer
+from qualification.review import LoopbackHandler, LoopbackServer
 from qualification.review import check_host as _loopback
 from vkr_core.config import RunConfig
 from vkr_core.files import atomic_write
@@ -420,38 +420,8 @@ class SeedsApp:
         return self.store.save(seed_id, annotator, content)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LoopbackHandler):
     server: _SeedsHTTPServer
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a line per frame would bury the URL the user needs
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("X-Frame-Options", "DENY")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json")
-
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
-
-    def _host_ok(self) -> bool:
-        # A DNS-rebinding page names its own host: only our loopback address is served.
-        port = self.server.server_address[1]
-        allowed = {f"127.0.0.1:{port}", f"localhost:{port}", f"{self.server.host}:{port}"}
-        if self.headers.get("Host") not in allowed:
-            self._error(HTTPStatus.FORBIDDEN, "requests must be addressed to the loopback host")
-            return False
-        return True
 
     def do_GET(self) -> None:
         if not self._host_ok():

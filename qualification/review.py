@@ -178,8 +178,11 @@ class ReviewApp:
         return {"status": change.status, "item_id": item_id, **_label_json(change.label, history)}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _ReviewHTTPServer
+class LoopbackHandler(BaseHTTPRequestHandler):
+    """What every page's handler shares (the pilot page's and experts/'): no-store, no-sniff,
+    no-frame replies, JSON errors, and only requests addressed to the loopback host."""
+
+    server: Any  # a page's ThreadingHTTPServer with ``host`` (the address it listens on)
     protocol_version = "HTTP/1.1"
     # Headers and body go out as two writes: with Nagle's algorithm on, a keep-alive
     # client's delayed ACK holds the body back ~40 ms on every label.
@@ -211,6 +214,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.FORBIDDEN, "requests must be addressed to the loopback host")
             return False
         return True
+
+
+class _Handler(LoopbackHandler):
+    server: _ReviewHTTPServer
 
     def do_GET(self) -> None:
         if not self._host_ok():
