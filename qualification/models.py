@@ -6,6 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The annotator name of labels vkr sets itself (hard compliance failures): no person may use it.
+from labelling.store import AUTO_ANNOTATOR as AUTO_ANNOTATOR
+from labelling.store import Label as StoredLabel
+
 LabelValue = Literal["ok", "hard", "soft"]
 LABELS: tuple[str, ...] = ("ok", "hard", "soft")
 CATEGORIES: tuple[str, ...] = (
@@ -15,8 +19,6 @@ CATEGORIES: tuple[str, ...] = (
     "format",
     "other",
 )
-# The annotator name of labels vkr sets itself (hard compliance failures): no person may use it.
-AUTO_ANNOTATOR = "auto"
 # The paper's rule: a model is eligible for a step when its pilot error rate is at most 3 %.
 MAX_ERROR_RATE = 0.03
 PAPER_PILOT_SIZE = 100
@@ -125,15 +127,7 @@ class PilotInputsManifest(Strict):
     updated: str
 
 
-class Label(Strict):
-    """One expert (or automatic) judgement of one item, as stored in labels.sqlite."""
+class Label(StoredLabel):
+    """One expert (or automatic) judgement of one pilot item, as stored in labels.sqlite."""
 
-    id: int | None = None
-    item_id: str
-    annotator: str
     label: LabelValue
-    category: str | None = None
-    note: str = ""
-    created_at: str
-    source: str = Field(description="web, auto, labelstudio or argilla")
-    superseded_by: int | None = None
