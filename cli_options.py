@@ -49,6 +49,33 @@ def _state_url(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return value
 
 
+# How a video's frames are sampled (`vkr run`, `vkr seeds serve`). The ranges repeat
+# RunConfig's, so a bad value is a usage error naming the option.
+FRAME_OPTIONS = [
+    click.option(
+        "--fps",
+        default=0.2,
+        show_default=True,
+        type=click.FloatRange(min=0, min_open=True),
+        help="Frame sampling rate (frames per second).",
+    ),
+    click.option(
+        "--max-frames",
+        default=64,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="At most this many frames.",
+    ),
+]
+
+
+def frame_options(func: Any) -> Any:
+    """--fps and --max-frames, as `vkr run` takes them."""
+    for option in reversed(FRAME_OPTIONS):
+        func = option(func)
+    return func
+
+
 def pipeline_options(func: Any) -> Any:
     """The settings every command that runs the pipeline shares; they become a RunConfig."""
     options = [
@@ -58,21 +85,7 @@ def pipeline_options(func: Any) -> Any:
         click.option(
             "--seed", default=0, show_default=True, help="Run seed: model choice, seeds, frames."
         ),
-        # The ranges repeat RunConfig's, so a bad value is a usage error naming the option.
-        click.option(
-            "--fps",
-            default=0.2,
-            show_default=True,
-            type=click.FloatRange(min=0, min_open=True),
-            help="Frame sampling rate (frames per second).",
-        ),
-        click.option(
-            "--max-frames",
-            default=64,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="At most this many frames.",
-        ),
+        *FRAME_OPTIONS,
         click.option(
             "--skills",
             callback=_skill_list,

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from cli_options import frame_options
 from vkr_core.hookspecs import hookimpl
 
 
@@ -42,15 +43,30 @@ def seeds() -> None:
 @click.option("--port", default=8761, show_default=True, help="Port on 127.0.0.1 (0: any free).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback only.")
 @click.option("--annotator", help="Your name, recorded with every seed you save.")
+@frame_options
 def serve(
-    manifest: Path, seeds_dir: Path, target: int, port: int, host: str, annotator: str | None
+    manifest: Path,
+    seeds_dir: Path,
+    target: int,
+    port: int,
+    host: str,
+    annotator: str | None,
+    fps: float,
+    max_frames: int,
 ) -> None:
-    """Serve the seed page on 127.0.0.1 until Ctrl-C."""
-    from experts.seeds import SeedsServer
+    """Serve the seed page on 127.0.0.1 until Ctrl-C.
+
+    The frames an expert writes on are sampled as `vkr run` samples them with the same
+    --fps and --max-frames; each seed records them.
+    """
+    from experts.seeds import SeedsServer, sampling_text
     from vkr_core.plugins import get_plugin_manager
 
-    server = SeedsServer(manifest, seeds_dir, get_plugin_manager(), host, port, target, annotator)
+    server = SeedsServer(
+        manifest, seeds_dir, get_plugin_manager(), host, port, target, annotator, fps, max_frames
+    )
     click.echo(f"seeds {seeds_dir}: open {server.url}")
+    click.echo(f"frames: {sampling_text(server.app.sampling)} (as vkr run samples them)")
     click.echo("seeds are saved as you write them; press Ctrl-C to stop")
     try:
         server.serve_forever()

@@ -21,15 +21,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from pydantic import ValidationError
+
 from experts.seeds_page import PAGE
+from labelling.http import LoopbackHandler, LoopbackServer
+from labelling.http import check_host as _loopback
 from qualification.labels import check_annotator, now
-from qualification.review import LoopbackHandler, LoopbackServer
-from qualification.review import check_host as _loopback
 from vkr_core.config import RunConfig
+from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write
 from vkr_core.manifest import load_manifest
 from vkr_core.plugins import VkrPluginManager
-from vkr_core.schemas import InputError, SeedExample, Video, VkrError
+from vkr_core.schemas import Frame, FrameSampling, InputError, SeedExample, Video, VkrError
 from vkr_core.video import sample_frames
 
 MAX_BODY = 64 * 1024
@@ -38,9 +41,17 @@ DEFAULT_TARGET = 150
 _FRAME = re.compile(r"^/frames/([A-Za-z0-9._-]+)/([0-9a-f]{64})\.jpg$")
 
 
-def seed_frames_dir(seeds_dir: Path, video_id: str) -> Path:
-    """Where the seeds folder keeps a video's sampled frames (its own layout, not a run's)."""
-    return seeds_dir / "frames" / video_id
+def seed_frames_dir(seeds_dir: Path, video_id: str, sampling: FrameSampling) -> Path:
+    """Where the seeds folder keeps a video's frames sampled so (its own layout, not a run's).
+
+    Each sampling has its own folder: a seed's timestamps stay tied to the frames its author
+    saw when the page is later served with other settings.
+    """
+    return seeds_dir / "frames" / f"fps{sampling.fps!r}_max{sampling.max_frames}" / video_id
+
+
+def sampling_text(sampling: FrameSampling) -> str:
+    return f"{sampling.fps:g} fps, at most {sampling.max_frames} frames"
 
 
 # A step cites the frame it rests on as mm:ss (or h:mm:ss), the clock the frames show.
@@ -58,6 +69,7 @@ CREATE TABLE IF NOT EXISTS versions (
     discipline TEXT NOT NULL,
     subject TEXT NOT NULL,
     skill TEXT NOT NULL,
+    sampling TEXT NOT NULL,
     question TEXT NOT NULL,
     options TEXT,
     answer TEXT NOT NULL,
@@ -73,6 +85,7 @@ _CONTENT = (
     "discipline",
     "subject",
     "skill",
+    "sampling",
     "question",
     "options",
     "answer",
@@ -166,6 +179,7 @@ class SeedStore:
     def _version(row: sqlite3.Row) -> dict[str, Any]:
         version = dict(row)
         version["options"] = json.loads(row["options"]) if row["options"] else None
+        version["sampling"] = json.loads(row["sampling"])
         return version
 
     def history(self, seed_id: str) -> list[dict[str, Any]]:
@@ -223,8 +237,8 @@ class SeedStore:
                     )
                 cursor = self._db.execute(
                     "INSERT INTO versions (seed_id, annotator, action, video_id, discipline,"
-                    " subject, skill, question, options, answer, reasoning, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " subject, skill, sampling, question, options, answer, reasoning,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         seed_id,
                         annotator,
@@ -233,6 +247,7 @@ class SeedStore:
                         content["discipline"],
                         content["subject"],
                         content["skill"],
+                        json.dumps(content["sampling"], sort_keys=True),
                         content["question"],
                         None if content["options"] is None else json.dumps(content["options"]),
                         content["answer"],
@@ -315,6 +330,7 @@ def export_bank(seeds_dir: str | Path, out: str | Path) -> int:
             options=s["options"],
             answer=s["answer"],
             reasoning=s["reasoning"],
+            sampling=s["sampling"],
         ).model_dump_json()
         + "\n"
         for s in approved
@@ -333,7 +349,16 @@ class SeedsApp:
         pm: VkrPluginManager,
         target: int = DEFAULT_TARGET,
         default_annotator: str | None = None,
+        fps: float = 0.2,
+        max_frames: int = 64,
     ):
+        try:
+            # A run's sampling, validated as a run's: the clocks a seed cites are those the
+            # generator sees when the run samples the same way.
+            self.config = RunConfig(fps=fps, max_frames=max_frames)
+        except ValidationError as exc:
+            raise InputError(f"frame sampling: {describe_validation_error(exc)}") from None
+        self.sampling = FrameSampling(fps=self.config.fps, max_frames=self.config.max_frames)
         loaded = load_manifest(manifest)
         if not loaded.videos:
             reasons = "; ".join(p.reason for p in loaded.problems[:3])
@@ -348,12 +373,16 @@ class SeedsApp:
         self.target = target
         self.seeds_dir = Path(seeds_dir)
         self.store = open_store(seeds_dir)
-        self._frames: dict[str, dict[str, Any]] = {}
-        self._frame_lock = threading.Lock()
+        self._frames: dict[str, dict[str, Frame]] = {}
+        # A video that cannot be decoded is refused from then on, not decoded again per click.
+        self._unreadable: dict[str, str] = {}
+        # One lock per video: a slow or hanging decode holds up that video only.
+        self._frame_locks = {video_id: threading.Lock() for video_id in self.videos}
         self.state_json = json.dumps(
             {
                 "skills": self.skills,
                 "target": target,
+                "sampling": {**self.sampling.model_dump(), "text": sampling_text(self.sampling)},
                 "default_annotator": default_annotator,
                 "videos": [
                     {
@@ -376,22 +405,30 @@ class SeedsApp:
         return self.videos[video_id]
 
     def frames(self, video_id: str) -> list[dict[str, Any]]:
-        """The video's frames as a run samples them (sampled once, then read from disk)."""
+        """The video's frames as a run samples them (sampled once, then read from disk);
+        InputError saying why for a video that cannot be decoded."""
         video = self._video(video_id)
-        with self._frame_lock:
+        with self._frame_locks[video_id]:
+            if video_id in self._unreadable:
+                raise InputError(self._unreadable[video_id])
             if video_id not in self._frames:
-                # A run's default sampling: the seed cites the clocks the generator will see.
-                config = RunConfig()
-                frames = sample_frames(
-                    video.path,
-                    seed_frames_dir(self.seeds_dir, video_id),
-                    fps=config.fps,
-                    max_frames=config.max_frames,
-                    max_side=config.max_side,
-                    jpeg_quality=config.jpeg_quality,
-                    timeout=config.decode_timeout,
-                    pm=self.pm,
-                )
+                config = self.config
+                try:
+                    frames = sample_frames(
+                        video.path,
+                        seed_frames_dir(self.seeds_dir, video_id, self.sampling),
+                        fps=config.fps,
+                        max_frames=config.max_frames,
+                        max_side=config.max_side,
+                        jpeg_quality=config.jpeg_quality,
+                        timeout=config.decode_timeout,
+                        pm=self.pm,
+                    )
+                except (VkrError, OSError) as exc:
+                    self._unreadable[video_id] = (
+                        f"video {video_id} has no frames to write a seed on: {exc}"
+                    )
+                    raise InputError(self._unreadable[video_id]) from None
                 self._frames[video_id] = {f.sha256: f for f in frames}
         return [
             {"url": f"/frames/{video_id}/{f.sha256}.jpg", "clock": f.clock, "time": f.timestamp}
@@ -415,8 +452,14 @@ class SeedsApp:
             return self.store.save(seed_id, annotator, {}, approve=True)
         video = self._video(body.get("video_id"))
         content = check_seed(body, self.skills)
+        # The seed cites these frames' clocks: they must exist (an undecodable video refuses).
+        self.frames(video.video_id)
         content["subject"] = content["subject"] or video.subject
-        content.update(video_id=video.video_id, discipline=video.discipline)
+        content.update(
+            video_id=video.video_id,
+            discipline=video.discipline,
+            sampling=self.sampling.model_dump(),
+        )
         return self.store.save(seed_id, annotator, content)
 
 
@@ -500,9 +543,11 @@ class SeedsServer(LoopbackServer):
         port: int = 0,
         target: int = DEFAULT_TARGET,
         annotator: str | None = None,
+        fps: float = 0.2,
+        max_frames: int = 64,
     ):
         host = check_host(host)
         if annotator is not None:
             annotator = check_annotator(annotator)
-        self.app = SeedsApp(manifest, seeds_dir, pm, target, annotator)
+        self.app = SeedsApp(manifest, seeds_dir, pm, target, annotator, fps, max_frames)
         self.listen(_SeedsHTTPServer, host, port)

@@ -15,14 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from experts.seeds import SeedStore, check_seed, seed_frames_dir
+from experts.seeds import SeedStore, check_seed, sampling_text, seed_frames_dir
 from qualification.labels import check_annotator
 from vkr_core.files import atomic_write
-from vkr_core.schemas import InputError
+from vkr_core.schemas import FrameSampling, InputError
 
 REVISABLE = ("question", "options", "answer", "reasoning")
 CONFIG = """<View>
-  <Header value="$skill · $discipline · video $video_id"/>
+  <Header value="$skill · $discipline · video $video_id · frames at $sampling"/>
   <Image name="frames" valueList="$frames"/>
   <Header value="Question"/>
   <Text name="question" value="$question"/>
@@ -45,10 +45,10 @@ CONFIG = """<View>
 """
 
 
-def _frames(seeds_dir: Path, video_id: str, prefix: str) -> list[str]:
+def _frames(seeds_dir: Path, video_id: str, sampling: FrameSampling, prefix: str) -> list[str]:
     # The frames the page sampled (their names carry index and time): the reviewer checks
     # the reasoning's timestamps against the same pictures the author saw.
-    folder = seed_frames_dir(seeds_dir, video_id)
+    folder = seed_frames_dir(seeds_dir, video_id, sampling)
     where = folder.relative_to(seeds_dir).as_posix()  # the same path under the URL prefix
     return [f"{prefix}{where}/{p.name}" for p in sorted(folder.glob("frame_*.jpg"))]
 
@@ -90,7 +90,13 @@ def export_tasks(
                 "options": "\n".join(seed["options"] or []),
                 "answer": seed["answer"],
                 "reasoning": seed["reasoning"],
-                "frames": _frames(Path(seeds_dir), seed["video_id"], frame_url_prefix),
+                "sampling": sampling_text(FrameSampling(**seed["sampling"])),
+                "frames": _frames(
+                    Path(seeds_dir),
+                    seed["video_id"],
+                    FrameSampling(**seed["sampling"]),
+                    frame_url_prefix,
+                ),
             },
         }
         for n, seed in enumerate(pending, start=1)
@@ -157,7 +163,9 @@ def _argilla_settings() -> dict[str, Any]:
         "questions": [verdict]
         + [answer(f"revised_{name}", f"Revised {name}") for name in REVISABLE],
         "vectors": [],
-        "metadata": [terms(n) for n in ("seed_id", "skill", "discipline", "video_id", "author")],
+        "metadata": [
+            terms(n) for n in ("seed_id", "skill", "discipline", "video_id", "author", "sampling")
+        ],
         "allow_extra_metadata": True,
     }
 
@@ -184,7 +192,15 @@ def _write_argilla(target: Path, seeds: list[dict[str, Any]]) -> None:
                 },
                 "metadata": {
                     k: seed[k]
-                    for k in ("seed_id", "version", "skill", "discipline", "video_id", "author")
+                    for k in (
+                        "seed_id",
+                        "version",
+                        "skill",
+                        "discipline",
+                        "video_id",
+                        "author",
+                        "sampling",
+                    )
                 },
                 "suggestions": {},
                 "responses": {},
@@ -354,7 +370,10 @@ def import_reviews(
                 checked = check_seed(body, skills)
             except InputError as exc:
                 raise InputError(f"{where}: {exc}") from None
-            checked.update(video_id=seed["video_id"], discipline=seed["discipline"])
+            # The reviewer saw the frames the seed was written on.
+            checked.update(
+                video_id=seed["video_id"], discipline=seed["discipline"], sampling=seed["sampling"]
+            )
             planned.append((seed_id, annotator, checked))
         for seed_id, annotator, content in planned:
             if content is None:

@@ -32,6 +32,8 @@ PAGE = r"""<!doctype html>
   .pending { color: #b54708; } .approved { color: #1a7f37; }
   table { border-collapse: collapse; font-size: 12px; width: 100%; } td, th { border: 1px solid var(--line); padding: .2rem .4rem; }
   .muted { color: #667085; }
+  .frames .error, .error { color: #b42318; font-weight: 600; }
+  details.history { font-size: 12px; } details.history ol { margin: .2rem 0; padding-left: 1.2rem; }
 </style>
 </head>
 <body>
@@ -40,6 +42,7 @@ PAGE = r"""<!doctype html>
   <span>annotator <input id="annotator" style="width:10rem" autocomplete="off"></span>
   <span>video <select id="video" style="width:20rem"></select></span>
   <span id="video-info" class="muted"></span>
+  <span id="sampling" class="muted"></span>
 </header>
 <main>
 <section>
@@ -97,16 +100,24 @@ async function showVideo() {
   const video = config.videos.find(v => v.video_id === id);
   $("video-info").textContent = video ? `${video.discipline} · ${video.title}` : "";
   $("frames").replaceChildren(el("span", "sampling frames…", "muted"));
+  let data;
   try {
-    const data = await api("/api/frames?video=" + encodeURIComponent(id));
-    $("frames").replaceChildren(...data.frames.map(frame => {
-      const figure = el("figure");
-      const img = el("img"); img.src = frame.url; img.alt = "frame at " + frame.clock;
-      figure.append(img, el("figcaption", frame.clock));
-      figure.onclick = () => cite(frame.clock);
-      return figure;
-    }));
-  } catch (err) { status(err.message, true); }
+    data = await api("/api/frames?video=" + encodeURIComponent(id));
+  } catch (err) {
+    // This video only: the others can still be chosen and written on.
+    if ($("video").value === id) $("frames").replaceChildren(el("p", err.message, "error"));
+    status(err.message, true);
+    return;
+  }
+  if ($("video").value !== id) return;  // another video was chosen meanwhile
+  if ($("status").className === "error") status("");  // the last video's error is not this one's
+  $("frames").replaceChildren(...data.frames.map(frame => {
+    const figure = el("figure");
+    const img = el("img"); img.src = frame.url; img.alt = "frame at " + frame.clock;
+    figure.append(img, el("figcaption", frame.clock));
+    figure.onclick = () => cite(frame.clock);
+    return figure;
+  }));
 }
 
 function cite(clock) {
@@ -141,8 +152,13 @@ function clearForm() {
   keepDraft();
 }
 
+function sameSampling(a, b) { return a.fps === b.fps && a.max_frames === b.max_frames; }
+
 function load(seed) {
   editing = seed.seed_id;
+  if (!sameSampling(seed.sampling, config.sampling))
+    status(`this seed was written on frames at ${seed.sampling.fps} fps (at most ${seed.sampling.max_frames}); ` +
+           `this page shows ${config.sampling.text}: a save records the frames shown here`);
   $("form-title").textContent = (seed.author === annotator() ? "Edit seed " : "Revise seed ") + seed.seed_id.slice(0, 8);
   $("video").value = seed.video_id;
   $("skill").value = seed.skill;
@@ -191,6 +207,16 @@ async function refresh() {
     li.append(el("div", seed.question, "q"));
     const versions = seed.history.map(h => `${h.action} by ${h.annotator}`).join(", ");
     li.append(el("div", `${seed.status} · ${seed.skill} · ${seed.video_id} · ${versions}`, seed.status));
+    if (!sameSampling(seed.sampling, config.sampling))
+      li.append(el("div", `frames at ${seed.sampling.fps} fps, at most ${seed.sampling.max_frames}`, "muted sampling"));
+    // Every version, oldest first: what the author wrote stays readable after a revision.
+    const history = el("details"); history.className = "history";
+    history.append(el("summary", `history (${seed.history.length} version${seed.history.length > 1 ? "s" : ""})`));
+    const list = el("ol");
+    for (const h of seed.history)
+      list.append(el("li", `${h.created_at} · ${h.action} by ${h.annotator}: ${h.question} → ${h.answer}`));
+    history.append(list);
+    li.append(history);
     const edit = el("button", seed.author === me ? "edit" : "revise");
     edit.type = "button"; edit.className = "edit"; edit.onclick = () => load(seed);
     li.append(edit);
@@ -212,6 +238,7 @@ async function refresh() {
 async function start() {
   config = await api("/api/config");
   $("target").textContent = `(target ${config.target} approved per discipline and skill)`;
+  $("sampling").textContent = "frames: " + config.sampling.text;
   for (const skill of config.skills) $("skill").append(el("option", skill));
   for (const video of config.videos) {
     const option = el("option", `${video.video_id} — ${video.title}`); option.value = video.video_id;

@@ -327,7 +327,7 @@ def test_label_studio_round_trip_approves_and_revises_with_history(manifest, tmp
     assert [t["data"]["question"] for t in tasks] == [QUESTION, "What does the cook hold?"]
     frames = tasks[0]["data"]["frames"]
     assert len(frames) == len(clocks) and frames[1].startswith(
-        prefix + "frames/pancake/frame_0001_"
+        prefix + "frames/fps0.2_max64/pancake/frame_0001_"
     )
     assert (seeds_dir / frames[1].removeprefix(prefix)).is_file()
 
@@ -398,3 +398,101 @@ def test_argilla_round_trip_approves_and_revises(manifest, tmp_path):
             "SELECT options, answer FROM versions ORDER BY id DESC LIMIT 1"
         ).fetchone()
     assert (json.loads(options), answer) == (["A. A spatula", "B. A whisk"], "B")
+
+
+def test_frames_are_sampled_as_the_run_is_told_and_each_seed_keeps_its_sampling(manifest, tmp_path):
+    seeds_dir = tmp_path / "seeds"
+    runner = CliRunner()
+    # The same options and ranges as vkr run: a bad value is a usage error naming the option.
+    for option, value in (("--fps", "0"), ("--max-frames", "0")):
+        refused = runner.invoke(
+            cli,
+            ["seeds", "serve", "--videos", str(manifest), "--bank", str(seeds_dir), option, value],
+        )
+        assert refused.exit_code == 2 and f"Invalid value for '{option}'" in refused.output
+    from vkr_core.schemas import InputError
+
+    with pytest.raises(InputError, match=r"^frame sampling: fps: .*greater than 0"):
+        SeedsServer(manifest, seeds_dir, get_plugin_manager(), fps=0)
+
+    frames_of = "() => [...document.querySelectorAll('figcaption')].map(c => c.textContent)"
+    with chromium() as browser:
+        with SeedsServer(
+            manifest, seeds_dir, get_plugin_manager(), fps=1.0, max_frames=4
+        ) as server:
+            page = open_page(browser, server.url + "?annotator=alice")
+            assert page.inner_text("#sampling") == "frames: 1 fps, at most 4 frames"
+            page.wait_for_selector("figure img", timeout=60000)
+            # 11 frames at 1 fps in 10.3 s, at most 4: spread evenly, as a run spreads them.
+            assert page.evaluate(frames_of) == ["00:00", "00:02", "00:05", "00:07"]
+            code, written = post(server.url, seed_body(reasoning="Step 1: at 00:07 it lands."))
+            assert code == 200 and written["sampling"] == {"fps": 1.0, "max_frames": 4}
+            assert page.errors == []
+        # Served again as vkr run samples by default: other frames, kept apart from the first.
+        with SeedsServer(manifest, seeds_dir, get_plugin_manager()) as server:
+            page = open_page(browser, server.url + "?annotator=bob")
+            page.wait_for_selector("figure img", timeout=60000)
+            assert page.evaluate(frames_of)[:3] == ["00:00", "00:05", "00:10"]
+            # The seed shows the frames it was written on.
+            assert "frames at 1 fps, at most 4" in page.inner_text("#seeds")
+            code, approved = post(
+                server.url, {"annotator": "bob", "seed_id": written["seed_id"], "approve": True}
+            )
+            assert (code, approved["sampling"]) == (200, {"fps": 1.0, "max_frames": 4})
+            assert page.errors == []
+    folders = sorted(p.relative_to(seeds_dir).as_posix() for p in seeds_dir.glob("frames/*/*"))
+    assert folders == ["frames/fps0.2_max64/pancake", "frames/fps1.0_max4/pancake"]
+    assert len(list((seeds_dir / "frames/fps1.0_max4/pancake").glob("frame_*.jpg"))) == 4
+
+    # The exported seed says which frames its 00:07 is: the bank vkr run reads keeps it.
+    bank = tmp_path / "bank.jsonl"
+    done = runner.invoke(cli, ["seeds", "export", str(seeds_dir), "--out", str(bank)])
+    assert done.exit_code == 0, done.output
+    [seed] = read_seeds(bank, {"VidR", "KnowVid", "KnowVidR"})
+    assert seed.sampling is not None
+    assert (seed.sampling.fps, seed.sampling.max_frames) == (1.0, 4)
+
+
+def test_a_video_that_cannot_be_decoded_is_refused_in_the_page_and_the_others_still_work(
+    manifest, tmp_path
+):
+    folder = manifest.parent
+    # Half the bytes of a real clip, and a text file named like a video: decord fails on both.
+    pancake = (folder / "pancake.mkv").read_bytes()
+    (folder / "cut.mkv").write_bytes(pancake[: len(pancake) // 2])
+    (folder / "notes.mp4").write_text("not a video, just notes\n")
+    lines = [json.loads(manifest.read_text())] + [
+        {"video_id": name, "path": path, "discipline": "cooking", "title": name}
+        for name, path in (("cut", "cut.mkv"), ("notes", "notes.mp4"))
+    ]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    seeds_dir = tmp_path / "seeds"
+    with (
+        SeedsServer(manifest, seeds_dir, get_plugin_manager()) as server,
+        chromium() as browser,
+    ):
+        page = open_page(browser, server.url + "?annotator=alice")
+        page.wait_for_selector("figure img", timeout=60000)
+        for video_id, why in (("cut", "truncated"), ("notes", "cannot open as a video")):
+            page.select_option("#video", video_id)
+            error = page.wait_for_selector("#frames p.error", timeout=60000).inner_text()
+            assert error.startswith(f"video {video_id} has no frames to write a seed on: ")
+            assert why in error and "\n" not in error
+            assert page.locator("#frames figure").count() == 0
+            # A seed on it is refused with the same line; nothing is stored.
+            code, reply = post(server.url, seed_body(video_id=video_id))
+            assert (code, reply) == (400, {"error": error})
+        assert not (seeds_dir / "seeds.sqlite").exists() or versions(seeds_dir) == []
+
+        # The good video still works: its frames show and a seed is saved on it.
+        page.select_option("#video", "pancake")
+        page.wait_for_selector("figure img", timeout=60000)
+        assert page.locator("#frames p.error").count() == 0
+        page.fill("#question", QUESTION)
+        page.fill("#options", "\n".join(OPTIONS))
+        page.fill("#answer", "B")
+        page.fill("#reasoning", REASONING)
+        page.click("#save")
+        status(page, "saved: seed")
+        assert versions(seeds_dir) == [("alice", "written", QUESTION)]
+        assert page.errors == []

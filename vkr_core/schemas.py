@@ -216,6 +216,13 @@ def format_clock(seconds: float) -> str:
     return f"{total // 60:02d}:{total % 60:02d}"
 
 
+class FrameSampling(Strict):
+    """How a video's frames were sampled (a run's ``fps`` and ``max_frames``)."""
+
+    fps: float = Field(gt=0)
+    max_frames: int = Field(ge=1)
+
+
 class SeedExample(Strict):
     """An expert example shown to the generator; ``skill`` is any registered skill's name."""
 
@@ -227,6 +234,9 @@ class SeedExample(Strict):
     options: list[str] | None = None
     answer: str
     reasoning: str
+    # The frames whose clock times the reasoning cites (vkr seeds records them): the same
+    # time falls on other frames, or none, when a run samples otherwise. None: not known.
+    sampling: FrameSampling | None = None
 
 
 class SkillSpec(Strict):

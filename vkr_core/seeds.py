@@ -7,7 +7,9 @@ skill, and the plugin's seeds otherwise.
 
 Format: jsonl, one SeedExample per line with the fields discipline, subject, skill (the name
 of a registered skill), question, options (list of "A. ..." strings, or null for
-open-ended), answer (the letter for multiple choice, a short text otherwise), reasoning.
+open-ended), answer (the letter for multiple choice, a short text otherwise), reasoning,
+and optionally sampling (``{"fps": 0.2, "max_frames": 64}``: the frames the reasoning's
+timestamps were cited on; `vkr seeds export` writes it).
 """
 
 from __future__ import annotations
