@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from experts.audit import LABEL_NAMES, LABELS, AuditLabels, AuditLayout, check_annotator, load_audit
-from qualification.review import LoopbackHandler, LoopbackServer, check_host
+from labelling.http import LoopbackHandler, LoopbackServer, check_host
 from vkr_core.schemas import InputError, VkrError
 
 MAX_BODY = 64 * 1024

@@ -27,9 +27,9 @@ from pydantic import ValidationError
 
 from corpus.probe import load_eval_set, video_key
 from experts.reannotate_page import PAGE
+from labelling.http import LoopbackHandler, LoopbackServer, check_host
 from plugins.exporters.evaluation import EVAL_FILE
 from qualification.labels import check_annotator
-from qualification.review import LoopbackHandler, LoopbackServer, check_host
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write, read_jsonl
 from vkr_core.schemas import OPTION_LETTERS, EvalQuestion, InputError, VkrError

@@ -9,18 +9,19 @@ takes labels only as JSON posts (a cross-site form cannot send them).
 from __future__ import annotations
 
 import html
-import ipaddress
 import json
 import re
-import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from labelling.http import LoopbackHandler, LoopbackServer
+from labelling.http import check_host as check_any_host
+from labelling.store import Label
 from qualification.labels import LabelStore, check_annotator
-from qualification.models import AUTO_ANNOTATOR, CATEGORIES, Label, PilotItem
+from qualification.models import AUTO_ANNOTATOR, CATEGORIES, PilotItem
 from qualification.pilot import Pilot, open_pilot
 from qualification.review_page import PAGE
 from vkr_core.context import FENCE_TAG
@@ -39,19 +40,8 @@ _SEED = re.compile(r"^Example \d+ \(.*?\):\n(?:.+\n?)+", re.MULTILINE)
 
 
 def check_host(host: str) -> str:
-    """The host if it is an IPv4 loopback address (or localhost); else InputError."""
-    if host == "localhost":
-        return "127.0.0.1"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    if address is None or address.version != 4 or not address.is_loopback:
-        raise InputError(
-            f"the review page serves on 127.0.0.1 only, not on {host!r}: pilot inputs and "
-            "labels stay on this machine (use an SSH tunnel to review from elsewhere)"
-        )
-    return host
+    """The host if it is a loopback address; else InputError in the review page's words."""
+    return check_any_host(host, "the review page", keeps="pilot inputs and labels")
 
 
 def _texts(item: PilotItem, role: str | None = None) -> list[str]:
@@ -178,44 +168,6 @@ class ReviewApp:
         return {"status": change.status, "item_id": item_id, **_label_json(change.label, history)}
 
 
-class LoopbackHandler(BaseHTTPRequestHandler):
-    """What every page's handler shares (the pilot page's and experts/'): no-store, no-sniff,
-    no-frame replies, JSON errors, and only requests addressed to the loopback host."""
-
-    server: Any  # a page's ThreadingHTTPServer with ``host`` (the address it listens on)
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out as two writes: with Nagle's algorithm on, a keep-alive
-    # client's delayed ACK holds the body back ~40 ms on every label.
-    disable_nagle_algorithm = True
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a line per thumbnail would bury the URL the user needs
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("X-Frame-Options", "DENY")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data).encode(), "application/json")
-
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
-
-    def _host_ok(self) -> bool:
-        port = self.server.server_address[1]
-        allowed = {f"127.0.0.1:{port}", f"localhost:{port}", f"{self.server.host}:{port}"}
-        if self.headers.get("Host") not in allowed:
-            self._error(HTTPStatus.FORBIDDEN, "requests must be addressed to the loopback host")
-            return False
-        return True
-
-
 class _Handler(LoopbackHandler):
     server: _ReviewHTTPServer
 
@@ -238,11 +190,7 @@ class _Handler(LoopbackHandler):
                 self._error(HTTPStatus.BAD_REQUEST, str(exc))
         elif match := _SHA256.match(url.path):
             # Only frames this pilot lists: the URL names a hash, never a path.
-            path = app.frames.get(match.group(1))
-            if path is None or not path.is_file():
-                self._error(HTTPStatus.NOT_FOUND, "no such frame in this pilot")
-                return
-            self._send(HTTPStatus.OK, path.read_bytes(), "image/jpeg")
+            self.serve_frame(app.frames.get(match.group(1)), "no such frame in this pilot")
         else:
             self._error(HTTPStatus.NOT_FOUND, f"no page {url.path}")
 
@@ -252,20 +200,11 @@ class _Handler(LoopbackHandler):
         if urlsplit(self.path).path != "/api/labels":
             self._error(HTTPStatus.NOT_FOUND, "no such endpoint")
             return
-        if self.headers.get_content_type() != "application/json":
-            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "labels are posted as JSON")
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "label too large")
+        body = self.read_json(MAX_BODY, "a label")
+        if body is None:
             return
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-            if not isinstance(body, dict):
-                raise InputError("a label is a JSON object")
             self._json(HTTPStatus.OK, self.server.app.save(body))
-        except json.JSONDecodeError as exc:
-            self._error(HTTPStatus.BAD_REQUEST, f"not JSON: {exc}")
         except VkrError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
 
@@ -277,52 +216,6 @@ class _ReviewHTTPServer(ThreadingHTTPServer):
         self.app = app
         self.host = address[0]
         super().__init__(address, _Handler)
-
-
-class LoopbackServer:
-    """A page's HTTP server on loopback, served in a thread; the app is closed with it.
-
-    The pilot page and the expert pages (experts/) share it: a subclass checks its host and
-    makes its app, then calls ``listen``. ``with Server(...) as server: server.url``.
-    """
-
-    thread_name = "vkr-page"
-    app: Any
-    httpd: ThreadingHTTPServer
-
-    def listen(self, server_class: Any, host: str, port: int) -> None:
-        try:
-            self.httpd = server_class((host, port), self.app)
-        except OSError as exc:
-            self.app.close()
-            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        self.url = f"http://{host}:{self.httpd.server_address[1]}/"
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> str:
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name=self.thread_name, daemon=True
-        )
-        self._thread.start()
-        return self.url
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join(timeout=10)
-            self._thread = None
-        self.httpd.server_close()
-        self.app.close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class ReviewServer(LoopbackServer):
