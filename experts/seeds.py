@@ -1,19 +1,18 @@
 """The seed page: experts write seed examples on a video's frames; a second one reviews them.
 
 Loopback only, stdlib ``http.server``, one HTML page with plain JavaScript, as the pilot
-review page (``qualification.review``). Every save is written to ``SEEDS_DIR/seeds.sqlite``
-at once. A seed is never overwritten: each save (write, edit, revision, approval) is a new
-version row and the one it replaces points at it (``superseded_by``), so the original of a
-revised seed stays in its history. Only approved seeds are exported to the seed bank.
+review page (``qualification.review``), on the labelling pages' shared core (``labelling``).
+Every save is written to ``SEEDS_DIR/seeds.sqlite`` at once, a ``labelling.store.
+DocumentHistory`` whose documents are seeds: a seed is never overwritten, each write, edit,
+revision and approval is a new version, so the original of a revised seed stays in its
+history. Only approved seeds are exported to the seed bank.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import threading
-import uuid
 from collections.abc import Collection
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
@@ -24,9 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import ValidationError
 
 from experts.seeds_page import PAGE
-from labelling.http import LoopbackHandler, LoopbackServer
-from labelling.http import check_host as _loopback
-from qualification.labels import check_annotator, now
+from labelling.http import LoopbackHandler, LoopbackServer, check_host
+from labelling.store import Document, DocumentHistory, check_annotator
 from vkr_core.config import RunConfig
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write
@@ -57,51 +55,6 @@ def sampling_text(sampling: FrameSampling) -> str:
 # A step cites the frame it rests on as mm:ss (or h:mm:ss), the clock the frames show.
 _CLOCK = re.compile(r"\b\d{1,2}:\d{2}(:\d{2})?\b")
 _OPTION = re.compile(r"^[A-Z]\. \S")
-_SEED_ID = re.compile(r"^[0-9a-f]{32}$")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS versions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    seed_id TEXT NOT NULL,
-    annotator TEXT NOT NULL,
-    action TEXT NOT NULL CHECK (action IN ('written', 'edited', 'revised', 'approved')),
-    video_id TEXT NOT NULL,
-    discipline TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    skill TEXT NOT NULL,
-    sampling TEXT NOT NULL,
-    question TEXT NOT NULL,
-    options TEXT,
-    answer TEXT NOT NULL,
-    reasoning TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    superseded_by INTEGER REFERENCES versions(id)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_current_version
-    ON versions (seed_id) WHERE superseded_by IS NULL;
-"""
-_CONTENT = (
-    "video_id",
-    "discipline",
-    "subject",
-    "skill",
-    "sampling",
-    "question",
-    "options",
-    "answer",
-    "reasoning",
-)
-
-
-def check_host(host: str) -> str:
-    """The host if it is a loopback address; else InputError in the seed page's words."""
-    try:
-        return _loopback(host)
-    except InputError:
-        raise InputError(
-            f"the seed page serves on 127.0.0.1 only, not on {host!r}: seeds and frames stay "
-            "on this machine (use an SSH tunnel to write seeds from elsewhere)"
-        ) from None
 
 
 def _text(body: dict[str, Any], field: str, what: str) -> str:
@@ -160,179 +113,44 @@ def check_seed(body: dict[str, Any], skills: Collection[str]) -> dict[str, Any]:
     }
 
 
-class SeedStore:
-    """seeds.sqlite: every version of every seed. Safe to share between threads."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
-
-    @staticmethod
-    def _version(row: sqlite3.Row) -> dict[str, Any]:
-        version = dict(row)
-        version["options"] = json.loads(row["options"]) if row["options"] else None
-        version["sampling"] = json.loads(row["sampling"])
-        return version
-
-    def history(self, seed_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM versions WHERE seed_id = ? ORDER BY id", (seed_id,)
-            ).fetchall()
-        return [self._version(r) for r in rows]
-
-    def seeds(self) -> list[dict[str, Any]]:
-        """Every seed's current version with its author, status and history, oldest first."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM versions ORDER BY id").fetchall()
-        by_seed: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_seed.setdefault(row["seed_id"], []).append(self._version(row))
-        return [_summary(versions) for versions in by_seed.values()]
-
-    def save(
-        self, seed_id: str | None, annotator: str, content: dict[str, Any], approve: bool = False
-    ) -> dict[str, Any]:
-        """A new version of a seed (a new seed without ``seed_id``); returns its summary."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                previous = None
-                if seed_id is not None:
-                    previous = self._db.execute(
-                        "SELECT * FROM versions WHERE seed_id = ? AND superseded_by IS NULL",
-                        (seed_id,),
-                    ).fetchone()
-                    if previous is None:
-                        raise InputError(f"no seed {seed_id!r}")
-                    author = self._db.execute(
-                        "SELECT annotator FROM versions WHERE seed_id = ? ORDER BY id LIMIT 1",
-                        (seed_id,),
-                    ).fetchone()["annotator"]
-                    if approve:
-                        if annotator == author:
-                            raise InputError(
-                                f"{annotator} wrote this seed: a second annotator approves it"
-                            )
-                        content = {k: self._version(previous)[k] for k in _CONTENT}
-                        action = "approved"
-                    else:
-                        action = "edited" if annotator == author else "revised"
-                else:
-                    if approve:
-                        raise InputError("approve names the seed_id of a written seed")
-                    seed_id = uuid.uuid4().hex
-                    action = "written"
-                if previous is not None:
-                    self._db.execute(
-                        "UPDATE versions SET superseded_by = -1 WHERE id = ?", (previous["id"],)
-                    )
-                cursor = self._db.execute(
-                    "INSERT INTO versions (seed_id, annotator, action, video_id, discipline,"
-                    " subject, skill, sampling, question, options, answer, reasoning,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        seed_id,
-                        annotator,
-                        action,
-                        content["video_id"],
-                        content["discipline"],
-                        content["subject"],
-                        content["skill"],
-                        json.dumps(content["sampling"], sort_keys=True),
-                        content["question"],
-                        None if content["options"] is None else json.dumps(content["options"]),
-                        content["answer"],
-                        content["reasoning"],
-                        now(),
-                    ),
-                )
-                if previous is not None:
-                    self._db.execute(
-                        "UPDATE versions SET superseded_by = ? WHERE id = ?",
-                        (cursor.lastrowid, previous["id"]),
-                    )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return _summary(self.history(seed_id))
-
-
-def _summary(versions: list[dict[str, Any]]) -> dict[str, Any]:
-    current = versions[-1]
-    author = versions[0]["annotator"]
-    return {
-        **{k: current[k] for k in ("seed_id", *_CONTENT, "created_at")},
-        "author": author,
-        "status": "approved" if current["action"] == "approved" else "pending",
-        # The paper's count: seeds a second annotator changed before they were kept.
-        "revised": any(v["action"] == "revised" for v in versions),
-        "history": [
-            {k: v[k] for k in ("annotator", "action", "question", "answer", "created_at")}
-            for v in versions
-        ],
-    }
-
-
-def counts(seeds: list[dict[str, Any]], target: int) -> list[dict[str, Any]]:
+def counts(seeds: list[Document], target: int) -> list[dict[str, Any]]:
     """Per (discipline, skill): seeds written, approved, revised by a second annotator."""
     table: dict[tuple[str, str], dict[str, Any]] = {}
     for seed in seeds:
-        key = (seed["discipline"], seed["skill"])
+        key = (seed.body["discipline"], seed.body["skill"])
         row = table.setdefault(
             key,
             {"discipline": key[0], "skill": key[1], "written": 0, "approved": 0, "revised": 0},
         )
         row["written"] += 1
-        row["approved"] += seed["status"] == "approved"
-        row["revised"] += seed["revised"]
+        row["approved"] += seed.status == "approved"
+        row["revised"] += seed.revised
     return [
         {**row, "target": target, "missing": max(0, target - row["approved"])}
         for _, row in sorted(table.items())
     ]
 
 
-def open_store(seeds_dir: str | Path) -> SeedStore:
-    folder = Path(seeds_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    return SeedStore(folder / "seeds.sqlite")
+def open_store(seeds_dir: str | Path, create: bool = True) -> DocumentHistory:
+    """SEEDS_DIR/seeds.sqlite; without ``create`` a missing one is an InputError."""
+    path = Path(seeds_dir) / "seeds.sqlite"
+    if not create and not path.is_file():
+        raise InputError(
+            f"no seeds in {seeds_dir}: {path} not found (write some with vkr seeds serve)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return DocumentHistory(path, what="seed")
 
 
 def export_bank(seeds_dir: str | Path, out: str | Path) -> int:
     """Write the approved seeds as the seed-bank jsonl `vkr run --seed-bank` reads."""
-    path = Path(seeds_dir) / "seeds.sqlite"
-    if not path.is_file():
-        raise InputError(
-            f"no seeds in {seeds_dir}: {path} not found (write some with vkr seeds serve)"
-        )
-    store = SeedStore(path)
-    try:
-        approved = [s for s in store.seeds() if s["status"] == "approved"]
-    finally:
-        store.close()
+    with open_store(seeds_dir, create=False) as store:
+        approved = [s for s in store.documents() if s.status == "approved"]
     if not approved:
         raise InputError(f"{seeds_dir} holds no approved seed: a second annotator approves them")
+    fields = set(SeedExample.model_fields)
     lines = [
-        SeedExample(
-            discipline=s["discipline"],
-            subject=s["subject"],
-            skill=s["skill"],
-            question=s["question"],
-            options=s["options"],
-            answer=s["answer"],
-            reasoning=s["reasoning"],
-            sampling=s["sampling"],
-        ).model_dump_json()
-        + "\n"
+        SeedExample(**{k: v for k, v in s.body.items() if k in fields}).model_dump_json() + "\n"
         for s in approved
     ]
     atomic_write(out, "".join(lines))
@@ -440,16 +258,19 @@ class SeedsApp:
         return Path(frame.path) if frame is not None else None
 
     def state(self) -> dict[str, Any]:
-        seeds = self.store.seeds()
-        return {"seeds": seeds, "counts": counts(seeds, self.target)}
+        seeds = self.store.documents()
+        return {"seeds": [s.to_json() for s in seeds], "counts": counts(seeds, self.target)}
 
     def save(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A seed as posted (new, edited, revised, or ``approve``d); the seed as stored."""
         annotator = check_annotator(str(body.get("annotator") or ""))
         seed_id = body.get("seed_id")
-        if seed_id is not None and (not isinstance(seed_id, str) or not _SEED_ID.match(seed_id)):
+        if seed_id is not None and not isinstance(seed_id, str):
             raise InputError(f"no seed {seed_id!r}")
         if body.get("approve"):
-            return self.store.save(seed_id, annotator, {}, approve=True)
+            if seed_id is None:
+                raise InputError("approve names the seed_id of a written seed")
+            return self.store.approve(seed_id, annotator).to_json()
         video = self._video(body.get("video_id"))
         content = check_seed(body, self.skills)
         # The seed cites these frames' clocks: they must exist (an undecodable video refuses).
@@ -460,7 +281,7 @@ class SeedsApp:
             discipline=video.discipline,
             sampling=self.sampling.model_dump(),
         )
-        return self.store.save(seed_id, annotator, content)
+        return self.store.save(seed_id, annotator, content).to_json()
 
 
 class _Handler(LoopbackHandler):
@@ -485,11 +306,7 @@ class _Handler(LoopbackHandler):
                 self._json(HTTPStatus.OK, {"frames": app.frames(video_id)})
             elif match := _FRAME.match(url.path):
                 # Only frames sampled here: the URL names a hash, never a path.
-                path = app.frame_file(match.group(1), match.group(2))
-                if path is None or not path.is_file():
-                    self._error(HTTPStatus.NOT_FOUND, "no such frame")
-                    return
-                self._send(HTTPStatus.OK, path.read_bytes(), "image/jpeg")
+                self.serve_frame(app.frame_file(match.group(1), match.group(2)))
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no page {url.path}")
         except VkrError as exc:
@@ -501,21 +318,11 @@ class _Handler(LoopbackHandler):
         if urlsplit(self.path).path != "/api/seeds":
             self._error(HTTPStatus.NOT_FOUND, "no such endpoint")
             return
-        # Only JSON: a cross-site form cannot send it.
-        if self.headers.get_content_type() != "application/json":
-            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "seeds are posted as JSON")
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "seed too large")
+        body = self.read_json(MAX_BODY, "a seed")
+        if body is None:
             return
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-            if not isinstance(body, dict):
-                raise InputError("a seed is a JSON object")
             self._json(HTTPStatus.OK, self.server.app.save(body))
-        except json.JSONDecodeError as exc:
-            self._error(HTTPStatus.BAD_REQUEST, f"not JSON: {exc}")
         except VkrError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
 
@@ -546,7 +353,7 @@ class SeedsServer(LoopbackServer):
         fps: float = 0.2,
         max_frames: int = 64,
     ):
-        host = check_host(host)
+        host = check_host(host, "the seed page", "seeds and frames")
         if annotator is not None:
             annotator = check_annotator(annotator)
         self.app = SeedsApp(manifest, seeds_dir, pm, target, annotator, fps, max_frames)

@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from experts.seeds import SeedStore, check_seed, sampling_text, seed_frames_dir
-from qualification.labels import check_annotator
+from experts.seeds import check_seed, open_store, sampling_text, seed_frames_dir
+from labelling.store import check_annotator
 from vkr_core.files import atomic_write
 from vkr_core.schemas import FrameSampling, InputError
 
@@ -71,36 +71,23 @@ def export_tasks(
     :param frame_url_prefix: put before each frame's SEEDS_DIR-relative path, e.g. Label
         Studio's ``/data/local-files/?d=seeds/``.
     """
-    store = _open(seeds_dir)
-    try:
-        pending = [s for s in store.seeds() if s["status"] == "pending"]
-    finally:
-        store.close()
-    tasks: list[dict[str, Any]] = [
-        {
-            "id": n,
-            "data": {
-                "seed_id": seed["seed_id"],
-                "version": len(seed["history"]),
-                "author": seed["author"],
-                "video_id": seed["video_id"],
-                "discipline": seed["discipline"],
-                "skill": seed["skill"],
-                "question": seed["question"],
-                "options": "\n".join(seed["options"] or []),
-                "answer": seed["answer"],
-                "reasoning": seed["reasoning"],
-                "sampling": sampling_text(FrameSampling(**seed["sampling"])),
-                "frames": _frames(
-                    Path(seeds_dir),
-                    seed["video_id"],
-                    FrameSampling(**seed["sampling"]),
-                    frame_url_prefix,
-                ),
-            },
+    with open_store(seeds_dir, create=False) as store:
+        pending = [s for s in store.documents() if s.status == "pending"]
+    tasks: list[dict[str, Any]] = []
+    for n, doc in enumerate(pending, start=1):
+        seed, sampling = doc.body, FrameSampling(**doc.body["sampling"])
+        data = {
+            "seed_id": doc.doc_id,
+            "version": len(doc.history),
+            "author": doc.author,
+            **{k: seed[k] for k in ("video_id", "discipline", "skill", "question")},
+            "options": "\n".join(seed["options"] or []),
+            "answer": seed["answer"],
+            "reasoning": seed["reasoning"],
+            "sampling": sampling_text(sampling),
+            "frames": _frames(Path(seeds_dir), seed["video_id"], sampling, frame_url_prefix),
         }
-        for n, seed in enumerate(pending, start=1)
-    ]
+        tasks.append({"id": n, "data": data})
     path = Path(out)
     if fmt == "argilla":
         _write_argilla(path, [task["data"] for task in tasks])
@@ -219,15 +206,6 @@ def _write_argilla(target: Path, seeds: list[dict[str, Any]]) -> None:
     atomic_write(target / ".argilla" / "dataset.json", json.dumps(dataset, indent=1))
 
 
-def _open(seeds_dir: str | Path) -> SeedStore:
-    path = Path(seeds_dir) / "seeds.sqlite"
-    if not path.is_file():
-        raise InputError(
-            f"no seeds in {seeds_dir}: {path} not found (write some with vkr seeds serve)"
-        )
-    return SeedStore(path)
-
-
 def _annotator(value: Any, where: str) -> str:
     # Label Studio writes a user id, or a user object in fuller exports.
     if isinstance(value, dict):
@@ -340,9 +318,8 @@ def import_reviews(
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     reviews = _argilla_reviews(Path(path)) if fmt == "argilla" else _reviews(Path(path))
-    store = _open(seeds_dir)
-    try:
-        current = {s["seed_id"]: s for s in store.seeds()}
+    with open_store(seeds_dir, create=False) as store:
+        current = {s.doc_id: s for s in store.documents()}
         planned: list[tuple[str, str, dict[str, Any] | None]] = []
         for seed_id, annotator, version, verdict, revised, where in reviews:
             seed = current.get(seed_id)
@@ -350,19 +327,19 @@ def import_reviews(
                 raise InputError(f"{where}: {seeds_dir} has no seed {seed_id!r}")
             if any(planned_id == seed_id for planned_id, _, _ in planned):
                 raise InputError(f"{where}: a second review of seed {seed_id[:8]} in one file")
-            if len(seed["history"]) != version:
+            if len(seed.history) != version:
                 raise InputError(
                     f"{where}: seed {seed_id[:8]} was saved again since the export (version "
-                    f"{version}, now {len(seed['history'])}): export the tasks again"
+                    f"{version}, now {len(seed.history)}): export the tasks again"
                 )
             if verdict == "approve":
-                if annotator == seed["author"]:
+                if annotator == seed.author:
                     raise InputError(
                         f"{where}: {annotator} wrote this seed: a second annotator approves it"
                     )
                 planned.append((seed_id, annotator, None))
                 continue
-            body = {k: seed[k] for k in ("skill", "subject", *REVISABLE)}
+            body = {k: seed.body[k] for k in ("skill", "subject", *REVISABLE)}
             body.update(revised)
             if "options" in revised:
                 body["options"] = [o for o in revised["options"].splitlines() if o.strip()]
@@ -371,16 +348,12 @@ def import_reviews(
             except InputError as exc:
                 raise InputError(f"{where}: {exc}") from None
             # The reviewer saw the frames the seed was written on.
-            checked.update(
-                video_id=seed["video_id"], discipline=seed["discipline"], sampling=seed["sampling"]
-            )
+            checked.update({k: seed.body[k] for k in ("video_id", "discipline", "sampling")})
             planned.append((seed_id, annotator, checked))
         for seed_id, annotator, content in planned:
             if content is None:
-                store.save(seed_id, annotator, {}, approve=True)
+                store.approve(seed_id, annotator, source=fmt)
             else:
-                store.save(seed_id, annotator, content)
-    finally:
-        store.close()
+                store.save(seed_id, annotator, content, source=fmt)
     approved = sum(1 for _, _, c in planned if c is None)
     return {"approved": approved, "revised": len(planned) - approved}

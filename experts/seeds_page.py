@@ -154,12 +154,13 @@ function clearForm() {
 
 function sameSampling(a, b) { return a.fps === b.fps && a.max_frames === b.max_frames; }
 
-function load(seed) {
-  editing = seed.seed_id;
+function load(doc) {
+  const seed = doc.body;
+  editing = doc.doc_id;
   if (!sameSampling(seed.sampling, config.sampling))
     status(`this seed was written on frames at ${seed.sampling.fps} fps (at most ${seed.sampling.max_frames}); ` +
            `this page shows ${config.sampling.text}: a save records the frames shown here`);
-  $("form-title").textContent = (seed.author === annotator() ? "Edit seed " : "Revise seed ") + seed.seed_id.slice(0, 8);
+  $("form-title").textContent = (doc.author === annotator() ? "Edit seed " : "Revise seed ") + doc.doc_id.slice(0, 8);
   $("video").value = seed.video_id;
   $("skill").value = seed.skill;
   $("question").value = seed.question;
@@ -178,19 +179,20 @@ async function save() {
     options: lines.length ? lines : null, answer: $("answer").value, reasoning: $("reasoning").value};
   try {
     const seed = await api("/api/seeds", body);
-    editing = seed.seed_id;
+    editing = seed.doc_id;
     keepDraft();
-    status(`saved: seed ${seed.seed_id.slice(0, 8)} (${seed.history.length} version${seed.history.length > 1 ? "s" : ""}, ${seed.status})`);
+    // The list first: when "saved" shows, the list already holds the saved seed.
     await refresh();
+    status(`saved: seed ${seed.doc_id.slice(0, 8)} (${seed.history.length} version${seed.history.length > 1 ? "s" : ""}, ${seed.status})`);
   } catch (err) { status(err.message, true); }
 }
 
 async function approve(seed) {
   if (!annotator()) { status("enter your annotator name first", true); return; }
   try {
-    await api("/api/seeds", {annotator: annotator(), seed_id: seed.seed_id, approve: true});
-    status(`saved: seed ${seed.seed_id.slice(0, 8)} approved`);
+    await api("/api/seeds", {annotator: annotator(), seed_id: seed.doc_id, approve: true});
     await refresh();
+    status(`saved: seed ${seed.doc_id.slice(0, 8)} approved`);
   } catch (err) { status(err.message, true); }
 }
 
@@ -203,18 +205,24 @@ async function refresh() {
   const sorted = [...seeds].sort((a, b) => order(a) - order(b));
   $("seeds").replaceChildren(...sorted.map(seed => {
     const li = el("li");
-    li.dataset.seed = seed.seed_id;
-    li.append(el("div", seed.question, "q"));
+    const body = seed.body;
+    li.dataset.seed = seed.doc_id;
+    li.append(el("div", body.question, "q"));
     const versions = seed.history.map(h => `${h.action} by ${h.annotator}`).join(", ");
-    li.append(el("div", `${seed.status} · ${seed.skill} · ${seed.video_id} · ${versions}`, seed.status));
-    if (!sameSampling(seed.sampling, config.sampling))
-      li.append(el("div", `frames at ${seed.sampling.fps} fps, at most ${seed.sampling.max_frames}`, "muted sampling"));
+    li.append(el("div", `${seed.status} · ${body.skill} · ${body.video_id} · ${versions}`, seed.status));
+    if (!sameSampling(body.sampling, config.sampling))
+      li.append(el("div", `frames at ${body.sampling.fps} fps, at most ${body.sampling.max_frames}`, "muted sampling"));
     // Every version, oldest first: what the author wrote stays readable after a revision.
     const history = el("details"); history.className = "history";
     history.append(el("summary", `history (${seed.history.length} version${seed.history.length > 1 ? "s" : ""})`));
     const list = el("ol");
-    for (const h of seed.history)
-      list.append(el("li", `${h.created_at} · ${h.action} by ${h.annotator}: ${h.question} → ${h.answer}`));
+    for (const h of seed.history) {
+      const item = el("li", `${h.created_at.slice(0, 19).replace("T", " ")} · ${h.action} by ${h.annotator}` +
+                            (h.source === "web" ? "" : ` (${h.source})`));
+      const text = [h.body.question, ...(h.body.options || []), "Answer: " + h.body.answer, h.body.reasoning];
+      item.append(el("div", text.join("\n"), "q"));
+      list.append(item);
+    }
     history.append(list);
     li.append(history);
     const edit = el("button", seed.author === me ? "edit" : "revise");

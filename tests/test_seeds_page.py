@@ -100,7 +100,9 @@ def status(page: Any, text: str) -> None:
 
 def versions(seeds_dir: Path) -> list[tuple[str, str, str]]:
     with sqlite3.connect(seeds_dir / "seeds.sqlite") as db:
-        return db.execute("SELECT annotator, action, question FROM versions ORDER BY id").fetchall()
+        return db.execute(
+            "SELECT annotator, action, body ->> '$.question' FROM versions ORDER BY id"
+        ).fetchall()
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -182,6 +184,15 @@ def test_write_resume_revise_approve_in_the_browser(manifest, tmp_path):
         page.click("#seeds button.approve")
         status(page, "approved")
         assert "approved by bob" in page.inner_text("#seeds")
+        # The history names who wrote, revised and approved it, and keeps alice's text.
+        page.click("#seeds details.history summary")
+        history = page.inner_text("#seeds details.history ol")
+        assert [line.split(" · ")[-1] for line in history.splitlines() if " · " in line] == [
+            "written by alice",
+            "revised by bob",
+            "approved by bob",
+        ]
+        assert QUESTION in history and REVISED in history
         row = page.locator("#counts tbody tr").first.locator("td").all_inner_texts()
         assert row == ["cooking", "VidR", "1", "1", "1", "149"]
         assert page.errors == []
@@ -227,7 +238,7 @@ def test_bad_seeds_are_refused_with_one_line_in_the_api_and_the_page(manifest, t
         code, written = post(server.url, seed_body())
         assert code == 200 and written["status"] == "pending"
         code, reply = post(
-            server.url, {"annotator": "alice", "seed_id": written["seed_id"], "approve": True}
+            server.url, {"annotator": "alice", "seed_id": written["doc_id"], "approve": True}
         )
         assert (code, reply) == (
             400,
@@ -251,7 +262,7 @@ def test_exported_bank_drives_a_run_whose_prompts_show_the_seed(
         code, written = post(server.url, seed_body())
         assert code == 200, written
         code, approved = post(
-            server.url, {"annotator": "bob", "seed_id": written["seed_id"], "approve": True}
+            server.url, {"annotator": "bob", "seed_id": written["doc_id"], "approve": True}
         )
         assert (code, approved["status"]) == (200, "approved")
     bank = tmp_path / "bank.jsonl"
@@ -364,7 +375,7 @@ def test_label_studio_round_trip_approves_and_revises_with_history(manifest, tmp
     # The same export again is a conflict: both seeds were saved since.
     again = runner.invoke(cli, ["seeds", "import", str(seeds_dir), str(exported)])
     assert again.exit_code == 1 and "was saved again since the export" in again.output
-    assert {first["seed_id"], second["seed_id"]} == {t["data"]["seed_id"] for t in tasks}
+    assert {first["doc_id"], second["doc_id"]} == {t["data"]["seed_id"] for t in tasks}
 
 
 def test_argilla_round_trip_approves_and_revises(manifest, tmp_path):
@@ -394,10 +405,14 @@ def test_argilla_round_trip_approves_and_revises(manifest, tmp_path):
     assert done.output.strip() == "imported 1 approvals and 1 revisions"
     assert [v[:2] for v in versions(seeds_dir)[2:]] == [("carol", "approved"), ("carol", "revised")]
     with sqlite3.connect(seeds_dir / "seeds.sqlite") as db:
-        options, answer = db.execute(
-            "SELECT options, answer FROM versions ORDER BY id DESC LIMIT 1"
+        body, source = db.execute(
+            "SELECT body, source FROM versions ORDER BY id DESC LIMIT 1"
         ).fetchone()
-    assert (json.loads(options), answer) == (["A. A spatula", "B. A whisk"], "B")
+    assert (json.loads(body)["options"], json.loads(body)["answer"]) == (
+        ["A. A spatula", "B. A whisk"],
+        "B",
+    )
+    assert source == "argilla"
 
 
 def test_frames_are_sampled_as_the_run_is_told_and_each_seed_keeps_its_sampling(manifest, tmp_path):
@@ -426,19 +441,20 @@ def test_frames_are_sampled_as_the_run_is_told_and_each_seed_keeps_its_sampling(
             # 11 frames at 1 fps in 10.3 s, at most 4: spread evenly, as a run spreads them.
             assert page.evaluate(frames_of) == ["00:00", "00:02", "00:05", "00:07"]
             code, written = post(server.url, seed_body(reasoning="Step 1: at 00:07 it lands."))
-            assert code == 200 and written["sampling"] == {"fps": 1.0, "max_frames": 4}
+            assert code == 200 and written["body"]["sampling"] == {"fps": 1.0, "max_frames": 4}
             assert page.errors == []
         # Served again as vkr run samples by default: other frames, kept apart from the first.
         with SeedsServer(manifest, seeds_dir, get_plugin_manager()) as server:
             page = open_page(browser, server.url + "?annotator=bob")
             page.wait_for_selector("figure img", timeout=60000)
             assert page.evaluate(frames_of)[:3] == ["00:00", "00:05", "00:10"]
-            # The seed shows the frames it was written on.
+            # Restarted, the page shows the seed saved before and the frames it was written on.
+            assert "written by alice" in page.inner_text("#seeds")
             assert "frames at 1 fps, at most 4" in page.inner_text("#seeds")
             code, approved = post(
-                server.url, {"annotator": "bob", "seed_id": written["seed_id"], "approve": True}
+                server.url, {"annotator": "bob", "seed_id": written["doc_id"], "approve": True}
             )
-            assert (code, approved["sampling"]) == (200, {"fps": 1.0, "max_frames": 4})
+            assert (code, approved["body"]["sampling"]) == (200, {"fps": 1.0, "max_frames": 4})
             assert page.errors == []
     folders = sorted(p.relative_to(seeds_dir).as_posix() for p in seeds_dir.glob("frames/*/*"))
     assert folders == ["frames/fps0.2_max64/pancake", "frames/fps1.0_max4/pancake"]
