@@ -70,13 +70,21 @@ def review(audit_dir: Path, port: int, host: str, annotator: str | None) -> None
         server.stop()
 
 
+_ADJUDICATOR = click.option(
+    "--adjudicator",
+    help="An annotator whose label, where given, is the example's verdict (settles disputes).",
+)
+
+
 @audit.command()
 @click.argument("audit_dir", type=_DIR)
-def score(audit_dir: Path) -> None:
-    """Rate of each label with Wilson 95 % intervals, overall, per skill and per model."""
+@_ADJUDICATOR
+def score(audit_dir: Path, adjudicator: str | None) -> None:
+    """Rate of each label with Wilson 95 % intervals: the population estimate (weighted by
+    stratum), per skill and per model; the annotators' agreement."""
     from experts.audit import score_markdown, write_score
 
-    data, paths = write_score(audit_dir)
+    data, paths = write_score(audit_dir, adjudicator)
     click.echo(score_markdown(data), nl=False)
     click.echo("wrote " + ", ".join(str(p) for p in paths))
 
@@ -84,27 +92,30 @@ def score(audit_dir: Path) -> None:
 @audit.command()
 @click.argument("audit_dir", type=_DIR)
 @click.option("--split", "split_dir", required=True, type=_DIR, help="The split to clean.")
-def drop(audit_dir: Path, split_dir: Path) -> None:
-    """Remove the examples labelled anything but ok from SPLIT's sft.jsonl and rl.jsonl."""
+@_ADJUDICATOR
+def drop(audit_dir: Path, split_dir: Path, adjudicator: str | None) -> None:
+    """Remove the flagged examples (any annotator's flag, unless the adjudicator said ok)
+    from SPLIT's sft.jsonl and rl.jsonl."""
     from experts.audit import drop_flagged
 
-    removed, manifest = drop_flagged(audit_dir, split_dir)
+    removed, manifest = drop_flagged(audit_dir, split_dir, adjudicator)
     click.echo(
         f"removed {len(removed)} flagged example(s) from {split_dir}; "
         f"SFT: {manifest.sft.examples}, RL: {manifest.rl.examples} left"
     )
 
 
+_FORMAT = click.Choice(["labelstudio", "argilla"])
+
+
 @audit.command("export")
 @click.argument("audit_dir", type=_DIR)
-@click.option(
-    "--format", "fmt", required=True, type=click.Choice(["labelstudio"]), help="Labelling tool."
-)
+@click.option("--format", "fmt", required=True, type=_FORMAT, help="Labelling tool.")
 @click.option(
     "--out",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Tasks JSON (the config goes beside it).",
+    type=click.Path(path_type=Path),
+    help="Label Studio: tasks JSON file (config XML beside it). Argilla: an empty folder.",
 )
 @click.option(
     "--frame-url-prefix",
@@ -112,25 +123,24 @@ def drop(audit_dir: Path, split_dir: Path) -> None:
     help="Put before each frame's path, e.g. /data/local-files/?d= for Label Studio.",
 )
 def export_command(audit_dir: Path, fmt: str, out: Path, frame_url_prefix: str) -> None:
-    """Write AUDIT_DIR's sampled examples as Label Studio tasks and labelling config."""
-    from experts.audit_labelstudio import export_labelstudio
+    """Write AUDIT_DIR's sampled examples for Label Studio or Argilla."""
+    from experts.audit_interchange import export_labels
 
-    for path in export_labelstudio(audit_dir, out, frame_url_prefix):
+    for path in export_labels(audit_dir, fmt, out, frame_url_prefix):
         click.echo(f"wrote {path}")
 
 
 @audit.command("import")
 @click.argument("audit_dir", type=_DIR)
-@click.argument("labels", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--format", "fmt", required=True, type=click.Choice(["labelstudio"]), help="Labelling tool."
-)
+@click.argument("labels", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, type=_FORMAT, help="Labelling tool.")
 @click.option("--overwrite", is_flag=True, help="Replace differing stored labels (history kept).")
 def import_command(audit_dir: Path, labels: Path, fmt: str, overwrite: bool) -> None:
-    """Store the labels of a Label Studio JSON export in AUDIT_DIR; all or nothing."""
-    from experts.audit_labelstudio import import_labelstudio
+    """Store the labels of a Label Studio JSON export or an Argilla export (folder or
+    records.json) in AUDIT_DIR; all or nothing."""
+    from experts.audit_interchange import import_labels
 
-    report = import_labelstudio(audit_dir, labels, overwrite=overwrite)
+    report = import_labels(audit_dir, fmt, labels, overwrite=overwrite)
     click.echo(
         f"imported labels of {', '.join(report.annotators) or 'nobody'}: {report.created} new, "
         f"{report.changed} changed, {report.unchanged} unchanged"

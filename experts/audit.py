@@ -16,12 +16,14 @@ import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from corpus.exporters import load_accepted, load_split
+from qualification.stats import cohen_kappa, wilson_interval
 from vkr_core.files import atomic_write, read_jsonl
 from vkr_core.schemas import AcceptedExample, Frame, InputError, SplitManifest
 from vkr_core.store import RunLayout, SplitLayout
@@ -33,10 +35,13 @@ LABEL_NAMES = {
     "trace_error": "trace error that changes the answer",
     "unsupported_step": "unsupported step",
 }
+# Any label but ok: what `vkr audit drop` removes; scored beside the four labels.
+FLAGGED = "flagged"
+SCORED: tuple[str, ...] = (*LABELS, FLAGGED)
+SCORED_NAMES = {**LABEL_NAMES, FLAGGED: "flagged (any but ok)"}
 # A handful per stratum so a rare skill or model still gets an estimate, as the paper's
 # audit reports every skill.
 MIN_PER_STRATUM = 3
-Z95 = 1.959964
 MAX_ANNOTATOR_LENGTH = 64
 MAX_NOTE_LENGTH = 4000
 
@@ -366,87 +371,229 @@ class AuditLabels:
         return ("changed" if row is not None else "created"), dict(new)
 
 
-def item_labels(root: str | Path) -> dict[str, str]:
-    """Each labelled item's verdict: its latest current label over all annotators."""
+def current_labels(root: str | Path) -> list[tuple[str, str, str]]:
+    """(item_id, annotator, label) of every current label of the audit."""
     with AuditLabels(AuditLayout(root).labels) as store:
-        return {row["item_id"]: row["label"] for row in store.current()}
+        return [(row["item_id"], row["annotator"], row["label"]) for row in store.current()]
+
+
+VERDICT_RULE = (
+    "an item's verdict is the adjudicator's label where the adjudicator labelled it; "
+    "otherwise ok only if every annotator said ok, and flagged if any annotator flagged it, "
+    "with the flag most of its annotators gave (a tie goes to the label listed first)"
+)
+
+
+def item_verdicts(
+    labels: Iterable[tuple[str, str, str]], adjudicator: str | None = None
+) -> dict[str, str]:
+    """Each labelled item's verdict under ``VERDICT_RULE``.
+
+    Any flag wins over ok, not the latest label: a flagged example that stays in the corpus
+    is a wrong training target, a dropped good one is one example fewer, and one expert who
+    sees an unsupported step is evidence the others may have missed. The price is that more
+    annotators flag more; an adjudicator's label settles a disputed item.
+    """
+    by_item: dict[str, dict[str, str]] = defaultdict(dict)
+    for item_id, annotator, label in labels:
+        by_item[item_id][annotator] = label
+    verdicts = {}
+    for item_id, given in by_item.items():
+        if adjudicator is not None and adjudicator in given:
+            verdicts[item_id] = given[adjudicator]
+            continue
+        flags = Counter(label for label in given.values() if label != "ok")
+        if not flags:
+            verdicts[item_id] = "ok"
+        else:
+            verdicts[item_id] = max(LABELS[1:], key=lambda f: (flags[f], -LABELS.index(f)))
+    return verdicts
+
+
+def agreement(
+    labels: Iterable[tuple[str, str, str]], adjudicator: str | None = None
+) -> list[dict[str, Any]]:
+    """Per pair of annotators (the adjudicator left out: it labels the disputes): the items
+    both labelled, raw agreement, Cohen's kappa over the four labels and over ok vs flagged,
+    and the items they disagree on."""
+    by_annotator: dict[str, dict[str, str]] = defaultdict(dict)
+    for item_id, annotator, label in labels:
+        if annotator != adjudicator:
+            by_annotator[annotator][item_id] = label
+    pairs = []
+    for a, b in combinations(sorted(by_annotator), 2):
+        shared = sorted(set(by_annotator[a]) & set(by_annotator[b]))
+        if not shared:
+            continue
+        four = [(by_annotator[a][i], by_annotator[b][i]) for i in shared]
+        flagged = [(x != "ok", y != "ok") for x, y in four]
+        kappa4, kappa2 = cohen_kappa(four), cohen_kappa([(str(x), str(y)) for x, y in flagged])
+        pairs.append(
+            {
+                "annotators": [a, b],
+                "items": len(shared),
+                "agreement": sum(x == y for x, y in four) / len(shared),
+                "kappa": None if kappa4 is None else round(kappa4, 4),
+                "kappa_ok_vs_flagged": None if kappa2 is None else round(kappa2, 4),
+                "disagreements": [
+                    {"item_id": i, a: x, b: y}
+                    for i, (x, y) in zip(shared, four, strict=True)
+                    if x != y
+                ],
+            }
+        )
+    return pairs
 
 
 # ---------------------------------------------------------------- score
 
 
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of k successes in n trials (0, 0 for n = 0)."""
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson(k: float, n: float) -> tuple[float, float]:
+    """The Wilson 95 % interval of k in n (0, 0 for n = 0); k and n may be effective
+    (weighted) counts."""
+    return wilson_interval(k, n) if n > 0 else (0.0, 0.0)
 
 
 def _rates(verdicts: Iterable[str]) -> dict[str, Any]:
     counts = Counter(verdicts)
     n = sum(counts.values())
     row: dict[str, Any] = {"n": n}
-    for label in LABELS:
-        low, high = wilson(counts[label], n)
-        row[label] = {
-            "count": counts[label],
-            "rate": counts[label] / n if n else 0.0,
-            "low": low,
-            "high": high,
-        }
+    for label in (*LABELS, FLAGGED):
+        count = n - counts["ok"] if label == FLAGGED else counts[label]
+        low, high = wilson(count, n)
+        row[label] = {"count": count, "rate": count / n if n else 0.0, "low": low, "high": high}
     return row
 
 
-def score_audit(root: str | Path) -> dict[str, Any]:
-    """Rates of each label with Wilson 95 % intervals, overall and per skill and model."""
+def stratified_rates(
+    verdicts_by_stratum: dict[str, list[str]], population: dict[str, int]
+) -> dict[str, Any]:
+    """The population estimate of each label's rate: each stratum's rate weighted by its
+    share of the accepted population, with a Wilson interval on the effective sample size.
+
+    The sample takes at least a few from every stratum, so small strata are oversampled and
+    the plain mean over labelled items is biased towards them. The estimate is
+    p = sum_h W_h p_h with W_h = N_h / N (Cochran, Sampling Techniques, 3rd ed. 1977, ch. 5,
+    stratified sampling for proportions). Its interval is Wilson's with n replaced by the
+    effective sample size n_eff = 1 / sum_h (W_h^2 / n_h) (Kish, "Weighting for unequal
+    P_i", J. Official Statistics 8(2), 1992: the design effect of unequal weights), the
+    Wilson-with-effective-sample-size interval
+    recommended for stratified samples by Franco, Little, Louis and Slud, "Comparative
+    study of confidence intervals for proportions in complex sample surveys", JSSAM 7(3),
+    2019. No finite-population correction: it only narrows the interval, and is negligible
+    at the paper's 800 of 315K. Strata with no label yet are left out and the weights
+    renormalised over the rest (``population_covered`` says how much that leaves).
+    """
+    labelled = {h: v for h, v in verdicts_by_stratum.items() if v}
+    total = sum(population.values())
+    covered = sum(population.get(h, 0) for h in labelled)
+    weights = {h: population.get(h, 0) / covered for h in labelled} if covered else {}
+    design = sum(w * w / len(labelled[h]) for h, w in weights.items())
+    n_eff = 1 / design if design else 0.0
+    row: dict[str, Any] = {
+        "n": sum(len(v) for v in labelled.values()),
+        "n_effective": round(n_eff, 2),
+        "population": total,
+        "population_covered": covered / total if total else 0.0,
+        "strata_unlabelled": sorted(set(population) - set(labelled)),
+    }
+    for label in (*LABELS, FLAGGED):
+        rate = 0.0
+        for h, w in weights.items():
+            given = labelled[h]
+            hits = sum((v != "ok") if label == FLAGGED else (v == label) for v in given)
+            rate += w * hits / len(given)
+        low, high = wilson(rate * n_eff, n_eff)
+        row[label] = {"rate": rate, "low": low, "high": high}
+    return row
+
+
+def score_audit(root: str | Path, adjudicator: str | None = None) -> dict[str, Any]:
+    """The population estimate of each label's rate (weighted by stratum), the rates per
+    skill and model over their labelled items, and the annotators' agreement."""
     manifest, items = load_audit(root)
-    verdicts = item_labels(root)
+    labels = current_labels(root)
+    verdicts = item_verdicts(labels, adjudicator)
     labelled = [i for i in items if i.item_id in verdicts]
     groups: dict[str, dict[str, list[str]]] = {
+        "stratum": defaultdict(list),
         "skill": defaultdict(list),
         "generation_model": defaultdict(list),
         "trace_model": defaultdict(list),
     }
     for item in labelled:
         verdict = verdicts[item.item_id]
+        groups["stratum"][item.stratum].append(verdict)
         groups["skill"][item.example.skill].append(verdict)
         groups["generation_model"][item.generation_model].append(verdict)
         groups["trace_model"][item.trace_model].append(verdict)
+    population = {h: row["population"] for h, row in manifest.strata.items()}
+    by_stratum = {}
+    for h in sorted(manifest.strata):
+        row = _rates(groups["stratum"].get(h, []))
+        row |= {"population": population[h], "sampled": manifest.strata[h]["sampled"]}
+        by_stratum[h] = row
+    annotators = sorted({a for _, a, _ in labels})
+    pairs = agreement(labels, adjudicator)
     return {
         "source": manifest.source,
         "sampled": len(items),
         "labelled": len(labelled),
         "unlabelled": len(items) - len(labelled),
-        "overall": _rates(verdicts[i.item_id] for i in labelled),
+        "verdict_rule": VERDICT_RULE,
+        "adjudicator": adjudicator,
+        "overall": stratified_rates(groups["stratum"], population),
+        "unweighted": _rates(verdicts[i.item_id] for i in labelled),
+        "by_stratum": by_stratum,
         **{
             f"by_{name}": {key: _rates(values) for key, values in sorted(group.items())}
             for name, group in groups.items()
+            if name != "stratum"
+        },
+        "agreement": {
+            "annotators": annotators,
+            "pairs": pairs,
+            "disputed": sorted({d["item_id"] for p in pairs for d in p["disagreements"]}),
         },
     }
 
 
 def _cell(rate: dict[str, Any]) -> str:
-    return f"{rate['count']} ({100 * rate['rate']:.1f} %, {100 * rate['low']:.1f}–{100 * rate['high']:.1f})"
+    count = f"{rate['count']} " if "count" in rate else ""
+    return f"{count}({100 * rate['rate']:.1f} %, {100 * rate['low']:.1f}–{100 * rate['high']:.1f})"
+
+
+def _row(title: str, n: Any, rates: dict[str, Any]) -> str:
+    return f"| {title} | {n} | " + " | ".join(_cell(rates[label]) for label in SCORED) + " |"
 
 
 def score_markdown(score: dict[str, Any]) -> str:
-    head = "| | n | " + " | ".join(LABEL_NAMES[label] for label in LABELS) + " |"
-    rule = "|---" * (len(LABELS) + 2) + "|"
+    overall, agree = score["overall"], score["agreement"]
+    head = "| | n | " + " | ".join(SCORED_NAMES[label] for label in SCORED) + " |"
+    rule = "|---" * (len(SCORED) + 2) + "|"
     lines = [
         f"# Audit of {score['source']}",
         "",
         f"{score['labelled']} of {score['sampled']} sampled examples labelled "
         f"({score['unlabelled']} not yet). Each cell: count (rate, Wilson 95 % interval).",
         "",
+        "The **population** row weights each stratum (skill | generation model) by its share "
+        "of the accepted examples, as the sample over-represents small strata; its interval "
+        f"is Wilson's on the effective sample size ({overall['n_effective']}). The other rows "
+        "are plain rates over the labelled examples of the group.",
+    ]
+    if overall["strata_unlabelled"]:
+        lines += [
+            "",
+            f"The estimate covers {100 * overall['population_covered']:.1f} % of the "
+            f"population: no label yet in {', '.join(overall['strata_unlabelled'])}.",
+        ]
+    lines += [
+        "",
         head,
         rule,
-        f"| **overall** | {score['overall']['n']} | "
-        + " | ".join(_cell(score["overall"][label]) for label in LABELS)
-        + " |",
+        _row("**population** (weighted by stratum)", overall["n"], overall),
+        _row("labelled examples, unweighted", score["unweighted"]["n"], score["unweighted"]),
     ]
     for name, title in (
         ("skill", "skill"),
@@ -454,16 +601,48 @@ def score_markdown(score: dict[str, Any]) -> str:
         ("trace_model", "trace model"),
     ):
         for key, row in score[f"by_{name}"].items():
+            lines.append(_row(f"{title}: {key}", row["n"], row))
+    lines += [
+        "",
+        "## Strata",
+        "",
+        "| stratum | accepted | sampled | labelled | flagged |",
+        "|---|---|---|---|---|",
+    ]
+    for key, row in score["by_stratum"].items():
+        lines.append(
+            f"| {key} | {row['population']} | {row['sampled']} | {row['n']} | "
+            f"{_cell(row[FLAGGED])} |"
+        )
+    lines += ["", "## Agreement", "", f"Verdicts: {score['verdict_rule']}."]
+    if score["adjudicator"]:
+        lines.append(f"Adjudicator: {score['adjudicator']}.")
+    if not agree["pairs"]:
+        lines += ["", "No two annotators labelled the same example."]
+    else:
+        lines += [
+            "",
+            "| annotators | both labelled | agreement | kappa (4 labels) | kappa (ok vs flagged) "
+            "| disagree on |",
+            "|---|---|---|---|---|---|",
+        ]
+        for pair in agree["pairs"]:
+            kappas = [
+                "n/a" if k is None else f"{k:.2f}"
+                for k in (pair["kappa"], pair["kappa_ok_vs_flagged"])
+            ]
+            ids = ", ".join(d["item_id"] for d in pair["disagreements"]) or "—"
             lines.append(
-                f"| {title}: {key} | {row['n']} | "
-                + " | ".join(_cell(row[label]) for label in LABELS)
-                + " |"
+                f"| {' & '.join(pair['annotators'])} | {pair['items']} | "
+                f"{100 * pair['agreement']:.1f} % | {kappas[0]} | {kappas[1]} | {ids} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def write_score(root: str | Path) -> tuple[dict[str, Any], list[Path]]:
-    score = score_audit(root)
+def write_score(
+    root: str | Path, adjudicator: str | None = None
+) -> tuple[dict[str, Any], list[Path]]:
+    score = score_audit(root, adjudicator)
     layout = AuditLayout(root)
     atomic_write(layout.score_json, json.dumps(score, indent=1) + "\n")
     atomic_write(layout.score_md, score_markdown(score))
@@ -473,13 +652,17 @@ def write_score(root: str | Path) -> tuple[dict[str, Any], list[Path]]:
 # ---------------------------------------------------------------- drop
 
 
-def drop_flagged(root: str | Path, split_dir: str | Path) -> tuple[list[str], SplitManifest]:
-    """Remove the examples labelled anything but ok from the split's files; the ids removed."""
+def drop_flagged(
+    root: str | Path, split_dir: str | Path, adjudicator: str | None = None
+) -> tuple[list[str], SplitManifest]:
+    """Remove the examples whose verdict (``VERDICT_RULE``) is anything but ok from the
+    split's files; the ids removed."""
     from corpus.split import _side
 
     _, items = load_audit(root)
     sampled = {i.item_id for i in items}
-    flagged = {pid for pid, label in item_labels(root).items() if label != "ok" and pid in sampled}
+    verdicts = item_verdicts(current_labels(root), adjudicator)
+    flagged = {pid for pid, label in verdicts.items() if label != "ok" and pid in sampled}
     split = SplitLayout(split_dir)
     data = load_split(split_dir)
     manifest = SplitManifest.model_validate_json(split.manifest.read_text())

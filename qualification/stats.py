@@ -10,8 +10,11 @@ from collections.abc import Sequence
 Z_95 = 1.96
 
 
-def wilson_interval(failures: int, n: int, z: float = Z_95) -> tuple[float, float]:
+def wilson_interval(failures: float, n: float, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion (failures out of n).
+
+    ``failures`` and ``n`` may be effective counts (a weighted rate times an effective
+    sample size), as a stratified sample's population estimate gives them.
 
     Unlike the normal approximation it stays inside [0, 1] and is informative at 0 or n
     failures, which is the usual case in a pilot of a good model.

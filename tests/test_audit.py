@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from corpus.exporters import load_accepted
-from experts.audit import AuditLabels, AuditLayout, load_audit, wilson
+from experts.audit import AuditLabels, AuditLayout, load_audit, stratified_rates, wilson
 from experts.audit_review import AuditServer
 from plugins.providers.fake_server import FakeModelServer, find_tag, truth_for_tag, write_pool
 from vkr_core.plugins import get_plugin_manager
@@ -123,14 +123,17 @@ def test_labels_from_ground_truth_give_a_rate_whose_interval_holds_the_known_sha
             store.set(item.item_id, "oracle", label, source="test")
     result = vkr("audit", "score", str(tmp_path / "a"))
     score = json.loads((tmp_path / "a" / "score.json").read_text())
+    # The population estimate (weighted by stratum) holds the run's share and the policy's.
     rate = score["overall"]["trace_error"]
     assert rate["low"] <= known <= rate["high"], (known, rate)
     assert rate["low"] <= MISTAKE <= rate["high"], rate
-    assert rate["count"] == sum(is_wrong(i.example) for i in items)
-    assert (rate["low"], rate["high"]) == pytest.approx(wilson(rate["count"], 30))
+    assert score["overall"]["population"] == len(population)
+    assert score["overall"]["population_covered"] == 1.0
+    assert score["unweighted"]["trace_error"]["count"] == sum(is_wrong(i.example) for i in items)
     assert set(score["by_skill"]) == {e.skill for e in population}
     assert set(score["by_trace_model"]) == {i.trace_model for i in items}
     assert "trace error that changes the answer" in result.stdout
+    assert "**population** (weighted by stratum)" in result.stdout
     assert (tmp_path / "a" / "score.md").read_text().count("| skill: ") == len(score["by_skill"])
 
 
@@ -140,6 +143,171 @@ def test_wilson_interval_matches_the_textbook_values() -> None:
     assert [round(x, 4) for x in wilson(0, 10)] == [0.0, 0.2775]
     # The paper's 17 trace errors in 800.
     assert [round(x, 4) for x in wilson(17, 800)] == [0.0133, 0.0338]
+    # One stratum: the weighted estimate is the plain rate with the plain Wilson interval.
+    one = stratified_rates({"s": ["trace_error"] * 5 + ["ok"] * 5}, {"s": 40})
+    assert one["n_effective"] == 10
+    assert [round(one["trace_error"][k], 4) for k in ("rate", "low", "high")] == [
+        0.5,
+        0.2366,
+        0.7634,
+    ]
+
+
+# ---------------------------------------------------------------- weights and agreement
+
+
+def skewed_run(root: Path) -> tuple[Path, set[str]]:
+    """A run whose strata differ in size and error rate: 1000 examples of one generation
+    model, 10 % wrong, and eight rare models of 10 examples each, 9 of them wrong."""
+    from corpus_factory import link_video, make_example, write_record
+
+    from vkr_core.schemas import Video, VideoRecord
+
+    run = root / "run"
+    wrong: set[str] = set()
+    sizes = {"gen-big": (1000, 10), **{f"gen-rare-{k}": (10, 0) for k in range(8)}}
+    for m, (model, (size, every)) in enumerate(sizes.items()):
+        for v in range(0, size, 20):
+            video_id = f"{model}-{v:03d}"
+            path = link_video(root, video_id, m)
+            accepted = []
+            for i in range(v, min(v + 20, size)):
+                # Every third index keeps the factory's skill: one skill, strata by model.
+                example = make_example(video_id, 3 * i, str(path), multiple_choice=True)
+                example = example.model_copy(
+                    update={
+                        "problem_id": f"{model}-{i:03d}",
+                        "models": {"example_generation": [model]},
+                    }
+                )
+                if (every and i % every == 0) or (not every and i < 9):
+                    wrong.add(example.problem_id)
+                accepted.append(example)
+            record = VideoRecord(
+                video_id=video_id,
+                video=Video(video_id=video_id, path=str(path), discipline="physics"),
+                status="done",
+                frames=12,
+                generated=len(accepted),
+                accepted=accepted,
+            )
+            write_record(run, record)
+    return run, wrong
+
+
+def test_the_overall_rate_weights_strata_by_their_share_of_the_population(
+    tmp_path: Path,
+) -> None:
+    from experts.audit import create_audit, score_audit
+
+    run, wrong = skewed_run(tmp_path)
+    population_rate = len(wrong) / 1080  # 172 of 1080, 15.9 %
+    vkr("audit", str(run), "--n", "100", "--out", str(tmp_path / "a"))
+    manifest, items = load_audit(tmp_path / "a")
+    rare = [i for i in items if i.generation_model != "gen-big"]
+    assert len(rare) >= 24 and manifest.strata["VidR | gen-big"]["population"] == 1000
+    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+        for item in items:
+            store.set(item.item_id, "oracle", "not_grounded" if item.item_id in wrong else "ok")
+    vkr("audit", "score", str(tmp_path / "a"))
+    score = json.loads((tmp_path / "a" / "score.json").read_text())
+
+    weighted, plain = score["overall"]["flagged"], score["unweighted"]["flagged"]
+    # The rare strata are over a quarter of the sample and 7 % of the population: the plain
+    # mean over the sample is pulled towards their 90 % and its interval misses the truth.
+    assert not plain["low"] <= population_rate <= plain["high"], plain
+    assert plain["rate"] - population_rate > 0.1, plain
+    assert weighted["low"] <= population_rate <= weighted["high"], weighted
+    assert abs(weighted["rate"] - population_rate) < 0.05, weighted
+    assert score["overall"]["not_grounded"]["rate"] == pytest.approx(weighted["rate"])
+    # The interval is on the effective sample size: under the 100 labelled.
+    assert 40 < score["overall"]["n_effective"] < 100
+    big = score["by_stratum"]["VidR | gen-big"]
+    assert (big["population"], big["n"]) == (1000, len(items) - len(rare))
+
+    # Over other samples the weighted estimate centres on the population's rate, and the
+    # plain one stays above it every time.
+    estimates = []
+    for seed in range(1, 9):
+        audit = tmp_path / f"seed{seed}"
+        _, items = load_audit(create_audit(run, audit, n=100, seed=seed) and audit)
+        with AuditLabels(AuditLayout(audit).labels) as store:
+            for item in items:
+                store.set(item.item_id, "oracle", "trace_error" if item.item_id in wrong else "ok")
+        seeded = score_audit(audit)
+        estimates.append(seeded["overall"]["flagged"]["rate"])
+        assert seeded["unweighted"]["flagged"]["rate"] - population_rate > 0.08, seed
+    assert abs(sum(estimates) / len(estimates) - population_rate) < 0.02, estimates
+
+
+def test_a_partly_labelled_audit_says_which_strata_the_estimate_leaves_out(
+    tmp_path: Path,
+) -> None:
+    run, _ = skewed_run(tmp_path)
+    vkr("audit", str(run), "--n", "30", "--out", str(tmp_path / "a"))
+    _, items = load_audit(tmp_path / "a")
+    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+        for item in items:
+            if item.generation_model != "gen-rare-2":
+                store.set(item.item_id, "alice", "ok")
+    result = vkr("audit", "score", str(tmp_path / "a"))
+    score = json.loads((tmp_path / "a" / "score.json").read_text())
+    assert score["overall"]["strata_unlabelled"] == ["VidR | gen-rare-2"]
+    assert score["overall"]["population_covered"] == pytest.approx(1070 / 1080)
+    assert "no label yet in VidR | gen-rare-2" in result.stdout
+
+
+def test_agreement_per_pair_and_the_verdict_when_annotators_disagree(tmp_path: Path) -> None:
+    run, _ = skewed_run(tmp_path)
+    vkr("audit", str(run), "--n", "12", "--out", str(tmp_path / "a"))
+    _, items = load_audit(tmp_path / "a")
+    ids = [i.item_id for i in items[:10]]
+    ok, ng, te, us = "ok", "not_grounded", "trace_error", "unsupported_step"
+    alice = [ok, ok, ok, ok, ok, ok, ng, ng, te, te]
+    bob = [ok, ok, ok, ok, ok, us, ng, ok, te, te]
+    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+        for item_id, a, b in zip(ids, alice, bob, strict=True):
+            store.set(item_id, "alice", a)
+            store.set(item_id, "bob", b)
+        store.set(items[10].item_id, "alice", ok)  # labelled by one annotator only
+
+    result = vkr("audit", "score", str(tmp_path / "a"))
+    score = json.loads((tmp_path / "a" / "score.json").read_text())
+    (pair,) = score["agreement"]["pairs"]
+    assert pair["annotators"] == ["alice", "bob"] and pair["items"] == 10
+    assert pair["agreement"] == pytest.approx(0.8)
+    # By hand: expected agreement (6*6 + 2*1 + 2*2) / 100 = 0.42 over four labels, and
+    # (6*6 + 4*4) / 100 = 0.52 over ok vs flagged.
+    assert pair["kappa"] == pytest.approx((0.8 - 0.42) / 0.58, abs=1e-4)
+    assert pair["kappa_ok_vs_flagged"] == pytest.approx((0.8 - 0.52) / 0.48, abs=1e-4)
+    disagreements = [
+        {"item_id": ids[5], "alice": ok, "bob": us},
+        {"item_id": ids[7], "alice": ng, "bob": ok},
+    ]
+    assert pair["disagreements"] == sorted(disagreements, key=lambda d: d["item_id"])
+    assert score["agreement"]["disputed"] == sorted([ids[5], ids[7]])
+    # Any flag makes the verdict a flag, whoever gave it and whenever.
+    assert score["unweighted"]["flagged"]["count"] == 4 + 1
+    assert score["unweighted"]["unsupported_step"]["count"] == 1
+    assert "| alice & bob | 10 | 80.0 % | 0.66 | 0.58 |" in result.stdout
+    assert ", ".join(sorted([ids[5], ids[7]])) in result.stdout
+
+    # An adjudicator settles a dispute: their ok stands; they are no party to the kappas.
+    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+        store.set(ids[5], "carol", ok)
+        store.set(ids[7], "carol", ng)
+    result = vkr("audit", "score", str(tmp_path / "a"), "--adjudicator", "carol")
+    score = json.loads((tmp_path / "a" / "score.json").read_text())
+    assert score["unweighted"]["flagged"]["count"] == 4
+    assert score["unweighted"]["unsupported_step"]["count"] == 0
+    assert [p["annotators"] for p in score["agreement"]["pairs"]] == [["alice", "bob"]]
+    assert "Adjudicator: carol." in result.stdout
+    # Without --adjudicator, carol is one more annotator: her ok does not clear bob's flag.
+    score = json.loads(
+        vkr("audit", "score", str(tmp_path / "a")) and (tmp_path / "a" / "score.json").read_text()
+    )
+    assert score["unweighted"]["flagged"]["count"] == 5
+    assert len(score["agreement"]["pairs"]) == 3
 
 
 def test_drop_removes_exactly_the_flagged_examples_from_the_split(
