@@ -62,12 +62,29 @@ def serve(
     "--probe", "probe_out", required=True, type=_DIR, help="The `vkr probe` output folder."
 )
 @click.option("--out", "out_dir", required=True, type=_DIR, help="Folder for VideoKR_eval.jsonl.")
-def export_command(reannotations: Path, probe_out: Path, out_dir: Path) -> None:
-    """Merge the probe's kept questions and the new ones into an eval file `vkr probe` reads."""
+@click.option(
+    "--include-pending",
+    is_flag=True,
+    help="Export the new questions no second annotator has approved yet too "
+    '(their provenance says status "pending").',
+)
+def export_command(
+    reannotations: Path, probe_out: Path, out_dir: Path, include_pending: bool
+) -> None:
+    """Merge the probe's kept questions and the approved new ones into an eval file `vkr probe`
+    reads."""
     from experts.reannotate import export
 
-    done = export(reannotations, probe_out, out_dir)
-    click.echo(f"wrote {done.path}: {done.kept} kept + {done.new} re-annotated questions")
+    done = export(reannotations, probe_out, out_dir, include_pending=include_pending)
+    pending = f", {done.pending} of them pending review" if include_pending and done.pending else ""
+    click.echo(f"wrote {done.path}: {done.kept} kept + {done.new} re-annotated questions{pending}")
+    if done.pending and not include_pending:
+        click.echo(
+            f"note: {done.pending} new question(s) pending review are not in it (a second "
+            "annotator approves them in `vkr reannotate serve`; --include-pending exports "
+            "them too)",
+            err=True,
+        )
     if done.unprobed:
         click.echo(
             f"note: {done.unprobed} question(s) the probe could not read are not in it "
@@ -95,16 +112,28 @@ _FORMAT = click.Choice(["labelstudio", "argilla"])
     "'/data/local-files/?d=frames/'.",
 )
 @click.option("--frames-dir", type=_DIR, help="Where the probe's frames are (as for serve).")
+@click.option(
+    "--reannotations",
+    type=_DIR,
+    help="The re-annotation folder (serve's --out): each written question's current item goes "
+    "into its task for review (Label Studio: a prediction; Argilla: suggestions).",
+)
 def tasks(
-    probe_out: Path, fmt: str, out: Path, frame_url_prefix: str, frames_dir: Path | None
+    probe_out: Path,
+    fmt: str,
+    out: Path,
+    frame_url_prefix: str,
+    frames_dir: Path | None,
+    reannotations: Path | None,
 ) -> None:
-    """Write PROBE_OUT's filtered questions for Label Studio or Argilla to re-annotate there."""
+    """Write PROBE_OUT's filtered questions for Label Studio or Argilla to re-annotate (or
+    review) there."""
     from experts.reannotate_interchange import write_argilla, write_tasks
 
     if fmt == "labelstudio":
-        paths = list(write_tasks(probe_out, out, frame_url_prefix, frames_dir))
+        paths = list(write_tasks(probe_out, out, frame_url_prefix, frames_dir, reannotations))
     else:
-        paths = write_argilla(probe_out, out, frame_url_prefix, frames_dir)
+        paths = write_argilla(probe_out, out, frame_url_prefix, frames_dir, reannotations)
     click.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -121,7 +150,11 @@ def tasks(
     type=click.Path(path_type=Path),
     help="Label Studio's JSON export, or Argilla's to_disk folder (or its records.json).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace different items (history is kept).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Save items over questions changed since the tasks were written (history is kept).",
+)
 def import_command(
     reannotations: Path, probe_out: Path, fmt: str, source: Path, overwrite: bool
 ) -> None:
@@ -130,7 +163,10 @@ def import_command(
     from experts.reannotate_interchange import import_labels
 
     done = import_labels(reannotations, probe_out, fmt, source, overwrite)
-    click.echo(f"imported: {done.created} new, {done.changed} changed, {done.unchanged} unchanged")
+    click.echo(
+        f"imported: {done.written} written, {done.changed} edited or revised, "
+        f"{done.approved} approved, {done.unchanged} unchanged"
+    )
 
 
 @hookimpl

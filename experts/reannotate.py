@@ -1,11 +1,13 @@
 """Re-annotation of probe-filtered evaluation videos (issue 13, task 3).
 
-``vkr probe`` moves questions that one random frame answers to ``filtered.jsonl``. Experts
-write new, grounded questions on those videos in a loopback page (the pilot review page's
-conventions: ``qualification/review.py``); every save lands in ``reannotations.sqlite`` at
-once, a revision never overwrites the row it replaces (history per annotator). The export
-merges the probe's ``kept.jsonl``, unchanged, with the new items into the eval file shape
-``vkr probe`` reads, so the merged set can be probed again.
+``vkr probe`` moves questions that one random frame answers to ``filtered.jsonl``. As in the
+paper, each filtered question is replaced by one new, grounded question, written by one
+expert and reviewed by a second, in a loopback page (the pilot review page's conventions).
+The new item is a document of ``labelling.store.DocumentHistory`` whose id is the filtered
+question's: the first save writes it, its author's later saves edit it, another annotator's
+revise it, a second annotator approves it; every version is kept with who and when. The
+export merges the probe's ``kept.jsonl``, unchanged, with the approved new items into the
+eval file shape ``vkr probe`` reads, so the merged set can be probed again.
 """
 
 from __future__ import annotations
@@ -13,23 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sqlite3
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
 from corpus.probe import load_eval_set, video_key
 from experts.reannotate_page import PAGE
 from labelling.http import LoopbackHandler, LoopbackServer, check_host
+from labelling.store import MAX_DOC_ID_LENGTH, Document, DocumentHistory, check_annotator
 from plugins.exporters.evaluation import EVAL_FILE
-from qualification.labels import check_annotator
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write, read_jsonl
 from vkr_core.schemas import OPTION_LETTERS, EvalQuestion, InputError, VkrError
@@ -46,24 +46,9 @@ _QUESTION_FIELDS = {"id", "question", "options", "problem_type", "solution"}
 MAX_BODY = 64 * 1024
 MAX_TEXT = 4000
 # One frame image by a hash the page was given: the URL never names a path.
+# The ids DocumentHistory takes as they are.
+_PLAIN_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
 _FRAME_URL = re.compile(r"^/frame/([0-9a-f]{64})\.jpg$")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    source_id TEXT NOT NULL,
-    annotator TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    superseded_by INTEGER REFERENCES items(id)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_current_item
-    ON items (source_id, annotator) WHERE superseded_by IS NULL;
-"""
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -211,97 +196,101 @@ def eval_row(
     return row
 
 
-class ReannotationStore:
-    """reannotations.sqlite: every version of every new item; one current per (source,
-    annotator). Safe to share between the threads of one process."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def save(self, source_id: str, annotator: str, item: dict[str, Any]) -> dict[str, Any]:
-        payload = json.dumps(item, sort_keys=True)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                old = self._db.execute(
-                    "SELECT id, payload FROM items WHERE source_id = ? AND annotator = ? "
-                    "AND superseded_by IS NULL",
-                    (source_id, annotator),
-                ).fetchone()
-                if old is None or old["payload"] != payload:
-                    # Retire the old row first: the unique index allows one current row.
-                    if old is not None:
-                        self._db.execute(
-                            "UPDATE items SET superseded_by = -1 WHERE id = ?", (old["id"],)
-                        )
-                    new_id = self._db.execute(
-                        "INSERT INTO items (source_id, annotator, payload, created_at) "
-                        "VALUES (?, ?, ?, ?)",
-                        (source_id, annotator, payload, _now()),
-                    ).lastrowid
-                    if old is not None:
-                        self._db.execute(
-                            "UPDATE items SET superseded_by = ? WHERE id = ?", (new_id, old["id"])
-                        )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return self.mine(annotator)[source_id]
-
-    def _rows(self, where: str, args: tuple[Any, ...]) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(
-                f"SELECT * FROM items WHERE {where} ORDER BY id", args
-            ).fetchall()
-
-    def history(self, source_id: str, annotator: str) -> list[dict[str, Any]]:
-        rows = self._rows("source_id = ? AND annotator = ?", (source_id, annotator))
-        return [{**json.loads(r["payload"]), "created_at": r["created_at"]} for r in rows]
-
-    def current(self, annotator: str | None = None) -> list[dict[str, Any]]:
-        """Current items (of one annotator), in source then annotator order, with when each
-        was first written and how often it was revised."""
-        where = "superseded_by IS NULL"
-        args: tuple[str, ...] = ()
-        if annotator is not None:
-            where, args = where + " AND annotator = ?", (annotator,)
-        out = []
-        for row in self._rows(where, args):
-            versions = self._rows(
-                "source_id = ? AND annotator = ?", (row["source_id"], row["annotator"])
-            )
-            out.append(
-                {
-                    **json.loads(row["payload"]),
-                    "source_id": row["source_id"],
-                    "annotator": row["annotator"],
-                    "created_at": row["created_at"],
-                    "first_created_at": versions[0]["created_at"],
-                    "changes": len(versions) - 1,
-                }
-            )
-        return sorted(out, key=lambda e: (e["source_id"], e["annotator"]))
-
-    def mine(self, annotator: str) -> dict[str, dict[str, Any]]:
-        """An annotator's current items by source id."""
-        return {e["source_id"]: e for e in self.current(annotator)}
+def open_store(out_dir: str | Path) -> DocumentHistory:
+    """The re-annotations of one probe output: one document per filtered question."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return DocumentHistory(Path(out_dir) / DB_FILE, what="new question")
 
 
-def new_item_id(source_id: str, annotator: str) -> str:
-    """Stable across revisions and reruns: the source question and who wrote the new one."""
-    digest = hashlib.sha256(f"{source_id}\0{annotator}".encode()).hexdigest()[:8]
-    return f"{source_id}-re-{digest}"
+def doc_id(source_id: str) -> str:
+    """The document id of a filtered question: its own id, or (an eval id with characters a
+    document id does not take, e.g. a slash or a space) a digest of it."""
+    if _PLAIN_ID.match(source_id) and len(source_id) <= MAX_DOC_ID_LENGTH:
+        return source_id
+    return "sha256-" + hashlib.sha256(source_id.encode()).hexdigest()
+
+
+def new_item_id(source_id: str) -> str:
+    """The new question's id: one per filtered question, stable across revisions, reviews
+    and reruns (whoever wrote it)."""
+    return f"{source_id}-re"
+
+
+@dataclass
+class Saved:
+    """What a save or an approval did: written, edited, revised, approved or unchanged."""
+
+    change: str
+    document: Document
+
+
+def save_item(
+    store: DocumentHistory,
+    source_id: str,
+    annotator: str,
+    item: dict[str, Any],
+    source: str = "web",
+) -> Saved:
+    """Save a checked item as the document of ``source_id``: its first save writes it, its
+    author's later saves edit it, another annotator's revise it; the same text is no change."""
+    before = store.get(doc_id(source_id))
+    after = store.save(doc_id(source_id), annotator, item, source=source, create=True)
+    if before is not None and len(after.history) == len(before.history):
+        return Saved("unchanged", after)
+    return Saved(after.history[-1].action, after)
+
+
+def approve_item(
+    store: DocumentHistory, source_id: str, annotator: str, source: str = "web"
+) -> Saved:
+    """A second annotator approves the current text of ``source_id`` as it is."""
+    before = store.get(doc_id(source_id))
+    if before is None:
+        raise InputError(f"nothing written for {source_id} yet: there is nothing to approve")
+    after = store.approve(doc_id(source_id), annotator, source=source)
+    return Saved("approved" if len(after.history) > len(before.history) else "unchanged", after)
+
+
+def reviewer(document: Document) -> str | None:
+    """Who approved the current text (None while it waits for review)."""
+    if document.status != "approved":
+        return None
+    return document.history[-1].annotator
+
+
+def document_json(document: Document, source_id: str) -> dict[str, Any]:
+    """A document as the page and the tasks show it: the item, who wrote it, its review."""
+    return {
+        **document.body,
+        "source_id": source_id,
+        "author": document.author,
+        "status": document.status,
+        "reviewer": reviewer(document),
+        "revised": document.revised,
+        "created_at": document.created_at,
+        "updated_at": document.updated_at,
+        "history": [
+            {"annotator": v.annotator, "action": v.action, "at": v.created_at, "via": v.source}
+            for v in document.history
+        ],
+    }
+
+
+def provenance(document: Document, source_id: str) -> dict[str, Any]:
+    """What a new item's provenance says: what it replaces, who wrote and reviewed it."""
+    return {
+        "kind": PROVENANCE_KIND,
+        "replaces": source_id,
+        "status": document.status,
+        "author": document.author,
+        "reviewer": reviewer(document),
+        # The paper's count: items a second annotator changed before they were kept.
+        "revised": document.revised,
+        "revised_by": sorted({v.annotator for v in document.history if v.action == "revised"}),
+        "written_at": document.created_at,
+        "updated_at": document.updated_at,
+        "versions": len(document.history),
+    }
 
 
 @dataclass
@@ -309,13 +298,22 @@ class Exported:
     path: Path
     kept: int
     new: int
+    # Written but not approved by a second annotator: left out unless include_pending.
+    pending: int
     # Questions whose video the probe could not read: in neither kept nor filtered, so not
     # in the merged set either; the user is told, they are not dropped silently.
     unprobed: int
+    include_pending: bool = False
 
 
-def export(reannotations: str | Path, probe_out: str | Path, out_dir: str | Path) -> Exported:
-    """Write OUT/VideoKR_eval.jsonl: kept.jsonl unchanged, then the new items. The file is
+def export(
+    reannotations: str | Path,
+    probe_out: str | Path,
+    out_dir: str | Path,
+    include_pending: bool = False,
+) -> Exported:
+    """Write OUT/VideoKR_eval.jsonl: kept.jsonl unchanged, then the approved new items (and
+    the pending ones, marked so in their provenance, with ``include_pending``). The file is
     read back with ``vkr probe``'s reader."""
     probe = Path(probe_out)
     db = Path(reannotations) / DB_FILE
@@ -325,36 +323,40 @@ def export(reannotations: str | Path, probe_out: str | Path, out_dir: str | Path
         raise InputError(f"{probe} is not a `vkr probe` output folder (no kept.jsonl)")
     kept = [row for _, row in read_jsonl(probe / "kept.jsonl")]
     sources = {s.source_id: s for s in load_filtered(probe)}
-    store = ReannotationStore(db)
-    try:
-        current = store.current()
-    finally:
-        store.close()
-    new_rows = []
-    for entry in current:
-        source = sources.get(entry["source_id"])
-        if source is None:
+    with open_store(reannotations) as store:
+        documents = store.documents()
+    known = {doc_id(sid) for sid in sources}
+    for stray in documents:
+        if stray.doc_id not in known:
             raise InputError(
-                f"re-annotation of {entry['source_id']!r} has no filtered question in {probe}"
+                f"re-annotation of {stray.doc_id!r} has no filtered question in {probe}"
             )
-        provenance = {
-            "kind": PROVENANCE_KIND,
-            "replaces": entry["source_id"],
-            "annotator": entry["annotator"],
-            "created_at": entry["first_created_at"],
-            "revised_at": entry["created_at"],
-            "revisions": entry["changes"],
-        }
-        item = {k: entry[k] for k in ("question", "problem_type", "options", "answer", "grounding")}
+    by_doc = {d.doc_id: d for d in documents}
+    new_rows = []
+    pending = 0
+    # In the probe's order of the questions they replace: a rerun writes the same file.
+    for source in sources.values():
+        document = by_doc.get(doc_id(source.source_id))
+        if document is None:
+            continue
+        if document.status != "approved":
+            pending += 1
+            if not include_pending:
+                continue
         new_rows.append(
-            eval_row(source, item, new_item_id(entry["source_id"], entry["annotator"]), provenance)
+            eval_row(
+                source,
+                document.body,
+                new_item_id(source.source_id),
+                provenance(document, source.source_id),
+            )
         )
     path = Path(out_dir) / EVAL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept + new_rows))
     load_eval_set(path)  # duplicate ids or a bad line: an error now, not at the next probe
     unprobed = sum(1 for _ in read_jsonl(probe / "unprobed.jsonl", missing_ok=True))
-    return Exported(path, len(kept), len(new_rows), unprobed)
+    return Exported(path, len(kept), len(new_rows), pending, unprobed, include_pending)
 
 
 # ---------------------------------------------------------------- the page's server
@@ -369,7 +371,9 @@ class ReannotateApp:
         frames_dir: str | Path | None = None,
     ):
         self.sources = {s.source_id: s for s in load_filtered(probe_out, frames_dir)}
-        self.store = ReannotationStore(Path(out_dir) / DB_FILE)
+        self.store = open_store(out_dir)
+        # One save at a time, so that what a save reports (written, revised...) is its own.
+        self._saving = threading.Lock()
         self.frames: dict[str, Path] = {}
         items = []
         for s in self.sources.values():
@@ -386,20 +390,29 @@ class ReannotateApp:
     def close(self) -> None:
         self.store.close()
 
-    def items_of(self, annotator: str) -> dict[str, Any]:
-        annotator = check_annotator(annotator)
-        others: dict[str, list[str]] = {}
-        for entry in self.store.current():
-            if entry["annotator"] != annotator:
-                others.setdefault(entry["source_id"], []).append(entry["annotator"])
-        return {"annotator": annotator, "items": self.store.mine(annotator), "others": others}
+    def documents(self) -> dict[str, Any]:
+        """Every filtered question's document, by source id: one for all annotators."""
+        by_doc = {d.doc_id: d for d in self.store.documents()}
+        return {
+            "items": {
+                sid: document_json(by_doc[doc_id(sid)], sid)
+                for sid in self.sources
+                if doc_id(sid) in by_doc
+            }
+        }
 
     def save(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Write, edit or revise a question's new item; with ``approve``, approve it."""
         source = self.sources.get(str(body.get("source_id")))
         if source is None:
             raise InputError(f"no filtered question {body.get('source_id')!r} in this probe output")
         annotator = check_annotator(str(body.get("annotator") or ""))
-        return self.store.save(source.source_id, annotator, check_item(source, body))
+        with self._saving:
+            if body.get("approve") is True:
+                done = approve_item(self.store, source.source_id, annotator)
+            else:
+                done = save_item(self.store, source.source_id, annotator, check_item(source, body))
+        return {"change": done.change, **document_json(done.document, source.source_id)}
 
 
 class _Handler(LoopbackHandler):
@@ -415,43 +428,25 @@ class _Handler(LoopbackHandler):
         elif url.path == "/api/filtered":
             self._send(HTTPStatus.OK, app.items_json, "application/json")
         elif url.path == "/api/items":
-            try:
-                annotator = parse_qs(url.query).get("annotator", [""])[0]
-                self._json(HTTPStatus.OK, app.items_of(annotator))
-            except InputError as exc:
-                self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            self._json(HTTPStatus.OK, app.documents())
         elif match := _FRAME_URL.match(url.path):
-            path = app.frames.get(match.group(1))
-            if path is None or not path.is_file():
-                self._json(HTTPStatus.NOT_FOUND, {"error": "no such frame"})
-                return
-            self._send(HTTPStatus.OK, path.read_bytes(), "image/jpeg")
+            self.serve_frame(app.frames.get(match.group(1)))
         else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {url.path}"})
+            self._error(HTTPStatus.NOT_FOUND, f"no page {url.path}")
 
     def do_POST(self) -> None:
         if not self._host_ok():
             return
         if self.path != "/api/items":
-            self._json(HTTPStatus.NOT_FOUND, {"error": "no such endpoint"})
+            self._error(HTTPStatus.NOT_FOUND, "no such endpoint")
             return
-        # JSON only: a cross-site form cannot post it.
-        if self.headers.get_content_type() != "application/json":
-            self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "items are posted as JSON"})
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "item too large"})
+        body = self.read_json(MAX_BODY, "an item")
+        if body is None:
             return
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-            if not isinstance(body, dict):
-                raise InputError("an item is a JSON object")
             self._json(HTTPStatus.OK, self.server.app.save(body))
-        except json.JSONDecodeError as exc:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": f"not JSON: {exc}"})
         except VkrError as exc:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            self._error(HTTPStatus.BAD_REQUEST, str(exc))
 
 
 class _Server(ThreadingHTTPServer):
@@ -464,9 +459,9 @@ class _Server(ThreadingHTTPServer):
 
 
 class ReannotateServer(LoopbackServer):
-    thread_name = "vkr-reannotate"
-
     """``with ReannotateServer(probe_out, out_dir) as server: server.url`` serves the page."""
+
+    thread_name = "vkr-reannotate"
 
     def __init__(
         self,
@@ -477,7 +472,7 @@ class ReannotateServer(LoopbackServer):
         annotator: str | None = None,
         frames_dir: str | Path | None = None,
     ):
-        host = check_host(host)
+        host = check_host(host, "the re-annotation page", "the questions and the new items")
         if annotator is not None:
             annotator = check_annotator(annotator)
         self.app = ReannotateApp(probe_out, out_dir, annotator, frames_dir)

@@ -3,9 +3,17 @@
 The files follow ``qualification/interchange.py``. Label Studio: a JSON list of tasks
 ``{"id", "data"}`` with a config (XML) written next to it; its JSON export returns them with
 ``annotations[].result``. Argilla 2.x: the ``rg.Dataset.to_disk`` layout (``records.json``,
-``.argilla/``); its records come back with ``responses``. An imported item passes the same checks as one written in
-the page, and lands in the same store with its history; a different current item by the
-same annotator is a conflict, and nothing is imported unless ``overwrite`` is given.
+``.argilla/``); its records come back with ``responses``.
+
+Review travels with the tasks: written from a re-annotation folder, a task carries the
+question's current new item (Label Studio: a prediction; Argilla: suggestions), who wrote it,
+its status, and the time of the version it shows (``based_on``). What comes back is read
+as the page would take it (``plan``): the first item for a question writes it; its author's
+changed item edits it, another annotator's revises it; another annotator's item identical to
+the current one approves it (submitting the shown item unchanged is the review's "ok"); an
+item its annotator already saved (an export imported again) changes nothing. A changed item
+made on an older version than the current one (or on no version, when the question has
+been written since) is a conflict: nothing is imported unless ``overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -15,12 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experts.reannotate import DB_FILE, FilteredVideo, ReannotationStore, check_item, load_filtered
-from qualification.labels import check_annotator
+from experts.reannotate import (
+    FilteredVideo,
+    approve_item,
+    check_item,
+    doc_id,
+    load_filtered,
+    open_store,
+    save_item,
+)
+from labelling.store import Document, DocumentHistory, check_annotator
 from vkr_core.files import atomic_write
 from vkr_core.schemas import InputError
 
 _TEXT_FIELDS = ("question", "options", "answer", "grounding")
+# What Label Studio records as the model version of the current items a task shows.
+PREDICTION_VERSION = "vkr current item"
 
 CONFIG = """<View>
   <Header value="$source_id · $video_path"/>
@@ -28,6 +46,7 @@ CONFIG = """<View>
   <Text name="frame_times" value="$frame_times"/>
   <Header value="Original question (filtered: answered from a single frame)"/>
   <Text name="original" value="$original"/>
+  <Header value="$review"/>
   <Header value="New question, grounded in the frames"/>
   <TextArea name="question" toName="original" rows="3" maxSubmissions="1" required="true"/>
   <Choices name="problem_type" toName="original" choice="single-radio" required="true">
@@ -53,32 +72,83 @@ def _original(source: FilteredVideo) -> str:
     return "\n".join(lines)
 
 
+def _review(document: Document | None) -> str:
+    """What the annotator of a task is asked: write, or review what is written."""
+    if document is None:
+        return "Not written yet: write a new question."
+    versions = "; ".join(f"{v.action} by {v.annotator}" for v in document.history)
+    if document.status == "approved":
+        return f"Approved ({versions}). Change it only if it is wrong."
+    return (
+        f"Pending review ({versions}). A second annotator submits it unchanged to approve it, "
+        "or corrects it to revise it."
+    )
+
+
+def _texts(document: Document) -> dict[str, Any]:
+    """A document's item as the tool's answers hold it (texts, and the type's choice)."""
+    body = document.body
+    return {
+        "question": body["question"],
+        "problem_type": body["problem_type"],
+        "options": "\n".join(body["options"] or []),
+        "answer": body["answer"],
+        "grounding": ", ".join(f"{t:g}" for t in body["grounding"]),
+    }
+
+
+def _current(reannotations: str | Path | None) -> dict[str, Document]:
+    """The documents of a re-annotation folder by doc id (none without one)."""
+    if reannotations is None:
+        return {}
+    with open_store(reannotations) as store:
+        return {d.doc_id: d for d in store.documents()}
+
+
+def _review_data(document: Document | None) -> dict[str, Any]:
+    return {
+        "review": _review(document),
+        "status": document.status if document else "not written",
+        "author": document.author if document else "",
+        # The version the task shows: a changed item made on another is a conflict.
+        "based_on": document.updated_at if document else "",
+    }
+
+
 def write_tasks(
     probe_out: str | Path,
     out: str | Path,
     frame_url_prefix: str = "",
     frames_dir: str | Path | None = None,
+    reannotations: str | Path | None = None,
 ) -> tuple[Path, Path]:
     """Label Studio tasks for the probe's filtered questions, and the config beside them.
 
-    A frame's URL is ``frame_url_prefix`` + its path under the probe's frames folder."""
+    A frame's URL is ``frame_url_prefix`` + its path under the probe's frames folder. With
+    ``reannotations``, a written question's task carries its current item as a prediction
+    (a reviewer submits it unchanged, or corrects it)."""
+    current = _current(reannotations)
     tasks = []
     for n, source in enumerate(load_filtered(probe_out, frames_dir), start=1):
-        tasks.append(
-            {
-                "id": n,
-                "data": {
-                    "source_id": source.source_id,
-                    "video_path": str(source.row["video_path"]),
-                    "original": _original(source),
-                    "frames": [
-                        f"{frame_url_prefix}{path.parent.name}/{path.name}"
-                        for _, path in source.frames
-                    ],
-                    "frame_times": ", ".join(f"{t:g}s" for t, _ in source.frames),
-                },
-            }
-        )
+        document = current.get(doc_id(source.source_id))
+        task: dict[str, Any] = {
+            "id": n,
+            "data": {
+                "source_id": source.source_id,
+                "video_path": str(source.row["video_path"]),
+                "original": _original(source),
+                "frames": [
+                    f"{frame_url_prefix}{path.parent.name}/{path.name}" for _, path in source.frames
+                ],
+                "frame_times": ", ".join(f"{t:g}s" for t, _ in source.frames),
+                **_review_data(document),
+            },
+        }
+        if document is not None:
+            task["predictions"] = [
+                {"model_version": PREDICTION_VERSION, "result": _ls_results(_texts(document))}
+            ]
+        tasks.append(task)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write(path, json.dumps(tasks, indent=1, ensure_ascii=False) + "\n")
@@ -87,11 +157,26 @@ def write_tasks(
     return path, config
 
 
+def _ls_results(texts: dict[str, Any]) -> list[dict[str, Any]]:
+    results = []
+    for name in ("question", "problem_type", "options", "answer", "grounding"):
+        if name == "problem_type":
+            kind, value = "choices", {"choices": [texts[name]]}
+        elif texts[name]:
+            kind, value = "textarea", {"text": [texts[name]]}
+        else:
+            continue
+        results.append({"from_name": name, "to_name": "original", "type": kind, "value": value})
+    return results
+
+
 GUIDELINES = (
     "These questions were filtered from an evaluation set because one random frame answers "
     "them. Write a new question on the same video that needs the video: its options (one per "
     "line) or an open answer, the answer (an option letter, or the open answer) and the "
-    "seconds of the frames that show it, comma separated."
+    "seconds of the frames that show it, comma separated. A question already written shows "
+    "its current item as suggestions: a second annotator submits them unchanged to approve "
+    "it, or corrects them to revise it."
 )
 
 
@@ -116,7 +201,11 @@ def argilla_settings() -> dict[str, Any]:
                 "required": True,
                 "settings": {"type": "text", "use_markdown": md},
             }
-            for n, t, md in (("frames", "Frames", True), ("original", "Original question", False))
+            for n, t, md in (
+                ("frames", "Frames", True),
+                ("original", "Original question", False),
+                ("review", "Review", False),
+            )
         ],
         "questions": [
             _text_question("question", "New question", True),
@@ -146,7 +235,7 @@ def argilla_settings() -> dict[str, Any]:
                 "settings": {"type": "terms", "values": None},
                 "visible_for_annotators": True,
             }
-            for n in ("source_id", "video_path", "dataset")
+            for n in ("source_id", "video_path", "dataset", "status", "author", "based_on")
         ],
         "allow_extra_metadata": True,
     }
@@ -157,30 +246,47 @@ def write_argilla(
     out: str | Path,
     frame_url_prefix: str = "",
     frames_dir: str | Path | None = None,
+    reannotations: str | Path | None = None,
 ) -> list[Path]:
-    """An ``rg.Dataset.to_disk`` folder (records.json, .argilla/) of the filtered questions."""
+    """An ``rg.Dataset.to_disk`` folder (records.json, .argilla/) of the filtered questions;
+    with ``reannotations``, a written question's current item as its record's suggestions."""
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InputError(
             f"{target} exists and is not an empty folder: Argilla exports are folders "
             "(records.json and .argilla/), like rg.Dataset.to_disk writes"
         )
+    current = _current(reannotations)
     records = []
     for source in load_filtered(probe_out, frames_dir):
+        document = current.get(doc_id(source.source_id))
         frames = "\n".join(
             f"![{t:g}s]({frame_url_prefix}{path.parent.name}/{path.name})"
             for t, path in source.frames
         )
+        review = _review_data(document)
+        suggestions = {}
+        if document is not None:
+            suggestions = {
+                name: {"value": value, "score": None, "agent": PREDICTION_VERSION}
+                for name, value in _texts(document).items()
+                if value
+            }
         records.append(
             {
                 "id": source.source_id,
-                "fields": {"frames": frames or "(no frames)", "original": _original(source)},
+                "fields": {
+                    "frames": frames or "(no frames)",
+                    "original": _original(source),
+                    "review": review.pop("review"),
+                },
                 "metadata": {
                     "source_id": source.source_id,
                     "video_path": str(source.row["video_path"]),
                     "dataset": str(source.row.get("dataset", "")),
+                    **review,
                 },
-                "suggestions": {},
+                "suggestions": suggestions,
                 "responses": {},
                 "vectors": {},
                 "_server_id": None,
@@ -237,13 +343,6 @@ def _grounding(text: str, where: str) -> list[float]:
     return stamps
 
 
-@dataclass
-class Imported:
-    created: int = 0
-    changed: int = 0
-    unchanged: int = 0
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -270,15 +369,23 @@ def _body(texts: dict[str, str], problem_type: Any, where: str) -> dict[str, Any
     }
 
 
-# (source id, annotator, checked item, where it came from)
-_Checked = list[tuple[str, str, dict[str, Any], str]]
+@dataclass
+class Incoming:
+    """One item read back from a tool, checked as the page checks it."""
+
+    source_id: str
+    annotator: str
+    item: dict[str, Any]
+    where: str
+    # The updated_at of the version the task showed ("" for none).
+    based_on: str
 
 
-def read_labelstudio(path: Path, sources: dict[str, FilteredVideo]) -> _Checked:
+def read_labelstudio(path: Path, sources: dict[str, FilteredVideo]) -> list[Incoming]:
     tasks = _read_json(path)
     if not isinstance(tasks, list):
         raise InputError(f"{path} is not a Label Studio JSON export (a list of tasks)")
-    checked: _Checked = []
+    checked: list[Incoming] = []
     for t, task in enumerate(tasks):
         data = task.get("data") if isinstance(task, dict) else None
         if not isinstance(data, dict) or "source_id" not in data:
@@ -302,17 +409,18 @@ def read_labelstudio(path: Path, sources: dict[str, FilteredVideo]) -> _Checked:
                 elif name == "problem_type":
                     problem_type = (value.get("choices") or [None])[0]
             item = _checked(source, _body(texts, problem_type, where), where)
-            checked.append((source.source_id, annotator, item, where))
+            based_on = str(data.get("based_on") or "")
+            checked.append(Incoming(source.source_id, annotator, item, where, based_on))
     return checked
 
 
-def read_argilla(path: Path, sources: dict[str, FilteredVideo]) -> _Checked:
+def read_argilla(path: Path, sources: dict[str, FilteredVideo]) -> list[Incoming]:
     """Items from Argilla records (an ``rg.Dataset.to_disk`` folder or its records.json)."""
     records_path = path / "records.json" if path.is_dir() else path
     records = _read_json(records_path)
     if not isinstance(records, list):
         raise InputError(f"{records_path} is not a list of Argilla records")
-    checked: _Checked = []
+    checked: list[Incoming] = []
     for r, record in enumerate(records):
         metadata = record.get("metadata") if isinstance(record, dict) else None
         if not isinstance(metadata, dict) or "source_id" not in metadata:
@@ -331,8 +439,85 @@ def read_argilla(path: Path, sources: dict[str, FilteredVideo]) -> _Checked:
             where = f"{records_path} record {r} ({source.source_id}) by {user}"
             texts = {k: str(answers[k]) for k in _TEXT_FIELDS if answers.get(k) is not None}
             item = _checked(source, _body(texts, answers.get("problem_type"), where), where)
-            checked.append((source.source_id, user, item, where))
+            based_on = str(metadata.get("based_on") or "")
+            checked.append(Incoming(source.source_id, user, item, where, based_on))
     return checked
+
+
+@dataclass
+class Imported:
+    written: int = 0
+    changed: int = 0
+    approved: int = 0
+    unchanged: int = 0
+
+
+@dataclass
+class _State:
+    """A question's document as the import will have left it so far."""
+
+    body: dict[str, Any]
+    author: str
+    saved_by: str
+    status: str
+    stamp: str
+    # (annotator, item) of every version its annotator wrote, edited or revised.
+    saved: list[tuple[str, dict[str, Any]]]
+
+    @classmethod
+    def of(cls, document: Document) -> _State:
+        return cls(
+            document.body,
+            document.author,
+            document.history[-1].annotator,
+            document.status,
+            document.updated_at,
+            [(v.annotator, v.body) for v in document.history if v.action != "approved"],
+        )
+
+
+def plan(
+    store: DocumentHistory, incoming: list[Incoming], overwrite: bool = False
+) -> list[tuple[str, Incoming]]:
+    """What each incoming item does (write, change, approve, none), decided for all before
+    any is saved: a conflict (InputError naming where) imports nothing."""
+    states: dict[str, _State] = {}
+    steps: list[tuple[str, Incoming]] = []
+    for entry in incoming:
+        sid = entry.source_id
+        if sid not in states:
+            document = store.get(doc_id(sid))
+            if document is not None:
+                states[sid] = _State.of(document)
+        state = states.get(sid)
+        who, item = entry.annotator, entry.item
+        if state is None:
+            action = "write"
+            states[sid] = _State(item, who, who, "pending", "(this import)", [(who, item)])
+        elif (who, item) in state.saved:
+            action = "none"  # an export imported again, or an item since changed by others
+        elif item == state.body:
+            if state.status == "pending" and who not in (state.author, state.saved_by):
+                action = "approve"
+                state.status, state.saved_by, state.stamp = "approved", who, "(this import)"
+            else:
+                action = "none"
+        else:
+            if entry.based_on != state.stamp and not overwrite:
+                shown = f"the version of {entry.based_on}" if entry.based_on else "no item"
+                raise InputError(
+                    f"{entry.where}: {sid} was changed since these tasks were written "
+                    f"(they showed {shown}; now {state.status}, last saved by "
+                    f"{state.saved_by}); nothing was imported (write the tasks again with "
+                    "--reannotations to review its current item, or pass --overwrite to save "
+                    "over it, history is kept)"
+                )
+            action = "change"
+            state.body, state.saved_by, state.status = item, who, "pending"
+            state.stamp = "(this import)"
+            state.saved.append((who, item))
+        steps.append((action, entry))
+    return steps
 
 
 def import_labels(
@@ -343,34 +528,27 @@ def import_labels(
     overwrite: bool = False,
 ) -> Imported:
     """Read a Label Studio export or Argilla records into the store; every item is checked
-    before any is written, so a bad one (named with where it came from) changes nothing."""
+    and planned before any is written, so a bad one (named with where it came from) changes
+    nothing."""
     sources = {s.source_id: s for s in load_filtered(probe_out)}
     if fmt == "labelstudio":
-        checked = read_labelstudio(Path(path), sources)
+        incoming = read_labelstudio(Path(path), sources)
     elif fmt == "argilla":
-        checked = read_argilla(Path(path), sources)
+        incoming = read_argilla(Path(path), sources)
     else:
         raise InputError(f"unknown label format {fmt!r}: use labelstudio or argilla")
-    store = ReannotationStore(Path(reannotations) / DB_FILE)
-    try:
-        if not overwrite:
-            for source_id, annotator, item, where in checked:
-                mine = store.mine(annotator).get(source_id)
-                if mine is not None and {k: mine[k] for k in item} != item:
-                    raise InputError(
-                        f"{where}: {annotator} already wrote a different item for {source_id}; "
-                        "nothing was imported (pass --overwrite to replace it, history is kept)"
-                    )
-        result = Imported()
-        for source_id, annotator, item, _ in checked:
-            before = store.mine(annotator).get(source_id)
-            after = store.save(source_id, annotator, item)
-            if before is None:
-                result.created += 1
-            elif after["changes"] != before["changes"]:
-                result.changed += 1
+    result = Imported()
+    with open_store(reannotations) as store:
+        for action, entry in plan(store, incoming, overwrite):
+            if action == "approve":
+                approve_item(store, entry.source_id, entry.annotator, source=fmt)
+                result.approved += 1
+            elif action in ("write", "change"):
+                save_item(store, entry.source_id, entry.annotator, entry.item, source=fmt)
+                if action == "write":
+                    result.written += 1
+                else:
+                    result.changed += 1
             else:
                 result.unchanged += 1
-        return result
-    finally:
-        store.close()
+    return result

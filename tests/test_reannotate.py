@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -77,27 +79,55 @@ def _filtered(probe_out: Path) -> list[dict[str, Any]]:
 
 
 def _history(out: Path, source_id: str) -> list[dict[str, Any]]:
+    """Every version of a question's new item, read from the SQLite file: the item with who
+    saved it and how."""
+    if not (out / DB_FILE).exists():
+        return []
     with sqlite3.connect(out / DB_FILE) as db:
         rows = db.execute(
-            "SELECT payload FROM items WHERE source_id = ? ORDER BY id", (source_id,)
+            "SELECT annotator, action, body, source FROM versions WHERE doc_id = ? ORDER BY id",
+            (source_id,),
         ).fetchall()
-    return [json.loads(r[0]) for r in rows]
+    return [
+        {**json.loads(body), "by": who, "action": action, "via": via}
+        for who, action, body, via in rows
+    ]
 
 
-def test_page_writes_a_new_item_resumes_and_keeps_history_on_revision(probed, tmp_path):
+def _title_has(page: Any, source_id: str) -> None:
+    page.wait_for_function(
+        "id => document.getElementById('item-title').textContent.includes(id)", arg=source_id
+    )
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url + "api/items",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+def test_page_writes_reviews_revises_and_resumes(probed, tmp_path):
+    """One new question per filtered question: alice writes two, bob (a second annotator)
+    approves one as it is and corrects the other; a restarted server shows it all."""
     out = tmp_path / "re"
     first, second = _filtered(probed)[:2]
     with ReannotateServer(probed, out) as server, chromium() as browser:
         page = open_page(browser, server.url)
         page.fill("#annotator", "alice")
         page.press("#annotator", "Enter")
-        page.wait_for_function(
-            "id => document.getElementById('item-title').textContent.includes(id)", arg=first["id"]
-        )
+        _title_has(page, first["id"])
         # The filtered question is shown as text, with why it was filtered.
         assert "<img src=x" in page.inner_text("#orig-question")
         assert page.evaluate("window.pwned") is None
         assert "answered from a single frame by" in page.inner_text("#why")
+        assert page.inner_text("#review-status") == "not written yet"
         clocks = page.locator("#frames figcaption").all_inner_texts()
         assert clocks[:3] == ["00:00", "00:01", "00:02"]
 
@@ -111,27 +141,40 @@ def test_page_writes_a_new_item_resumes_and_keeps_history_on_revision(probed, tm
         page.keyboard.press("Space")
         assert page.inner_text("#grounding") == "00:01, 00:02"
         page.click("#save")
-        saved(page, "saved")
-        assert _history(out, first["id"])[-1]["grounding"] == [1.0, 2.0]
+        saved(page, "saved: written")
+        assert page.inner_text("#review-status") == "pending review · written by alice"
+        assert page.is_hidden("#approve")  # the author does not approve her own question
+        [written] = _history(out, first["id"])
+        assert (written["by"], written["action"], written["grounding"]) == (
+            "alice",
+            "written",
+            [1.0, 2.0],
+        )
 
-        # Resume: a reload opens at the first filtered question alice has not written for.
+        # Resume: a reload opens at the first question not written yet.
         page.reload()
         page.wait_for_selector("body[data-ready]")
         assert page.input_value("#annotator") == "alice"
-        page.wait_for_function(
-            "id => document.getElementById('item-title').textContent.includes(id)", arg=second["id"]
-        )
-        assert "done" in page.get_attribute(f"nav button[data-item='{first['id']}']", "class")
+        _title_has(page, second["id"])
+        assert "pending" in page.get_attribute(f"nav button[data-item='{first['id']}']", "class")
+        page.fill("#question", "Which happens first?")
+        page.select_option("#problem-type", "open-ended")
+        page.fill("#answer", "the pour")
+        page.locator("#frames figure").nth(0).click()
+        page.keyboard.press("Control+Enter")
+        saved(page, "saved: written")
 
-        # Revise with the keyboard: the old version stays in the history.
+        # Her own edit, by keyboard: the old version stays in the history.
         page.click(f"nav button[data-item='{first['id']}']")
         assert page.input_value("#question") == "What happens after the pancake leaves the pan?"
-        assert page.input_value("#answer") == "A"
         page.fill("#answer", "It falls on the floor")  # an option's text is stored as its letter
         page.keyboard.press("Control+Enter")
-        saved(page, "revised 1×, history kept")
-        versions = _history(out, first["id"])
-        assert [v["answer"] for v in versions] == ["A", "B"]
+        saved(page, "saved: edited, history kept")
+        assert [(v["action"], v["answer"]) for v in _history(out, first["id"])] == [
+            ("written", "A"),
+            ("edited", "B"),
+        ]
+        assert page.locator("#history li").count() == 2
 
         # A refused item says why in one line and changes nothing.
         page.fill("#answer", "E")
@@ -139,19 +182,72 @@ def test_page_writes_a_new_item_resumes_and_keeps_history_on_revision(probed, tm
         saved(page, "not saved: new item for")
         assert "is not among its options" in page.inner_text("#status")
         assert len(_history(out, first["id"])) == 2
+        # Nor may she approve it through the API.
+        code, error = _post(
+            server.url, {"source_id": first["id"], "annotator": "alice", "approve": True}
+        )
+        assert code == 400
+        assert error["error"] == "alice wrote this new question: a second annotator approves it"
 
-        # Another annotator starts at the beginning and sees who wrote for the question.
+        # Bob, the second annotator, picks what needs his review.
         page.fill("#annotator", "bob")
         page.press("#annotator", "Enter")
-        page.wait_for_function(
-            "() => document.getElementById('others').textContent === 'also written by: alice'"
+        page.select_option("#filter", "review")
+        page.wait_for_function("() => document.querySelectorAll('#item-list button').length === 2")
+        listed = page.locator("#item-list button").evaluate_all("bs => bs.map(b => b.dataset.item)")
+        assert listed == [first["id"], second["id"]]  # not the third, nobody wrote it
+        _title_has(page, first["id"])
+        assert page.input_value("#answer") == "B"  # alice's current item, to review
+        assert "written by alice" in page.inner_text("#status")
+        assert page.locator("#history li").all_inner_texts()[0].startswith("written by alice · ")
+        # He approves it as it is, by keyboard.
+        page.locator("body").focus()
+        page.keyboard.press("a")
+        saved(page, "approved")
+        assert page.inner_text("#review-status") == "approved by bob · written by alice"
+        assert page.is_hidden("#approve")
+        page.wait_for_function("() => document.querySelectorAll('#item-list button').length === 1")
+
+        # The other he corrects: a revision, which still waits for an approval; then he
+        # approves his corrected version.
+        page.click(f"nav button[data-item='{second['id']}']")
+        assert page.input_value("#answer") == "the pour"
+        page.fill("#question", "Which happens first, the pour or the flip?")
+        page.click("#save")
+        saved(page, "saved: revised, history kept")
+        assert page.inner_text("#review-status") == "pending review · written by alice · revised"
+        page.click("#approve")
+        saved(page, "approved")
+        assert [(v["by"], v["action"]) for v in _history(out, second["id"])] == [
+            ("alice", "written"),
+            ("bob", "revised"),
+            ("bob", "approved"),
+        ]
+        assert page.errors == []
+
+    # Restart the server: everything saved is back, for anyone.
+    with ReannotateServer(probed, out) as server, chromium() as browser:
+        page = open_page(browser, server.url + "?annotator=carol&show=approved")
+        page.wait_for_function("() => document.querySelectorAll('#item-list button').length === 2")
+        assert page.input_value("#filter") == "approved"
+        _title_has(page, first["id"])
+        page.click(f"nav button[data-item='{second['id']}']")
+        assert page.input_value("#question") == "Which happens first, the pour or the flip?"
+        assert page.inner_text("#review-status") == (
+            "approved by bob · written by alice · revised by a second annotator"
         )
-        assert first["id"] in page.inner_text("#item-title")
-        assert page.input_value("#question") == ""
+        assert [h.split(" · ")[0] for h in page.locator("#history li").all_inner_texts()] == [
+            "written by alice",
+            "revised by bob",
+            "approved by bob",
+        ]
+        assert "2 / " in page.inner_text("#progress") and "2 approved" in page.inner_text(
+            "#progress"
+        )
         assert page.errors == []
 
 
-def test_export_merges_kept_unchanged_and_new_items_that_probe_reads_again(
+def test_export_merges_kept_unchanged_and_approved_items_that_probe_reads_again(
     probed, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager
 ):
     out = tmp_path / "re"
@@ -168,6 +264,12 @@ def test_export_merges_kept_unchanged_and_new_items_that_probe_reads_again(
                 "grounding": [2, 3],
             }
         )
+        assert (
+            app.save({"source_id": filtered[0]["id"], "annotator": "carol", "approve": True})[
+                "change"
+            ]
+            == "approved"
+        )
         body = {
             "source_id": filtered[1]["id"],
             "annotator": "bob",
@@ -177,40 +279,59 @@ def test_export_merges_kept_unchanged_and_new_items_that_probe_reads_again(
             "answer": "A",
             "grounding": [0],
         }
-        app.save(body)
-        app.save({**body, "answer": "B"})  # a revision keeps the item's id
+        assert app.save(body)["change"] == "written"
+        revised = app.save({**body, "annotator": "dave", "answer": "B"})
+        assert (revised["change"], revised["status"], revised["revised"]) == (
+            "revised",
+            "pending",
+            True,
+        )
 
-    result = CliRunner().invoke(
-        cli,
-        ["reannotate", "export", str(out), "--probe", str(probed), "--out", str(tmp_path / "ev")],
-    )
+    export = ["reannotate", "export", str(out), "--probe", str(probed)]
+    result = CliRunner().invoke(cli, [*export, "--out", str(tmp_path / "ev")])
     assert result.exit_code == 0, result.output
     kept = (probed / "kept.jsonl").read_text().splitlines()
-    assert f"{len(kept)} kept + 2 re-annotated" in result.output
+    assert f"{len(kept)} kept + 1 re-annotated questions\n" in result.output
+    assert "note: 1 new question(s) pending review are not in it" in result.output
     merged = tmp_path / "ev" / "VideoKR_eval.jsonl"
     lines = merged.read_text().splitlines()
     # Every retained item unchanged, byte for byte as JSON, in the probe's order.
     assert [json.loads(line) for line in lines[: len(kept)]] == [json.loads(k) for k in kept]
+    [alice] = load_eval_set(merged)[len(kept) :]
+    assert alice.question.id == new_item_id(filtered[0]["id"])
+    assert alice.question.problem_type == "open-ended" and alice.question.options is None
+    assert {k: alice.raw["provenance"][k] for k in ("author", "reviewer", "revised", "status")} == {
+        "author": "alice",
+        "reviewer": "carol",
+        "revised": False,
+        "status": "approved",
+    }
 
+    # With --include-pending the pending one is in it too, and says so.
+    result = CliRunner().invoke(cli, [*export, "--out", str(tmp_path / "ev"), "--include-pending"])
+    assert result.exit_code == 0, result.output
+    assert "+ 2 re-annotated questions, 1 of them pending review" in result.output
     items = load_eval_set(merged)  # the reader `vkr probe` uses
     new = {i.question.id: i for i in items[len(kept) :]}
-    bob = new[new_item_id(filtered[1]["id"], "bob")]
+    bob = new[new_item_id(filtered[1]["id"])]
     assert bob.question.answer == "B" and bob.question.options == ["the flip", "the pour"]
-    assert bob.raw["provenance"]["kind"] == PROVENANCE_KIND
-    assert bob.raw["provenance"]["replaces"] == filtered[1]["id"]
-    assert bob.raw["provenance"]["revisions"] == 1
+    provenance = bob.raw["provenance"]
+    assert provenance["kind"] == PROVENANCE_KIND
+    assert provenance["replaces"] == filtered[1]["id"]
+    assert (provenance["status"], provenance["author"], provenance["reviewer"]) == (
+        "pending",
+        "bob",
+        None,
+    )
+    assert provenance["revised"] is True and provenance["revised_by"] == ["dave"]
+    assert provenance["versions"] == 2
     assert bob.raw["grounding_timestamps"] == [0.0]
     assert bob.raw["video_path"] == "pancake.mkv" and bob.raw["skill"] == "temporal"
     assert "solved_by" not in bob.raw and "solving_frames" not in bob.raw
-    alice = new[new_item_id(filtered[0]["id"], "alice")]
-    assert alice.question.problem_type == "open-ended" and alice.question.options is None
 
     # Stable ids: exporting again writes the same file.
     before = merged.read_text()
-    CliRunner().invoke(
-        cli,
-        ["reannotate", "export", str(out), "--probe", str(probed), "--out", str(tmp_path / "ev")],
-    )
+    CliRunner().invoke(cli, [*export, "--out", str(tmp_path / "ev"), "--include-pending"])
     assert merged.read_text() == before
 
     # The merged set is probed again as it is, new questions included.
@@ -232,10 +353,7 @@ def test_export_merges_kept_unchanged_and_new_items_that_probe_reads_again(
     # A question whose video the probe could not read is named, not dropped silently.
     unprobed = {**_filtered(probed)[0], "id": "q-broken", "unprobed_reason": "cannot decode"}
     (probed / "unprobed.jsonl").write_text(json.dumps(unprobed) + "\n")
-    noted = CliRunner().invoke(
-        cli,
-        ["reannotate", "export", str(out), "--probe", str(probed), "--out", str(tmp_path / "ev")],
-    )
+    noted = CliRunner().invoke(cli, [*export, "--out", str(tmp_path / "ev")])
     assert "note: 1 question(s) the probe could not read are not in it" in noted.output
 
     # Not a probe output: one line, nothing written.
@@ -272,9 +390,6 @@ def test_ungrounded_or_off_option_items_are_refused_in_one_line(probed, tmp_path
         **change,
     }
     with ReannotateServer(probed, out) as server:
-        import urllib.error
-        import urllib.request
-
         request = urllib.request.Request(
             server.url + "api/items",
             data=json.dumps(body).encode(),
@@ -328,22 +443,21 @@ def _ls_annotation(user: Any, **fields: str) -> dict[str, Any]:
     return {"completed_by": user, "result": result, "was_cancelled": False}
 
 
-def test_label_studio_round_trip_lands_in_the_store_and_the_export(probed, tmp_path):
+def _ls_texts(task: dict[str, Any]) -> dict[str, str]:
+    """The fields of a task's prediction (the current item it shows for review)."""
+    [prediction] = task["predictions"]
+    return {
+        r["from_name"]: (r["value"].get("text") or r["value"].get("choices"))[0]
+        for r in prediction["result"]
+    }
+
+
+def test_label_studio_round_trip_writes_reviews_and_revises(probed, tmp_path):
     out = tmp_path / "re"
     tasks_file = tmp_path / "ls" / "tasks.json"
+    write = ["reannotate", "tasks", str(probed), "--format", "labelstudio"]
     run = CliRunner().invoke(
-        cli,
-        [
-            "reannotate",
-            "tasks",
-            str(probed),
-            "--format",
-            "labelstudio",
-            "--out",
-            str(tasks_file),
-            "--frame-url-prefix",
-            "/data/?d=",
-        ],
+        cli, [*write, "--out", str(tasks_file), "--frame-url-prefix", "/data/?d="]
     )
     assert run.exit_code == 0, run.output
     tasks = json.loads(tasks_file.read_text())
@@ -354,9 +468,11 @@ def test_label_studio_round_trip_lands_in_the_store_and_the_export(probed, tmp_p
         ".jpg"
     )
     assert first["frame_times"].startswith("0s, 1s, 2s")
-    assert (
-        '<Image name="frames" valueList="$frames"/>' in tasks_file.with_suffix(".xml").read_text()
-    )
+    assert (first["status"], first["based_on"]) == ("not written", "")
+    assert "predictions" not in tasks[0]
+    config = tasks_file.with_suffix(".xml").read_text()
+    assert '<Image name="frames" valueList="$frames"/>' in config
+    assert '<Header value="$review"/>' in config
 
     # What Label Studio's JSON export gives back: the tasks with the experts' annotations.
     tasks[0]["annotations"] = [
@@ -375,19 +491,24 @@ def test_label_studio_round_trip_lands_in_the_store_and_the_export(probed, tmp_p
     args += ["--format", "labelstudio", "--from", str(export_file)]
     run = CliRunner().invoke(cli, args)
     assert run.exit_code == 0, run.output
-    assert "imported: 1 new, 0 changed, 0 unchanged" in run.output
-    assert CliRunner().invoke(cli, args).output.strip() == "imported: 0 new, 0 changed, 1 unchanged"
+    assert "imported: 1 written, 0 edited or revised, 0 approved, 0 unchanged" in run.output
+    assert "1 unchanged" in CliRunner().invoke(cli, args).output  # imported again: no change
 
-    # A changed item is a conflict unless --overwrite; then the old one stays in the history.
+    # Changed in the tool over a question written since the tasks were made: a conflict
+    # unless --overwrite; then the old version stays in the history.
     tasks[0]["annotations"][0]["result"][3]["value"]["text"] = ["A"]
     export_file.write_text(json.dumps(tasks))
     run = CliRunner().invoke(cli, args)
     assert run.exit_code == 1
-    assert "carol@example.org already wrote a different item" in run.output
+    assert f"{filtered[0]['id']} was changed since these tasks were written" in run.output
+    assert "by carol@example.org" in run.output
     assert len(run.output.strip().splitlines()) == 1
     assert [v["answer"] for v in _history(out, filtered[0]["id"])] == ["B"]
     assert CliRunner().invoke(cli, [*args, "--overwrite"]).exit_code == 0
-    assert [v["answer"] for v in _history(out, filtered[0]["id"])] == ["B", "A"]
+    assert [(v["action"], v["answer"], v["via"]) for v in _history(out, filtered[0]["id"])] == [
+        ("written", "B", "labelstudio"),
+        ("edited", "A", "labelstudio"),
+    ]
 
     # An ungrounded item from the tool is refused like one from the page, and nothing lands.
     tasks[1]["annotations"] = [
@@ -398,24 +519,69 @@ def test_label_studio_round_trip_lands_in_the_store_and_the_export(probed, tmp_p
     assert run.exit_code == 1 and "no grounding timestamps" in run.output
     assert "labelstudio-user-7" in run.output
     assert _history(out, filtered[1]["id"]) == []
+    tasks[1]["annotations"][0]["result"][-1]["value"]["text"] = ["2"]
+    export_file.write_text(json.dumps(tasks))
+    assert "1 written" in CliRunner().invoke(cli, args).output
+
+    # The review round: tasks written from the re-annotation folder show each current item
+    # as a prediction, and the version it is.
+    review_file = tmp_path / "ls" / "review.json"
+    run = CliRunner().invoke(cli, [*write, "--out", str(review_file), "--reannotations", str(out)])
+    assert run.exit_code == 0, run.output
+    review = json.loads(review_file.read_text())
+    assert review[0]["data"]["status"] == "pending"
+    assert review[0]["data"]["author"] == "carol@example.org"
+    assert "Pending review (written by carol@example.org; edited by" in review[0]["data"]["review"]
+    assert _ls_texts(review[0]) == {
+        "question": "Which comes first?",
+        "problem_type": "multiple-choice",
+        "options": "the flip\nthe pour",
+        "answer": "A",
+        "grounding": "0, 1",
+    }
+    # Dave submits the first as it is (an approval); erin corrects the second (a revision).
+    review[0]["annotations"] = [
+        {"completed_by": "dave", "result": review[0]["predictions"][0]["result"]}
+    ]
+    review[1]["annotations"] = [
+        _ls_annotation("erin", **{**_ls_texts(review[1]), "answer": "the heat of the pan"})
+    ]
+    review_export = tmp_path / "ls" / "review-export.json"
+    review_export.write_text(json.dumps(review))
+    reviewed = ["reannotate", "import", str(out), "--probe", str(probed)]
+    reviewed += ["--format", "labelstudio", "--from", str(review_export)]
+    run = CliRunner().invoke(cli, reviewed)
+    assert run.exit_code == 0, run.output
+    assert "imported: 0 written, 1 edited or revised, 1 approved, 0 unchanged" in run.output
+    assert [(v["by"], v["action"]) for v in _history(out, filtered[1]["id"])] == [
+        ("labelstudio-user-7", "written"),
+        ("erin", "revised"),
+    ]
+    # Both exports imported again change nothing: each item is already in the history.
+    assert "0 written, 0 edited or revised, 0 approved, 2 unchanged" in (
+        CliRunner().invoke(cli, reviewed).output
+    )
+    assert "0 written, 0 edited or revised, 0 approved, 2 unchanged" in (
+        CliRunner().invoke(cli, args).output
+    )
 
     run = CliRunner().invoke(
         cli,
         ["reannotate", "export", str(out), "--probe", str(probed), "--out", str(tmp_path / "ev")],
     )
-    assert "+ 1 re-annotated" in run.output
+    assert "+ 1 re-annotated" in run.output and "1 new question(s) pending review" in run.output
     items = load_eval_set(tmp_path / "ev" / "VideoKR_eval.jsonl")
     carol = items[-1].raw
-    assert carol["provenance"]["annotator"] == "carol@example.org"
+    assert carol["provenance"]["author"] == "carol@example.org"
+    assert carol["provenance"]["reviewer"] == "dave"
     assert carol["grounding_timestamps"] == [0.0, 1.0] and carol["solution"] == "<answer>A</answer>"
 
 
-def test_argilla_round_trip_lands_in_the_store(probed, tmp_path):
+def test_argilla_round_trip_writes_and_reviews(probed, tmp_path):
     out = tmp_path / "re"
     folder = tmp_path / "argilla"
-    run = CliRunner().invoke(
-        cli, ["reannotate", "tasks", str(probed), "--format", "argilla", "--out", str(folder)]
-    )
+    write = ["reannotate", "tasks", str(probed), "--format", "argilla"]
+    run = CliRunner().invoke(cli, [*write, "--out", str(folder)])
     assert run.exit_code == 0, run.output
     settings = json.loads((folder / ".argilla" / "settings.json").read_text())
     assert [q["name"] for q in settings["questions"]] == [
@@ -429,15 +595,14 @@ def test_argilla_round_trip_lands_in_the_store(probed, tmp_path):
     filtered = _filtered(probed)
     assert [r["metadata"]["source_id"] for r in records] == [f["id"] for f in filtered]
     assert records[0]["fields"]["frames"].startswith("![0s](pancake.mkv-")
+    assert records[0]["fields"]["review"] == "Not written yet: write a new question."
     # Exporting over a folder that has files is refused, in one line.
-    again = CliRunner().invoke(
-        cli, ["reannotate", "tasks", str(probed), "--format", "argilla", "--out", str(folder)]
-    )
+    again = CliRunner().invoke(cli, [*write, "--out", str(folder)])
     assert again.exit_code == 1 and "is not an empty folder" in again.output
 
     # What rg.Dataset.to_disk writes after annotation: responses per question and user.
-    def said(value: Any) -> list[dict[str, Any]]:
-        return [{"value": value, "user_id": "dave", "status": "submitted"}]
+    def said(value: Any, user: str = "dave") -> list[dict[str, Any]]:
+        return [{"value": value, "user_id": user, "status": "submitted"}]
 
     records[0]["responses"] = {
         "question": said("What is the cook holding?"),
@@ -446,19 +611,52 @@ def test_argilla_round_trip_lands_in_the_store(probed, tmp_path):
         "grounding": said("3"),
     }
     (folder / "records.json").write_text(json.dumps(records))
-    run = CliRunner().invoke(
-        cli,
-        ["reannotate", "import", str(out), "--probe", str(probed), "--format", "argilla"]
-        + ["--from", str(folder)],
-    )
+    read = ["reannotate", "import", str(out), "--probe", str(probed), "--format", "argilla"]
+    run = CliRunner().invoke(cli, [*read, "--from", str(folder)])
     assert run.exit_code == 0, run.output
-    assert "imported: 1 new" in run.output
-    assert _history(out, filtered[0]["id"]) == [
-        {
-            "question": "What is the cook holding?",
-            "problem_type": "open-ended",
-            "options": None,
-            "answer": "a pan",
-            "grounding": [3.0],
-        }
+    assert "imported: 1 written" in run.output
+    [written] = _history(out, filtered[0]["id"])
+    assert {
+        k: written[k] for k in ("question", "problem_type", "options", "answer", "grounding")
+    } == {
+        "question": "What is the cook holding?",
+        "problem_type": "open-ended",
+        "options": None,
+        "answer": "a pan",
+        "grounding": [3.0],
+    }
+    assert (written["by"], written["via"]) == ("dave", "argilla")
+
+    # The review round: the current item comes as suggestions; erin accepts them unchanged.
+    review = tmp_path / "argilla-review"
+    run = CliRunner().invoke(cli, [*write, "--out", str(review), "--reannotations", str(out)])
+    assert run.exit_code == 0, run.output
+    records = json.loads((review / "records.json").read_text())
+    suggested = {k: v["value"] for k, v in records[0]["suggestions"].items()}
+    assert suggested == {
+        "question": "What is the cook holding?",
+        "problem_type": "open-ended",
+        "answer": "a pan",
+        "grounding": "3",
+    }
+    assert records[0]["metadata"]["status"] == "pending"
+    assert records[0]["metadata"]["based_on"] == _updated_at(out, filtered[0]["id"])
+    records[0]["responses"] = {k: said(v, "erin") for k, v in suggested.items()}
+    (review / "records.json").write_text(json.dumps(records))
+    run = CliRunner().invoke(cli, [*read, "--from", str(review)])
+    assert run.exit_code == 0, run.output
+    assert "0 written, 0 edited or revised, 1 approved, 0 unchanged" in run.output
+    assert [(v["by"], v["action"]) for v in _history(out, filtered[0]["id"])] == [
+        ("dave", "written"),
+        ("erin", "approved"),
     ]
+
+
+def _updated_at(out: Path, source_id: str) -> str:
+    with sqlite3.connect(out / DB_FILE) as db:
+        return str(
+            db.execute(
+                "SELECT created_at FROM versions WHERE doc_id = ? ORDER BY id DESC LIMIT 1",
+                (source_id,),
+            ).fetchone()[0]
+        )
