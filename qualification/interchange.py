@@ -4,7 +4,8 @@ Label Studio: a JSON list of tasks ``{"id", "data": {...}, "predictions": [...]}
 labelling config (XML) written next to it; its JSON export returns the same tasks with
 ``annotations[].result``. Argilla 2.x: the layout of ``rg.Dataset.to_disk`` (``records.json``
 plus ``.argilla/settings.json`` and ``.argilla/dataset.json``), so ``rg.Dataset.from_disk``
-loads it; no argilla package is needed here.
+loads it; no argilla package is needed here. The formats' primitives are labelling.interchange's,
+shared with the expert pages; this module keeps the pilot's config, fields and labels.
 
 Imports never overwrite a label silently: a different current label by the same annotator
 for the same item is a conflict, and nothing is imported unless ``overwrite`` is given (the
@@ -19,11 +20,29 @@ from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import quoteattr
 
+from labelling.interchange import (
+    Imported,
+    argilla_record,
+    frame_urls,
+    frames_markdown,
+    label_question,
+    ls_choice,
+    ls_prediction,
+    ls_text,
+    read_argilla_records,
+    read_labelstudio_tasks,
+    settings,
+    suggestion,
+    terms_metadata,
+    text_field,
+    text_question,
+    write_argilla,
+    write_text,
+)
 from qualification.labels import check_annotator, check_label
 from qualification.models import AUTO_ANNOTATOR, CATEGORIES, PilotItem
 from qualification.pilot import Pilot
 from vkr_core.schemas import InputError
-from vkr_core.store import atomic_write
 
 Format = Literal["labelstudio", "argilla"]
 FORMATS: tuple[str, ...] = ("labelstudio", "argilla")
@@ -46,12 +65,6 @@ GUIDELINES = (
     "Give a category for every failure and a note when it helps. Items vkr already found to be "
     "hard failures are pre-labelled."
 )
-
-
-def _write(path: Path, text: str) -> None:
-    atomic_write(path, text)
-    # Another user (a Label Studio or Argilla server) reads these: not the private 0600.
-    path.chmod(0o644)
 
 
 def format_output(item: PilotItem) -> str:
@@ -81,7 +94,7 @@ def _format_value(key: str, value: Any, depth: int) -> str:
 
 
 def _frame_refs(item: PilotItem, prefix: str) -> list[str]:
-    return [prefix + frame.path for frame in item.frames]
+    return frame_urls([frame.path for frame in item.frames], prefix)
 
 
 # ---------------------------------------------------------------- Label Studio
@@ -118,32 +131,11 @@ def labelstudio_config(frames: bool = True) -> str:
 
 
 def _ls_result(label: str, category: str | None, note: str) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = [
-        {
-            "from_name": "label",
-            "to_name": "output",
-            "type": "choices",
-            "value": {"choices": [SHOWN_LABELS[label]]},
-        }
-    ]
+    result = [ls_choice("label", "output", SHOWN_LABELS[label])]
     if category:
-        result.append(
-            {
-                "from_name": "category",
-                "to_name": "output",
-                "type": "choices",
-                "value": {"choices": [category]},
-            }
-        )
+        result.append(ls_choice("category", "output", category))
     if note:
-        result.append(
-            {
-                "from_name": "note",
-                "to_name": "output",
-                "type": "textarea",
-                "value": {"text": [note]},
-            }
-        )
+        result.append(ls_text("note", "output", note))
     return result
 
 
@@ -156,11 +148,7 @@ def labelstudio_tasks(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str
         if item.auto_label:
             auto = item.auto_label
             predictions.append(
-                {
-                    "model_version": AUTO_AGENT,
-                    "score": 1.0,
-                    "result": _ls_result(auto.label, auto.category, auto.note),
-                }
+                ls_prediction(_ls_result(auto.label, auto.category, auto.note), AUTO_AGENT)
             )
         data: dict[str, Any] = {}
         if item.video_id:
@@ -184,17 +172,6 @@ def labelstudio_tasks(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str
     return tasks
 
 
-def _completed_by(value: Any) -> str:
-    # Label Studio writes a user id, or a user object in fuller exports.
-    if isinstance(value, dict):
-        for key in ("email", "username", "id"):
-            if value.get(key) not in (None, ""):
-                return str(value[key]) if key != "id" else f"labelstudio-user-{value[key]}"
-    if isinstance(value, int | str) and str(value).strip():
-        return str(value) if isinstance(value, str) else f"labelstudio-user-{value}"
-    raise InputError(f"annotation has no usable completed_by ({value!r})")
-
-
 @dataclass
 class ImportedLabel:
     item_id: str
@@ -203,15 +180,6 @@ class ImportedLabel:
     category: str | None
     note: str
     where: str
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise InputError(f"label file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not JSON: {exc}") from None
 
 
 def _label_value(value: Any, where: str) -> str:
@@ -223,45 +191,30 @@ def _label_value(value: Any, where: str) -> str:
     return label
 
 
+def _imported_label(imported: Imported, missing: str) -> ImportedLabel:
+    values = imported.values
+    if values.get("label") is None:
+        raise InputError(f"{imported.where} has no 'label' {missing}")
+    return ImportedLabel(
+        item_id=imported.item_id,
+        annotator=imported.annotator,
+        label=_label_value(values["label"], imported.where),
+        category=values.get("category") or None,
+        note=str(values.get("note") or ""),
+        where=imported.where,
+    )
+
+
 def read_labelstudio(path: Path) -> tuple[set[str], list[ImportedLabel]]:
     """(pilot ids named, labels) from a Label Studio JSON export."""
-    tasks = _read_json(path)
-    if not isinstance(tasks, list):
-        raise InputError(f"{path} is not a Label Studio JSON export (a list of tasks)")
-    pilots: set[str] = set()
-    labels = []
-    for t, task in enumerate(tasks):
-        data = task.get("data") if isinstance(task, dict) else None
-        if not isinstance(data, dict) or "item_id" not in data:
-            raise InputError(f"{path} task {t}: no data.item_id (was it exported by vkr?)")
-        pilots.add(str(data.get("pilot_id")))
-        for a, annotation in enumerate(task.get("annotations") or []):
-            if annotation.get("was_cancelled"):
-                continue
-            where = f"{path} task {task.get('id', t)} (item {data['item_id']}) annotation {a}"
-            annotator = _completed_by(annotation.get("completed_by"))
-            values: dict[str, Any] = {}
-            for result in annotation.get("result") or []:
-                value = result.get("value") or {}
-                if result.get("from_name") in ("label", "category"):
-                    choices = value.get("choices") or []
-                    values[result["from_name"]] = choices[0] if choices else None
-                elif result.get("from_name") == "note":
-                    texts = value.get("text") or []
-                    values["note"] = "\n".join(texts) if isinstance(texts, list) else str(texts)
-            if values.get("label") is None:
-                raise InputError(f"{where} by {annotator} has no 'label' choice")
-            labels.append(
-                ImportedLabel(
-                    item_id=str(data["item_id"]),
-                    annotator=annotator,
-                    label=_label_value(values["label"], where),
-                    category=values.get("category"),
-                    note=values.get("note", ""),
-                    where=where,
-                )
-            )
-    return pilots, labels
+    tasks, imported = read_labelstudio_tasks(path, "item_id")
+    labels = [
+        _imported_label(
+            Imported(i.item_id, i.annotator, i.values, f"{i.where} by {i.annotator}"), "choice"
+        )
+        for i in imported
+    ]
+    return {str(data.get("pilot_id")) for data in tasks}, labels
 
 
 # ---------------------------------------------------------------- Argilla 2.x
@@ -270,58 +223,17 @@ def read_labelstudio(path: Path) -> tuple[set[str], list[ImportedLabel]]:
 def argilla_settings(frames: bool = True) -> dict[str, Any]:
     """The dataset Settings in the shape ``rg.Settings.to_json`` writes (``frames``: the
     pilot shows some; a required field may not be empty, so a text step's has none)."""
-
-    def label_question(name: str, title: str, labels: list[str], required: bool) -> dict[str, Any]:
-        return {
-            "name": name,
-            "title": title,
-            "description": None,
-            "required": required,
-            "settings": {
-                "type": "label_selection",
-                "options": [{"value": v, "text": v, "description": None} for v in labels],
-                "visible_options": None,
-            },
-        }
-
-    def text_field(name: str, title: str, markdown: bool = False) -> dict[str, Any]:
-        return {
-            "name": name,
-            "title": title,
-            "required": True,
-            "settings": {"type": "text", "use_markdown": markdown},
-        }
-
-    def terms(name: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "title": name,
-            "settings": {"type": "terms", "values": None},
-            "visible_for_annotators": True,
-        }
-
-    return {
-        "guidelines": GUIDELINES,
-        "fields": ([text_field("frames", "Frames", markdown=True)] if frames else [])
-        + [
-            text_field("prompt", "What the model saw"),
-            text_field("output", "Model output"),
+    return settings(
+        fields=([text_field("frames", "Frames", markdown=True)] if frames else [])
+        + [text_field("prompt", "What the model saw"), text_field("output", "Model output")],
+        questions=[
+            label_question("label", "Is this output ok?", list(SHOWN_LABELS.values())),
+            label_question("category", "Failure category", list(CATEGORIES), required=False),
+            text_question("note", "Note"),
         ],
-        "questions": [
-            label_question("label", "Is this output ok?", list(SHOWN_LABELS.values()), True),
-            label_question("category", "Failure category", list(CATEGORIES), False),
-            {
-                "name": "note",
-                "title": "Note",
-                "description": None,
-                "required": False,
-                "settings": {"type": "text", "use_markdown": False},
-            },
-        ],
-        "vectors": [],
-        "metadata": [terms(n) for n in ARGILLA_METADATA],
-        "allow_extra_metadata": True,
-    }
+        metadata=[terms_metadata(n) for n in ARGILLA_METADATA],
+        guidelines=GUIDELINES,
+    )
 
 
 def argilla_records(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str, Any]]:
@@ -333,24 +245,19 @@ def argilla_records(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str, 
         if item.auto_label:
             auto = item.auto_label
             suggestions = {
-                "label": {"value": SHOWN_LABELS[auto.label], "score": 1.0, "agent": AUTO_AGENT},
-                "category": {"value": auto.category, "score": 1.0, "agent": AUTO_AGENT},
-                "note": {"value": auto.note, "score": 1.0, "agent": AUTO_AGENT},
+                "label": suggestion(SHOWN_LABELS[auto.label], AUTO_AGENT),
+                "category": suggestion(auto.category, AUTO_AGENT),
+                "note": suggestion(auto.note, AUTO_AGENT),
             }
-        frames = "\n".join(
-            f"![{frame.clock or frame.sha256[:12]}]({ref})"
-            for frame, ref in zip(item.frames, _frame_refs(item, frame_url_prefix), strict=True)
+        frames = frames_markdown(
+            _frame_refs(item, frame_url_prefix),
+            [frame.clock or frame.sha256[:12] for frame in item.frames],
         )
         fields = {"frames": frames or "(no frames)"} if with_frames else {}
         records.append(
-            {
-                "id": item.item_id,
-                "fields": {
-                    **fields,
-                    "prompt": item.prompt,
-                    "output": format_output(item),
-                },
-                "metadata": {
+            argilla_record(
+                {**fields, "prompt": item.prompt, "output": format_output(item)},
+                {
                     "item_id": item.item_id,
                     "pilot_id": manifest.pilot_id,
                     "step": manifest.step,
@@ -359,53 +266,18 @@ def argilla_records(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str, 
                     "source_item_id": item.source_item_id,
                     "discipline": item.discipline,
                 },
-                "suggestions": suggestions,
-                "responses": {},
-                "vectors": {},
-                "_server_id": None,
-            }
+                suggestions,
+                record_id=item.item_id,
+            )
         )
     return records
 
 
 def read_argilla(path: Path) -> tuple[set[str], list[ImportedLabel]]:
     """(pilot ids named, labels) from Argilla records (a to_disk folder or records.json)."""
-    records_path = path / "records.json" if path.is_dir() else path
-    records = _read_json(records_path)
-    if not isinstance(records, list):
-        raise InputError(f"{records_path} is not a list of Argilla records")
-    pilots: set[str] = set()
-    labels = []
-    for r, record in enumerate(records):
-        metadata = record.get("metadata") if isinstance(record, dict) else None
-        if not isinstance(metadata, dict) or "item_id" not in metadata:
-            raise InputError(f"{records_path} record {r}: no metadata.item_id (exported by vkr?)")
-        pilots.add(str(metadata.get("pilot_id")))
-        by_user: dict[str, dict[str, Any]] = {}
-        for question, answers in (record.get("responses") or {}).items():
-            for answer in answers or []:
-                user = str(answer.get("user_id") or "").strip()
-                if not user:
-                    raise InputError(
-                        f"{records_path} record {r} (item {metadata['item_id']}): a "
-                        f"{question!r} response has no user_id"
-                    )
-                by_user.setdefault(user, {})[question] = answer.get("value")
-        for user, answers in sorted(by_user.items()):
-            where = f"{records_path} record {r} (item {metadata['item_id']}) by {user}"
-            if answers.get("label") is None:
-                raise InputError(f"{where} has no 'label' response")
-            labels.append(
-                ImportedLabel(
-                    item_id=str(metadata["item_id"]),
-                    annotator=user,
-                    label=_label_value(answers["label"], where),
-                    category=answers.get("category") or None,
-                    note=str(answers.get("note") or ""),
-                    where=where,
-                )
-            )
-    return pilots, labels
+    records, imported = read_argilla_records(path, "item_id")
+    labels = [_imported_label(i, "response") for i in imported]
+    return {str(metadata.get("pilot_id")) for metadata in records}, labels
 
 
 # ---------------------------------------------------------------- export / import
@@ -418,33 +290,16 @@ def export_labels(
     target = Path(out)
     if fmt == "labelstudio":
         config = target.with_name(target.stem + ".config.xml")
-        _write(target, json.dumps(labelstudio_tasks(pilot, frame_url_prefix), indent=2))
-        _write(config, labelstudio_config(frames=_has_frames(pilot)))
+        write_text(target, json.dumps(labelstudio_tasks(pilot, frame_url_prefix), indent=2))
+        write_text(config, labelstudio_config(frames=_has_frames(pilot)))
         return [target, config]
     if fmt == "argilla":
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise InputError(
-                f"{target} exists and is not an empty folder: Argilla exports are folders "
-                "(records.json and .argilla/), like rg.Dataset.to_disk writes"
-            )
-        records = target / "records.json"
-        settings = target / ".argilla" / "settings.json"
-        dataset = target / ".argilla" / "dataset.json"
-        _write(records, json.dumps(argilla_records(pilot, frame_url_prefix), indent=2))
-        _write(settings, json.dumps(argilla_settings(frames=_has_frames(pilot)), indent=2))
-        _write(
-            dataset,
-            json.dumps(
-                {
-                    "name": pilot.manifest.pilot_id,
-                    "guidelines": GUIDELINES,
-                    "allow_extra_metadata": True,
-                    "status": "ready",
-                },
-                indent=2,
-            ),
+        return write_argilla(
+            target,
+            pilot.manifest.pilot_id,
+            argilla_settings(frames=_has_frames(pilot)),
+            argilla_records(pilot, frame_url_prefix),
         )
-        return [records, settings, dataset]
     raise InputError(f"unknown label format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
