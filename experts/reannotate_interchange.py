@@ -18,7 +18,6 @@ been written since) is a conflict: nothing is imported unless ``overwrite`` is g
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,27 @@ from experts.reannotate import (
     open_store,
     save_item,
 )
+from labelling.interchange import (
+    Imported,
+    argilla_record,
+    frame_urls,
+    frames_markdown,
+    label_question,
+    ls_choice,
+    ls_prediction,
+    ls_text,
+    settings,
+    suggestion,
+    terms_metadata,
+    text_field,
+    text_question,
+    write_json,
+    write_text,
+)
+from labelling.interchange import read_argilla as argilla_responses
+from labelling.interchange import read_labelstudio as ls_annotations
+from labelling.interchange import write_argilla as write_dataset
 from labelling.store import Document, DocumentHistory, check_annotator
-from vkr_core.files import atomic_write
 from vkr_core.schemas import InputError
 
 _TEXT_FIELDS = ("question", "options", "answer", "grounding")
@@ -137,36 +155,30 @@ def write_tasks(
                 "source_id": source.source_id,
                 "video_path": str(source.row["video_path"]),
                 "original": _original(source),
-                "frames": [
-                    f"{frame_url_prefix}{path.parent.name}/{path.name}" for _, path in source.frames
-                ],
+                "frames": _frame_urls(source, frame_url_prefix),
                 "frame_times": ", ".join(f"{t:g}s" for t, _ in source.frames),
                 **_review_data(document),
             },
         }
         if document is not None:
-            task["predictions"] = [
-                {"model_version": PREDICTION_VERSION, "result": _ls_results(_texts(document))}
-            ]
+            task["predictions"] = [ls_prediction(_ls_results(_texts(document)), PREDICTION_VERSION)]
         tasks.append(task)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, json.dumps(tasks, indent=1, ensure_ascii=False) + "\n")
+    write_json(path, tasks)
     config = path.with_suffix(".xml")
-    _write(config, CONFIG)
+    write_text(config, CONFIG)
     return path, config
 
 
+def _frame_urls(source: FilteredVideo, prefix: str) -> list[str]:
+    # Relative to the probe's frames folder: one folder per video, as the probe wrote it.
+    return frame_urls([Path(path.parent.name, path.name) for _, path in source.frames], prefix)
+
+
 def _ls_results(texts: dict[str, Any]) -> list[dict[str, Any]]:
-    results = []
-    for name in ("question", "problem_type", "options", "answer", "grounding"):
-        if name == "problem_type":
-            kind, value = "choices", {"choices": [texts[name]]}
-        elif texts[name]:
-            kind, value = "textarea", {"text": [texts[name]]}
-        else:
-            continue
-        results.append({"from_name": name, "to_name": "original", "type": kind, "value": value})
+    results = [ls_choice("problem_type", "original", texts["problem_type"])]
+    results += [ls_text(name, "original", texts[name]) for name in _TEXT_FIELDS if texts[name]]
     return results
 
 
@@ -180,65 +192,27 @@ GUIDELINES = (
 )
 
 
-def _text_question(name: str, title: str, required: bool) -> dict[str, Any]:
-    return {
-        "name": name,
-        "title": title,
-        "description": None,
-        "required": required,
-        "settings": {"type": "text", "use_markdown": False},
-    }
-
-
 def argilla_settings() -> dict[str, Any]:
     """The dataset Settings in the shape ``rg.Settings.to_json`` writes."""
-    return {
-        "guidelines": GUIDELINES,
-        "fields": [
-            {
-                "name": n,
-                "title": t,
-                "required": True,
-                "settings": {"type": "text", "use_markdown": md},
-            }
-            for n, t, md in (
-                ("frames", "Frames", True),
-                ("original", "Original question", False),
-                ("review", "Review", False),
-            )
+    return settings(
+        fields=[
+            text_field("frames", "Frames", markdown=True),
+            text_field("original", "Original question"),
+            text_field("review", "Review"),
         ],
-        "questions": [
-            _text_question("question", "New question", True),
-            {
-                "name": "problem_type",
-                "title": "Type",
-                "description": None,
-                "required": True,
-                "settings": {
-                    "type": "label_selection",
-                    "options": [
-                        {"value": v, "text": v, "description": None}
-                        for v in ("multiple-choice", "open-ended")
-                    ],
-                    "visible_options": None,
-                },
-            },
-            _text_question("options", "Options, one per line", False),
-            _text_question("answer", "Answer", True),
-            _text_question("grounding", "Grounding seconds, comma separated", True),
+        questions=[
+            text_question("question", "New question", required=True),
+            label_question("problem_type", "Type", ["multiple-choice", "open-ended"]),
+            text_question("options", "Options, one per line"),
+            text_question("answer", "Answer", required=True),
+            text_question("grounding", "Grounding seconds, comma separated", required=True),
         ],
-        "vectors": [],
-        "metadata": [
-            {
-                "name": n,
-                "title": n,
-                "settings": {"type": "terms", "values": None},
-                "visible_for_annotators": True,
-            }
+        metadata=[
+            terms_metadata(n)
             for n in ("source_id", "video_path", "dataset", "status", "author", "based_on")
         ],
-        "allow_extra_metadata": True,
-    }
+        guidelines=GUIDELINES,
+    )
 
 
 def write_argilla(
@@ -250,84 +224,39 @@ def write_argilla(
 ) -> list[Path]:
     """An ``rg.Dataset.to_disk`` folder (records.json, .argilla/) of the filtered questions;
     with ``reannotations``, a written question's current item as its record's suggestions."""
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise InputError(
-            f"{target} exists and is not an empty folder: Argilla exports are folders "
-            "(records.json and .argilla/), like rg.Dataset.to_disk writes"
-        )
     current = _current(reannotations)
     records = []
     for source in load_filtered(probe_out, frames_dir):
         document = current.get(doc_id(source.source_id))
-        frames = "\n".join(
-            f"![{t:g}s]({frame_url_prefix}{path.parent.name}/{path.name})"
-            for t, path in source.frames
+        frames = frames_markdown(
+            _frame_urls(source, frame_url_prefix), [f"{t:g}s" for t, _ in source.frames]
         )
         review = _review_data(document)
         suggestions = {}
         if document is not None:
             suggestions = {
-                name: {"value": value, "score": None, "agent": PREDICTION_VERSION}
+                name: suggestion(value, PREDICTION_VERSION)
                 for name, value in _texts(document).items()
                 if value
             }
         records.append(
-            {
-                "id": source.source_id,
-                "fields": {
+            argilla_record(
+                fields={
                     "frames": frames or "(no frames)",
                     "original": _original(source),
                     "review": review.pop("review"),
                 },
-                "metadata": {
+                metadata={
                     "source_id": source.source_id,
                     "video_path": str(source.row["video_path"]),
                     "dataset": str(source.row.get("dataset", "")),
                     **review,
                 },
-                "suggestions": suggestions,
-                "responses": {},
-                "vectors": {},
-                "_server_id": None,
-            }
+                suggestions=suggestions,
+                record_id=source.source_id,
+            )
         )
-    paths = [
-        target / "records.json",
-        target / ".argilla" / "settings.json",
-        target / ".argilla" / "dataset.json",
-    ]
-    _write(paths[0], json.dumps(records, indent=1, ensure_ascii=False))
-    _write(paths[1], json.dumps(argilla_settings(), indent=1))
-    dataset = {
-        "name": "vkr-reannotation",
-        "guidelines": GUIDELINES,
-        "allow_extra_metadata": True,
-        "status": "ready",
-    }
-    _write(paths[2], json.dumps(dataset, indent=1))
-    return paths
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text)
-    # Another user (a Label Studio or Argilla server) reads these: not the private 0600.
-    path.chmod(0o644)
-
-
-def _completed_by(value: Any) -> str:
-    # Label Studio writes a user id, or a user object in fuller exports.
-    if isinstance(value, dict):
-        for key in ("email", "username"):
-            if value.get(key):
-                return check_annotator(str(value[key]))
-        value = value.get("id")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"labelstudio-user-{value}"
-    if isinstance(value, str) and value.strip():
-        return check_annotator(value)
-    raise InputError(f"annotation has no usable completed_by ({value!r})")
+    return write_dataset(Path(out), "vkr-reannotation", argilla_settings(), records)
 
 
 def _grounding(text: str, where: str) -> list[float]:
@@ -343,32 +272,6 @@ def _grounding(text: str, where: str) -> list[float]:
     return stamps
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"label file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not JSON: {exc}") from None
-
-
-def _checked(source: FilteredVideo, body: dict[str, Any], where: str) -> dict[str, Any]:
-    try:
-        return check_item(source, body)
-    except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
-
-
-def _body(texts: dict[str, str], problem_type: Any, where: str) -> dict[str, Any]:
-    return {
-        "question": texts.get("question", ""),
-        "problem_type": problem_type,
-        "options": texts.get("options", "").splitlines(),
-        "answer": texts.get("answer", ""),
-        "grounding": _grounding(texts.get("grounding", ""), where),
-    }
-
-
 @dataclass
 class Incoming:
     """One item read back from a tool, checked as the page checks it."""
@@ -381,71 +284,49 @@ class Incoming:
     based_on: str
 
 
+def _incoming(answer: Imported, sources: dict[str, FilteredVideo]) -> Incoming:
+    """A tool's answer on a filtered question as a checked item, or InputError naming it."""
+    source = sources.get(answer.item_id)
+    if source is None:
+        raise InputError(f"{answer.where}: no filtered question {answer.item_id!r}")
+    try:
+        annotator = check_annotator(answer.annotator)
+    except InputError as exc:
+        raise InputError(f"{answer.where}: {exc}") from None
+    where = (
+        answer.where
+        if answer.where.endswith(f" by {annotator}")
+        else f"{answer.where} by {annotator}"
+    )
+    values = answer.values
+    texts = {k: str(values[k]) for k in _TEXT_FIELDS if values.get(k) is not None}
+    body = {
+        "question": texts.get("question", ""),
+        "problem_type": values.get("problem_type"),
+        "options": texts.get("options", "").splitlines(),
+        "answer": texts.get("answer", ""),
+        "grounding": _grounding(texts.get("grounding", ""), where),
+    }
+    try:
+        item = check_item(source, body)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    based_on = str(answer.task_data.get("based_on") or "")
+    return Incoming(source.source_id, annotator, item, where, based_on)
+
+
 def read_labelstudio(path: Path, sources: dict[str, FilteredVideo]) -> list[Incoming]:
-    tasks = _read_json(path)
-    if not isinstance(tasks, list):
-        raise InputError(f"{path} is not a Label Studio JSON export (a list of tasks)")
-    checked: list[Incoming] = []
-    for t, task in enumerate(tasks):
-        data = task.get("data") if isinstance(task, dict) else None
-        if not isinstance(data, dict) or "source_id" not in data:
-            raise InputError(f"{path} task {t}: no data.source_id (was it written by vkr?)")
-        source = sources.get(str(data["source_id"]))
-        if source is None:
-            raise InputError(f"{path} task {t}: no filtered question {data['source_id']!r}")
-        for a, annotation in enumerate(task.get("annotations") or []):
-            if annotation.get("was_cancelled"):
-                continue
-            annotator = _completed_by(annotation.get("completed_by"))
-            where = f"{path} task {task.get('id', t)} ({source.source_id}) annotation {a} by {annotator}"
-            texts: dict[str, str] = {}
-            problem_type = None
-            for result in annotation.get("result") or []:
-                value = result.get("value") or {}
-                name = result.get("from_name")
-                if name in _TEXT_FIELDS:
-                    text = value.get("text") or []
-                    texts[name] = "\n".join(text) if isinstance(text, list) else str(text)
-                elif name == "problem_type":
-                    problem_type = (value.get("choices") or [None])[0]
-            item = _checked(source, _body(texts, problem_type, where), where)
-            based_on = str(data.get("based_on") or "")
-            checked.append(Incoming(source.source_id, annotator, item, where, based_on))
-    return checked
+    """Items from a Label Studio JSON export of the tasks ``write_tasks`` wrote."""
+    return [_incoming(a, sources) for a in ls_annotations(path, "source_id")]
 
 
 def read_argilla(path: Path, sources: dict[str, FilteredVideo]) -> list[Incoming]:
     """Items from Argilla records (an ``rg.Dataset.to_disk`` folder or its records.json)."""
-    records_path = path / "records.json" if path.is_dir() else path
-    records = _read_json(records_path)
-    if not isinstance(records, list):
-        raise InputError(f"{records_path} is not a list of Argilla records")
-    checked: list[Incoming] = []
-    for r, record in enumerate(records):
-        metadata = record.get("metadata") if isinstance(record, dict) else None
-        if not isinstance(metadata, dict) or "source_id" not in metadata:
-            raise InputError(f"{records_path} record {r}: no metadata.source_id (written by vkr?)")
-        source = sources.get(str(metadata["source_id"]))
-        if source is None:
-            raise InputError(
-                f"{records_path} record {r}: no filtered question {metadata['source_id']!r}"
-            )
-        by_user: dict[str, dict[str, Any]] = {}
-        for question, answers in (record.get("responses") or {}).items():
-            for answer in answers or []:
-                user = check_annotator(str(answer.get("user_id") or ""))
-                by_user.setdefault(user, {})[question] = answer.get("value")
-        for user, answers in sorted(by_user.items()):
-            where = f"{records_path} record {r} ({source.source_id}) by {user}"
-            texts = {k: str(answers[k]) for k in _TEXT_FIELDS if answers.get(k) is not None}
-            item = _checked(source, _body(texts, answers.get("problem_type"), where), where)
-            based_on = str(metadata.get("based_on") or "")
-            checked.append(Incoming(source.source_id, user, item, where, based_on))
-    return checked
+    return [_incoming(a, sources) for a in argilla_responses(path, "source_id")]
 
 
 @dataclass
-class Imported:
+class Counts:
     written: int = 0
     changed: int = 0
     approved: int = 0
@@ -526,7 +407,7 @@ def import_labels(
     fmt: str,
     path: str | Path,
     overwrite: bool = False,
-) -> Imported:
+) -> Counts:
     """Read a Label Studio export or Argilla records into the store; every item is checked
     and planned before any is written, so a bad one (named with where it came from) changes
     nothing."""
@@ -537,7 +418,7 @@ def import_labels(
         incoming = read_argilla(Path(path), sources)
     else:
         raise InputError(f"unknown label format {fmt!r}: use labelstudio or argilla")
-    result = Imported()
+    result = Counts()
     with open_store(reannotations) as store:
         for action, entry in plan(store, incoming, overwrite):
             if action == "approve":

@@ -409,6 +409,40 @@ def test_ungrounded_or_off_option_items_are_refused_in_one_line(probed, tmp_path
     assert _history(out, source["id"]) == []
 
 
+def test_an_eval_id_with_a_slash_and_a_space_is_reannotated_and_exported(probed, tmp_path):
+    """Benchmarks name questions as they like ("bench a/q 1"): the document store keeps a
+    digest of such an id, the page and the export still speak of the question's own."""
+    rows = _filtered(probed)
+    odd = "bench a/q 1"
+    rows[0]["id"] = odd
+    (probed / "filtered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "re"
+    body = {
+        "source_id": odd,
+        "annotator": "alice",
+        "question": "When does the pancake turn over?",
+        "problem_type": "open-ended",
+        "answer": "after the pan is jerked up",
+        "grounding": [2],
+    }
+    with ReannotateServer(probed, out) as server:
+        assert _post(server.url, body)[1]["change"] == "written"
+        code, approved = _post(server.url, {"source_id": odd, "annotator": "bob", "approve": True})
+        assert (code, approved["status"], approved["source_id"]) == (200, "approved", odd)
+        with urllib.request.urlopen(server.url + "api/items", timeout=10) as response:
+            assert list(json.loads(response.read())["items"]) == [odd]
+    with sqlite3.connect(out / DB_FILE) as db:
+        [(stored,)] = db.execute("SELECT DISTINCT doc_id FROM versions").fetchall()
+    assert stored.startswith("sha256-")
+    run = CliRunner().invoke(
+        cli,
+        ["reannotate", "export", str(out), "--probe", str(probed), "--out", str(tmp_path / "ev")],
+    )
+    assert run.exit_code == 0, run.output
+    new = load_eval_set(tmp_path / "ev" / "VideoKR_eval.jsonl")[-1]
+    assert new.question.id == f"{odd}-re" and new.raw["provenance"]["replaces"] == odd
+
+
 def test_serve_refuses_a_non_loopback_host_in_one_line(probed, tmp_path):
     result = CliRunner().invoke(
         cli,
