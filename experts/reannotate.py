@@ -270,7 +270,15 @@ def document_json(document: Document, source_id: str) -> dict[str, Any]:
         "created_at": document.created_at,
         "updated_at": document.updated_at,
         "history": [
-            {"annotator": v.annotator, "action": v.action, "at": v.created_at, "via": v.source}
+            {
+                "annotator": v.annotator,
+                "action": v.action,
+                "at": v.created_at,
+                "via": v.source,
+                # What that version said, so a reviewer sees what a revision changed.
+                "question": v.body.get("question"),
+                "answer": v.body.get("answer"),
+            }
             for v in document.history
         ],
     }

@@ -174,7 +174,8 @@ function renderReview() {
     review.className = "pending";
   }
   $("history").replaceChildren(...(d ? d.history : []).map((h) =>
-    el("li", {}, `${h.action} by ${h.annotator} · ${h.at.replace("T", " ").slice(0, 19)}` + (h.via !== "web" ? ` (${h.via})` : ""))));
+    el("li", {}, `${h.action} by ${h.annotator} · ${h.at.replace("T", " ").slice(0, 19)}` + (h.via !== "web" ? ` (${h.via})` : ""),
+      el("details", {}, el("summary", {}, "text"), el("div", {class: "text"}, `${h.question}\nanswer: ${h.answer}`)))));
   $("approve").hidden = !canApprove(d);
 }
 

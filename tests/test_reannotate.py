@@ -241,6 +241,9 @@ def test_page_writes_reviews_revises_and_resumes(probed, tmp_path):
             "revised by bob",
             "approved by bob",
         ]
+        # The author's original stays readable after the revision.
+        page.locator("#history li summary").first.click()
+        assert "Which happens first?\nanswer: the pour" in page.inner_text("#history li >> nth=0")
         assert "2 / " in page.inner_text("#progress") and "2 approved" in page.inner_text(
             "#progress"
         )
@@ -441,6 +444,24 @@ def test_an_eval_id_with_a_slash_and_a_space_is_reannotated_and_exported(probed,
     assert run.exit_code == 0, run.output
     new = load_eval_set(tmp_path / "ev" / "VideoKR_eval.jsonl")[-1]
     assert new.question.id == f"{odd}-re" and new.raw["provenance"]["replaces"] == odd
+
+
+def test_the_page_takes_items_only_as_json_objects(probed, tmp_path):
+    with ReannotateServer(probed, tmp_path / "re") as server:
+        refusals = []
+        for data, kind in [(b"question=x", "text/plain"), (b"[1]", "application/json")]:
+            request = urllib.request.Request(
+                server.url + "api/items", data=data, headers={"Content-Type": kind}
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            refusals.append((refused.value.code, json.loads(refused.value.read())["error"]))
+    assert refusals == [
+        (415, "an item is posted as JSON"),
+        (400, "an item is a JSON object, not list"),
+    ]
+    with sqlite3.connect(tmp_path / "re" / DB_FILE) as db:
+        assert db.execute("SELECT COUNT(*) FROM versions").fetchone() == (0,)
 
 
 def test_serve_refuses_a_non_loopback_host_in_one_line(probed, tmp_path):
