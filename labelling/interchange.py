@@ -15,11 +15,12 @@ the file, task or record and annotation in every error.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
+from labelling.store import LabelHistory
 from vkr_core.files import atomic_write
 from vkr_core.schemas import InputError
 
@@ -413,3 +414,82 @@ def read_argilla_records(path: Path, key: str) -> tuple[list[dict[str, Any]], li
 def read_argilla(path: Path, key: str) -> list[Imported]:
     """The responses of Argilla records (see ``read_argilla_records``)."""
     return read_argilla_records(path, key)[1]
+
+
+# ---------------------------------------------------------------- labels back into a store
+
+
+@dataclass
+class ImportedLabel:
+    """One label read from a tool's export, checked by its page (``where``: for errors)."""
+
+    item_id: str
+    annotator: str
+    label: str
+    category: str | None
+    note: str
+    where: str
+
+
+@dataclass
+class ImportReport:
+    created: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    annotators: list[str] = field(default_factory=list)
+
+
+def _shown(label: str, category: str | None) -> str:
+    return label + (f"/{category}" if category else "")
+
+
+def store_labels(
+    store: LabelHistory,
+    labels: Sequence[ImportedLabel],
+    source: Path,
+    tool: str,
+    *,
+    overwrite: bool = False,
+    noun: str = "item",
+    shown: Callable[[str, str | None], str] = _shown,
+) -> ImportReport:
+    """Store a tool's labels, all or nothing: two different labels by one annotator for one
+    item in the file, or a label that differs from the one stored, is an InputError and
+    nothing is stored, unless ``overwrite`` replaces stored ones (the old stay in the
+    history). ``noun`` names an item in errors, ``shown`` a label and category."""
+    seen: dict[tuple[str, str], ImportedLabel] = {}
+    for lab in labels:
+        earlier = seen.get((lab.item_id, lab.annotator))
+        if earlier and (earlier.label, earlier.category, earlier.note) != (
+            lab.label,
+            lab.category,
+            lab.note,
+        ):
+            raise InputError(
+                f"{source} has two different labels by {lab.annotator} for {noun} "
+                f"{lab.item_id} ({earlier.where}; {lab.where}): keep one"
+            )
+        seen[(lab.item_id, lab.annotator)] = lab
+    conflicts = []
+    for (item_id, annotator), lab in seen.items():
+        current = store.get(item_id, annotator)
+        if current and (current.label, current.category, current.note) != (
+            lab.label,
+            lab.category,
+            lab.note,
+        ):
+            conflicts.append(
+                f"{noun} {item_id} by {annotator}: stored "
+                f"{shown(current.label, current.category)}, file {shown(lab.label, lab.category)}"
+            )
+    if conflicts and not overwrite:
+        raise InputError(
+            f"{len(conflicts)} label(s) in {source} differ from labels already stored "
+            f"({'; '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}): nothing "
+            "was imported. Use --overwrite to replace them (the old labels stay in the history)"
+        )
+    report = ImportReport(annotators=sorted({a for _, a in seen}))
+    for (item_id, annotator), lab in seen.items():
+        change = store.set(item_id, annotator, lab.label, lab.category, lab.note, source=tool)
+        setattr(report, change.status, getattr(report, change.status) + 1)
+    return report
