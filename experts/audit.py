@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import math
 import random
-import sqlite3
-import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from corpus.exporters import load_accepted, load_split
+from labelling.store import LabelHistory
 from qualification.stats import cohen_kappa, wilson_interval
 from vkr_core.files import atomic_write, read_jsonl
 from vkr_core.schemas import AcceptedExample, Frame, InputError, SplitManifest
@@ -42,8 +40,6 @@ SCORED_NAMES = {**LABEL_NAMES, FLAGGED: "flagged (any but ok)"}
 # A handful per stratum so a rare skill or model still gets an estimate, as the paper's
 # audit reports every skill.
 MIN_PER_STRATUM = 3
-MAX_ANNOTATOR_LENGTH = 64
-MAX_NOTE_LENGTH = 4000
 
 
 class AuditFrame(BaseModel):
@@ -255,126 +251,17 @@ def load_audit(root: str | Path) -> tuple[AuditManifest, list[AuditItem]]:
 
 # ---------------------------------------------------------------- labels
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS labels (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    item_id TEXT NOT NULL,
-    annotator TEXT NOT NULL,
-    label TEXT NOT NULL CHECK (label IN ('ok', 'not_grounded', 'trace_error', 'unsupported_step')),
-    note TEXT NOT NULL DEFAULT '',
-    created_at TEXT NOT NULL,
-    source TEXT NOT NULL,
-    superseded_by INTEGER REFERENCES labels(id)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_current_label
-    ON labels (item_id, annotator) WHERE superseded_by IS NULL;
-"""
 
-
-def check_annotator(name: str) -> str:
-    cleaned = (name or "").strip()
-    if not cleaned:
-        raise InputError("an annotator name is required (who gave this label?)")
-    if len(cleaned) > MAX_ANNOTATOR_LENGTH:
-        raise InputError(f"annotator name {cleaned[:20]!r}... is longer than 64 characters")
-    return cleaned
-
-
-class AuditLabels:
-    """labels.sqlite of an audit: a changed label is a new row, the old one points at it."""
-
-    def __init__(self, path: str | Path):
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> AuditLabels:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def current(self, annotator: str | None = None) -> list[dict[str, Any]]:
-        query = "SELECT * FROM labels WHERE superseded_by IS NULL"
-        args: tuple[str, ...] = ()
-        if annotator is not None:
-            query += " AND annotator = ?"
-            args = (annotator,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY id", args).fetchall()
-        return [dict(r) for r in rows]
-
-    def history(self, item_id: str, annotator: str | None = None) -> list[dict[str, Any]]:
-        query = "SELECT * FROM labels WHERE item_id = ?"
-        args: tuple[str, ...] = (item_id,)
-        if annotator is not None:
-            query += " AND annotator = ?"
-            args += (annotator,)
-        with self._lock:
-            return [dict(r) for r in self._db.execute(query + " ORDER BY id", args).fetchall()]
-
-    def set(
-        self, item_id: str, annotator: str, label: str, note: str = "", source: str = "web"
-    ) -> tuple[str, dict[str, Any]]:
-        """Make this the current label; ("created" | "changed" | "unchanged", the row)."""
-        annotator = check_annotator(annotator)
-        if label not in LABELS:
-            raise InputError(f"label {label!r} is not one of {', '.join(LABELS)}")
-        if not isinstance(note, str) or len(note) > MAX_NOTE_LENGTH:
-            raise InputError(f"the note must be text of at most {MAX_NOTE_LENGTH} characters")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT * FROM labels WHERE item_id = ? AND annotator = ? "
-                    "AND superseded_by IS NULL",
-                    (item_id, annotator),
-                ).fetchone()
-                if row is not None and (row["label"], row["note"]) == (label, note):
-                    self._db.execute("COMMIT")
-                    return "unchanged", dict(row)
-                # Retire the old row first: the unique index allows one current row only.
-                if row is not None:
-                    self._db.execute(
-                        "UPDATE labels SET superseded_by = -1 WHERE id = ?", (row["id"],)
-                    )
-                cursor = self._db.execute(
-                    "INSERT INTO labels (item_id, annotator, label, note, created_at, source) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        item_id,
-                        annotator,
-                        label,
-                        note,
-                        datetime.now(UTC).isoformat(timespec="milliseconds"),
-                        source,
-                    ),
-                )
-                if row is not None:
-                    self._db.execute(
-                        "UPDATE labels SET superseded_by = ? WHERE id = ?",
-                        (cursor.lastrowid, row["id"]),
-                    )
-                new = self._db.execute(
-                    "SELECT * FROM labels WHERE id = ?", (cursor.lastrowid,)
-                ).fetchone()
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return ("changed" if row is not None else "created"), dict(new)
+def open_labels(root: str | Path) -> LabelHistory:
+    """labels.sqlite of an audit: every label ever given, one current per example and
+    annotator (a changed label is a new row; the old one points at it)."""
+    return LabelHistory(AuditLayout(root).labels, LABELS)
 
 
 def current_labels(root: str | Path) -> list[tuple[str, str, str]]:
     """(item_id, annotator, label) of every current label of the audit."""
-    with AuditLabels(AuditLayout(root).labels) as store:
-        return [(row["item_id"], row["annotator"], row["label"]) for row in store.current()]
+    with open_labels(root) as store:
+        return [(label.item_id, label.annotator, label.label) for label in store.current()]
 
 
 VERDICT_RULE = (

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from experts.audit import LABEL_NAMES, LABELS, AuditLabels, AuditLayout, check_annotator, load_audit
+from experts.audit import LABEL_NAMES, LABELS, load_audit, open_labels
 from labelling.http import LoopbackHandler, LoopbackServer, check_host
+from labelling.store import check_annotator
 from vkr_core.schemas import InputError, VkrError
 
 MAX_BODY = 64 * 1024
@@ -27,7 +28,7 @@ class AuditApp:
     def __init__(self, audit_dir: str | Path, default_annotator: str | None = None):
         self.root = Path(audit_dir)
         manifest, items = load_audit(self.root)
-        self.store = AuditLabels(AuditLayout(self.root).labels)
+        self.store = open_labels(self.root)
         self.known = {item.item_id for item in items}
         self.frames = {f.sha256: Path(f.path) for item in items for f in item.frames}
         self.audit_json = json.dumps(
@@ -69,9 +70,9 @@ class AuditApp:
     def labels_of(self, annotator: str) -> dict[str, Any]:
         annotator = check_annotator(annotator)
         mine = {}
-        for row in self.store.current(annotator):
-            changes = len(self.store.history(row["item_id"], annotator)) - 1
-            mine[row["item_id"]] = {"label": row["label"], "note": row["note"], "changes": changes}
+        for label in self.store.current(annotator):
+            changes = len(self.store.history(label.item_id, annotator)) - 1
+            mine[label.item_id] = {"label": label.label, "note": label.note, "changes": changes}
         return {"annotator": annotator, "labels": mine}
 
     def save(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -79,15 +80,15 @@ class AuditApp:
         if item_id not in self.known:
             raise InputError(f"this audit has no example {item_id!r}")
         annotator = check_annotator(str(body.get("annotator") or ""))
-        status, row = self.store.set(
-            item_id, annotator, str(body.get("label")), body.get("note") or ""
+        change = self.store.set(
+            item_id, annotator, str(body.get("label")), note=body.get("note") or ""
         )
         changes = len(self.store.history(item_id, annotator)) - 1
         return {
-            "status": status,
+            "status": change.status,
             "item_id": item_id,
-            "label": row["label"],
-            "note": row["note"],
+            "label": change.label.label,
+            "note": change.label.note,
             "changes": changes,
         }
 
@@ -111,38 +112,25 @@ class _Handler(LoopbackHandler):
                 annotator = parse_qs(url.query).get("annotator", [""])[0]
                 self._json(HTTPStatus.OK, app.labels_of(annotator))
             except InputError as exc:
-                self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+                self._error(HTTPStatus.BAD_REQUEST, str(exc))
         elif match := _SHA256.match(url.path):
-            path = app.frames.get(match.group(1))
-            if path is None or not path.is_file():
-                self._json(HTTPStatus.NOT_FOUND, {"error": "no such frame in this audit"})
-                return
-            self._send(HTTPStatus.OK, path.read_bytes(), "image/jpeg")
+            self.serve_frame(app.frames.get(match.group(1)), "no such frame in this audit")
         else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {url.path}"})
+            self._error(HTTPStatus.NOT_FOUND, f"no page {url.path}")
 
     def do_POST(self) -> None:
         if not self._host_ok():
             return
         if urlsplit(self.path).path != "/api/labels":
-            self._json(HTTPStatus.NOT_FOUND, {"error": "no such endpoint"})
+            self._error(HTTPStatus.NOT_FOUND, "no such endpoint")
             return
-        if self.headers.get_content_type() != "application/json":
-            self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "labels are posted as JSON"})
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "label too large"})
+        body = self.read_json(MAX_BODY, "a label")
+        if body is None:
             return
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-            if not isinstance(body, dict):
-                raise InputError("a label is a JSON object")
             self._json(HTTPStatus.OK, self.server.app.save(body))
-        except json.JSONDecodeError as exc:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": f"not JSON: {exc}"})
         except VkrError as exc:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            self._error(HTTPStatus.BAD_REQUEST, str(exc))
 
 
 class _AuditHTTPServer(ThreadingHTTPServer):
@@ -155,9 +143,9 @@ class _AuditHTTPServer(ThreadingHTTPServer):
 
 
 class AuditServer(LoopbackServer):
-    thread_name = "vkr-audit"
-
     """``with AuditServer(audit_dir) as server: server.url`` serves the page in a thread."""
+
+    thread_name = "vkr-audit"
 
     def __init__(
         self,
@@ -166,13 +154,7 @@ class AuditServer(LoopbackServer):
         port: int = 0,
         annotator: str | None = None,
     ):
-        try:
-            host = check_host(host)
-        except InputError:
-            raise InputError(
-                f"the audit page serves on 127.0.0.1 only, not on {host!r}: the corpus and its "
-                "labels stay on this machine (use an SSH tunnel to label from elsewhere)"
-            ) from None
+        host = check_host(host, "the audit page", "the corpus and its labels")
         if annotator is not None:
             annotator = check_annotator(annotator)
         self.app = AuditApp(audit_dir, annotator)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from corpus.exporters import load_accepted
-from experts.audit import AuditLabels, AuditLayout, load_audit, stratified_rates, wilson
+from experts.audit import load_audit, open_labels, stratified_rates, wilson
 from experts.audit_review import AuditServer
 from plugins.providers.fake_server import FakeModelServer, find_tag, truth_for_tag, write_pool
 from vkr_core.plugins import get_plugin_manager
@@ -117,7 +117,7 @@ def test_labels_from_ground_truth_give_a_rate_whose_interval_holds_the_known_sha
     assert [i.item_id for i in load_audit(tmp_path / "b")[1]] == ids
     assert [i.item_id for i in load_audit(tmp_path / "c")[1]] != ids
 
-    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+    with open_labels(tmp_path / "a") as store:
         for item in items:
             label = "trace_error" if is_wrong(item.example) else "ok"
             store.set(item.item_id, "oracle", label, source="test")
@@ -206,7 +206,7 @@ def test_the_overall_rate_weights_strata_by_their_share_of_the_population(
     manifest, items = load_audit(tmp_path / "a")
     rare = [i for i in items if i.generation_model != "gen-big"]
     assert len(rare) >= 24 and manifest.strata["VidR | gen-big"]["population"] == 1000
-    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+    with open_labels(tmp_path / "a") as store:
         for item in items:
             store.set(item.item_id, "oracle", "not_grounded" if item.item_id in wrong else "ok")
     vkr("audit", "score", str(tmp_path / "a"))
@@ -231,7 +231,7 @@ def test_the_overall_rate_weights_strata_by_their_share_of_the_population(
     for seed in range(1, 9):
         audit = tmp_path / f"seed{seed}"
         _, items = load_audit(create_audit(run, audit, n=100, seed=seed) and audit)
-        with AuditLabels(AuditLayout(audit).labels) as store:
+        with open_labels(audit) as store:
             for item in items:
                 store.set(item.item_id, "oracle", "trace_error" if item.item_id in wrong else "ok")
         seeded = score_audit(audit)
@@ -246,7 +246,7 @@ def test_a_partly_labelled_audit_says_which_strata_the_estimate_leaves_out(
     run, _ = skewed_run(tmp_path)
     vkr("audit", str(run), "--n", "30", "--out", str(tmp_path / "a"))
     _, items = load_audit(tmp_path / "a")
-    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+    with open_labels(tmp_path / "a") as store:
         for item in items:
             if item.generation_model != "gen-rare-2":
                 store.set(item.item_id, "alice", "ok")
@@ -265,7 +265,7 @@ def test_agreement_per_pair_and_the_verdict_when_annotators_disagree(tmp_path: P
     ok, ng, te, us = "ok", "not_grounded", "trace_error", "unsupported_step"
     alice = [ok, ok, ok, ok, ok, ok, ng, ng, te, te]
     bob = [ok, ok, ok, ok, ok, us, ng, ok, te, te]
-    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+    with open_labels(tmp_path / "a") as store:
         for item_id, a, b in zip(ids, alice, bob, strict=True):
             store.set(item_id, "alice", a)
             store.set(item_id, "bob", b)
@@ -293,7 +293,7 @@ def test_agreement_per_pair_and_the_verdict_when_annotators_disagree(tmp_path: P
     assert ", ".join(sorted([ids[5], ids[7]])) in result.stdout
 
     # An adjudicator settles a dispute: their ok stands; they are no party to the kappas.
-    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+    with open_labels(tmp_path / "a") as store:
         store.set(ids[5], "carol", ok)
         store.set(ids[7], "carol", ng)
     result = vkr("audit", "score", str(tmp_path / "a"), "--adjudicator", "carol")
@@ -322,7 +322,7 @@ def test_drop_removes_exactly_the_flagged_examples_from_the_split(
     vkr("audit", str(split), "--n", "12", "--out", str(tmp_path / "a"))
     _, items = load_audit(tmp_path / "a")
     flagged = {items[0].item_id: "not_grounded", items[1].item_id: "unsupported_step"}
-    with AuditLabels(AuditLayout(tmp_path / "a").labels) as store:
+    with open_labels(tmp_path / "a") as store:
         for item in items[:6]:
             store.set(item.item_id, "alice", flagged.get(item.item_id, "ok"))
         # Flagged, then judged ok after all: the current label decides.
@@ -400,8 +400,8 @@ def test_label_studio_round_trip_stores_labels_and_refuses_silent_overwrites(
         "audit", "import", str(audit), str(tmp_path / "done.json"), "--format", "labelstudio"
     )
     assert "2 new, 0 changed" in result.stdout
-    with AuditLabels(AuditLayout(audit).labels) as store:
-        current = {(r["item_id"], r["annotator"]): (r["label"], r["note"]) for r in store.current()}
+    with open_labels(audit) as store:
+        current = {(r.item_id, r.annotator): (r.label, r.note) for r in store.current()}
     assert current == {
         (items[0].item_id, "labelstudio-user-7"): ("not_grounded", "no frame shows the pan"),
         (items[1].item_id, "bo@x.org"): ("ok", ""),
@@ -429,8 +429,8 @@ def test_label_studio_round_trip_stores_labels_and_refuses_silent_overwrites(
         "--overwrite",
     )
     assert "0 new, 1 changed, 1 unchanged" in result.stdout
-    with AuditLabels(AuditLayout(audit).labels) as store:
-        history = [r["label"] for r in store.history(items[0].item_id, "labelstudio-user-7")]
+    with open_labels(audit) as store:
+        history = [r.label for r in store.history(items[0].item_id, "labelstudio-user-7")]
     assert history == ["not_grounded", "unsupported_step"]
 
     tasks[0]["data"]["item_id"] = "not-sampled"
@@ -445,6 +445,81 @@ def test_label_studio_round_trip_stores_labels_and_refuses_silent_overwrites(
         check=False,
     )
     assert "1 example(s) this audit did not sample: not-sampled" in refused.stderr
+
+
+def test_argilla_round_trip_stores_each_users_responses_as_labels_with_history(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    audit = tmp_path / "a"
+    vkr("audit", str(run_dir), "--n", "4", "--out", str(audit))
+    _, items = load_audit(audit)
+    out = tmp_path / "argilla"
+    result = vkr(
+        "audit", "export", str(audit), "--format", "argilla", "--out", str(out),
+        "--frame-url-prefix", "http://files.example/",
+    )  # fmt: skip
+    assert "records.json" in result.stdout
+    settings = json.loads((out / ".argilla" / "settings.json").read_text())
+    label = next(q for q in settings["questions"] if q["name"] == "label")
+    assert [(o["value"], o["text"]) for o in label["settings"]["options"]] == [
+        ("ok", "ok"),
+        ("not_grounded", "not visually grounded"),
+        ("trace_error", "trace error that changes the answer"),
+        ("unsupported_step", "unsupported step"),
+    ]
+    records = json.loads((out / "records.json").read_text())
+    assert [r["metadata"]["item_id"] for r in records] == [i.item_id for i in items]
+    first, example = records[0], items[0].example
+    assert first["fields"]["question"].startswith(example.question)
+    assert first["fields"]["answer"] in example.solution
+    assert "Therefore the answer is" in first["fields"]["trace"]
+    frame = items[0].frames[0]
+    assert f"![{frame.clock}](http://files.example/{frame.path})" in first["fields"]["frames"]
+
+    def respond(choice: str) -> None:
+        # What Argilla's rg.Dataset.to_disk gives back: each user's responses per question,
+        # a label question's value being the option's value.
+        records[0]["responses"] = {
+            "label": [
+                {"value": choice, "user_id": "u-ann", "status": "submitted"},
+                {"value": "ok", "user_id": "u-bo", "status": "submitted"},
+            ],
+            "note": [{"value": "the pan is never shown", "user_id": "u-ann"}],
+        }
+        records[1]["responses"] = {"label": [{"value": "unsupported_step", "user_id": "u-bo"}]}
+        (out / "records.json").write_text(json.dumps(records))
+
+    respond("not_grounded")
+    result = vkr("audit", "import", str(audit), str(out), "--format", "argilla")
+    assert "imported labels of u-ann, u-bo: 3 new, 0 changed" in result.stdout
+    with open_labels(audit) as store:
+        current = {(r.item_id, r.annotator): (r.label, r.note) for r in store.current()}
+    assert current == {
+        (items[0].item_id, "u-ann"): ("not_grounded", "the pan is never shown"),
+        (items[0].item_id, "u-bo"): ("ok", ""),
+        (items[1].item_id, "u-bo"): ("unsupported_step", ""),
+    }
+    # Importing the same file again changes nothing.
+    result = vkr("audit", "import", str(audit), str(out / "records.json"), "--format", "argilla")
+    assert "0 new, 0 changed, 3 unchanged" in result.stdout
+
+    respond("trace_error")
+    refused = vkr("audit", "import", str(audit), str(out), "--format", "argilla", check=False)
+    assert refused.returncode != 0 and "nothing was imported" in refused.stderr
+    assert f"example {items[0].item_id} by u-ann: stored not_grounded" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    result = vkr("audit", "import", str(audit), str(out), "--format", "argilla", "--overwrite")
+    assert "0 new, 1 changed, 2 unchanged" in result.stdout
+    with open_labels(audit) as store:
+        history = [(r.label, r.source) for r in store.history(items[0].item_id, "u-ann")]
+    assert history == [("not_grounded", "argilla"), ("trace_error", "argilla")]
+
+    # A response that is not one of the four labels names its record and user.
+    records[1]["responses"]["label"][0]["value"] = "meh"
+    (out / "records.json").write_text(json.dumps(records))
+    refused = vkr("audit", "import", str(audit), str(out), "--format", "argilla", check=False)
+    assert "record 1" in refused.stderr and "u-bo" in refused.stderr
+    assert "'meh' is not one of ok, not visually grounded" in refused.stderr
 
 
 # ---------------------------------------------------------------- the page, in Chromium
@@ -539,10 +614,10 @@ def test_page_labels_by_click_and_key_resumes_after_reload_and_keeps_history(
         saved(page, "saved: unsupported step (changed 2×, history kept)")
         assert errors == []
 
-    with AuditLabels(AuditLayout(audit).labels) as store:
-        current = {row["item_id"]: row["label"] for row in store.current("alice")}
-        history = [row["label"] for row in store.history(items[1].item_id, "alice")]
-        note = store.history(items[1].item_id, "alice")[-1]["note"]
+    with open_labels(audit) as store:
+        current = {row.item_id: row.label for row in store.current("alice")}
+        history = [row.label for row in store.history(items[1].item_id, "alice")]
+        note = store.history(items[1].item_id, "alice")[-1].note
     assert current == {
         items[0].item_id: "ok",
         items[1].item_id: "unsupported_step",
@@ -550,6 +625,43 @@ def test_page_labels_by_click_and_key_resumes_after_reload_and_keeps_history(
     }
     assert history == ["not_grounded", "not_grounded", "unsupported_step"]
     assert note == "step 1 names an action no frame shows"
+
+    # A new server on the same audit: alice's labels are back. Bob, the second annotator,
+    # reviews the same examples blind (the page shows no one else's label, so agreement is
+    # honest) and disagrees with alice on the first.
+    with AuditServer(audit) as server, chromium() as browser:
+        page = browser.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url + "?annotator=alice")
+        page.wait_for_selector("body[data-ready]")
+        page.wait_for_function(
+            "id => document.getElementById('item-title').textContent.includes(id)",
+            arg=items[3].item_id,
+        )
+        assert page.inner_text("#progress") == f"3 / {len(items)} labelled"
+        page.fill("#annotator", "bob")
+        page.press("#annotator", "Enter")
+        page.wait_for_function(
+            "n => document.getElementById('progress').textContent === `0 / ${n} labelled`",
+            arg=len(items),
+        )
+        assert page.locator("#labels button.selected").count() == 0
+        page.keyboard.press("3")
+        saved(page, "saved: trace error that changes the answer")
+        page.keyboard.press("j")
+        page.keyboard.press("4")
+        saved(page, "saved: unsupported step")
+        assert errors == []
+
+    vkr("audit", "score", str(audit))
+    score = json.loads((audit / "score.json").read_text())
+    (pair,) = score["agreement"]["pairs"]
+    assert (pair["annotators"], pair["items"]) == (["alice", "bob"], 2)
+    assert pair["disagreements"] == [
+        {"item_id": items[0].item_id, "alice": "ok", "bob": "trace_error"}
+    ]
+    # Bob's flag stands against alice's ok: 3 flagged of 3 labelled examples.
+    assert (score["labelled"], score["unweighted"]["flagged"]["count"]) == (3, 3)
 
 
 def test_page_serves_loopback_only_and_refuses_a_foreign_host(
