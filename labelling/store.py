@@ -348,6 +348,12 @@ MAX_DOC_ID_LENGTH = 128
 _DOC_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
 
 
+def is_doc_id(value: object) -> bool:
+    """Whether ``value`` may be a document id as it is (a caller mapping its own ids, such as
+    a benchmark's question ids, keeps the others under a digest)."""
+    return isinstance(value, str) and len(value) <= MAX_DOC_ID_LENGTH and bool(_DOC_ID.match(value))
+
+
 @dataclass
 class Version:
     """One saved state of a document: who saved it, how, and what it said."""
