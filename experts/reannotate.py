@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from corpus.probe import load_eval_set, video_key
 from experts.reannotate_page import PAGE
 from labelling.http import LoopbackHandler, LoopbackServer, check_host
-from labelling.store import MAX_DOC_ID_LENGTH, Document, DocumentHistory, check_annotator
+from labelling.store import Document, DocumentHistory, check_annotator, is_doc_id
 from plugins.exporters.evaluation import EVAL_FILE
 from vkr_core.errors import describe_validation_error
 from vkr_core.files import atomic_write, read_jsonl
@@ -46,8 +46,6 @@ _QUESTION_FIELDS = {"id", "question", "options", "problem_type", "solution"}
 MAX_BODY = 64 * 1024
 MAX_TEXT = 4000
 # One frame image by a hash the page was given: the URL never names a path.
-# The ids DocumentHistory takes as they are.
-_PLAIN_ID = re.compile(r"^[A-Za-z0-9._:-]+$")
 _FRAME_URL = re.compile(r"^/frame/([0-9a-f]{64})\.jpg$")
 
 
@@ -205,7 +203,7 @@ def open_store(out_dir: str | Path) -> DocumentHistory:
 def doc_id(source_id: str) -> str:
     """The document id of a filtered question: its own id, or (an eval id with characters a
     document id does not take, e.g. a slash or a space) a digest of it."""
-    if _PLAIN_ID.match(source_id) and len(source_id) <= MAX_DOC_ID_LENGTH:
+    if is_doc_id(source_id):
         return source_id
     return "sha256-" + hashlib.sha256(source_id.encode()).hexdigest()
 
