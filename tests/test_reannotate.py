@@ -16,8 +16,15 @@ from click.testing import CliRunner
 from test_qualify import chromium, open_page, saved
 
 from cli import cli
-from corpus.probe import ProbeOptions, load_eval_set, run_probe
-from experts.reannotate import DB_FILE, PROVENANCE_KIND, ReannotateServer, new_item_id
+from corpus.probe import ProbeOptions, load_eval_set, run_probe, video_key
+from experts.reannotate import (
+    DB_FILE,
+    PROVENANCE_KIND,
+    ReannotateServer,
+    new_item_id,
+    open_store,
+    save_item,
+)
 from plugins.providers.fake_server import make_tag, truth_for_tag
 
 OPTIONS = [
@@ -715,3 +722,60 @@ def _updated_at(out: Path, source_id: str) -> str:
                 (source_id,),
             ).fetchone()[0]
         )
+
+
+# ---------------------------------------------------------------- for test_labelling_formats
+
+
+def _hand_made_probe(root: Path) -> Path:
+    """A `vkr probe` output folder as the probe writes it, made by hand (no model, no video):
+    two filtered questions, frames listed in the manifest the frame sampler writes."""
+    out = root / "probe"
+    frames = out / "frames" / video_key("pancake.mkv")
+    frames.mkdir(parents=True)
+    (frames / "manifest.json").write_text(
+        json.dumps({"frames": [{"timestamp": t, "path": f"frame_{t}.jpg"} for t in (0, 1, 2)]})
+    )
+    rows = [
+        {**_question(1), "solved_by": ["fake-a"], "solving_frames": {"fake-a": [1.0]}},
+        {**_question(2, "oe"), "solved_by": ["fake-b"], "solving_frames": {"fake-b": [0.0]}},
+    ]
+    (out / "filtered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "kept.jsonl").write_text("")
+    # The first question is written, so its task carries the item for review.
+    with open_store(root / "re") as store:
+        save_item(
+            store,
+            "q1",
+            "alice",
+            {
+                "question": "Which happens first?",
+                "problem_type": "multiple-choice",
+                "options": ["the flip", "the pour"],
+                "answer": "B",
+                "grounding": [0.0, 1.0],
+            },
+        )
+    return out
+
+
+def reannotate_labelstudio(tmp_path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """The re-annotation page's Label Studio config and tasks (one with a prediction)."""
+    from experts.reannotate_interchange import write_tasks
+
+    probe = _hand_made_probe(tmp_path)
+    tasks, config = write_tasks(
+        probe, tmp_path / "ls" / "tasks.json", "/data/?d=", None, tmp_path / "re"
+    )
+    loaded = json.loads(tasks.read_text())
+    assert "predictions" in loaded[0] and "predictions" not in loaded[1]
+    return config.read_text(), loaded
+
+
+def reannotate_argilla(tmp_path: Path) -> Path:
+    """The re-annotation page's Argilla folder (one record with suggestions)."""
+    from experts.reannotate_interchange import write_argilla
+
+    probe = _hand_made_probe(tmp_path)
+    write_argilla(probe, tmp_path / "argilla", "http://frames.test/", None, tmp_path / "re")
+    return tmp_path / "argilla"
