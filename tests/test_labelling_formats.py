@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_reannotate import reannotate_argilla, reannotate_labelstudio
 
 from labelling.interchange import read_argilla, read_labelstudio
 from qualification.interchange import export_labels, labelstudio_config, labelstudio_tasks
@@ -125,12 +126,14 @@ def pilot_text_argilla(tmp_path: Path) -> Path:
 LABEL_STUDIO_EXPORTS: dict[str, tuple[Callable[[Path], tuple[str, list[dict[str, Any]]]], str]] = {
     "pilot": (pilot_labelstudio, "item_id"),
     "pilot-text-step": (pilot_text_labelstudio, "item_id"),
+    "reannotate": (reannotate_labelstudio, "source_id"),
 }
 # name -> (function writing the page's Argilla export folder under tmp_path and returning it,
 # the metadata field that names the item).
 ARGILLA_EXPORTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "pilot": (pilot_argilla, "item_id"),
     "pilot-text-step": (pilot_text_argilla, "item_id"),
+    "reannotate": (reannotate_argilla, "source_id"),
 }
 
 
