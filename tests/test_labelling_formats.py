@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 from test_reannotate import reannotate_argilla, reannotate_labelstudio
+from test_seeds_page import seeds_argilla, seeds_labelstudio
 
 from labelling.interchange import read_argilla, read_labelstudio
 from qualification.interchange import export_labels, labelstudio_config, labelstudio_tasks
@@ -127,6 +128,7 @@ LABEL_STUDIO_EXPORTS: dict[str, tuple[Callable[[Path], tuple[str, list[dict[str,
     "pilot": (pilot_labelstudio, "item_id"),
     "pilot-text-step": (pilot_text_labelstudio, "item_id"),
     "reannotate": (reannotate_labelstudio, "source_id"),
+    "seeds": (seeds_labelstudio, "seed_id"),
 }
 # name -> (function writing the page's Argilla export folder under tmp_path and returning it,
 # the metadata field that names the item).
@@ -134,6 +136,7 @@ ARGILLA_EXPORTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "pilot": (pilot_argilla, "item_id"),
     "pilot-text-step": (pilot_text_argilla, "item_id"),
     "reannotate": (reannotate_argilla, "source_id"),
+    "seeds": (seeds_argilla, "seed_id"),
 }
 
 

@@ -512,3 +512,49 @@ def test_a_video_that_cannot_be_decoded_is_refused_in_the_page_and_the_others_st
         status(page, "saved: seed")
         assert versions(seeds_dir) == [("alice", "written", QUESTION)]
         assert page.errors == []
+
+
+# ---------------------------------------------------------------- for test_labelling_formats
+
+
+def _reviewed_seeds(tmp_path: Path) -> Path:
+    """A seeds folder with two pending seeds on real frames: a multiple-choice one revised by a
+    second annotator, and an open one."""
+    from videos import PANCAKE, video_dir
+
+    from experts.seeds import SeedsApp
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(video_dir() / PANCAKE, folder / "pancake.mkv")
+    line = {"video_id": "pancake", "path": "pancake.mkv", "discipline": "cooking"}
+    (folder / "manifest.jsonl").write_text(json.dumps(line) + "\n")
+    seeds_dir = tmp_path / "seeds"
+    app = SeedsApp(folder / "manifest.jsonl", seeds_dir, get_plugin_manager(), max_frames=3)
+    try:
+        written = app.save(seed_body())
+        app.save(seed_body(annotator="bob", seed_id=written["doc_id"], question=REVISED))
+        app.save(seed_body(options=None, answer="half a turn", question="How far does it turn?"))
+    finally:
+        app.close()
+    return seeds_dir
+
+
+def seeds_labelstudio(tmp_path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """The seed page's Label Studio config and tasks (frames by URL, one open question)."""
+    from experts.seeds_interchange import export_tasks
+
+    out = tmp_path / "ls" / "tasks.json"
+    assert export_tasks(_reviewed_seeds(tmp_path), out, "/data/local-files/?d=seeds/") == 2
+    tasks = json.loads(out.read_text())
+    assert len(tasks[0]["data"]["frames"]) == 3 and tasks[1]["data"]["options"] == ""
+    return out.with_suffix(".config.xml").read_text(), tasks
+
+
+def seeds_argilla(tmp_path: Path) -> Path:
+    """The seed page's Argilla folder (two pending seeds)."""
+    from experts.seeds_interchange import export_tasks
+
+    out = tmp_path / "argilla"
+    assert export_tasks(_reviewed_seeds(tmp_path), out, "http://frames.test/", "argilla") == 2
+    return out
