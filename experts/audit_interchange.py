@@ -200,7 +200,10 @@ def _checked(found: tool.Imported, what: str) -> tool.ImportedLabel:
 def read_labels(fmt: str, path: Path) -> list[tool.ImportedLabel]:
     """The labels in a Label Studio JSON export or Argilla records (folder or records.json)."""
     if fmt == "labelstudio":
-        return [_checked(f, "choice") for f in tool.read_labelstudio(path, "item_id")]
+        found = tool.read_labelstudio(path, "item_id")
+        for f in found:  # Argilla's say who already
+            f.where = f"{f.where} by {f.annotator}"
+        return [_checked(f, "choice") for f in found]
     if fmt == "argilla":
         return [_checked(f, "response") for f in tool.read_argilla(path, "item_id")]
     raise InputError(f"unknown label format {fmt!r}: use one of {', '.join(FORMATS)}")

@@ -18,9 +18,9 @@ import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Protocol
 
-from labelling.store import LabelHistory
+from labelling.store import Label, LabelChange
 from vkr_core.files import atomic_write
 from vkr_core.schemas import InputError
 
@@ -431,6 +431,22 @@ class ImportedLabel:
     where: str
 
 
+class LabelStoreLike(Protocol):
+    """A ``LabelHistory``, or a page's binding of one (the pilot's ``LabelStore``)."""
+
+    def get(self, item_id: str, annotator: str) -> Label | None: ...
+
+    def set(
+        self,
+        item_id: str,
+        annotator: str,
+        label: str,
+        category: str | None = None,
+        note: str = "",
+        source: str = "web",
+    ) -> LabelChange: ...
+
+
 @dataclass
 class ImportReport:
     created: int = 0
@@ -444,7 +460,7 @@ def _shown(label: str, category: str | None) -> str:
 
 
 def store_labels(
-    store: LabelHistory,
+    store: LabelStoreLike,
     labels: Sequence[ImportedLabel],
     source: Path,
     tool: str,

@@ -15,13 +15,14 @@ replaced labels stay in the history).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import quoteattr
 
 from labelling.interchange import (
     Imported,
+    ImportedLabel,
+    ImportReport,
     argilla_record,
     frame_urls,
     frames_markdown,
@@ -32,6 +33,7 @@ from labelling.interchange import (
     read_argilla_records,
     read_labelstudio_tasks,
     settings,
+    store_labels,
     suggestion,
     terms_metadata,
     text_field,
@@ -172,16 +174,6 @@ def labelstudio_tasks(pilot: Pilot, frame_url_prefix: str = "") -> list[dict[str
     return tasks
 
 
-@dataclass
-class ImportedLabel:
-    item_id: str
-    annotator: str
-    label: str
-    category: str | None
-    note: str
-    where: str
-
-
 def _label_value(value: Any, where: str) -> str:
     label = _READ_LABELS.get(str(value).strip().lower()) if value is not None else None
     if label is None:
@@ -303,14 +295,6 @@ def export_labels(
     raise InputError(f"unknown label format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
-@dataclass
-class ImportReport:
-    created: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    annotators: list[str] = field(default_factory=list)
-
-
 def import_labels(
     pilot: Pilot, fmt: str, path: str | Path, overwrite: bool = False
 ) -> ImportReport:
@@ -336,7 +320,6 @@ def import_labels(
             f"{source} has labels for {len(unknown)} item(s) that pilot {pilot_id} does not "
             f"have: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else "")
         )
-    seen: dict[tuple[str, str], ImportedLabel] = {}
     for lab in labels:
         lab.annotator = check_annotator(lab.annotator)
         if lab.annotator == AUTO_ANNOTATOR:
@@ -345,42 +328,8 @@ def import_labels(
             check_label(lab.label, lab.category, lab.note)
         except InputError as exc:
             raise InputError(f"{lab.where}: {exc}") from None
-        key = (lab.item_id, lab.annotator)
-        earlier = seen.get(key)
-        if earlier and (earlier.label, earlier.category, earlier.note) != (
-            lab.label,
-            lab.category,
-            lab.note,
-        ):
-            raise InputError(
-                f"{source} has two different labels by {lab.annotator} for item {lab.item_id} "
-                f"({earlier.where}; {lab.where}): keep one"
-            )
-        seen[key] = lab
-    report = ImportReport(annotators=sorted({a for _, a in seen}))
     with pilot.labels() as store:
-        conflicts = []
-        for (item_id, annotator), lab in seen.items():
-            current = store.get(item_id, annotator)
-            if current and (current.label, current.category, current.note) != (
-                lab.label,
-                lab.category,
-                lab.note,
-            ):
-                conflicts.append(
-                    f"item {item_id} by {annotator}: stored {_describe(current.label, current.category)}"
-                    f", file {_describe(lab.label, lab.category)}"
-                )
-        if conflicts and not overwrite:
-            raise InputError(
-                f"{len(conflicts)} label(s) in {source} differ from labels already stored "
-                f"({'; '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}): nothing "
-                "was imported. Use --overwrite to replace them (the old labels stay in the history)"
-            )
-        for (item_id, annotator), lab in seen.items():
-            change = store.set(item_id, annotator, lab.label, lab.category, lab.note, source=fmt)
-            setattr(report, change.status, getattr(report, change.status) + 1)
-    return report
+        return store_labels(store, labels, source, fmt, overwrite=overwrite, shown=_describe)
 
 
 def _describe(label: str, category: str | None) -> str:
