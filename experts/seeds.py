@@ -49,6 +49,7 @@ def seed_frames_dir(seeds_dir: Path, video_id: str, sampling: FrameSampling) -> 
 
 
 def sampling_text(sampling: FrameSampling) -> str:
+    """The sampling as the page and the review tools show it."""
     return f"{sampling.fps:g} fps, at most {sampling.max_frames} frames"
 
 
