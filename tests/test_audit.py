@@ -684,3 +684,13 @@ def test_page_serves_loopback_only_and_refuses_a_foreign_host(
         conn.request("POST", "/api/labels", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
         assert response.status == 400 and "no example 'nope'" in response.read().decode()
+        # A label comes only as a JSON post (a cross-site form cannot send one), and small.
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.request("POST", "/api/labels", body, {"Content-Type": "text/plain"})
+        response = conn.getresponse()
+        assert response.status == 415 and "a label is posted as JSON" in response.read().decode()
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.request("POST", "/api/labels", "x" * 70_000, {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 413
+    with open_labels(tmp_path / "a") as store:
+        assert store.current() == []
