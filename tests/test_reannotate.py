@@ -505,6 +505,14 @@ def _ls_annotation(user: Any, **fields: str) -> dict[str, Any]:
     return {"completed_by": user, "result": result, "was_cancelled": False}
 
 
+def _import(out: Path, probed: Path, fmt: str, source: Path) -> list[str]:
+    """`vkr reannotate import`'s arguments."""
+    return ["reannotate", "import", str(out), "--probe", str(probed), "--format", fmt] + [
+        "--from",
+        str(source),
+    ]
+
+
 def _ls_texts(task: dict[str, Any]) -> dict[str, str]:
     """The fields of a task's prediction (the current item it shows for review)."""
     [prediction] = task["predictions"]
@@ -549,8 +557,7 @@ def test_label_studio_round_trip_writes_reviews_and_revises(probed, tmp_path):
     ]
     export_file = tmp_path / "ls" / "export.json"
     export_file.write_text(json.dumps(tasks))
-    args = ["reannotate", "import", str(out), "--probe", str(probed)]
-    args += ["--format", "labelstudio", "--from", str(export_file)]
+    args = _import(out, probed, "labelstudio", export_file)
     run = CliRunner().invoke(cli, args)
     assert run.exit_code == 0, run.output
     assert "imported: 1 written, 0 edited or revised, 0 approved, 0 unchanged" in run.output
@@ -610,8 +617,7 @@ def test_label_studio_round_trip_writes_reviews_and_revises(probed, tmp_path):
     ]
     review_export = tmp_path / "ls" / "review-export.json"
     review_export.write_text(json.dumps(review))
-    reviewed = ["reannotate", "import", str(out), "--probe", str(probed)]
-    reviewed += ["--format", "labelstudio", "--from", str(review_export)]
+    reviewed = _import(out, probed, "labelstudio", review_export)
     run = CliRunner().invoke(cli, reviewed)
     assert run.exit_code == 0, run.output
     assert "imported: 0 written, 1 edited or revised, 1 approved, 0 unchanged" in run.output
