@@ -197,6 +197,19 @@ def test_write_resume_revise_approve_in_the_browser(manifest, tmp_path):
         assert row == ["cooking", "VidR", "1", "1", "1", "149"]
         assert page.errors == []
 
+    # Restarted: everything saved is back, for whoever opens the page.
+    with (
+        SeedsServer(manifest, seeds_dir, get_plugin_manager(), target=150) as server,
+        chromium() as browser,
+    ):
+        page = open_page(browser, server.url + "?annotator=carol")
+        assert "approved · VidR · pancake · written by alice, revised by bob, approved by bob" in (
+            page.inner_text("#seeds")
+        )
+        row = page.locator("#counts tbody tr").first.locator("td").all_inner_texts()
+        assert row == ["cooking", "VidR", "1", "1", "1", "149"]
+        assert page.errors == []
+
     out = tmp_path / "bank.jsonl"
     done = CliRunner().invoke(cli, ["seeds", "export", str(seeds_dir), "--out", str(out)])
     assert done.exit_code == 0, done.output
