@@ -306,3 +306,16 @@ def test_concurrent_saves_of_one_document_keep_one_current_version(tmp_path: Pat
         current = db.execute("SELECT COUNT(*) FROM versions WHERE superseded_by IS NULL")
         assert current.fetchone() == (1,)
         db.close()
+
+
+def test_a_file_that_is_not_a_database_is_one_clear_error(tmp_path: Path) -> None:
+    damaged = tmp_path / "labels.sqlite"
+    damaged.write_text("these are notes, not labels\n" * 20)
+    for open_store in (
+        lambda: LabelHistory(damaged, AUDIT_LABELS),
+        lambda: DocumentHistory(damaged),
+        lambda: DocumentHistory(tmp_path / "missing" / "seeds.sqlite"),
+    ):
+        with pytest.raises(InputError, match=r"^cannot open .*: (file is not a database|unable)"):
+            open_store()
+    assert damaged.read_text().startswith("these are notes")
