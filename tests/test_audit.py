@@ -522,6 +522,72 @@ def test_argilla_round_trip_stores_each_users_responses_as_labels_with_history(
     assert "'meh' is not one of ok, not visually grounded" in refused.stderr
 
 
+# ---------------------------------------------------------------- for test_labelling_formats
+
+
+def _hand_made_audit(root: Path) -> Path:
+    """An audit of two examples, as create_audit writes one: a multiple-choice example with
+    two frames and an open-ended one whose video kept no frames."""
+    from corpus_factory import make_example
+
+    from experts.audit import AuditFrame, AuditItem, AuditLayout, AuditManifest
+
+    examples = [
+        make_example("v1", 0, "/videos/v1.mp4", multiple_choice=True),
+        make_example("v2", 0, "/videos/v2.mp4", multiple_choice=False),
+    ]
+    frames = [
+        AuditFrame(sha256=c * 64, clock=clock, path=f"/runs/r1/frames/v1/frame_{n}.jpg")
+        for n, (c, clock) in enumerate([("a", "00:00"), ("b", "00:05")])
+    ]
+    items = [
+        AuditItem(
+            item_id=e.problem_id,
+            stratum=f"{e.skill} | gen-a",
+            generation_model="gen-a",
+            trace_model="m1",
+            example=e,
+            frames=frames if e.video_id == "v1" else [],
+        )
+        for e in examples
+    ]
+    manifest = AuditManifest(
+        source="/runs/r1",
+        kind="run",
+        run_dirs=["/runs/r1"],
+        seed=0,
+        requested=2,
+        population=2,
+        sampled=2,
+        strata={f"{examples[0].skill} | gen-a": {"population": 2, "sampled": 2}},
+    )
+    layout = AuditLayout(root)
+    root.mkdir(parents=True)
+    layout.sample.write_text("".join(i.model_dump_json() + "\n" for i in items))
+    layout.manifest.write_text(manifest.model_dump_json())
+    return root
+
+
+def audit_labelstudio(tmp_path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """The audit's Label Studio config and tasks (frames by URL prefix; one with none)."""
+    from experts.audit_interchange import export_labels
+
+    out = tmp_path / "ls" / "tasks.json"
+    export_labels(_hand_made_audit(tmp_path / "audit"), "labelstudio", out, "/data/?d=")
+    tasks = json.loads(out.read_text())
+    assert tasks[0]["data"]["frames"][1] == "/data/?d=/runs/r1/frames/v1/frame_1.jpg"
+    return out.with_suffix(".config.xml").read_text(), tasks
+
+
+def audit_argilla(tmp_path: Path) -> Path:
+    """The audit's Argilla folder (two records, one without frames)."""
+    from experts.audit_interchange import export_labels
+
+    out = tmp_path / "argilla"
+    export_labels(_hand_made_audit(tmp_path / "audit"), "argilla", out, "http://frames.test")
+    return out
+
+
 # ---------------------------------------------------------------- the page, in Chromium
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_audit import audit_argilla, audit_labelstudio
 from test_reannotate import reannotate_argilla, reannotate_labelstudio
 from test_seeds_page import seeds_argilla, seeds_labelstudio
 
@@ -127,6 +128,7 @@ def pilot_text_argilla(tmp_path: Path) -> Path:
 LABEL_STUDIO_EXPORTS: dict[str, tuple[Callable[[Path], tuple[str, list[dict[str, Any]]]], str]] = {
     "pilot": (pilot_labelstudio, "item_id"),
     "pilot-text-step": (pilot_text_labelstudio, "item_id"),
+    "audit": (audit_labelstudio, "item_id"),
     "reannotate": (reannotate_labelstudio, "source_id"),
     "seeds": (seeds_labelstudio, "seed_id"),
 }
@@ -135,6 +137,7 @@ LABEL_STUDIO_EXPORTS: dict[str, tuple[Callable[[Path], tuple[str, list[dict[str,
 ARGILLA_EXPORTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "pilot": (pilot_argilla, "item_id"),
     "pilot-text-step": (pilot_text_argilla, "item_id"),
+    "audit": (audit_argilla, "item_id"),
     "reannotate": (reannotate_argilla, "source_id"),
     "seeds": (seeds_argilla, "seed_id"),
 }
