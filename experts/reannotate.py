@@ -408,17 +408,36 @@ class ReannotateApp:
         }
 
     def save(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Write, edit or revise a question's new item; with ``approve``, approve it."""
+        """Write, edit or revise a question's new item; with ``approve``, approve it.
+
+        ``based_on`` (the page sends it) is the ``updated_at`` of the version the annotator
+        was shown ("" for none): if the question was saved since, nothing is saved, so no
+        one approves or overwrites a text they have not seen."""
         source = self.sources.get(str(body.get("source_id")))
         if source is None:
             raise InputError(f"no filtered question {body.get('source_id')!r} in this probe output")
         annotator = check_annotator(str(body.get("annotator") or ""))
         with self._saving:
+            if "based_on" in body:
+                self._check_unchanged(source.source_id, body["based_on"])
             if body.get("approve") is True:
                 done = approve_item(self.store, source.source_id, annotator)
             else:
                 done = save_item(self.store, source.source_id, annotator, check_item(source, body))
         return {"change": done.change, **document_json(done.document, source.source_id)}
+
+    def _check_unchanged(self, source_id: str, based_on: Any) -> None:
+        current = self.store.get(doc_id(source_id))
+        if based_on == (current.updated_at if current else ""):
+            return
+        if current is None:  # a stamp of a version that is not there: not from this page
+            raise InputError(f"{source_id} has no version {based_on!r}: reload the page")
+        last = current.history[-1]
+        raise InputError(
+            f"{source_id} was saved since you opened it ({last.action} by {last.annotator} at "
+            f"{last.created_at[:19].replace('T', ' ')}): nothing was saved; its history shows "
+            "the new version, save or approve again to go on"
+        )
 
 
 class _Handler(LoopbackHandler):

@@ -227,14 +227,25 @@ const SAID = {written: "saved: written", edited: "saved: edited, history kept",
 async function post(body) {
   if (!state.annotator) { status("enter your name first", true); $("annotator").focus(); return; }
   const it = item();
+  const shown = doc(it);
   try {
+    // based_on: the version this page shows; the server refuses if another was saved since.
     const saved = await api("/api/items", {method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({source_id: sid(it), annotator: state.annotator, ...body})});
+      body: JSON.stringify({source_id: sid(it), annotator: state.annotator,
+        based_on: shown ? shown.updated_at : "", ...body})});
     const {change, ...d} = saved;
     state.docs[d.source_id] = d;
     renderList();
     if (sid(item()) === d.source_id) { renderReview(); status(SAID[change] || change); }
-  } catch (e) { status("not saved: " + e.message, true); }
+  } catch (e) {
+    if (e.message.includes("was saved since you opened it")) {
+      // Show the new version: its history, and its text too for an approval (typed text is kept).
+      await load().catch(() => {});
+      renderList();
+      if (body.approve) renderItem(); else renderReview();
+    }
+    status("not saved: " + e.message, true);
+  }
 }
 
 function save() {

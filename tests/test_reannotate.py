@@ -257,6 +257,53 @@ def test_page_writes_reviews_revises_and_resumes(probed, tmp_path):
         assert page.errors == []
 
 
+def test_no_one_approves_or_overwrites_a_version_they_have_not_seen(probed, tmp_path):
+    out = tmp_path / "re"
+    first = _filtered(probed)[0]
+    with ReannotateServer(probed, out) as server, chromium() as browser:
+        alice = open_page(browser, server.url + "?annotator=alice")
+        _title_has(alice, first["id"])
+        alice.fill("#question", "What makes the batter set?")
+        alice.select_option("#problem-type", "open-ended")
+        alice.fill("#answer", "heat")
+        alice.locator("#frames figure").nth(1).click()
+        alice.click("#save")
+        saved(alice, "saved: written")
+
+        bob = open_page(browser, server.url + "?annotator=bob&show=review")
+        _title_has(bob, first["id"])
+        assert bob.input_value("#answer") == "heat"
+        # Alice edits it while bob reads it: his approval is of a text he has not seen.
+        alice.fill("#answer", "the heat of the pan")
+        alice.click("#save")
+        saved(alice, "saved: edited")
+        bob.click("#approve")
+        saved(bob, "not saved: ")
+        assert "was saved since you opened it (edited by alice at " in bob.inner_text("#status")
+        assert bob.input_value("#answer") == "the heat of the pan"  # now he sees it
+        assert [v["action"] for v in _history(out, first["id"])] == ["written", "edited"]
+        bob.click("#approve")
+        saved(bob, "approved")
+
+        # Alice's page still shows her edit: a change typed there is refused, and kept in
+        # the form, until she has seen the approval; then it is saved over it.
+        alice.fill("#question", "What makes the batter set on the pan?")
+        alice.click("#save")
+        saved(alice, "was saved since you opened it (approved by bob at ")
+        assert alice.input_value("#question") == "What makes the batter set on the pan?"
+        assert alice.locator("#history li").count() == 3
+        alice.click("#save")
+        saved(alice, "saved: edited")
+        assert [(v["by"], v["action"]) for v in _history(out, first["id"])] == [
+            ("alice", "written"),
+            ("alice", "edited"),
+            ("bob", "approved"),
+            ("alice", "edited"),
+        ]
+        assert alice.inner_text("#review-status") == "pending review · written by alice"
+        assert alice.errors == [] and bob.errors == []
+
+
 def test_export_merges_kept_unchanged_and_approved_items_that_probe_reads_again(
     probed, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager
 ):
