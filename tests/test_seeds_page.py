@@ -4,38 +4,22 @@ the exported bank is what `vkr run --seed-bank` shows the generator."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from test_qualify import chromium  # the labelling pages' one browser
 
 from cli import cli
 from experts.seeds import SeedsServer
 from vkr_core.plugins import get_plugin_manager
 from vkr_core.seeds import read_seeds
 
-CHROMIUM_HELP = (
-    "the seed page is tested in a real browser and none was found: install Debian's "
-    "chromium (apt-get install -y chromium) or set VKR_CHROMIUM to a Chromium executable; "
-    "never `playwright install`"
-)
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
 TITLE = "<b>Flip</b> & <script>alert(1)</script>"
 QUESTION = "Which way does the pancake turn when it leaves the pan?"
 REVISED = "Which way does the pancake rotate in the air after the flick of the pan?"
@@ -59,29 +43,9 @@ def manifest(tmp_path: Path, testdata: Path) -> Path:
     return folder / "manifest.jsonl"
 
 
-def find_chromium() -> str:
-    named = os.environ.get("VKR_CHROMIUM")
-    found = shutil.which(named or "chromium")
-    if found is None:
-        pytest.fail(f"no Chromium ({named or 'chromium'}): {CHROMIUM_HELP}")
-    return found
-
-
-@contextmanager
-def chromium() -> Iterator[Any]:
-    """Debian's chromium under Playwright; a missing browser fails the test, it never skips."""
-    from playwright.sync_api import sync_playwright
-
-    executable = find_chromium()
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
-
-
 def open_page(browser: Any, url: str) -> Any:
+    """The page at ``url``, ready; ``page.errors`` collects script errors and dialogs (a
+    title's markup that ran would open one)."""
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
