@@ -67,6 +67,8 @@ def serve(
     )
     click.echo(f"seeds {seeds_dir}: open {server.url}")
     click.echo(f"frames: {sampling_text(server.app.sampling)} (as vkr run samples them)")
+    for problem in server.app.problems:
+        click.echo(f"left out of the page: {problem}", err=True)
     click.echo("seeds are saved as you write them; press Ctrl-C to stop")
     try:
         server.serve_forever()

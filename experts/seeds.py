@@ -187,6 +187,8 @@ class SeedsApp:
         if target < 1:
             raise InputError(f"--target must be at least 1, got {target}")
         self.videos: dict[str, Video] = {v.video_id: v for v in loaded.videos}
+        # Lines left out (no file, bad id, ...): the page names them, so none vanishes unseen.
+        self.problems = [p.reason for p in loaded.problems]
         self.skills = sorted(pm.registry.skills)
         self.pm = pm
         self.target = target
@@ -202,6 +204,7 @@ class SeedsApp:
                 "skills": self.skills,
                 "target": target,
                 "sampling": {**self.sampling.model_dump(), "text": sampling_text(self.sampling)},
+                "problems": self.problems,
                 "default_annotator": default_annotator,
                 "videos": [
                     {

@@ -27,6 +27,8 @@ PAGE = r"""<!doctype html>
   textarea { min-height: 4rem; }
   #status { min-height: 1.4rem; }
   #status.error { color: #b42318; font-weight: 600; }
+  #problems { padding: .4rem 1rem; background: #fef3f2; border-bottom: 1px solid var(--line); }
+  #problems ul { margin: .2rem 0; }
   li { margin-bottom: .6rem; }
   li .q { white-space: pre-wrap; word-break: break-word; }
   .pending { color: #b54708; } .approved { color: #1a7f37; }
@@ -44,6 +46,7 @@ PAGE = r"""<!doctype html>
   <span id="video-info" class="muted"></span>
   <span id="sampling" class="muted"></span>
 </header>
+<div id="problems" class="error" hidden></div>
 <main>
 <section>
   <h2>Frames <span class="muted">(click a frame to cite its time in the reasoning)</span></h2>
@@ -247,6 +250,12 @@ async function start() {
   config = await api("/api/config");
   $("target").textContent = `(target ${config.target} approved per discipline and skill)`;
   $("sampling").textContent = "frames: " + config.sampling.text;
+  if (config.problems.length) {
+    const list = el("ul");
+    for (const problem of config.problems) list.append(el("li", problem));
+    $("problems").replaceChildren(el("span", `the manifest's lines left out (${config.problems.length}):`), list);
+    $("problems").hidden = false;
+  }
   for (const skill of config.skills) $("skill").append(el("option", skill));
   for (const video of config.videos) {
     const option = el("option", `${video.video_id} — ${video.title}`); option.value = video.video_id;

@@ -458,6 +458,7 @@ def test_a_video_that_cannot_be_decoded_is_refused_in_the_page_and_the_others_st
         {"video_id": name, "path": path, "discipline": "cooking", "title": name}
         for name, path in (("cut", "cut.mkv"), ("notes", "notes.mp4"))
     ]
+    lines.append({"video_id": "gone", "path": "gone.mp4", "discipline": "cooking"})
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     seeds_dir = tmp_path / "seeds"
     with (
@@ -466,6 +467,11 @@ def test_a_video_that_cannot_be_decoded_is_refused_in_the_page_and_the_others_st
     ):
         page = open_page(browser, server.url + "?annotator=alice")
         page.wait_for_selector("figure img", timeout=60000)
+        # A line whose file is missing is not a video to pick: the page names it.
+        assert page.locator("#video option[value=gone]").count() == 0
+        assert page.inner_text("#problems li") == (
+            f"line 4: video file not found: {manifest.parent / 'gone.mp4'}"
+        )
         for video_id, why in (("cut", "truncated"), ("notes", "cannot open as a video")):
             page.select_option("#video", video_id)
             error = page.wait_for_selector("#frames p.error", timeout=60000).inner_text()
