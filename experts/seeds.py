@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import threading
 from collections.abc import Collection
 from http import HTTPStatus
@@ -140,7 +141,13 @@ def open_store(seeds_dir: str | Path, create: bool = True) -> DocumentHistory:
             f"no seeds in {seeds_dir}: {path} not found (write some with vkr seeds serve)"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    return DocumentHistory(path, what="seed")
+    try:
+        return DocumentHistory(path, what="seed")
+    except sqlite3.Error as exc:
+        # E.g. a seeds.sqlite of the page before the shared store (unreleased, not migrated).
+        raise InputError(
+            f"{path} is not a seed store this vkr reads ({exc}): move it aside and start anew"
+        ) from None
 
 
 def export_bank(seeds_dir: str | Path, out: str | Path) -> int:

@@ -268,6 +268,19 @@ def test_exported_bank_drives_a_run_whose_prompts_show_the_seed(
     assert all(REASONING in p for p in prompts)
 
 
+def test_a_seeds_folder_of_another_layout_is_one_line(tmp_path):
+    seeds_dir = tmp_path / "seeds"
+    seeds_dir.mkdir()
+    with sqlite3.connect(seeds_dir / "seeds.sqlite") as db:
+        db.execute("CREATE TABLE versions (id INTEGER PRIMARY KEY, seed_id TEXT)")
+    done = CliRunner().invoke(cli, ["seeds", "export", str(seeds_dir), "--out", "b.jsonl"])
+    assert done.exit_code == 1
+    assert done.output.strip() == (
+        f"Error: {seeds_dir / 'seeds.sqlite'} is not a seed store this vkr reads (no such "
+        "column: doc_id): move it aside and start anew"
+    )
+
+
 def test_only_loopback_and_only_requests_addressed_to_it(manifest, tmp_path):
     from vkr_core.schemas import InputError
 
