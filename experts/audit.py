@@ -284,6 +284,12 @@ def item_verdicts(
     by_item: dict[str, dict[str, str]] = defaultdict(dict)
     for item_id, annotator, label in labels:
         by_item[item_id][annotator] = label
+    if adjudicator is not None and not any(adjudicator in given for given in by_item.values()):
+        named = sorted({a for given in by_item.values() for a in given})
+        raise InputError(
+            f"adjudicator {adjudicator!r} labelled no example of this audit (annotators: "
+            f"{', '.join(named) or 'none yet'})"
+        )
     verdicts = {}
     for item_id, given in by_item.items():
         if adjudicator is not None and adjudicator in given:
@@ -323,7 +329,7 @@ def agreement(
                 "kappa": None if kappa4 is None else round(kappa4, 4),
                 "kappa_ok_vs_flagged": None if kappa2 is None else round(kappa2, 4),
                 "disagreements": [
-                    {"item_id": i, a: x, b: y}
+                    {"item_id": i, "labels": {a: x, b: y}}
                     for i, (x, y) in zip(shared, four, strict=True)
                     if x != y
                 ],

@@ -281,8 +281,8 @@ def test_agreement_per_pair_and_the_verdict_when_annotators_disagree(tmp_path: P
     assert pair["kappa"] == pytest.approx((0.8 - 0.42) / 0.58, abs=1e-4)
     assert pair["kappa_ok_vs_flagged"] == pytest.approx((0.8 - 0.52) / 0.48, abs=1e-4)
     disagreements = [
-        {"item_id": ids[5], "alice": ok, "bob": us},
-        {"item_id": ids[7], "alice": ng, "bob": ok},
+        {"item_id": ids[5], "labels": {"alice": ok, "bob": us}},
+        {"item_id": ids[7], "labels": {"alice": ng, "bob": ok}},
     ]
     assert pair["disagreements"] == sorted(disagreements, key=lambda d: d["item_id"])
     assert score["agreement"]["disputed"] == sorted([ids[5], ids[7]])
@@ -302,6 +302,8 @@ def test_agreement_per_pair_and_the_verdict_when_annotators_disagree(tmp_path: P
     assert score["unweighted"]["unsupported_step"]["count"] == 0
     assert [p["annotators"] for p in score["agreement"]["pairs"]] == [["alice", "bob"]]
     assert "Adjudicator: carol." in result.stdout
+    refused = vkr("audit", "score", str(tmp_path / "a"), "--adjudicator", "karol", check=False)
+    assert "adjudicator 'karol' labelled no example of this audit" in refused.stderr
     # Without --adjudicator, carol is one more annotator: her ok does not clear bob's flag.
     score = json.loads(
         vkr("audit", "score", str(tmp_path / "a")) and (tmp_path / "a" / "score.json").read_text()
@@ -724,7 +726,7 @@ def test_page_labels_by_click_and_key_resumes_after_reload_and_keeps_history(
     (pair,) = score["agreement"]["pairs"]
     assert (pair["annotators"], pair["items"]) == (["alice", "bob"], 2)
     assert pair["disagreements"] == [
-        {"item_id": items[0].item_id, "alice": "ok", "bob": "trace_error"}
+        {"item_id": items[0].item_id, "labels": {"alice": "ok", "bob": "trace_error"}}
     ]
     # Bob's flag stands against alice's ok: 3 flagged of 3 labelled examples.
     assert (score["labelled"], score["unweighted"]["flagged"]["count"]) == (3, 3)
