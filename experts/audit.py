@@ -451,13 +451,22 @@ def score_audit(root: str | Path, adjudicator: str | None = None) -> dict[str, A
     }
 
 
-def _cell(rate: dict[str, Any]) -> str:
+def _md(text: str) -> str:
+    """Text for a Markdown table cell: a stratum ("skill | model") or a model name may hold
+    the column separator."""
+    return text.replace("|", "\\|")
+
+
+def _cell(rate: dict[str, Any], n: int) -> str:
+    if not n:
+        return "—"  # nothing labelled: a 0 % with an empty interval would read as a result
     count = f"{rate['count']} " if "count" in rate else ""
     return f"{count}({100 * rate['rate']:.1f} %, {100 * rate['low']:.1f}–{100 * rate['high']:.1f})"
 
 
-def _row(title: str, n: Any, rates: dict[str, Any]) -> str:
-    return f"| {title} | {n} | " + " | ".join(_cell(rates[label]) for label in SCORED) + " |"
+def _row(title: str, n: int, rates: dict[str, Any]) -> str:
+    cells = " | ".join(_cell(rates[label], n) for label in SCORED)
+    return f"| {_md(title)} | {n} | {cells} |"
 
 
 def score_markdown(score: dict[str, Any]) -> str:
@@ -479,7 +488,7 @@ def score_markdown(score: dict[str, Any]) -> str:
         lines += [
             "",
             f"The estimate covers {100 * overall['population_covered']:.1f} % of the "
-            f"population: no label yet in {', '.join(overall['strata_unlabelled'])}.",
+            f"population: no label yet in {'; '.join(overall['strata_unlabelled'])}.",
         ]
     lines += [
         "",
@@ -504,8 +513,8 @@ def score_markdown(score: dict[str, Any]) -> str:
     ]
     for key, row in score["by_stratum"].items():
         lines.append(
-            f"| {key} | {row['population']} | {row['sampled']} | {row['n']} | "
-            f"{_cell(row[FLAGGED])} |"
+            f"| {_md(key)} | {row['population']} | {row['sampled']} | {row['n']} | "
+            f"{_cell(row[FLAGGED], row['n'])} |"
         )
     lines += ["", "## Agreement", "", f"Verdicts: {score['verdict_rule']}."]
     if score["adjudicator"]:
@@ -526,7 +535,7 @@ def score_markdown(score: dict[str, Any]) -> str:
             ]
             ids = ", ".join(d["item_id"] for d in pair["disagreements"]) or "—"
             lines.append(
-                f"| {' & '.join(pair['annotators'])} | {pair['items']} | "
+                f"| {_md(' & '.join(pair['annotators']))} | {pair['items']} | "
                 f"{100 * pair['agreement']:.1f} % | {kappas[0]} | {kappas[1]} | {ids} |"
             )
     return "\n".join(lines) + "\n"
