@@ -224,8 +224,9 @@ class DiskCallCache(CallCacheBackend):
         import diskcache
 
         # Never evict: an evicted entry is a call paid twice (diskcache's default is 1 GB,
-        # evicting silently).
-        return diskcache.Cache(str(path), size_limit=2**60, eviction_policy="none")
+        # evicting silently). Nothing expires or is evicted, so culling (two queries in every
+        # write) is switched off.
+        return diskcache.Cache(str(path), size_limit=2**60, eviction_policy="none", cull_limit=0)
 
     def tune_for_long_runs(self, cache: CallCache) -> None:
         # diskcache's defaults map up to 64 MB of cache.db into memory and keep up to 32 MB

@@ -272,6 +272,14 @@ class StepContext:
         messages = step.format_input(inp, self)
         version = step.version()
         params = call_params(step, spec, self.run_context.router.pool)
+        parsed: dict[str, Out] = {}
+
+        def validate(text: str) -> Out:
+            # The caller validates a paid reply before caching it; the parse is kept so the
+            # reply is not parsed a second time below.
+            parsed[text] = output = step.format_output(text)
+            return output
+
         result = await self.run_context.caller.call(
             spec=spec,
             step=step.name,
@@ -281,7 +289,7 @@ class StepContext:
             sample=sample,
             # The call log's id of the item: the video's id for a video step.
             video_id=self.item_id,
-            validate=step.format_output,
+            validate=validate,
         )
         store = self.run_context.store
         if store is not None:
@@ -302,7 +310,9 @@ class StepContext:
                     strata=step.strata(inp),
                 )
         try:
-            output = step.format_output(result.text)
+            output = (
+                parsed[result.text] if result.text in parsed else step.format_output(result.text)
+            )
         except ReplyError as exc:
             raise ReplyError("malformed", f"{spec.name}: {exc.reason}", result.text) from None
         return StepReply(output=output, raw=result.text, model=spec.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import re
 from typing import Any, Literal
 
@@ -210,6 +211,7 @@ class Frame(Strict):
         return format_clock(self.timestamp)
 
 
+@functools.lru_cache(maxsize=4096)
 def format_clock(seconds: float) -> str:
     """Timestamp as mm:ss (hours roll into minutes, as in the paper's prompts)."""
     total = int(seconds)
