@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from plugins.providers.fake_server import FakeModelServer, write_pool
 from vkr_core.config import RunConfig
+from vkr_core.plugins import get_plugin_manager
 from vkr_core.run import run_items
 from vkr_core.schemas import Video
 from vkr_core.store import RunStore
 
 
-@pytest.fixture
-def videos(tmp_path: Path, testdata: Path) -> list[Video]:
-    folder = tmp_path / "videos"
+def copy_videos(folder: Path, testdata: Path) -> list[Video]:
     folder.mkdir()
     out = []
     for i in range(3):
@@ -27,6 +27,11 @@ def videos(tmp_path: Path, testdata: Path) -> list[Video]:
             Video(video_id=f"clip{i}", path=str(path), discipline="cooking", title=f"clip {i}")
         )
     return out
+
+
+@pytest.fixture
+def videos(tmp_path: Path, testdata: Path) -> list[Video]:
+    return copy_videos(tmp_path / "videos", testdata)
 
 
 def run(videos, run_dir, pool, pm, concurrency=3):
@@ -43,10 +48,16 @@ def outcome(records):
     return accepted, rejected
 
 
-@pytest.fixture
-def reference(videos, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager):
-    records, _ = run(videos, tmp_path / "reference", vkr_pool, vkr_plugin_manager)
-    vkr_fake_server.reset_stats()
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, testdata: Path):
+    """What a run without faults makes of the same videos: made once for the module, with a
+    server of its own (the replies depend on the seed and the request, not on the server)."""
+    root = tmp_path_factory.mktemp("reference")
+    videos = copy_videos(root / "videos", testdata)
+    pm = get_plugin_manager()
+    with FakeModelServer(seed=0) as server:
+        pool = write_pool(root / "pool.yaml", server.base_url, registry_path=root / "e.yaml", pm=pm)
+        records, _ = run(videos, root / "run", pool, pm)
     return outcome(records)
 
 

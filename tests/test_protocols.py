@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_run import VKR, accepted, keys_vkr_holds, vkr_run, write_manifest
+from test_run import VKR, accepted, keys_vkr_holds, vkr_here, vkr_run_here, write_manifest
 
 from plugins.providers.fake_protocols import REFUSAL_TEXT
 from plugins.providers.fake_server import write_pool
@@ -129,7 +129,7 @@ def test_a_run_over_a_pool_of_three_protocols_accounts_each(
         }
     )
     manifest = write_manifest(tmp_path / "videos", testdata, good=2, bad=False)
-    vkr_run(manifest, pool, tmp_path / "run")
+    vkr_run_here(manifest, pool, tmp_path / "run")
     assert accepted(tmp_path / "run")
     refused = [
         rejection["raw_reply"] or ""
@@ -149,9 +149,8 @@ def test_a_run_over_a_pool_of_three_protocols_accounts_each(
         assert sum(c["cost_usd"] for c in paid) > 0, model
     by_model = vkr_fake_server.stats()["by_model"]
     assert set(by_model) >= set(mixed), by_model
-    report = subprocess.run(
-        [VKR, "report", str(tmp_path / "run")], capture_output=True, text=True, check=True
-    )
+    report = vkr_here("report", tmp_path / "run")
+    assert report.returncode == 0, report.stderr
     models = json.loads((tmp_path / "run" / "report.json").read_text())["models"]
     for model in mixed:
         assert model in report.stdout
@@ -164,12 +163,9 @@ def test_a_run_over_a_pool_of_three_protocols_accounts_each(
     for model, protocol in (("fake-b", "anthropic"), ("fake-c", "gemini")):
         before = vkr_fake_server.stats()["by_protocol"].get(protocol, 0)
         out = tmp_path / f"pilot-{model}"
-        piloted = subprocess.run(
-            [VKR, "qualify", "pilot", "--step", "self_consistency", "--model", model]
-            + ["--pool", str(pool), "--n", "3", "--from", str(tmp_path / "run")]
-            + ["--out", str(out)],
-            capture_output=True,
-            text=True,
+        piloted = vkr_here(
+            *("qualify", "pilot", "--step", "self_consistency", "--model", model),
+            *("--pool", pool, "--n", "3", "--from", tmp_path / "run", "--out", out),
         )
         assert piloted.returncode == 0, piloted.stdout + piloted.stderr
         items = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
@@ -223,7 +219,7 @@ SDK_PARAMS = {"temperature": 0, "user": "vkr-test"}
     ],
 )
 def test_a_reply_read_before_a_kill_9_is_replayed_by_litellm_not_paid_again(
-    tmp_path, vkr_fake_server, vkr_plugin_manager, protocol, params, route
+    tmp_path, vkr_fake_server, vkr_plugin_manager, die_before_caching, protocol, params, route
 ):
     """The worst moment to die: the reply is read, the cache write not yet made. A process
     killed -9 right there leaves the body in the journal, and the next attempt of the call
@@ -235,15 +231,8 @@ def test_a_reply_read_before_a_kill_9_is_replayed_by_litellm_not_paid_again(
     step = Solve()
     params = params or {"temperature": 0}
     key = cache_key(spec, step.name, "v1", messages(), params, 0)
-    killed = subprocess.run(
-        [sys.executable, "-c", DIE_BEFORE_CACHING, str(tmp_path / "cache"), spec.model_dump_json()]
-        + [json.dumps(params)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parent,
-        timeout=120,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    code, stderr = die_before_caching(tmp_path / "cache", spec, params)
+    assert code == -signal.SIGKILL, stderr
     billed = vkr_fake_server.stats()["completions"]
     assert billed == 1
 
@@ -263,20 +252,76 @@ def test_a_reply_read_before_a_kill_9_is_replayed_by_litellm_not_paid_again(
 
 
 # A process that makes one call and is killed -9 as it is about to cache the reply it read.
-DIE_BEFORE_CACHING = """
-import asyncio, json, os, signal, sys
+# Each is forked from one process that imported vkr and litellm once for the module (and
+# starts no thread, so a fork is safe): a process of its own that dies by SIGKILL, without
+# paying a new Python's imports, seconds of CPU, for each of the six.
+FORK_PER_CALL = """
+import asyncio, json, os, signal, sys, threading, traceback
+from pathlib import Path
 from test_protocols import Solve, make_caller, messages, closing
 from vkr_core.config import ModelSpec
+# What litellm loads on its first call (thousands of modules), loaded once here.
+import litellm.main, litellm.utils
+assert threading.active_count() == 1, threading.enumerate()  # else forking is unsafe
 
-cache_dir, spec, params = sys.argv[1], ModelSpec.model_validate_json(sys.argv[2]), sys.argv[3]
-caller = make_caller(__import__("pathlib").Path(cache_dir).parent)
-caller.cache.transact = lambda: os.kill(os.getpid(), signal.SIGKILL)
-step = Solve()
-asyncio.run(closing(caller, caller.call(
-    spec=spec, step=step.name, prompt_version="v1", messages=messages(),
-    params=json.loads(params), validate=step.parse,
-)))
+def die_before_caching(cache_dir, spec, params):
+    caller = make_caller(Path(cache_dir).parent)
+    caller.cache.transact = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    step = Solve()
+    asyncio.run(closing(caller, caller.call(
+        spec=spec, step=step.name, prompt_version="v1", messages=messages(),
+        params=params, validate=step.parse,
+    )))
+
+for line in sys.stdin:
+    asked = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(asked["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        signal.alarm(120)  # a call that never ends dies of SIGALRM, not SIGKILL
+        try:
+            spec = ModelSpec.model_validate_json(asked["spec"])
+            die_before_caching(asked["cache_dir"], spec, asked["params"])
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
 """
+
+
+@pytest.fixture(scope="module")
+def forker() -> Any:
+    """The process that forks the killed callers (``FORK_PER_CALL``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORK_PER_CALL],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent,
+    )
+    yield proc
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture
+def die_before_caching(forker: Any, tmp_path: Path) -> Any:
+    """Make one call in a process of its own, killed -9 as it is about to cache the reply it
+    read; returns its exit status (as subprocess gives it) and its stderr."""
+
+    def killed(cache_dir: Path, spec: ModelSpec, params: dict[str, Any]) -> tuple[int, str]:
+        stderr = tmp_path / "killed.stderr"
+        asked = {"cache_dir": str(cache_dir), "spec": spec.model_dump_json(), "params": params}
+        forker.stdin.write(json.dumps({**asked, "stderr": str(stderr)}) + "\n")
+        forker.stdin.flush()
+        line = forker.stdout.readline()
+        assert line, "the forking process is gone"
+        return json.loads(line), stderr.read_text() if stderr.exists() else ""
+
+    return killed
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -306,7 +351,7 @@ def test_kill_9_mid_run_and_resume_pays_no_reply_twice(
     seen = len(vkr_fake_server.stats()["repeated_call_keys"])
 
     vkr_fake_server.set_policy({})
-    vkr_run(manifest, pool, run_dir)
+    vkr_run_here(manifest, pool, run_dir)
     repeated = vkr_fake_server.stats()["repeated_call_keys"][seen:]
     assert not set(repeated) & held, "a reply vkr had read was paid again"
     record = json.loads((run_dir / "records" / "good0.json").read_text())
@@ -358,7 +403,8 @@ def test_a_429_waits_as_long_as_the_provider_asks_and_then_succeeds(
     tmp_path, vkr_fake_server, vkr_plugin_manager, protocol
 ):
     spec = one_protocol(tmp_path, vkr_fake_server, vkr_plugin_manager, protocol)
-    vkr_fake_server.set_policy({"script": ["429", "ok"], "retry_after_s": 2})
+    # A whole second: Anthropic's retry-after counts in whole seconds.
+    vkr_fake_server.set_policy({"script": ["429", "ok"], "retry_after_s": 1})
     caller = make_caller(tmp_path)
     started = time.monotonic()
     result = call(caller, spec)
@@ -366,7 +412,7 @@ def test_a_429_waits_as_long_as_the_provider_asks_and_then_succeeds(
     assert result.outcome == "ok" and result.record.attempts == 2
     # The backoff alone would wait at most 0.05 s: only the provider's delay explains this
     # (OpenAI's retry-after-ms, Anthropic's retry-after, Gemini's RetryInfo.retryDelay).
-    assert 2 <= waited < 2 * 1.25 + 2, waited
+    assert 1 <= waited < 1 * 1.25 + 2, waited
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

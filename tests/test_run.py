@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -71,6 +70,37 @@ def vkr_run(manifest: Path, pool: Path, out: Path, *extra: str, env=None, check=
     return result
 
 
+def vkr_here(*args: object) -> subprocess.CompletedProcess[str]:
+    """A `vkr` command in this process, through click's runner: for a command whose point is
+    what it prints and leaves on disk, not how its process starts or stops (a signal, a pid).
+    The test process has vkr and litellm imported already; a new `vkr` process spends seconds
+    of CPU importing them again. An exception that escapes the command shows as a traceback
+    on stderr with exit status 1, as it would from a process."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    argv = [str(a) for a in args]
+    result = CliRunner().invoke(cli, argv)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, stderr)
+
+
+def vkr_run_here(manifest: Path, pool: Path, out: Path, *extra: str, check=True):
+    """``vkr_run`` in this process (``vkr_here``)."""
+    args = ("--videos", manifest, "--pool", pool, "--out", out, "--no-progress", *extra)
+    result = vkr_here("run", *args)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"vkr run failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
 def accepted(run_dir: Path) -> dict[str, tuple[str, str, str]]:
     out = {}
     for path in sorted((run_dir / "records").glob("*.json")):
@@ -87,7 +117,7 @@ def test_bad_videos_are_failures_and_every_other_video_is_processed(
         handle.write("{not json\n")
         handle.write(json.dumps({"video_id": "good0", "path": "good0.mkv"}) + "\n")
         handle.write(json.dumps({"video_id": "../escape", "path": "good0.mkv"}) + "\n")
-    result = vkr_run(manifest, vkr_pool, tmp_path / "run", check=False)
+    result = vkr_run_here(manifest, vkr_pool, tmp_path / "run", check=False)
     assert result.returncode == 3, result.stdout + result.stderr  # some videos failed
     assert "line 8 is not JSON" in result.stderr
     assert "duplicate video id 'good0' (first on line 1)" in result.stderr
@@ -116,7 +146,9 @@ def test_target_accepted_stops_launching_new_videos(tmp_path, testdata, vkr_pool
         }
     )
     manifest = write_manifest(tmp_path / "videos", testdata, good=6, bad=False)
-    vkr_run(manifest, vkr_pool, tmp_path / "run", "--concurrency", "1", "--target-accepted", "7")
+    vkr_run_here(
+        manifest, vkr_pool, tmp_path / "run", "--concurrency", "1", "--target-accepted", "7"
+    )
     # Each video yields 6 accepted examples: the second video crosses 7, the third never starts.
     assert len(list((tmp_path / "run" / "records").glob("*.json"))) == 2
     assert vkr_fake_server.stats()["by_step"]["example_generation"] == 12
@@ -126,12 +158,13 @@ def test_rerun_refuses_a_different_config_unless_forced(
     tmp_path, testdata, vkr_pool, vkr_fake_server
 ):
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
-    vkr_run(manifest, vkr_pool, tmp_path / "run")
-    refused = vkr_run(manifest, vkr_pool, tmp_path / "run", "--fps", "0.5", check=False)
+    vkr_run_here(manifest, vkr_pool, tmp_path / "run")
+    refused = vkr_run_here(manifest, vkr_pool, tmp_path / "run", "--fps", "0.5", check=False)
     assert refused.returncode != 0
     assert "different config" in refused.stderr and "config.fps: 0.2 -> 0.5" in refused.stderr
     assert (tmp_path / "run" / "records" / "good0.json").exists()
-    assert vkr_run(manifest, vkr_pool, tmp_path / "run", "--fps", "0.5", "--force").returncode == 0
+    forced = vkr_run_here(manifest, vkr_pool, tmp_path / "run", "--fps", "0.5", "--force")
+    assert forced.returncode == 0
 
 
 def keys_vkr_holds(run_dir: Path) -> set[str]:
@@ -144,64 +177,94 @@ def keys_vkr_holds(run_dir: Path) -> set[str]:
         return {str(k).removeprefix("raw:") for k in cache.iterkeys()}
 
 
-def test_sigkill_at_random_moments_pays_no_call_twice(
+def records_done(run_dir: Path) -> int:
+    done = 0
+    for path in (run_dir / "records").glob("*.json"):
+        try:
+            done += json.loads(path.read_text())["status"] == "done"
+        except (OSError, ValueError):  # being replaced as we read: not done yet
+            pass
+    return done
+
+
+def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_sigkill_at_each_phase_of_a_run_pays_no_call_twice(
     tmp_path, testdata, vkr_pool, vkr_fake_server
 ):
-    """kill -9 at random moments: no reply that reached vkr is ever paid for again.
+    """kill -9 in each phase of a run: no reply that reached vkr is ever paid for again.
 
-    A reply still on the wire when the process dies (the provider has answered, vkr has not
-    read it) is billed and lost whatever the client does; those are counted, and bounded by
-    what can be in flight at a kill.
+    The moments are chosen, not drawn: the first replies of a fresh run, a resumed run once
+    it has asked anew, and a resumed run with a video done and the others in flight; each
+    kill is checked to have met a live run in its phase. A reply still on the wire when the
+    process dies (the provider has answered, vkr has not read it) is billed and lost whatever
+    the client does; those are counted, and bounded by what can be in flight at a kill. (The
+    narrowest moment, a reply read and not yet cached, is killed deterministically per
+    protocol in test_protocols.)
     """
-    # Slow enough that a run lasts past the kills (at 40 ms it ended before the first).
-    vkr_fake_server.set_policy({"latency_ms": 800})
     manifest = write_manifest(tmp_path / "videos", testdata, good=4, bad=False)
-    # The reference: one uninterrupted run.
-    vkr_run(manifest, vkr_pool, tmp_path / "reference")
+    # Two videos at a time, so the second pair is still to come when the first is done.
+    two = ("--concurrency", "2")
+    # The reference: one uninterrupted run (the fake server's replies do not depend on when
+    # they are asked, so it needs no latency).
+    vkr_run_here(manifest, vkr_pool, tmp_path / "reference", *two)
     reference = accepted(tmp_path / "reference")
     assert reference and vkr_fake_server.stats()["repeats"] == 0
+    # Slow replies: calls are in flight at every kill.
+    vkr_fake_server.set_policy({"latency_ms": 300})
+    vkr_fake_server.reset_stats()
     max_in_flight = 4 * 8  # four models at max_concurrency 8
-    for seed in range(3):
-        vkr_fake_server.reset_stats()
-        run_dir = tmp_path / f"killed{seed}"
-        rng = random.Random(seed)
-        kills = 0
-        held: set[str] = set()
-        repaid: set[str] = set()
-        seen_repeats = 0
-        for _ in range(3):
-            proc = subprocess.Popen(
-                [
-                    VKR,
-                    "run",
-                    "--videos",
-                    str(manifest),
-                    "--pool",
-                    str(vkr_pool),
-                    "--out",
-                    str(run_dir),
-                    "--no-progress",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(rng.uniform(1.5, 4.0))
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
+    run_dir = tmp_path / "killed"
+
+    def completions() -> int:
+        return vkr_fake_server.stats()["completions"]
+
+    held: set[str] = set()
+    repaid: set[str] = set()
+    seen_repeats = 0
+    phases = ["first replies of a fresh run", "a resumed run asking anew", "a video done"]
+    for phase in phases:
+        before, held_before = completions(), len(held)
+        proc = subprocess.Popen(
+            [VKR, "run", "--videos", str(manifest), "--pool", str(vkr_pool)]
+            + ["--out", str(run_dir), "--no-progress", *two],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            if phase == "a video done":
+                wait_until(lambda: records_done(run_dir) >= 1, proc, phase)
+            else:
+                wait_until(lambda n=before + 4: completions() >= n, proc, phase)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
             proc.wait()
-            # Repeats made during a segment must not be replies vkr held before it began.
-            keys = vkr_fake_server.stats()["repeated_call_keys"]
-            repaid |= set(keys[seen_repeats:]) & held
-            seen_repeats = len(keys)
-            held |= keys_vkr_holds(run_dir)
-        vkr_run(manifest, vkr_pool, run_dir)
-        stats = vkr_fake_server.stats()
-        repaid |= set(stats["repeated_call_keys"][seen_repeats:]) & held
-        assert kills >= 1
-        assert not repaid, f"seed {seed}: {len(repaid)} reply(ies) vkr had received were paid again"
-        assert stats["repeats"] <= kills * max_in_flight
-        assert accepted(run_dir) == reference
+        assert proc.returncode == -signal.SIGKILL, phase  # killed mid-run, not ended
+        # Repeats made during a segment must not be replies vkr held before it began.
+        keys = vkr_fake_server.stats()["repeated_call_keys"]
+        repaid |= set(keys[seen_repeats:]) & held
+        seen_repeats = len(keys)
+        held |= keys_vkr_holds(run_dir)
+        # The phase was met: replies read and kept in it, and for the last, a video done
+        # while another was not.
+        assert len(held) > held_before, f"{phase}: no reply was held at the kill"
+        if phase == "a video done":
+            assert 1 <= records_done(run_dir) < 4, phase
+    vkr_fake_server.set_policy({})
+    vkr_run_here(manifest, vkr_pool, run_dir, *two)
+    stats = vkr_fake_server.stats()
+    repaid |= set(stats["repeated_call_keys"][seen_repeats:]) & held
+    assert not repaid, f"{len(repaid)} reply(ies) vkr had received were paid again"
+    assert stats["repeats"] <= len(phases) * max_in_flight
+    assert accepted(run_dir) == reference
+    assert records_done(run_dir) == 4
 
 
 def test_canary_key_never_reaches_a_file_or_a_log(tmp_path, testdata, vkr_pool, vkr_fake_server):
@@ -252,7 +315,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(
     assert proc.returncode == 130, err
     assert "run the same command to resume" in err
     assert "Traceback" not in err
-    vkr_run(manifest, vkr_pool, tmp_path / "run")
+    vkr_fake_server.set_policy({})  # the latency only had to outlast the interruption
+    vkr_run_here(manifest, vkr_pool, tmp_path / "run")
     assert vkr_fake_server.stats()["repeats"] == 0
     assert len(list((tmp_path / "run" / "records").glob("*.json"))) == 3
 
@@ -279,7 +343,7 @@ def test_full_disk_stops_the_run_with_a_clear_message_and_resumes_after(
         failures = run_dir / "failures.jsonl"
         assert not failures.exists() or "is full" not in failures.read_text()
         subprocess.run(["mount", "-o", "remount,size=200m", str(run_dir)], check=True)
-        resumed = vkr_run(manifest, vkr_pool, run_dir)
+        resumed = vkr_run_here(manifest, vkr_pool, run_dir)
         failures_text = failures.read_text() if failures.exists() else ""
         for i in range(3):
             record = run_dir / "records" / f"good{i}.json"
