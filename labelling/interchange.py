@@ -403,6 +403,12 @@ def read_argilla_records(path: Path, key: str) -> tuple[list[dict[str, Any]], li
                         f"{records_path} record {r} (item {item_id}): a {question!r} response"
                         " has no user_id"
                     )
+                # A draft or discarded response is not a label. Argilla's own to_disk drops
+                # the status (records.json keeps value and user_id only), so an export meant
+                # for vkr should be filtered to submitted responses; where it is kept, it
+                # decides.
+                if answer.get("status", "submitted") != "submitted":
+                    continue
                 by_user.setdefault(user, {})[question] = answer.get("value")
         fields = record.get("fields") if isinstance(record.get("fields"), dict) else {}
         for user, values in sorted(by_user.items()):

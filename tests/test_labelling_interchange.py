@@ -121,9 +121,18 @@ def test_argilla_responses_come_back_grouped_per_user(tmp_path: Path) -> None:
         ("u-2", {"verdict": "revise", "tags": ["a", "b"]}),
     ]
     assert imported[0].task_data["question"] == "Which tool?"
+    # A response that is still a draft, or was discarded, is not a label; only submitted
+    # ones come back (a response without a status, as to_disk writes it, counts).
+    records[0]["responses"]["verdict"] += [
+        {"value": "ok", "user_id": "u-3", "status": "draft"},
+        {"value": "ok", "user_id": "u-4", "status": "discarded"},
+        {"value": "ok", "user_id": "u-5", "status": "submitted"},
+    ]
+    _write(tmp_path / "ds" / "records.json", records)
+    assert [i.annotator for i in read_argilla(tmp_path / "ds", "doc_id")] == ["u-1", "u-2", "u-5"]
     assert imported[1].where == f"{tmp_path / 'ds' / 'records.json'} record 0 (item q1) by u-2"
     # The records file itself reads the same; a folder that is not empty is not written over.
-    assert len(read_argilla(tmp_path / "ds" / "records.json", "doc_id")) == 2
+    assert len(read_argilla(tmp_path / "ds" / "records.json", "doc_id")) == 3
     with pytest.raises(InputError, match=r"exists and is not an empty folder"):
         write_argilla(tmp_path / "ds", "reannotation", {}, [record])
 
