@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from pydantic import BaseModel, ConfigDict, Field
+from test_run import vkr_run_here
 
 from cli import cli
 from plugins.providers.fake_server import FakeModelServer, write_pool
@@ -30,7 +30,6 @@ from vkr_core.plugins import get_plugin_manager
 from vkr_core.schemas import VkrError
 from vkr_core.steps import Gate, Step, portable_schema, response_format
 
-VKR = str(Path(sys.executable).parent / "vkr")
 PILOT_STEP = "example_generation"
 
 
@@ -65,12 +64,8 @@ def write_videos(folder: Path, testdata: Path, count: int = 2) -> Path:
 
 
 def vkr_run(videos: Path, pool: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [VKR, "run", "--videos", str(videos), "--pool", str(pool), "--out", str(out)]
-        + ["--no-progress"],
-        capture_output=True,
-        text=True,
-    )
+    # In this process: what a run sends and records is the point here, not its process.
+    return vkr_run_here(videos, pool, out, check=False)
 
 
 def calls(run_dir: Path) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 The stand-in for `vllm serve` is vkr's fake model server started by the entry's command
 template (a real process on a real port, speaking vLLM's /health and /v1/models); vllm
-itself is never needed. Every run here is `vkr run` as a user starts it.
+itself is never needed. Every run is `vkr run` as a user starts it: a process of its own where
+the test stops or kills it, or kills a server under it; otherwise in the test's process,
+through click (a new process would only add seconds of imports).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_run import VKR, write_manifest
+from test_run import VKR, vkr_here, vkr_run_here, write_manifest
 
 # The stand-in: the fake model server on the port vkr gives it, serving until SIGTERM, when
 # it writes what it served to a file named by its pid (a SIGKILLed one writes nothing).
@@ -163,12 +165,9 @@ def test_a_run_starts_its_vllm_servers_uses_them_and_stops_them(
     # A pilot of the gate on one of them starts its own server, and keeps its log with the
     # pilot as a run does (not in a temporary folder).
     pilot = tmp_path / "pilot"
-    piloted = subprocess.run(
-        [VKR, "qualify", "pilot", "--step", "video_dependency", "--model", GATE_MODELS[0]]
-        + ["--pool", str(pool), "--n", "2", "--from", str(out), "--out", str(pilot)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    piloted = vkr_here(
+        *("qualify", "pilot", "--step", "video_dependency", "--model", GATE_MODELS[0]),
+        *("--pool", pool, "--n", "2", "--from", out, "--out", pilot),
     )
     assert piloted.returncode == 0, piloted.stdout + piloted.stderr
     [status] = statuses(pilot).values()
@@ -187,7 +186,7 @@ def test_an_entry_no_step_of_the_run_uses_is_never_started(
     vkr_pool.write_text(yaml.safe_dump(data, sort_keys=False))
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
     out = tmp_path / "run"
-    result = run(manifest, vkr_pool, out)
+    result = vkr_run_here(manifest, vkr_pool, out, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert statuses(out) == {}  # no server was started for it
 
@@ -242,7 +241,7 @@ def test_a_server_that_never_becomes_ready_stops_the_run_with_its_log(
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
     out = tmp_path / "run"
     started = time.monotonic()
-    result = run(manifest, pool, out)
+    result = vkr_run_here(manifest, pool, out, check=False)
     elapsed = time.monotonic() - started
     assert result.returncode == 5, result.stdout + result.stderr  # preflight: nothing started
     assert "did not become ready within 4s" in result.stderr
@@ -264,7 +263,7 @@ def test_a_server_that_keeps_crashing_is_given_up_with_its_log(
     pool = vllm_pool(vkr_pool, {"fake-d": options})
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
     out = tmp_path / "run"
-    result = run(manifest, pool, out)
+    result = vkr_run_here(manifest, pool, out, check=False)
     assert result.returncode == 5, result.stdout + result.stderr
     assert "exited (code 1) and was restarted 1 time(s): gave up" in result.stderr
     assert "CUDA out of memory" in result.stderr
@@ -300,7 +299,7 @@ def test_an_attached_server_is_used_and_never_stopped(
     pool = vllm_pool(vkr_pool, {m: dict(attach) for m in GATE_MODELS})
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
     out = tmp_path / "run"
-    result = run(manifest, pool, out)
+    result = vkr_run_here(manifest, pool, out, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     served = vkr_fake_server.stats()["by_model_step"]
     assert served["fake-c|video_dependency"] > 0 and served["fake-d|video_dependency"] > 0
@@ -328,7 +327,9 @@ def test_bad_options_are_one_line_naming_the_entry_and_write_nothing(
     pool = vllm_pool(vkr_pool, {"fake-d": options})
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
     out = tmp_path / "run"
-    result = run(manifest, pool, out)
+    # In this process: the pool is refused before any server or call, so a new process
+    # would only add its imports.
+    result = vkr_run_here(manifest, pool, out, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pool entry 'fake-d' (provider: vllm)" in lines[0], lines
@@ -351,7 +352,7 @@ def test_a_second_vkr_cannot_start_a_server_on_the_same_port_and_kill_9_leaves_n
     first = start(manifest, pool, first_out)
     try:
         server = wait_for(lambda: ready(first_out, "fake-d"), 120, "the first run's server")
-        second = run(manifest, pool, tmp_path / "second")
+        second = vkr_run_here(manifest, pool, tmp_path / "second", check=False)
         assert second.returncode == 5, second.stdout + second.stderr
         assert f"port {port} on 127.0.0.1 is held by the vLLM server of another vkr process" in (
             second.stderr
