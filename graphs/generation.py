@@ -161,7 +161,9 @@ def build_graph(registry: Any, checkpointer: Any, source: FrameSource) -> Any:
     gates: list[Gate] = registry.gates()
 
     async def frames_of(video: Video, run: RunContext) -> list[Frame]:
-        return await source.get(video.video_id, decode_call(video, run))
+        # Every node asks; the frames are nearly always kept already, so the decode call
+        # (paths, id check) is built only when it runs.
+        return await source.get(video.video_id, lambda: decode_call(video, run)())
 
     gate_names = [g.name for g in gates]
 

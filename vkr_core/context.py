@@ -6,6 +6,7 @@ It travels in LangGraph's run context, never in checkpointed state.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ def _fold(char: str) -> str:
     return folded if len(folded) == 1 else char
 
 
+# A video's metadata is fenced again for each of its ~30 calls, one unicodedata look-up
+# per character each time.
+@functools.lru_cache(maxsize=1024)
 def neutralise(text: str) -> str:
     """Untrusted text with nothing in it that a reader could take for a tag.
 
