@@ -18,13 +18,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from cli import cli
+from plugins.providers.fake_moderation import FakeAzureContentSafety
+from plugins.providers.fake_server import FakeModelServer, write_pool
 from plugins.providers.fake_youtube import FakeVideo, FakeYouTubeServer, clip_file
 from plugins.pytest_plugin import FAKE_MODERATION_KEY
+from vkr_core.plugins import get_plugin_manager
 
 VKR = str(Path(sys.executable).parent / "vkr")
 
@@ -65,11 +72,17 @@ EXPECTED_FUNNEL = {
 KEPT = ["-gear_lathe", "lathe0001"]
 
 
-@pytest.fixture
-def youtube() -> Iterator[FakeYouTubeServer]:
+def youtube_server() -> FakeYouTubeServer:
+    """The fake YouTube of this module's VIDEOS, not yet started."""
     server = FakeYouTubeServer(VIDEOS, match="contains")
     server.leave_out.add("heat_gone1")
     server.file_failures["gear_404_01"] = 404
+    return server
+
+
+@pytest.fixture
+def youtube() -> Iterator[FakeYouTubeServer]:
+    server = youtube_server()
     server.start()
     try:
         yield server
@@ -96,6 +109,36 @@ def mark_unsafe(azure: Any, video_id: str, tmp_path: Path) -> None:
         azure.mark(frame.sha256, {"Violence": 6})
 
 
+def make_world(
+    folder: Path, pool: Path, models: Any, azure: Any, youtube: FakeYouTubeServer
+) -> dict[str, Any]:
+    """What a collection reaches, from started servers; the example bank written in ``folder``."""
+    # The judges pass everything but what a model would turn down (an off-topic title).
+    models.set_policy(
+        {"steps": {"metadata_relevance": {"relevant": 1.0}, "visual_relevance": {"relevant": 1.0}}}
+    )
+    mark_unsafe(azure, UNSAFE, folder)
+    bank = folder / "bank.yaml"
+    # In this process: a new `vkr` process would spend seconds importing to copy one file.
+    written = CliRunner().invoke(cli, ["bank", "example", str(bank)])
+    assert written.exit_code == 0, written.output
+    env = {
+        **os.environ,
+        "YOUTUBE_API_KEY": youtube.api_key,
+        "AZURE_CONTENT_SAFETY_ENDPOINT": str(azure.url),
+        "AZURE_CONTENT_SAFETY_KEY": FAKE_MODERATION_KEY,
+        "VKR_COLLECT_NOW": "2026-12-02T18:00:00+00:00",
+    }
+    return {
+        "bank": bank,
+        "pool": pool,
+        "env": env,
+        "models": models,
+        "azure": azure,
+        "youtube": youtube,
+    }
+
+
 @pytest.fixture
 def world(
     tmp_path: Path,
@@ -104,28 +147,39 @@ def world(
     vkr_fake_azure_content_safety: Any,
     youtube: FakeYouTubeServer,
 ) -> dict[str, Any]:
-    # The judges pass everything but what a model would turn down (an off-topic title).
-    vkr_fake_server.set_policy(
-        {"steps": {"metadata_relevance": {"relevant": 1.0}, "visual_relevance": {"relevant": 1.0}}}
-    )
-    mark_unsafe(vkr_fake_azure_content_safety, UNSAFE, tmp_path)
-    bank = tmp_path / "bank.yaml"
-    subprocess.run([VKR, "bank", "example", str(bank)], check=True, capture_output=True)
-    env = {
-        **os.environ,
-        "YOUTUBE_API_KEY": youtube.api_key,
-        "AZURE_CONTENT_SAFETY_ENDPOINT": str(vkr_fake_azure_content_safety.url),
-        "AZURE_CONTENT_SAFETY_KEY": FAKE_MODERATION_KEY,
-        "VKR_COLLECT_NOW": "2026-12-02T18:00:00+00:00",
-    }
-    return {
-        "bank": bank,
-        "pool": vkr_pool,
-        "env": env,
-        "models": vkr_fake_server,
-        "azure": vkr_fake_azure_content_safety,
-        "youtube": youtube,
-    }
+    return make_world(tmp_path, vkr_pool, vkr_fake_server, vkr_fake_azure_content_safety, youtube)
+
+
+@dataclass(frozen=True)
+class Collected:
+    """One collection from the example bank, in a world of its own, and what it cost then."""
+
+    world: dict[str, Any]
+    out: Path
+    result: subprocess.CompletedProcess[str]
+    paid: dict[str, Any]
+    lines: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collected]:
+    # Collected once for the module: the end-to-end test reads it, and the kill test compares
+    # its killed and resumed collection with it.
+    folder = tmp_path_factory.mktemp("collected")
+    with ExitStack() as servers:
+        models = servers.enter_context(FakeModelServer(seed=0))
+        azure = servers.enter_context(FakeAzureContentSafety(api_key=FAKE_MODERATION_KEY))
+        tube = servers.enter_context(youtube_server())
+        pool = write_pool(
+            folder / "pool.yaml",
+            models.base_url,
+            registry_path=folder / "eligibility.yaml",
+            pm=get_plugin_manager(),
+        )
+        world = make_world(folder, Path(pool), models, azure, tube)
+        out = folder / "collection"
+        result = ok(run_collect(world, out))
+        yield Collected(world, out, result, counts(world), manifest_lines(out))
 
 
 def collect_args(world: dict[str, Any], out: Path, *extra: str) -> list[str]:
@@ -178,9 +232,8 @@ def manifest_lines(out: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_collect_from_the_example_bank_to_a_manifest_vkr_run_consumes(tmp_path, world):
-    out = tmp_path / "collection"
-    result = ok(run_collect(world, out))
+def test_collect_from_the_example_bank_to_a_manifest_vkr_run_consumes(tmp_path, collected):
+    world, out, result = collected.world, collected.out, collected.result
     report = json.loads((out / "collect_report.json").read_text())
     funnel = report["funnel"]
     assert {k: funnel[k] for k in EXPECTED_FUNNEL} == EXPECTED_FUNNEL
@@ -253,15 +306,14 @@ def test_collect_from_the_example_bank_to_a_manifest_vkr_run_consumes(tmp_path, 
     from graphs.collection import MODEL_STEPS
 
     for step in MODEL_STEPS:
-        pilot = subprocess.run(
-            [VKR, "qualify", "pilot", "--step", step, "--model", "fake-b", "--n", "2"]
+        # In this process: four new `vkr` processes would spend seconds each importing.
+        pilot = CliRunner().invoke(
+            cli,
+            ["qualify", "pilot", "--step", step, "--model", "fake-b", "--n", "2"]
             + ["--pool", str(world["pool"]), "--from", str(out / "run")]
             + ["--out", str(tmp_path / f"pilot-{step}")],
-            capture_output=True,
-            text=True,
-            timeout=120,
         )
-        assert pilot.returncode == 0, pilot.stderr
+        assert pilot.exit_code == 0, pilot.output
         assert f"inputs of {step}" in pilot.stdout, pilot.stdout
 
     # A rerun pays for nothing and writes the same manifest.
@@ -299,11 +351,8 @@ def counts(world: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_collect_killed_at_three_moments_pays_for_nothing_twice(tmp_path, world):
-    reference = tmp_path / "reference"
-    ok(run_collect(world, reference))
-    paid = counts(world)
-    reset_counts(world)
+def test_collect_killed_at_three_moments_pays_for_nothing_twice(tmp_path, world, collected):
+    paid = collected.paid  # what one uninterrupted collection cost
 
     out = tmp_path / "collection"
     rng = random.Random()
@@ -348,7 +397,7 @@ def test_collect_killed_at_three_moments_pays_for_nothing_twice(tmp_path, world)
     assert 0 <= extra <= 2 * kills, note
     # A video's 4 frames are moderated at once: at most those on the wire are sent again.
     assert after["moderation"] <= paid["moderation"] + 4 * kills, note
-    assert manifest_lines(out) == manifest_lines(reference), note
+    assert manifest_lines(out) == collected.lines, note
 
 
 # ---------------------------------------------------------------- (c) the quota runs out

@@ -9,7 +9,11 @@ on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +23,81 @@ from test_collect import (  # noqa: F401  (fixtures)
     KEPT,
     VKR,
     collect_args,
+    make_world,
     manifest_lines,
     ok,
-    reset_counts,
     run_collect,
     world,
     youtube,
+    youtube_server,
 )
 
 from plugins.backends.postgres import run_schema
 from plugins.backends.postgres_ledger import SCHEMA
+from plugins.providers.fake_moderation import FakeAzureContentSafety
+from plugins.providers.fake_server import FakeModelServer, write_pool
+from plugins.pytest_plugin import FAKE_MODERATION_KEY
 from vkr_core.backends import split_password
+from vkr_core.plugins import get_plugin_manager
 
 QUOTA = 1_500  # units a day; the collection needs about 2,700
 
 
-def build_bank(setup: dict[str, Any], tmp_path: Path) -> Path:
+def build_bank(setup: dict[str, Any], out: Path) -> Path:
     """The example bank's knowledge points, built once: drivers started together share it."""
-    built = tmp_path / "built"
     subprocess.run(
         [VKR, "bank", "build", "--bank", str(setup["bank"]), "--pool", str(setup["pool"])]
-        + ["--out", str(built), "--no-progress"],
+        + ["--out", str(out), "--no-progress"],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    return built
+    return out
+
+
+@dataclass(frozen=True)
+class Single:
+    """One local driver's collection without shared state: what every test here must match."""
+
+    built: Path
+    manifest: bytes
+    lines: list[dict[str, Any]]
+    units: int
+    files: dict[str, int]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Single]:
+    # Built and collected once for the module, on servers of its own: each test's world is
+    # fresh, so what it counts is its drivers' requests alone.
+    folder = tmp_path_factory.mktemp("single")
+    with ExitStack() as servers:
+        models = servers.enter_context(FakeModelServer(seed=0))
+        azure = servers.enter_context(FakeAzureContentSafety(api_key=FAKE_MODERATION_KEY))
+        tube = servers.enter_context(youtube_server())
+        pool = Path(
+            write_pool(
+                folder / "pool.yaml",
+                models.base_url,
+                registry_path=folder / "eligibility.yaml",
+                pm=get_plugin_manager(),
+            )
+        )
+        setup = make_world(folder, pool, models, azure, tube)
+        built = build_bank(setup, folder / "built")
+        ok(run_collect({**setup, "bank": built}, folder / "collection"))
+        yield Single(
+            built=built,
+            manifest=(folder / "collection" / "manifest.jsonl").read_bytes(),
+            lines=manifest_lines(folder / "collection"),
+            units=sum(tube.units.values()),
+            files={vid: tube.file_requests[vid] for vid in KEPT},
+        )
+
+
+def with_built_bank(setup: dict[str, Any], single: Single, tmp_path: Path) -> dict[str, Any]:
+    """This test's world collecting from its own copy of the built bank."""
+    return {**setup, "bank": shutil.copytree(single.built, tmp_path / "built")}
 
 
 def ledger_units(url: str, day: str | None = None) -> int:
@@ -74,24 +127,20 @@ def files_under(folder: Path) -> list[Path]:
 def test_collect_with_state_writes_the_same_manifest_and_keeps_the_password_out(
     tmp_path,
     world,  # noqa: F811  (the fixture)
+    single,
     vkr_postgres_url,
 ):
-    built = build_bank(world, tmp_path)
-    world = {**world, "bank": built}
-    local = tmp_path / "local"
-    ok(run_collect(world, local))
-
+    world = with_built_bank(world, single, tmp_path)
     tube = world["youtube"]
-    units_before = sum(tube.units.values())
     shared = tmp_path / "shared"
     result = ok(run_collect(world, shared, "--state", vkr_postgres_url))
-    assert (shared / "manifest.jsonl").read_bytes() == (local / "manifest.jsonl").read_bytes()
+    assert (shared / "manifest.jsonl").read_bytes() == single.manifest
     assert [line["video_id"] for line in manifest_lines(shared)] == KEPT
 
     # The quota was charged to the database, not to a file in the folder, unit for unit.
     assert not (shared / "youtube.sqlite").exists()
-    paid = sum(tube.units.values()) - units_before
-    assert paid > 0 and ledger_units(vkr_postgres_url) == paid
+    paid = sum(tube.units.values())
+    assert paid == single.units > 0 and ledger_units(vkr_postgres_url) == paid
     report = json.loads((shared / "collect_report.json").read_text())
     assert report["quota"]["units_total"] == paid
 
@@ -125,17 +174,10 @@ def test_collect_with_state_writes_the_same_manifest_and_keeps_the_password_out(
 def test_two_drivers_with_one_key_keep_to_one_quota_and_the_rerun_finishes(
     tmp_path,
     world,  # noqa: F811  (the fixture)
+    single,
     vkr_postgres_url,
 ):
-    built = build_bank(world, tmp_path)
-    world = {**world, "bank": built}
-    single = tmp_path / "single"
-    ok(run_collect(world, single))
-    expected = manifest_lines(single)
-    files_once = {vid: world["youtube"].file_requests[vid] for vid in KEPT}
-
-    reset_counts(world)
-    world["models"].clear_received()
+    world = with_built_bank(world, single, tmp_path)
     tube = world["youtube"]
     shared = tmp_path / "shared"
     args = collect_args(world, shared, "--state", vkr_postgres_url, "--daily-quota", str(QUOTA))
@@ -161,12 +203,12 @@ def test_two_drivers_with_one_key_keep_to_one_quota_and_the_rerun_finishes(
     tube.new_day()
     tomorrow = {**world["env"], "VKR_COLLECT_NOW": "2026-12-03T18:00:00+00:00"}
     ok(run_collect(world, shared, "--state", vkr_postgres_url, env=tomorrow))
-    assert without_point(manifest_lines(shared)) == without_point(expected)
+    assert without_point(manifest_lines(shared)) == without_point(single.lines)
     assert world["models"].stats()["repeats"] == 0
     assert len(tube.answered) == len(set(tube.answered))
     assert sum(tube.units.values()) == ledger_units(vkr_postgres_url)
     # Each video was judged and downloaded once across the drivers.
-    assert {vid: tube.file_requests[vid] for vid in KEPT} == files_once
+    assert {vid: tube.file_requests[vid] for vid in KEPT} == single.files
     judged = [
         r
         for r in world["models"].received()
@@ -179,24 +221,17 @@ def test_two_drivers_with_one_key_keep_to_one_quota_and_the_rerun_finishes(
 def test_collect_on_ray_writes_the_same_manifest_and_judges_each_video_once(
     tmp_path,
     world,  # noqa: F811  (the fixture)
+    single,
     vkr_postgres_url,
 ):
-    built = build_bank(world, tmp_path)
-    world = {**world, "bank": built}
-    single = tmp_path / "single"
-    ok(run_collect(world, single))
-    expected = manifest_lines(single)
+    world = with_built_bank(world, single, tmp_path)
     tube = world["youtube"]
-    units_once = sum(tube.units.values())
-    files_once = {vid: tube.file_requests[vid] for vid in KEPT}
 
     # Without a shared state the workers could not claim the videos they share: refused.
     refused = run_collect(world, tmp_path / "no-state", "--engine", "ray")
     assert refused.returncode == 2 and "--engine ray needs --state" in refused.stderr
     assert not (tmp_path / "no-state").exists()
 
-    reset_counts(world)
-    world["models"].clear_received()
     on_ray = tmp_path / "ray"
     ok(
         run_collect(
@@ -212,7 +247,7 @@ def test_collect_on_ray_writes_the_same_manifest_and_judges_each_video_once(
             "2",
         )
     )
-    assert without_point(manifest_lines(on_ray)) == without_point(expected)
+    assert without_point(manifest_lines(on_ray)) == without_point(single.lines)
     # Both workers collected: each claims what it works on under an owner of its own.
     with psycopg.connect(vkr_postgres_url) as conn:
         rows = conn.execute(
@@ -224,9 +259,9 @@ def test_collect_on_ray_writes_the_same_manifest_and_judges_each_video_once(
         f"video:{vid}" for vid in KEPT
     }
     # The same YouTube requests as one local driver, each answered once.
-    assert sum(tube.units.values()) == units_once == ledger_units(vkr_postgres_url)
+    assert sum(tube.units.values()) == single.units == ledger_units(vkr_postgres_url)
     assert len(tube.answered) == len(set(tube.answered))
-    assert {vid: tube.file_requests[vid] for vid in KEPT} == files_once
+    assert {vid: tube.file_requests[vid] for vid in KEPT} == single.files
     judged = [
         r
         for r in world["models"].received()
@@ -240,15 +275,10 @@ def test_collect_on_ray_writes_the_same_manifest_and_judges_each_video_once(
 def test_collect_on_ray_stops_at_the_quota_and_the_rerun_finishes(
     tmp_path,
     world,  # noqa: F811  (the fixture)
+    single,
     vkr_postgres_url,
 ):
-    built = build_bank(world, tmp_path)
-    world = {**world, "bank": built}
-    single = tmp_path / "single"
-    ok(run_collect(world, single))
-    expected = manifest_lines(single)
-
-    reset_counts(world)
+    world = with_built_bank(world, single, tmp_path)
     tube = world["youtube"]
     on_ray = tmp_path / "ray"
     ray = ("--state", vkr_postgres_url, "--engine", "ray", "--workers", "2", "--concurrency", "2")
@@ -262,6 +292,6 @@ def test_collect_on_ray_stops_at_the_quota_and_the_rerun_finishes(
     tube.new_day()
     tomorrow = {**world["env"], "VKR_COLLECT_NOW": "2026-12-03T18:00:00+00:00"}
     ok(run_collect(world, on_ray, *ray, "--daily-quota", str(QUOTA), env=tomorrow))
-    assert without_point(manifest_lines(on_ray)) == without_point(expected)
+    assert without_point(manifest_lines(on_ray)) == without_point(single.lines)
     assert world["models"].stats()["repeats"] == 0
     assert len(tube.answered) == len(set(tube.answered))
