@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from test_run import VKR, accepted, keys_vkr_holds, write_manifest
 
+from cli import cli
 from plugins.providers.fake_server import FakeModelServer, write_pool
 from vkr_core.config import RunConfig
 from vkr_core.plugins import get_plugin_manager
@@ -32,6 +34,9 @@ pytestmark = pytest.mark.slow
 
 # The issue's acceptance manifest: 40 videos (~25 s through Ray, ~35 s locally, here).
 VIDEOS = 40
+# A worker killed mid-run needs only enough videos that it holds some when it dies: the first
+# 12 of the same manifest, whose accepted examples are those of the 40-video reference.
+KILL_VIDEOS = 12
 ROUNDS = 6  # 3 skills x 2 rounds
 
 
@@ -89,6 +94,12 @@ def reference(tmp_path_factory, pm, manifest, pool, server) -> dict[str, Any]:
     return accepted(out)
 
 
+def of_videos(examples: dict[str, Any], videos: int) -> dict[str, Any]:
+    """The examples of good0 .. good<videos - 1> (problem ids are ``video-skill-round``)."""
+    ids = {f"good{i}" for i in range(videos)}
+    return {pid: example for pid, example in examples.items() if pid.rsplit("-", 2)[0] in ids}
+
+
 def all_done(run_dir: Path) -> list[str]:
     records = [json.loads(p.read_text()) for p in sorted((run_dir / "records").glob("*.json"))]
     for record in records:
@@ -124,8 +135,9 @@ def paid_twice(run_dir: Path) -> Counter[str]:
 
 
 async def test_a_killed_worker_hands_its_videos_on_and_nothing_is_paid_twice(
-    ray_cluster, tmp_path, pm, manifest, pool, server, reference
+    ray_cluster, tmp_path, testdata, pm, pool, server, reference
 ):
+    manifest = write_manifest(tmp_path / "videos", testdata, good=KILL_VIDEOS, bad=False)
     server.set_policy({"latency_ms": 100})
     server.reset_stats()
     out = tmp_path / "killed"
@@ -133,7 +145,8 @@ async def test_a_killed_worker_hands_its_videos_on_and_nothing_is_paid_twice(
     killed: list[int] = []
 
     async def kill_a_worker() -> None:
-        while server.stats()["completions"] < 200:
+        # About a fifth of the run's calls: each worker is mid-way through its videos.
+        while server.stats()["completions"] < 60:
             await asyncio.sleep(0.05)
         names = [
             a["name"]
@@ -152,9 +165,9 @@ async def test_a_killed_worker_hands_its_videos_on_and_nothing_is_paid_twice(
     await killer
     assert killed, "the run ended before the kill"
     # Every video done once: none lost with the worker, none counted twice.
-    assert counters.done == VIDEOS and counters.failed == 0
-    assert sorted(all_done(out)) == sorted(f"good{i}" for i in range(VIDEOS))
-    assert accepted(out) == reference
+    assert counters.done == KILL_VIDEOS and counters.failed == 0
+    assert sorted(all_done(out)) == sorted(f"good{i}" for i in range(KILL_VIDEOS))
+    assert accepted(out) == of_videos(reference, KILL_VIDEOS) != {}
     stats = server.stats()
     repaid = set(stats["repeated_call_keys"]) & held
     assert not repaid, f"{len(repaid)} reply(ies) vkr had received were paid again"
@@ -202,18 +215,21 @@ def test_vkr_run_engine_ray_joins_an_existing_cluster(ray_cluster, tmp_path, tes
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert len(all_done(out)) == 3
-    report = vkr("report", str(out))
-    assert report.returncode == 0, report.stderr
+    report = CliRunner().invoke(cli, ["report", str(out)])  # in this process: only its output
+    assert report.exit_code == 0, report.output
 
 
 def test_engine_options_say_what_is_wrong_in_one_line(tmp_path, testdata, server, pm):
     pool = write_pool(tmp_path / "pool.yaml", server.base_url, pm=pm)
     manifest = write_manifest(tmp_path / "videos", testdata, good=1, bad=False)
     base = ["run", "--videos", str(manifest), "--pool", str(pool), "--out", str(tmp_path / "o")]
-    result = vkr(*base, "--workers", "2")
-    assert result.returncode == 2 and "--workers needs --engine ray" in result.stderr
-    result = vkr(*base, "--engine", "ray", "--workers", "3", "--concurrency", "2")
-    assert result.returncode == 2
+    # Usage errors in this process: what they print, not how a process starts, is the point.
+    result = CliRunner().invoke(cli, [*base, "--workers", "2"])
+    assert result.exit_code == 2 and "--workers needs --engine ray" in result.stderr
+    result = CliRunner().invoke(
+        cli, [*base, "--engine", "ray", "--workers", "3", "--concurrency", "2"]
+    )
+    assert result.exit_code == 2
     assert "--workers 3 is more than --concurrency 2" in result.stderr
     # Without Ray installed: how to get it, in one line, before the run directory is made.
     blocked = (
@@ -331,6 +347,7 @@ def test_a_killed_driver_leaves_no_worker_and_the_rerun_pays_nothing_twice(
         time.sleep(0.5)
     assert workers_left() == []
     held = keys_vkr_holds(out)
+    server.set_policy({})  # slow replies were for the kill to land mid-run
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert len(all_done(out)) == 8
