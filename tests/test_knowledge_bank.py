@@ -379,6 +379,7 @@ def test_a_build_killed_with_sigkill_pays_for_no_reply_twice(tmp_path, vkr_pool,
     held = held_keys(out)
     assert held and not (out / "bank.json").exists()
     seen = len(vkr_fake_server.stats()["repeated_call_keys"])
+    vkr_fake_server.set_policy({})  # slow replies were for the kill to land mid-build
     build(bank, vkr_pool, out)
     stats = vkr_fake_server.stats()
     assert not set(stats["repeated_call_keys"][seen:]) & held  # nothing vkr had was paid again
