@@ -326,16 +326,6 @@ def test_collect_from_the_example_bank_to_a_manifest_vkr_run_consumes(tmp_path, 
     assert dict(youtube.units) == units and world["azure"].requests == 12
 
 
-def reset_counts(world: dict[str, Any]) -> None:
-    youtube = world["youtube"]
-    youtube.requests.clear()
-    youtube.units.clear()
-    youtube.answered.clear()
-    youtube.file_requests.clear()
-    world["models"].reset_stats()
-    world["azure"].reset_counts()
-
-
 def counts(world: dict[str, Any]) -> dict[str, Any]:
     youtube = world["youtube"]
     return {
