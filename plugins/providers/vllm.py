@@ -314,12 +314,15 @@ class Server:
         self.folder = folder
         self.log_path = folder / f"{self.slug}.log"
         self.status_path = folder / f"{self.slug}.json"
+        self._port_lock: IO[str] | None = None
         if options.attach is not None:
             root = options.attach.rstrip("/").removesuffix("/v1")
             self.host, self.port = "", 0
         else:
             self.host = options.host
-            self.port = options.port or _free_port(_connect_host(options.host))
+            self.port = options.port
+            if not self.port:
+                self._pick_port()
             root = f"http://{_url_host(_connect_host(options.host))}:{self.port}"
         self.root = root
         self.api_base = root + "/v1"
@@ -334,7 +337,6 @@ class Server:
         self.pid: int | None = None
         self.argv: list[str] = []
         self._lock = threading.Lock()
-        self._port_lock: IO[str] | None = None
         self._thread = threading.Thread(
             target=self._supervise, name=f"vkr-vllm-{self.slug}", daemon=True
         )
@@ -358,7 +360,8 @@ class Server:
                     self._set_state("ready")
                     self.ready.set()
                 return
-            self._take_port()
+            if self._port_lock is None:
+                self._take_port()
             while not self.stopping.is_set():
                 process = self._spawn()
                 came_up = self._await_ready(process)
@@ -384,10 +387,7 @@ class Server:
         finally:
             if not self.attached:
                 self._terminate()
-                if self._port_lock is not None:
-                    # Removed while still held, so a lock file is never left per port used.
-                    Path(self._port_lock.name).unlink(missing_ok=True)
-                    self._port_lock.close()  # releases the flock
+                self._release_port()
                 if self.state != "failed":
                     self._set_state("stopped")
             self.finished.set()
@@ -412,6 +412,28 @@ class Server:
         print(f"vllm: {message}", file=sys.stderr, flush=True)
         self._note(message)
         self.stopping.wait(backoff)
+
+    def _pick_port(self) -> None:
+        """A free port held for this server from the start: the api_base its calls use is
+        final before anyone reads it. Another program may bind a port between our probe and
+        our lock (a busy host hands out ephemeral ports all the time), so a port found taken
+        is passed over for the next one instead of failing the run."""
+        host = _connect_host(self.host)
+        for _ in range(20):
+            self.port = _free_port(host)
+            try:
+                self._take_port()
+                return
+            except ServerFailed:
+                self._release_port()
+        raise ServerFailed(f"no free port on {host} for the vLLM server after 20 tries")
+
+    def _release_port(self) -> None:
+        if self._port_lock is not None:
+            # Removed while still held, so a lock file is never left per port used.
+            Path(self._port_lock.name).unlink(missing_ok=True)
+            self._port_lock.close()  # releases the flock
+            self._port_lock = None
 
     def _take_port(self) -> None:
         """The port for this process alone: a lock file per host and port, held while the
