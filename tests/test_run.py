@@ -252,7 +252,11 @@ def test_sigkill_at_each_phase_of_a_run_pays_no_call_twice(
             if phase == "a video done":
                 wait_until(lambda: records_done(run_dir) >= 1, proc, phase)
             else:  # replies new to this directory read and kept, with more in flight
-                wait_until(lambda: len(replies_recorded(run_dir) - held) >= 2, proc, phase)
+                wait_until(
+                    lambda held=frozenset(held): len(replies_recorded(run_dir) - held) >= 2,
+                    proc,
+                    phase,
+                )
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.kill()
