@@ -224,6 +224,29 @@ def _options(labels: Sequence[str] | Mapping[str, str]) -> list[dict[str, Any]]:
     return [{"value": value, "text": text, "description": None} for value, text in shown.items()]
 
 
+def _selection(
+    kind: str,
+    name: str,
+    title: str,
+    labels: Sequence[str] | Mapping[str, str],
+    required: bool,
+    description: str | None,
+    **settings: Any,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "title": title,
+        "description": description,
+        "required": required,
+        "settings": {
+            "type": kind,
+            "options": _options(labels),
+            "visible_options": None,
+            **settings,
+        },
+    }
+
+
 def label_question(
     name: str,
     title: str,
@@ -233,17 +256,7 @@ def label_question(
     description: str | None = None,
 ) -> dict[str, Any]:
     """One choice among ``labels`` (or value -> shown text)."""
-    return {
-        "name": name,
-        "title": title,
-        "description": description,
-        "required": required,
-        "settings": {
-            "type": "label_selection",
-            "options": _options(labels),
-            "visible_options": None,
-        },
-    }
+    return _selection("label_selection", name, title, labels, required, description)
 
 
 def multi_label_question(
@@ -255,18 +268,9 @@ def multi_label_question(
     description: str | None = None,
 ) -> dict[str, Any]:
     """Any number of ``labels``; its response value is a list."""
-    return {
-        "name": name,
-        "title": title,
-        "description": description,
-        "required": required,
-        "settings": {
-            "type": "multi_label_selection",
-            "options": _options(labels),
-            "visible_options": None,
-            "options_order": "natural",
-        },
-    }
+    return _selection(
+        "multi_label_selection", name, title, labels, required, description, options_order="natural"
+    )
 
 
 def text_question(
