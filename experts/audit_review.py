@@ -16,11 +16,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from experts.audit import LABEL_NAMES, LABELS, load_audit, open_labels
-from labelling.http import LoopbackHandler, LoopbackServer, check_host
+from labelling.http import MAX_BODY, LoopbackHandler, LoopbackServer, check_host
 from labelling.store import check_annotator
 from vkr_core.schemas import InputError, VkrError
 
-MAX_BODY = 64 * 1024
 _SHA256 = re.compile(r"^/frames/([0-9a-f]{64})\.jpg$")
 
 

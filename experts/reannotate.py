@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from corpus.probe import load_eval_set, video_key
 from experts.reannotate_page import PAGE
-from labelling.http import LoopbackHandler, LoopbackServer, check_host
+from labelling.http import MAX_BODY, LoopbackHandler, LoopbackServer, check_host
 from labelling.store import Document, DocumentHistory, check_annotator, is_doc_id
 from plugins.exporters.evaluation import EVAL_FILE
 from vkr_core.errors import describe_validation_error
@@ -43,7 +43,6 @@ _PROBE_FIELDS = {"solved_by", "solving_frames", "unprobed_reason"}
 # Fields the expert writes; everything else of the filtered row (dataset, subject, skill...)
 # carries over to the new item.
 _QUESTION_FIELDS = {"id", "question", "options", "problem_type", "solution"}
-MAX_BODY = 64 * 1024
 MAX_TEXT = 4000
 # One frame image by a hash the page was given: the URL never names a path.
 _FRAME_URL = re.compile(r"^/frame/([0-9a-f]{64})\.jpg$")

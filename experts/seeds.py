@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import ValidationError
 
 from experts.seeds_page import PAGE
-from labelling.http import LoopbackHandler, LoopbackServer, check_host
+from labelling.http import MAX_BODY, LoopbackHandler, LoopbackServer, check_host
 from labelling.store import Document, DocumentHistory, check_annotator
 from vkr_core.config import RunConfig
 from vkr_core.errors import describe_validation_error
@@ -34,7 +34,6 @@ from vkr_core.plugins import VkrPluginManager
 from vkr_core.schemas import Frame, FrameSampling, InputError, SeedExample, Video, VkrError
 from vkr_core.video import sample_frames
 
-MAX_BODY = 64 * 1024
 MAX_FIELD = 8000
 DEFAULT_TARGET = 150
 _FRAME = re.compile(r"^/frames/([A-Za-z0-9._-]+)/([0-9a-f]{64})\.jpg$")

@@ -17,6 +17,10 @@ from typing import Any, Self
 
 from vkr_core.schemas import InputError
 
+# What a page accepts in one post: a label, a seed, a question with its options and reasoning
+# fit with room to spare; more is not something a person typed.
+MAX_BODY = 64 * 1024
+
 
 def check_host(host: str, page: str = "the page", keeps: str = "its inputs and labels") -> str:
     """The host if it is an IPv4 loopback address (localhost is 127.0.0.1); else InputError

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from labelling.http import LoopbackHandler, LoopbackServer
+from labelling.http import MAX_BODY, LoopbackHandler, LoopbackServer
 from labelling.http import check_host as check_any_host
 from labelling.store import Label
 from qualification.labels import LabelStore, check_annotator
@@ -27,7 +27,6 @@ from qualification.review_page import PAGE
 from vkr_core.context import FENCE_TAG
 from vkr_core.schemas import InputError, VkrError
 
-MAX_BODY = 64 * 1024
 _SHA256 = re.compile(r"^/frames/([0-9a-f]{64})\.jpg$")
 _CONTEXT_LINE = re.compile(r"^(Skill|Subject|Knowledge point): .+$", re.MULTILINE)
 # Current prompts carry the video's metadata in fences; these are the ones worth a glance.
