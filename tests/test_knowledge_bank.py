@@ -14,13 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import diskcache
 import pytest
 from pydantic import ValidationError
+from test_run import keys_vkr_holds, wait_until
 
 from knowledge.built import load_built_bank
 from knowledge.loader import example_bank_path, load_bank, load_taxonomy
@@ -339,13 +338,6 @@ def test_a_malformed_reply_is_a_recorded_rejection_listed_in_stats(
     assert vkr_fake_server.stats()["completions"] == paid
 
 
-def held_keys(run_dir: Path) -> set[str]:
-    if not (run_dir / "cache").exists():
-        return set()
-    with diskcache.Cache(str(run_dir / "cache")) as cache:
-        return {str(k).removeprefix("raw:") for k in cache.iterkeys()}
-
-
 @pytest.mark.slow
 def test_a_build_killed_with_sigkill_pays_for_no_reply_twice(tmp_path, vkr_pool, vkr_fake_server):
     vkr_fake_server.set_policy({"latency_ms": 400})
@@ -371,12 +363,13 @@ def test_a_build_killed_with_sigkill_pays_for_no_reply_twice(tmp_path, vkr_pool,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while vkr_fake_server.stats()["completions"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    held = held_keys(out)
+    try:  # killed once it holds replies (a completion may still be on the wire)
+        wait_until(lambda: len(keys_vkr_holds(out)) >= 2, proc, "replies kept")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    held = keys_vkr_holds(out)
     assert held and not (out / "bank.json").exists()
     seen = len(vkr_fake_server.stats()["repeated_call_keys"])
     vkr_fake_server.set_policy({})  # slow replies were for the kill to land mid-build
