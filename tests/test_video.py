@@ -32,6 +32,7 @@ from vkr_core.video import (
     read_frames,
     sample_frames,
     sample_timestamps,
+    stop_decoders,
 )
 
 TESTDATA = video_dir()  # made by tests/videos.py, cached across sessions
@@ -497,3 +498,28 @@ def test_frame_images_refuse_a_changed_file(tmp_path: Path, pm: pluggy.PluginMan
     Path(frames[0].path).write_bytes(Path(frames[1].path).read_bytes())
     with pytest.raises(InputError, match="changed since it was sampled"):
         FrameImages().data_url(frames[0])
+
+
+def decoders() -> list[multiprocessing.Process]:
+    return [p for p in multiprocessing.active_children() if p.name == "vkr-decoder"]
+
+
+def test_isolated_decoders_are_kept_between_videos_and_a_broken_one_replaced(
+    tmp_path: Path, pm: pluggy.PluginManager
+) -> None:
+    """Starting a decoder process cost more than decoding a short clip: one is kept for the
+    next video, runs below the caller's priority, and one that crashed is never used again."""
+    stop_decoders()  # those other tests kept
+    assert decoders() == []
+    sample_frames(PANCAKE, tmp_path / "first", fps=1.0, isolate=True, pm=pm)
+    [kept] = decoders()
+    for i in range(4):
+        sample_frames(PANCAKE, tmp_path / f"again{i}", fps=1.0, isolate=True, pm=pm)
+    assert decoders() == [kept]
+    assert os.getpriority(os.PRIO_PROCESS, kept.pid) > os.getpriority(os.PRIO_PROCESS, 0)
+
+    with pytest.raises(VideoDecodeError, match=r"decoder crashed"):
+        sample_frames(PANCAKE, tmp_path / "crash", isolate=True, pm=only(KillingPlugin()))
+    frames = sample_frames(PANCAKE, tmp_path / "after", isolate=True, pm=pm)
+    assert [frame.timestamp for frame in frames] == pytest.approx([0.0, 5.0, 10.0], abs=1e-3)
+    assert all(p.is_alive() for p in decoders())

@@ -710,7 +710,7 @@ def _factory_from_spec(spec: Sequence[str]) -> _ReaderFactory:
     return _ReaderFactory(plugin, function, argnames)
 
 
-def _decode_worker(
+def _decode_job(
     conn: Any,
     path: str,
     out_dir: str,
@@ -718,7 +718,7 @@ def _decode_worker(
     specs: list[tuple[str, str, str, str, str]],
     exclude: tuple[str, ...],
 ) -> None:
-    """Entry point of the decoder process: reports each reader it starts, then the result."""
+    """One video in the decoder process: reports each reader it starts, then the result."""
     try:
         factories = [_factory_from_spec(spec) for spec in specs]
         frames = _with_fallback(
@@ -738,8 +738,103 @@ def _decode_worker(
         except Exception:
             exc = VkrError(f"{type(exc).__name__}: {_one_line(exc)}")
         conn.send(("raise", exc))
-    finally:
-        conn.close()
+
+
+# Decoding yields to the process that waits for it: a run's event loop keeps the model
+# slots busy while the decoders use what CPU is left (they take all of it when it idles).
+DECODER_NICENESS = 10
+
+
+def _decoder_loop(conn: Any) -> None:
+    """Entry point of a decoder process: decodes one video after another until its pipe
+    closes. A worker that crashes, hangs or raises is killed by the caller, never reused."""
+    try:
+        os.nice(DECODER_NICENESS)
+    except (AttributeError, OSError):  # not on this platform, or not allowed
+        pass
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        _decode_job(conn, *job)
+
+
+class _DecoderWorker:
+    """A decoder process and the parent's end of its pipe."""
+
+    def __init__(self, context: Any) -> None:
+        self.conn, child = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=_decoder_loop, args=(child,), name="vkr-decoder", daemon=True
+        )
+        self.process.start()
+        child.close()  # so the parent sees end-of-file when the worker dies
+        self.jobs = 0
+
+    def stop(self, kill: bool) -> None:
+        if kill:
+            self.process.kill()
+        self.conn.close()  # an idle worker reads end-of-file and returns
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+class _DecoderPool:
+    """Decoder processes kept between videos: starting one (a fork of the forkserver, then
+    multiprocessing's preparation) cost more than decoding a short clip. A worker goes back
+    to the pool only after a clean result; one that crashed, timed out or raised is killed.
+    Workers are replaced after ``MAX_JOBS`` videos, so a leaking reader cannot grow one."""
+
+    MAX_IDLE = 8
+    MAX_JOBS = 200
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_DecoderWorker] = []
+        self._pid = os.getpid()
+
+    def take(self, context: Any) -> _DecoderWorker:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's workers are not ours
+                self._idle, self._pid = [], os.getpid()
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.process.is_alive():
+                    return worker
+                worker.stop(kill=True)
+        return _DecoderWorker(context)
+
+    def give_back(self, worker: _DecoderWorker) -> None:
+        worker.jobs += 1
+        with self._lock:
+            keep = (
+                worker.jobs < self.MAX_JOBS
+                and len(self._idle) < self.MAX_IDLE
+                and self._pid == os.getpid()
+            )
+            if keep:
+                self._idle.append(worker)
+        if not keep:
+            worker.stop(kill=False)
+
+    def close(self) -> None:
+        """Stop the idle workers (also done by multiprocessing at exit: they are daemons)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.stop(kill=False)
+
+
+_DECODERS = _DecoderPool()
+
+
+def stop_decoders() -> None:
+    """Stop the isolated decoder processes kept between videos (multiprocessing stops them
+    when the process exits; a long-lived program may want them gone sooner)."""
+    _DECODERS.close()
 
 
 # Modules every decoder worker needs, with the reader plugins' own modules. A forkserver
@@ -793,31 +888,32 @@ def _sample_isolated(
     context = _decoder_context()
     if context.get_start_method() == "forkserver":
         # Read when the forkserver starts (the first worker), from the directory of that moment.
+        # "__main__" is multiprocessing's own default: the forkserver imports the main script
+        # once, where each worker would otherwise run it again (for `vkr`, all of the CLI).
         readers = [spec[2] for spec in specs]
-        context.set_forkserver_preload(_preloadable([*_DECODER_PRELOAD, *readers]))
+        context.set_forkserver_preload(["__main__", *_preloadable([*_DECODER_PRELOAD, *readers])])
     failures: list[tuple[str, str, str]] = []
     exclude: list[str] = []
     while True:
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(
-            target=_decode_worker,
-            args=(sender, str(file), str(out_dir), settings, specs, tuple(exclude)),
-            name=f"vkr-decode-{file.name}",
-            daemon=True,
-        )
+        worker = _DECODERS.take(context)
+        try:
+            worker.conn.send((str(file), str(out_dir), settings, specs, tuple(exclude)))
+        except OSError:  # it died while idle: another worker, nothing against this video
+            worker.stop(kill=True)
+            worker = _DecoderWorker(context)
+            worker.conn.send((str(file), str(out_dir), settings, specs, tuple(exclude)))
+        process = worker.process
         current: str | None = None
         kind, payload = "interrupted", None
-        process.start()
-        sender.close()  # so the receiver sees end-of-file when the worker dies
         try:
             deadline = time.monotonic() + timeout
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not receiver.poll(remaining):
+                if remaining <= 0 or not worker.conn.poll(remaining):
                     kind = "timeout"
                     break
                 try:
-                    message_kind, message = receiver.recv()
+                    message_kind, message = worker.conn.recv()
                 except EOFError:
                     kind = "crash"
                     break
@@ -834,13 +930,10 @@ def _sample_isolated(
                     kind, payload = message_kind, message
                     break
         finally:
-            if kind in ("interrupted", "timeout"):
-                process.kill()
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-            receiver.close()
+            if kind in ("ok", "failed"):
+                _DECODERS.give_back(worker)
+            else:  # hung, crashed, raised or interrupted: never reused
+                worker.stop(kill=kind != "crash")
         if kind == "ok":
             return [Frame(**entry) for entry in payload or []]
         if kind == "failed":
@@ -873,4 +966,5 @@ __all__ = [
     "read_frames",
     "sample_frames",
     "sample_timestamps",
+    "stop_decoders",
 ]
