@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import math
@@ -70,6 +71,7 @@ class BadRequest(VkrError):
     """A request the server answers with HTTP 400."""
 
 
+@functools.lru_cache(maxsize=1024)  # a video's frames come again in each of its calls
 def _sha256_of_base64(data: str) -> str | None:
     try:
         return hashlib.sha256(base64.b64decode(data, validate=False)).hexdigest()
