@@ -21,6 +21,10 @@ class VkrGroup(click.Group):
     plugins' (``vkr_register_commands``), added the first time click looks one up."""
 
     _loaded = False
+    # The manager that registered the commands, handed to the first invocation: loading
+    # the plugins is most of a command's start-up, so a process pays it once. Later
+    # invocations in the same process (tests) load afresh, as installed plugins may differ.
+    _unused_pm: Any = None
 
     def load_plugin_commands(self) -> None:
         if self._loaded:
@@ -28,7 +32,9 @@ class VkrGroup(click.Group):
         self._loaded = True
         from vkr_core.plugins import get_plugin_manager
 
-        get_plugin_manager().hook.vkr_register_commands(cli=self)
+        pm = get_plugin_manager()
+        pm.hook.vkr_register_commands(cli=self)
+        self._unused_pm = pm
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         self.load_plugin_commands()
@@ -39,10 +45,15 @@ class VkrGroup(click.Group):
         return super().list_commands(ctx)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from cli_options import PLUGIN_MANAGER_KEY
         from vkr_core.log import redact
         from vkr_core.schemas import VkrError
 
         try:
+            self.load_plugin_commands()
+            pm, self._unused_pm = self._unused_pm, None
+            if pm is not None:
+                ctx.meta[PLUGIN_MANAGER_KEY] = pm
             return super().invoke(ctx)
         except VkrError as exc:
             raise click.ClickException(redact(str(exc))) from None
@@ -58,9 +69,10 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins_command(as_json: bool) -> None:
     """List loaded plugins and what each registers."""
-    from vkr_core.plugins import describe, get_plugin_manager
+    from cli_options import plugin_manager
+    from vkr_core.plugins import describe
 
-    rows = describe(get_plugin_manager())
+    rows = describe(plugin_manager())
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -133,10 +133,10 @@ def export(
     option_pairs: tuple[str, ...],
 ) -> None:
     """Export a split to the files a training or evaluation tool loads."""
-    from vkr_core.plugins import get_plugin_manager
+    from cli_options import plugin_manager
 
     options = _parse_options(option_pairs)
-    exporter = get_plugin_manager().registry.get("exporter", format_name)
+    exporter = plugin_manager().registry.get("exporter", format_name)
     if video_root is None:
         from corpus.exporters import recorded_video_roots
 

@@ -96,6 +96,7 @@ def moderate(
     """
     import asyncio
 
+    from cli_options import plugin_manager
     from plugins.providers.moderation import (
         ImageInput,
         ImageModeration,
@@ -106,12 +107,11 @@ def moderate(
         write_record,
     )
     from vkr_core.log import register_env_secrets
-    from vkr_core.plugins import get_plugin_manager
     from vkr_core.schemas import InputError
     from vkr_core.video import sample_frames
 
     register_env_secrets([api_key_env] if api_key_env else [])
-    pm = get_plugin_manager()
+    pm = plugin_manager()
     moderator = find_moderator(pm.registry, provider)
     settings = parse_settings(
         {

@@ -3,9 +3,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from vkr_core.plugins import VkrPluginManager
+
+# Where a command finds the invocation's plugin manager (click shares ``meta`` with every
+# subcommand's context).
+PLUGIN_MANAGER_KEY = "vkr.plugin_manager"
+
+
+def plugin_manager() -> VkrPluginManager:
+    """The plugin manager of this `vkr` invocation: the one the root command loaded to
+    register the commands (a second load cost ~50 ms a start), or a fresh one, kept for the
+    invocation, when a command runs outside the root (click's test runner on a subcommand)."""
+    from vkr_core.plugins import get_plugin_manager
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return get_plugin_manager()
+    pm = ctx.meta.get(PLUGIN_MANAGER_KEY)
+    if pm is None:
+        pm = ctx.meta[PLUGIN_MANAGER_KEY] = get_plugin_manager()
+    return pm  # type: ignore[no-any-return]
 
 
 class ExitWith(click.ClickException):

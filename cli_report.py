@@ -16,15 +16,15 @@ from vkr_core.hookspecs import hookimpl
 def _known_gate_order(run_dir: Path) -> list[str] | None:
     """The gate order the run saved; for runs older than that, the installed plugins'
     order, or None when plugins do not load (the records' data decides)."""
+    from cli_options import plugin_manager
     from graphs.generation import saved_gate_order
-    from vkr_core.plugins import get_plugin_manager
     from vkr_core.schemas import VkrError
 
     saved = saved_gate_order(run_dir)
     if saved:
         return saved
     try:
-        return [gate.name for gate in get_plugin_manager().registry.gates()]
+        return [gate.name for gate in plugin_manager().registry.gates()]
     except (VkrError, ImportError):
         return None
 

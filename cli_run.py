@@ -60,17 +60,17 @@ def generate(
     **settings: Any,
 ) -> None:
     """Generate verified QA examples for one video."""
+    from cli_options import plugin_manager
     from graphs.generation import format_funnel, funnel
     from vkr_core.batch import ExitCode
     from vkr_core.config import RunConfig
     from vkr_core.log import configure_logging
-    from vkr_core.plugins import get_plugin_manager
     from vkr_core.preflight import PreflightError
     from vkr_core.run import process_items
     from vkr_core.sources import place_in_root
 
     configure_logging(log_level)
-    pm = get_plugin_manager()
+    pm = plugin_manager()
     video = pm.registry.get("source", source).resolve(
         video_id,
         videos_dir=videos_dir,
@@ -176,16 +176,16 @@ def run_command(
 ) -> None:
     """Run a pipeline over every item of an input file (by default: generate verified
     examples for every video of a manifest); resumable after any kill."""
+    from cli_options import plugin_manager
     from vkr_core.batch import ExitCode
     from vkr_core.config import RunConfig
     from vkr_core.log import configure_logging
-    from vkr_core.plugins import get_plugin_manager
     from vkr_core.preflight import PreflightError
     from vkr_core.run import run_items
 
     configure_logging(log_level)
     settings.update(engine_settings(engine, ray_address, workers, concurrency))
-    pm = get_plugin_manager()
+    pm = plugin_manager()
     chosen = pm.registry.get("pipeline", pipeline)
     loaded = chosen.read_items(manifest, RunConfig(video_root=video_root))
     for problem in loaded.problems:

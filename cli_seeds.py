@@ -59,11 +59,11 @@ def serve(
     The frames an expert writes on are sampled as `vkr run` samples them with the same
     --fps and --max-frames; each seed records them.
     """
+    from cli_options import plugin_manager
     from experts.seeds import SeedsServer, sampling_text
-    from vkr_core.plugins import get_plugin_manager
 
     server = SeedsServer(
-        manifest, seeds_dir, get_plugin_manager(), host, port, target, annotator, fps, max_frames
+        manifest, seeds_dir, plugin_manager(), host, port, target, annotator, fps, max_frames
     )
     click.echo(f"seeds {seeds_dir}: open {server.url}")
     click.echo(f"frames: {sampling_text(server.app.sampling)} (as vkr run samples them)")
@@ -129,10 +129,10 @@ def tasks_command(seeds_dir: Path, fmt: str, out: Path, frame_url_prefix: str) -
 def import_command(seeds_dir: Path, export: Path, fmt: str) -> None:
     """Apply the approvals and revisions of a Label Studio JSON export or an Argilla
     dataset folder (all or nothing)."""
+    from cli_options import plugin_manager
     from experts.seeds_interchange import import_reviews
-    from vkr_core.plugins import get_plugin_manager
 
-    skills = sorted(get_plugin_manager().registry.skills)
+    skills = sorted(plugin_manager().registry.skills)
     done = import_reviews(seeds_dir, export, skills, fmt)
     click.echo(f"imported {done['approved']} approvals and {done['revised']} revisions")
 

@@ -14,8 +14,6 @@ import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
-import structlog
-
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
 _MIN_SECRET_LEN = 8
 _secrets: set[str] = set()
@@ -86,6 +84,8 @@ def _scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
 
 def configure_logging(level: str = "WARNING", json_logs: bool = False, file: Any = None) -> None:
     """Configure structlog (no frame locals in tracebacks: they would carry keys) and litellm."""
+    import structlog
+
     register_env_secrets()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), stream=sys.stderr)
@@ -117,5 +117,29 @@ def configure_logging(level: str = "WARNING", json_logs: bool = False, file: Any
     )
 
 
+class _Logger:
+    """structlog's logger for ``name``, imported at its first use: modules make their logger
+    at import, and structlog (~0.11 s, most of it structlog.dev) is then paid by every `vkr`
+    command, though `vkr --help` or `vkr report` never log."""
+
+    __slots__ = ("_name", "_logger")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._logger: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._logger is None:
+            import structlog
+
+            # structlog's own lazy proxy: it reads the configuration at each call, so
+            # configure_logging after this still applies.
+            self._logger = structlog.get_logger(self._name)
+        return getattr(self._logger, attr)
+
+    def __repr__(self) -> str:
+        return f"<vkr logger {self._name!r}>"
+
+
 def get_logger(name: str = "vkr") -> Any:
-    return structlog.get_logger(name)
+    return _Logger(name)

@@ -61,10 +61,14 @@ from plugins.providers.fake_protocols import (
     openai_error,
     parse_chat_request,
 )
-from vkr_core.hookspecs import hookimpl
+
+# The command lives in fake_server_cli, the built-in plugin, so that loading the plugins
+# does not import this server; re-exported for code that registers it from here.
+from plugins.providers.fake_server_cli import vkr_register_commands
 from vkr_core.schemas import InputError, VkrError
 
 __all__ = [
+    "vkr_register_commands",
     "DEFAULT_MODELS",
     "PROTOCOLS",
     "ChatRequest",
@@ -1123,96 +1127,3 @@ def serve_forever(
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-@hookimpl
-def vkr_register_commands(cli: Any) -> None:
-    import click
-
-    dev = cli.commands.get("dev")
-    if dev is None:
-
-        @cli.group("dev")
-        def dev_group() -> None:
-            """Developer tools: local fakes for testing plugins and pipelines."""
-
-        dev = dev_group
-
-    @dev.command("fake-server")
-    @click.option("--host", default="127.0.0.1", show_default=True, help="loopback address only")
-    @click.option(
-        "--port",
-        type=click.IntRange(0, 65535),
-        default=0,
-        show_default=True,
-        help="0 picks a free port",
-    )
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option(
-        "--policy", "policy_file", type=click.Path(dir_okay=False), help="policy YAML/JSON file"
-    )
-    @click.option(
-        "--write-pool",
-        "pool_file",
-        type=click.Path(dir_okay=False),
-        help="write a pool YAML (and its registry) pointing at this server",
-    )
-    @click.option(
-        "--protocol",
-        "protocol_choices",
-        multiple=True,
-        metavar="MODEL=PROTOCOL",
-        help="in the written pool, reach MODEL over openai (default), anthropic or gemini; "
-        "repeatable, e.g. --protocol fake-b=anthropic",
-    )
-    def fake_server(
-        host: str,
-        port: int,
-        seed: int,
-        policy_file: str | None,
-        pool_file: str | None,
-        protocol_choices: tuple[str, ...],
-    ) -> None:
-        """Serve scripted models on loopback until Ctrl-C.
-
-        One port speaks three protocols: OpenAI chat completions (POST /v1/chat/completions),
-        Anthropic Messages (POST /v1/messages; litellm's api_base is the server root) and
-        Gemini generateContent (POST /v1/models/MODEL:generateContent).
-        """
-        if not _is_loopback(host):
-            raise click.BadParameter(
-                f"{host!r} is not a loopback address; the fake server listens on "
-                "127.0.0.1, ::1 or localhost only",
-                param_hint="--host",
-            )
-        protocols: dict[str, str] = {}
-        for choice in protocol_choices:
-            name, sep, protocol = choice.partition("=")
-            if not sep or not name or protocol not in PROTOCOLS:
-                raise click.BadParameter(
-                    f"{choice!r} is not MODEL=PROTOCOL with PROTOCOL one of {', '.join(PROTOCOLS)}",
-                    param_hint="--protocol",
-                )
-            protocols[name] = protocol
-        if protocols and not pool_file:
-            raise click.BadParameter("needs --write-pool", param_hint="--protocol")
-        try:
-            serve_forever(
-                host,
-                port,
-                seed,
-                policy_file,
-                pool_file,
-                echo=_echo_flush,
-                protocols=protocols,
-            )
-        except VkrError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
-def _echo_flush(message: str) -> None:
-    import click
-
-    click.echo(message)
-    # stdout may be a pipe (tests, scripts waiting for the URL): do not let it sit in a buffer.
-    sys.stdout.flush()
