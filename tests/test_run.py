@@ -321,11 +321,13 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while vkr_fake_server.stats()["completions"] < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    # As a terminal's Ctrl-C: to the whole process group, decoder processes included.
+    os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "run the same command to resume" in err

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import signal
 import sys
 import threading
 import time
@@ -752,6 +753,9 @@ def _decoder_loop(conn: Any) -> None:
         os.nice(DECODER_NICENESS)
     except (AttributeError, OSError):  # not on this platform, or not allowed
         pass
+    # Ctrl-C in a terminal reaches the whole process group: the caller decides what stops
+    # (and kills a busy worker); an idle one must not die with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             job = conn.recv()
