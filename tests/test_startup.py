@@ -137,12 +137,6 @@ def test_rerun_of_a_finished_directory_imports_no_server_or_client(
     assert not modules & MODEL_CLIENTS, sorted(modules & MODEL_CLIENTS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="graphs/generation.py imports langgraph at load (every plugin loads at start-up); "
-    "compiling its graph in a module imported by GenerationRun would drop ~0.8 s from every "
-    "command that runs no graph",
-)
 def test_commands_that_run_no_graph_import_no_graph_engine(finished_run: dict[str, Any]) -> None:
     for args in (["--help"], ["report", finished_run["run_dir"]]):
         modules, _ = imported_by(*args)
