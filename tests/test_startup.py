@@ -44,6 +44,11 @@ MODEL_CLIENTS = {"litellm", "openai"}
 LOGGING = {"structlog", "structlog.dev"}
 # The graph engine: only a command that runs a graph needs it.
 GRAPHS = {"langgraph", "langgraph.graph", "langchain_core"}
+# Frame decoding: the decoder processes (and read_frames) sample, resize and encode frames;
+# a command's own process needs only the JPEG files they wrote.
+DECODING = {"numpy", "PIL", "PIL.Image", "plugins.readers_impl"}
+# A report draws its chart (report.png) with Pillow: that is the command's own output.
+DECODING_BUT_THE_CHART = DECODING - {"PIL", "PIL.Image"}
 
 
 def imported_by(*args: object, env: dict[str, str] | None = None) -> tuple[set[str], str]:
@@ -118,6 +123,7 @@ def test_commands_that_call_no_model_import_no_server_client_or_logging(args: li
     assert not modules & FAKE_SERVER, sorted(modules & FAKE_SERVER)
     assert not modules & MODEL_CLIENTS, sorted(modules & MODEL_CLIENTS)
     assert not modules & LOGGING, sorted(modules & LOGGING)
+    assert not modules & DECODING, sorted(modules & DECODING)
 
 
 def test_report_imports_no_server_client_or_logging(finished_run: dict[str, Any]) -> None:
@@ -126,6 +132,7 @@ def test_report_imports_no_server_client_or_logging(finished_run: dict[str, Any]
     assert not modules & FAKE_SERVER, sorted(modules & FAKE_SERVER)
     assert not modules & MODEL_CLIENTS, sorted(modules & MODEL_CLIENTS)
     assert not modules & LOGGING, sorted(modules & LOGGING)
+    assert not modules & DECODING_BUT_THE_CHART, sorted(modules & DECODING_BUT_THE_CHART)
 
 
 def test_rerun_of_a_finished_directory_imports_no_server_or_client(
@@ -135,6 +142,8 @@ def test_rerun_of_a_finished_directory_imports_no_server_or_client(
     assert "videos: 1 done, 0 failed" in printed
     assert not modules & FAKE_SERVER, sorted(modules & FAKE_SERVER)
     assert not modules & MODEL_CLIENTS, sorted(modules & MODEL_CLIENTS)
+    # It decodes nothing (its frames are on disk) but rewrites the report, chart included.
+    assert not modules & DECODING_BUT_THE_CHART, sorted(modules & DECODING_BUT_THE_CHART)
 
 
 def test_commands_that_run_no_graph_import_no_graph_engine(finished_run: dict[str, Any]) -> None:

@@ -34,14 +34,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-import numpy as np
-from PIL import Image
-
 from vkr_core.files import atomic_write
 from vkr_core.schemas import Frame, InputError, VideoInfo, VkrError
 
 if TYPE_CHECKING:
+    # Imported where frames are decoded, resized or encoded (the decoder processes, or
+    # read_frames), never at import: every command reaches this module, few decode.
+    import numpy as np
     import pluggy
+    from PIL import Image
 
 # Two readers must pick the same frame for the same time although decord reports times as
 # float32 (about 0.1 ms off after half an hour): treat a frame starting up to 1 ms after the
@@ -98,6 +99,8 @@ class FrameReader(Protocol):
 
 def frame_index_at(starts: np.ndarray, timestamp: float) -> int:
     """Index of the frame shown at ``timestamp`` given sorted frame start times."""
+    import numpy as np
+
     index = int(np.searchsorted(starts, timestamp + TIMESTAMP_TOLERANCE, side="right")) - 1
     return min(max(index, 0), len(starts) - 1)
 
@@ -427,6 +430,8 @@ def _existing_file(path: str | os.PathLike[str]) -> Path:
 def _checked_frames(
     got: Any, asked: Sequence[float], reader: FrameReader
 ) -> list[tuple[float, np.ndarray]]:
+    import numpy as np
+
     if not isinstance(got, list) or len(got) != len(asked):
         raise ReaderError(
             "reader returned the wrong number of frames",
@@ -490,6 +495,8 @@ def _check_times(path: Path, timestamps: Sequence[float], info: VideoInfo) -> No
 
 
 def _fit(image: Image.Image, max_side: int | None) -> Image.Image:
+    from PIL import Image
+
     if max_side is None or max(image.size) <= max_side:
         return image
     scale = max_side / max(image.size)
@@ -534,6 +541,9 @@ def read_frames(
     frames = _with_fallback(file, factories, attempt)
     if max_side is None:
         return frames
+    import numpy as np
+    from PIL import Image
+
     return [(t, np.asarray(_fit(Image.fromarray(a), max_side))) for t, a in frames]
 
 
@@ -553,6 +563,8 @@ def _frame_name(index: int, timestamp: float) -> str:
 
 
 def _sample_with(reader: FrameReader, out_dir: Path, settings: _Settings) -> list[Frame]:
+    from PIL import Image
+
     info = _probe(reader)
     times = sample_timestamps(info.duration, settings.fps, settings.max_frames)
     _verify_end(reader, info)
