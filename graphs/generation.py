@@ -7,7 +7,9 @@ branch has ended). Steps come from the plugin registry; nothing here names a con
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import importlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
@@ -284,6 +286,8 @@ class GenerationPipeline(Pipeline):
         )
 
     async def open(self, context: RunContext, checkpointer: Any) -> GenerationRun:
+        # LangGraph's import (~1 s) in a thread: the loop may already run other tasks.
+        await asyncio.to_thread(importlib.import_module, "graphs.generation_graph")
         skills = run_skills(context.config, context.registry)
         context.seed_bank = SeedBank.for_run(context.registry, skills, context.config.seed_bank)
         return GenerationRun(context, checkpointer)

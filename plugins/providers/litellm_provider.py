@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import json
 import os
 import re
@@ -113,6 +114,32 @@ def _import_litellm() -> Any:
             litellm.telemetry = False
             _litellm = litellm
     return _litellm
+
+
+_aiohttp_lock = threading.Lock()
+_aiohttp_import: concurrent.futures.Future[Any] | None = None
+
+
+async def _aiohttp_module() -> Any:
+    """aiohttp, imported once in a thread of its own on the first call (~0.2 s that would
+    otherwise stop the event loop); a finished run never imports it."""
+    global _aiohttp_import
+    with _aiohttp_lock:
+        if _aiohttp_import is None:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            _aiohttp_import = future
+
+            def target() -> None:
+                try:
+                    future.set_result(importlib.import_module("aiohttp"))
+                except BaseException as exc:  # the callers that await it see the error
+                    future.set_exception(exc)
+
+            threading.Thread(target=target, name="vkr-import-aiohttp", daemon=True).start()
+        importing = _aiohttp_import
+    if importing.done():
+        return importing.result()
+    return await asyncio.wrap_future(importing)
 
 
 def _start_import() -> concurrent.futures.Future[Any]:
@@ -558,7 +585,7 @@ class LitellmProvider(Provider):
         them: timeouts, 408, 409, 429 and 5xx are retried, a content-policy 400 is a
         refusal, any other 4xx is permanent.
         """
-        import aiohttp
+        aiohttp = await _aiohttp_module()
 
         loop = asyncio.get_running_loop()
         key = (spec.api_base, api_key, spec.timeout, id(loop))
