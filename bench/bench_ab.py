@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -42,11 +41,7 @@ from bench_calls import (  # noqa: E402
     write_manifest,
     write_results,
 )
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+from bench_throughput import children_cpu  # noqa: E402
 
 
 def main() -> None:

@@ -10,8 +10,6 @@ print what a user reads; every prompt fences the expert's and the model's text.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from test_run import keys_vkr_holds, wait_until
+from test_run import keys_vkr_holds, sigkill_when
 
 from knowledge.built import load_built_bank
 from knowledge.loader import example_bank_path, load_bank, load_taxonomy
@@ -363,12 +361,8 @@ def test_a_build_killed_with_sigkill_pays_for_no_reply_twice(tmp_path, vkr_pool,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:  # killed once it holds replies (a completion may still be on the wire)
-        wait_until(lambda: len(keys_vkr_holds(out)) >= 2, proc, "replies kept")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    # Killed once it holds replies (a completion may still be on the wire).
+    sigkill_when(lambda: len(keys_vkr_holds(out)) >= 2, proc, "replies kept")
     held = keys_vkr_holds(out)
     assert held and not (out / "bank.json").exists()
     seen = len(vkr_fake_server.stats()["repeated_call_keys"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,9 +25,9 @@ from test_run import (
     accepted,
     keys_vkr_holds,
     replies_recorded,
+    sigkill_when,
     vkr_here,
     vkr_run_here,
-    wait_until,
     write_manifest,
 )
 
@@ -349,12 +348,8 @@ def test_kill_9_mid_run_and_resume_pays_no_reply_twice(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:  # killed once it has read and kept replies (server completions may still be on the wire)
-        wait_until(lambda: len(replies_recorded(run_dir)) >= 2, proc, "replies kept")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    # Killed once it has read and kept replies (server completions may still be on the wire).
+    sigkill_when(lambda: len(replies_recorded(run_dir)) >= 2, proc, "replies kept")
     held = keys_vkr_holds(run_dir)
     assert held
     seen = len(vkr_fake_server.stats()["repeated_call_keys"])

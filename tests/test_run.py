@@ -209,6 +209,16 @@ def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 12
         time.sleep(0.02)
 
 
+def sigkill_when(condition, proc: subprocess.Popen, what: str) -> None:
+    """kill -9 once ``condition`` holds while the run is still going, and reap it."""
+    try:
+        wait_until(condition, proc, what)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigkill_at_each_phase_of_a_run_pays_no_call_twice(
     tmp_path, testdata, vkr_pool, vkr_fake_server
 ):
@@ -248,19 +258,14 @@ def test_sigkill_at_each_phase_of_a_run_pays_no_call_twice(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        try:
-            if phase == "a video done":
-                wait_until(lambda: records_done(run_dir) >= 1, proc, phase)
-            else:  # replies new to this directory read and kept, with more in flight
-                wait_until(
-                    lambda held=frozenset(held): len(replies_recorded(run_dir) - held) >= 2,
-                    proc,
-                    phase,
-                )
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
+        if phase == "a video done":
+            sigkill_when(lambda: records_done(run_dir) >= 1, proc, phase)
+        else:  # replies new to this directory read and kept, with more in flight
+            sigkill_when(
+                lambda held=frozenset(held): len(replies_recorded(run_dir) - held) >= 2,
+                proc,
+                phase,
+            )
         assert proc.returncode == -signal.SIGKILL, phase  # killed mid-run, not ended
         # Repeats made during a segment must not be replies vkr held before it began.
         keys = vkr_fake_server.stats()["repeated_call_keys"]

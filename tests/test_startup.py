@@ -101,15 +101,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> di
         pool = write_pool(root / "pool.yaml", base_url, pm=get_plugin_manager())
         args = ["run", "--videos", manifest, "--pool", pool, "--out", root / "run"]
         args += ["--no-progress"]
-        first = subprocess.run(
-            [sys.executable, "-c", _PROBE, json.dumps([str(a) for a in args])],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-        assert first.returncode == 0, first.stdout.rpartition("MODULES ")[0] + first.stderr
+        imported_by(*args, env=env)  # the first run, which does the work
     finally:
         server.stop()
     # As the throughput bench times it: preflight asks each model, so it needs the server.
