@@ -911,13 +911,14 @@ def _sample_isolated(
     failures: list[tuple[str, str, str]] = []
     exclude: list[str] = []
     while True:
+        job = (str(file), str(out_dir), settings, specs, tuple(exclude))
         worker = _DECODERS.take(context)
         try:
-            worker.conn.send((str(file), str(out_dir), settings, specs, tuple(exclude)))
+            worker.conn.send(job)
         except OSError:  # it died while idle: another worker, nothing against this video
             worker.stop(kill=True)
             worker = _DecoderWorker(context)
-            worker.conn.send((str(file), str(out_dir), settings, specs, tuple(exclude)))
+            worker.conn.send(job)
         process = worker.process
         current: str | None = None
         kind, payload = "interrupted", None

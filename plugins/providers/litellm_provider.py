@@ -10,7 +10,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vkr_core.calls import (
@@ -34,8 +34,8 @@ log = get_logger("vkr.providers.litellm")
 
 _litellm: Any = None
 _import_lock = threading.Lock()  # held for the whole import
-_start_lock = threading.Lock()  # held only to start the thread: never blocks the loop
-_importing: concurrent.futures.Future[Any] | None = None
+_start_lock = threading.Lock()  # held only to start a thread: never blocks the loop
+_imports: dict[str, concurrent.futures.Future[Any]] = {}  # module name -> its import
 
 
 # Marks where an image's data URL goes back into an encoded body: random per process, so
@@ -116,56 +116,47 @@ def _import_litellm() -> Any:
     return _litellm
 
 
-_aiohttp_lock = threading.Lock()
-_aiohttp_import: concurrent.futures.Future[Any] | None = None
-
-
-async def _aiohttp_module() -> Any:
-    """aiohttp, imported once in a thread of its own on the first call (~0.2 s that would
-    otherwise stop the event loop); a finished run never imports it."""
-    global _aiohttp_import
-    with _aiohttp_lock:
-        if _aiohttp_import is None:
-            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-            _aiohttp_import = future
+def _import_in_thread(name: str, load: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    """``load`` (the import of ``name``) run once per process, in a thread of its own; the
+    future every caller waits on."""
+    with _start_lock:
+        future = _imports.get(name)
+        if future is None:
+            future = _imports[name] = concurrent.futures.Future()
 
             def target() -> None:
                 try:
-                    future.set_result(importlib.import_module("aiohttp"))
+                    future.set_result(load())
                 except BaseException as exc:  # the callers that await it see the error
                     future.set_exception(exc)
 
-            threading.Thread(target=target, name="vkr-import-aiohttp", daemon=True).start()
-        importing = _aiohttp_import
-    if importing.done():
-        return importing.result()
-    return await asyncio.wrap_future(importing)
+            threading.Thread(target=target, name=f"vkr-import-{name}", daemon=True).start()
+    return future
+
+
+async def _imported(name: str, load: Callable[[], Any]) -> Any:
+    """The module, imported off the event loop: an import on the loop stops every call and
+    decode of the run while it lasts."""
+    future = _import_in_thread(name, load)
+    if future.done():
+        return future.result()
+    return await asyncio.wrap_future(future)
 
 
 def _start_import() -> concurrent.futures.Future[Any]:
-    """litellm's import in a thread of its own, started once per process."""
-    global _importing
-    with _start_lock:
-        if _importing is None:
-            _importing = concurrent.futures.Future()
-            future = _importing
-
-            def target() -> None:
-                try:
-                    future.set_result(_import_litellm())
-                except BaseException as exc:  # the caller that awaits it sees the error
-                    future.set_exception(exc)
-
-            threading.Thread(target=target, name="vkr-import-litellm", daemon=True).start()
-    return _importing
+    """litellm's import (~5 s) started in the background."""
+    return _import_in_thread("litellm", _import_litellm)
 
 
 async def _litellm_module() -> Any:
-    """litellm, imported off the event loop: an import on the loop stops every call and
-    decode of the run for the ~5 s it takes."""
     if _litellm is not None:
         return _litellm
-    return await asyncio.wrap_future(_start_import())
+    return await _imported("litellm", _import_litellm)
+
+
+async def _aiohttp_module() -> Any:
+    """aiohttp (~0.2 s), imported on the first call: a finished run never imports it."""
+    return await _imported("aiohttp", lambda: importlib.import_module("aiohttp"))
 
 
 # Sampling parameters every OpenAI-compatible server takes as they are: a request with only
