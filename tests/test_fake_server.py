@@ -415,6 +415,24 @@ async def test_latency_is_added_to_every_request(server, frames) -> None:
     assert time.monotonic() - started >= 0.3
 
 
+async def test_a_latency_tail_spreads_replies_the_same_way_every_time(server, frames) -> None:
+    async def delays() -> list[float]:
+        server.set_policy({"latency_ms": 50, "latency_tail_ms": 150})  # the seed starts again
+        out = []
+        for i in range(12):
+            started = time.monotonic()
+            await ask(server, "video_dependency", gate_prompt(frames, f"[q:000001{i:02d}:mc] ?"))
+            out.append(time.monotonic() - started)
+        return out
+
+    first, second = await delays(), await delays()
+    assert min(first) >= 0.05
+    # An exponential tail with a 150 ms mean: the slowest of 12 is well past the fastest.
+    assert max(first) - min(first) > 0.15
+    # Seeded: the same policy gives the same sequence of delays (to the loop's jitter).
+    assert all(abs(a - b) < 0.08 for a, b in zip(first, second, strict=True))
+
+
 def test_bad_requests_get_a_clear_400(server) -> None:
     status, _, body = http(server, "POST", "/v1/chat/completions", raw=b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]

@@ -58,6 +58,12 @@ class Knobs(BaseModel):
         "a refusal on the other protocols)",
     )
     latency_ms: float = Field(default=0.0, ge=0, description="added to every request")
+    latency_tail_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="mean of an exponentially distributed delay added on top of latency_ms "
+        "(a real provider's long tail; seeded, so a run's delays repeat)",
+    )
     rate_limit: float = Field(default=0.0, ge=0, le=1, description="share of HTTP 429")
     retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After of a 429")
     server_error: float = Field(default=0.0, ge=0, le=1, description="share of HTTP 500/503")
@@ -95,6 +101,7 @@ class KnobOverrides(BaseModel):
     refusal: float | None = Field(default=None, ge=0, le=1)
     blocked: float | None = Field(default=None, ge=0, le=1)
     latency_ms: float | None = Field(default=None, ge=0)
+    latency_tail_ms: float | None = Field(default=None, ge=0)
     rate_limit: float | None = Field(default=None, ge=0, le=1)
     retry_after_s: float | None = Field(default=None, ge=0)
     server_error: float | None = Field(default=None, ge=0, le=1)

@@ -593,6 +593,8 @@ class FakeModelServer:
         self._received: deque[ChatRequest] = deque(maxlen=RECEIVED_LIMIT)
         self._auth_secret = secrets.token_bytes(16)
         self._transport_rng = random.Random(seed)
+        # Its own stream: a tail on the latency leaves the transport faults' draws as they were.
+        self._latency_rng = random.Random(seed)
         self._script_cursors: dict[tuple[str, str], int] = {}
         self._in_flight: dict[str, int] = {}  # requests of each model being answered now
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -744,6 +746,7 @@ class FakeModelServer:
             self._policy = parsed
             self._script_cursors = {}
             self._transport_rng = random.Random(self.seed)
+            self._latency_rng = random.Random(self.seed)
 
     @property
     def policy(self) -> ServerPolicy:
@@ -844,8 +847,11 @@ class FakeModelServer:
         with self._lock:
             self._received.append(chat)
             knobs, script_scope = self._policy.resolve(chat.model, chat.step)
-        if knobs.latency_ms:
-            await asyncio.sleep(knobs.latency_ms / 1000)
+            delay_ms = knobs.latency_ms
+            if knobs.latency_tail_ms:
+                delay_ms += self._latency_rng.expovariate(1 / knobs.latency_tail_ms)
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
         outcome = self._decide_outcome(chat.model, knobs, script_scope)
 
         # Faults are counted by outcome, not by the status a protocol words them with
