@@ -1,8 +1,15 @@
 """The per-video generation graph.
 
-prepare (probe + sample frames) -> Send fan-out per (skill, round) -> generate -> each gate
-in declared order (a node per gate, chained with Send) -> collect (deferred until every
-branch has ended). Steps come from the plugin registry; nothing here names a concrete one.
+prepare (probe + sample frames) -> Send fan-out per (skill, round) -> round -> collect
+(deferred until every round has ended). A round is its own graph: generate -> each gate in
+declared order (a node per gate, chained with Send), so a round whose reply is in goes on
+to its next gate without waiting for the video's other rounds. Steps come from the plugin
+registry; nothing here names a concrete one.
+
+Checkpoints: the video's graph is checkpointed (thread = video id) after prepare and after
+each round ends; a round is not. A run stopped inside a round runs that round again from
+its start on resume, and every call the round had made is answered from the call cache
+(or the journal), so nothing is paid for twice.
 """
 
 from __future__ import annotations
@@ -60,6 +67,21 @@ class VideoState(TypedDict, total=False):
     failure: str | None
     outcomes: Annotated[list[dict[str, Any]], merge_outcomes]
     record: dict[str, Any]
+
+
+class RoundState(TypedDict, total=False):
+    """One (skill, round) going through generate and the gates."""
+
+    video: dict[str, Any]
+    skill: str
+    round: int
+    outcomes: Annotated[list[dict[str, Any]], merge_outcomes]
+
+
+class RoundOutput(TypedDict, total=False):
+    """What a round hands back to its video: its outcome."""
+
+    outcomes: Annotated[list[dict[str, Any]], merge_outcomes]
 
 
 def _rejection(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, cast
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Command, RetryPolicy, Send
 
 from graphs.generation import (
+    RoundOutput,
+    RoundState,
     VideoState,
     _accepted,
     _rejection,
@@ -27,6 +30,15 @@ from vkr_core.store import is_disk_full
 from vkr_core.video import FrameSource
 
 log = get_logger("vkr.graph")
+
+# A round's graph has no checkpointer and is invoked with durability "exit" (see round_),
+# which LangGraph warns has no effect: that is the point. Only this warning is silenced.
+warnings.filterwarnings(
+    "ignore",
+    message="`durability` has no effect when no checkpointer is present",
+    category=UserWarning,
+    module=r"langgraph\.pregel\.main",
+)
 
 # Transport failures are already retried per call; a node retry gives a model that was
 # down a second chance. Malformed replies and refusals are outcomes, never retried here.
@@ -88,7 +100,7 @@ def build_graph(registry: Any, checkpointer: Any, source: FrameSource) -> Any:
         for skill_name, rounds in state["planned"].items():
             for round_ in range(rounds):
                 payload = {"video": state["video"], "skill": skill_name, "round": round_}
-                sends.append(Send("generate", payload))
+                sends.append(Send("round", payload))
         return sends
 
     async def step_context(payload: dict[str, Any], run: RunContext) -> StepContext:
@@ -194,23 +206,41 @@ def build_graph(registry: Any, checkpointer: Any, source: FrameSource) -> Any:
             run.store.add_failure(video.video_id, record.failure, video.path)
         return {"record": record.model_dump()}
 
-    graph = StateGraph(VideoState, context_schema=RunContext)
-    graph.add_node("prepare", prepare)
-    graph.add_node(  # type: ignore[call-overload]  # Send payloads are plain dicts
+    # One (skill, round): generate, then each gate in order, as its own state machine. A
+    # video's rounds run side by side as one superstep of the video's graph; inside a round
+    # each hop starts when that round's last one ends, not when the slowest of the video's
+    # rounds has (LangGraph runs a graph's nodes in supersteps).
+    round_graph = StateGraph(RoundState, context_schema=RunContext, output_schema=RoundOutput)
+    round_graph.add_node(  # type: ignore[call-overload]  # Send payloads are plain dicts
         "generate", generate, retry_policy=NODE_RETRY, destinations=tuple(gate_names) or None
     )
     for index, gate in enumerate(gates):
-        graph.add_node(
+        round_graph.add_node(
             gate.name,
             make_gate_node(gate, index),
             retry_policy=NODE_RETRY,
             destinations=tuple(gate_names[index + 1 :]) or None,
         )
+    round_graph.add_edge(START, "generate")
+    # No checkpoints inside a round: every reply it was paid for is in the call cache (and
+    # the journal) before its node returns, so a round the run was stopped in is run again
+    # from its start and pays for nothing twice; a finished round's outcome is in the
+    # video's checkpoint.
+    rounds = round_graph.compile(checkpointer=False)
+
+    async def round_(payload: dict[str, Any], runtime: Runtime[RunContext]) -> Any:
+        # Durability named here: a round would inherit the video's "sync", and LangGraph
+        # 1.2 then awaits a checkpoint that a graph without a checkpointer never writes
+        # (AttributeError: '_put_checkpoint_fut'; zenml-io/kitaru#403 met the same).
+        round_input = cast(RoundState, payload)
+        return await rounds.ainvoke(round_input, context=runtime.context, durability="exit")
+
+    graph = StateGraph(VideoState, context_schema=RunContext)
+    graph.add_node("prepare", prepare)
+    graph.add_node("round", round_)  # type: ignore[call-overload]  # Send payloads
     graph.add_node("collect", collect, defer=True)
     graph.add_edge(START, "prepare")
-    graph.add_conditional_edges("prepare", fan_out, ["generate", "collect"])
-    graph.add_edge("generate", "collect")
-    for name in gate_names:
-        graph.add_edge(name, "collect")
+    graph.add_conditional_edges("prepare", fan_out, ["round", "collect"])
+    graph.add_edge("round", "collect")
     graph.add_edge("collect", END)
     return graph.compile(checkpointer=checkpointer)

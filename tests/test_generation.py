@@ -91,6 +91,31 @@ def test_every_gate_passing_accepts_all_six_rounds(
     }
 
 
+def test_a_round_goes_on_without_waiting_for_the_videos_slowest_round(
+    videos_dir, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager
+):
+    """Replies come back after unequal delays (a provider's tail): a round whose reply is in
+    asks its next gate at once. Were the rounds run in lock step (each hop waiting for the
+    slowest round's), the server would see every generate request, then every
+    self_consistency one, and so on, hop by hop."""
+    vkr_fake_server.set_policy(
+        {
+            "latency_tail_ms": 400,
+            "steps": {
+                "self_consistency": {"accuracy": 1.0},
+                "video_dependency": {"accuracy": 0.0},
+                "cot_verification": {"cot_pass": 1.0},
+            },
+        }
+    )
+    record = run_one(videos_dir, tmp_path, vkr_pool, vkr_plugin_manager)
+    assert record.status == "done" and len(record.accepted) == 6
+    hops = ["example_generation", *GATES]
+    arrived = [hops.index(r.step) for r in vkr_fake_server.received() if r.step in hops]
+    assert len(arrived) == 6 * 5  # one generate, self_consistency, cot; two dependency
+    assert arrived != sorted(arrived), "every hop waited for the slowest round's reply"
+
+
 def test_final_trace_is_the_self_consistency_reasoning(
     videos_dir, tmp_path, vkr_pool, vkr_fake_server, vkr_plugin_manager
 ):
