@@ -1,6 +1,7 @@
 """`vkr run` from two (or more) source trees, alternated against one fake server.
 
-The workload of ``bench_throughput.py`` (every reply after ``--latency`` seconds, every
+The workload of ``bench_throughput.py`` (every reply after ``--latency`` seconds, plus an
+exponential tail of mean ``--latency-tail`` seconds if given, every
 gate passing, per-model limits out of the way) run by the same ``vkr`` entry point with
 ``PYTHONPATH`` set to each tree in turn, repeat by repeat. On a shared machine whose load
 moves by several runnable processes a minute, alternating is what makes two commits
@@ -50,6 +51,12 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=1.0, help="seconds per reply")
+    parser.add_argument(
+        "--latency-tail",
+        type=float,
+        default=0.0,
+        help="mean seconds of an exponential delay added to each reply (a provider's tail)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     trees = [tree.resolve() for tree in args.trees]
@@ -67,7 +74,13 @@ def main() -> None:
         server = FakeServerProcess(pool)
         try:
             unbounded_pool(pool)
-            server.set_policy({**ALL_PASS, "latency_ms": args.latency * 1000})
+            server.set_policy(
+                {
+                    **ALL_PASS,
+                    "latency_ms": args.latency * 1000,
+                    "latency_tail_ms": args.latency_tail * 1000,
+                }
+            )
             for repeat in range(args.repeats):
                 for tree in trees:
                     out = work / f"run-{repeat}-{trees.index(tree)}"

@@ -11,8 +11,13 @@ Two ratios per run: end to end (the whole command, start-up and report included)
 steady (minus the start-up of the same command on a finished directory: interpreter,
 imports, plugin loading, opening the run). Also the checkpoint bytes per video.
 
+The floor: after vkr at each level, ``floor_client.py`` does the same work with the raw
+libraries (decord, Pillow, aiohttp: the same requests, no cache, journal, checkpoint or
+verification) against the same server, so "vkr/floor" (the floor's wall time over vkr's)
+says what vkr costs and the floor's own e2e what this host allows any client.
+
     .venv/bin/python bench/bench_throughput.py [--videos 128] [--concurrency 8 32 64]
-        [--latency 1.0] [--repeats 1] [--frames-videos 8]
+        [--latency 1.0] [--repeats 1] [--frames-videos 8] [--no-floor]
 
 Last, the checkpoint bytes per video of a run sampling 64 frames per video.
 """
@@ -89,6 +94,40 @@ def run(manifest: Path, pool: Path, out: Path, concurrency: int, *options: str) 
     return wall
 
 
+def floor_templates(run_dir: Path, manifest: Path, target: Path) -> Path:
+    """One recorded step input per step of one video of a finished run, and its title: what
+    ``floor_client.py`` fills with each video's title and frames."""
+    titles = {v["video_id"]: v["title"] for v in map(json.loads, manifest.read_text().splitlines())}
+    layout = RunLayout(run_dir)
+    with open(layout.inputs("example_generation")) as first:
+        video_id = json.loads(first.readline())["video_id"]
+    steps = {}
+    for step_file in layout.inputs_root.glob("*.jsonl"):
+        with open(step_file) as lines:
+            for line in lines:
+                entry = json.loads(line)
+                if entry["video_id"] == video_id:
+                    steps[entry["step"]] = entry["messages"]
+                    break
+    target.write_text(json.dumps({"title": titles[video_id], "steps": steps}))
+    return target
+
+
+def run_floor(manifest: Path, templates: Path, base_url: str, concurrency: int, out: Path) -> float:
+    """Wall seconds of ``floor_client.py`` doing the run's work with the raw libraries; its
+    CPU seconds go to CPU_SECONDS."""
+    started, cpu = time.monotonic(), children_cpu()
+    command = [sys.executable, str(ROOT / "bench" / "floor_client.py"), "--videos", str(manifest)]
+    command += ["--templates", str(templates), "--base-url", base_url]
+    command += ["--concurrency", str(concurrency), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.monotonic() - started
+    CPU_SECONDS.append(children_cpu() - cpu)
+    if result.returncode != 0:
+        raise RuntimeError(f"floor client failed ({result.returncode}):\n{result.stderr}")
+    return wall
+
+
 def checkpoint_bytes(run_dir: Path) -> int:
     # The database and its -wal and -shm files.
     return sum(p.stat().st_size for p in run_dir.glob(RunLayout(run_dir).checkpoints.name + "*"))
@@ -105,6 +144,12 @@ def main() -> None:
         type=int,
         default=8,
         help="videos sampled at 64 frames for the checkpoint-size figure (0: skip it)",
+    )
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the raw-library client (floor_client.py) run after vkr at each level",
     )
     args = parser.parse_args()
     began, load_start = time.monotonic(), os.getloadavg()[0]
@@ -126,11 +171,14 @@ def main() -> None:
             print(f"start-up of `vkr run` on a finished directory: {startup:.2f} s (median of 3)")
             print(
                 f"{'C':>4} {'ideal s':>8} {'wall s':>8} {'e2e':>6} {'steady':>7} "
-                f"{'calls':>6} {'ckpt KB/video':>14} {'CPU s':>6}"
+                f"{'calls':>6} {'ckpt KB/video':>14} {'CPU s':>6} "
+                f"{'floor wall s':>13} {'floor e2e':>10} {'floor CPU s':>12} {'vkr/floor':>10}"
             )
+            templates: Path | None = None
             for concurrency in args.concurrency:
                 ideal = math.ceil(args.videos / concurrency) * HOPS * args.latency
                 walls, calls, per_video, cpus = [], [], [], []
+                floor_walls, floor_cpus = [], []
                 for repeat in range(args.repeats):
                     out = work / f"run-c{concurrency}-{repeat}"
                     before = server.completions()
@@ -138,7 +186,15 @@ def main() -> None:
                     cpus.append(CPU_SECONDS[-1])
                     calls.append(server.completions() - before)
                     per_video.append(checkpoint_bytes(out) / args.videos)
+                    if templates is None:
+                        templates = floor_templates(out, manifest, work / "templates.json")
                     shutil.rmtree(out)
+                    if args.floor:
+                        floor_out = work / "floor-records.jsonl"
+                        floor_walls.append(
+                            run_floor(manifest, templates, server.base_url, concurrency, floor_out)
+                        )
+                        floor_cpus.append(CPU_SECONDS[-1])
                 wall = statistics.median(walls)
                 level = {
                     "ideal_s": ideal,
@@ -150,11 +206,26 @@ def main() -> None:
                     "checkpoint_bytes_per_video": statistics.median(per_video),
                     "cpu_s": statistics.median(cpus),
                 }
+                floor = ""
+                if floor_walls:
+                    floor_wall = statistics.median(floor_walls)
+                    level.update(
+                        floor_walls_s=floor_walls,
+                        floor_wall_s=floor_wall,
+                        floor_end_to_end=ideal / floor_wall,
+                        floor_cpu_s=statistics.median(floor_cpus),
+                        vkr_over_floor=floor_wall / wall,
+                    )
+                    floor = (
+                        f" {floor_wall:>13.1f} {level['floor_end_to_end']:>10.2f} "
+                        f"{level['floor_cpu_s']:>12.1f} {level['vkr_over_floor']:>10.2f}"
+                    )
                 results["levels"][str(concurrency)] = level
                 print(
                     f"{concurrency:>4} {ideal:>8.1f} {wall:>8.1f} {level['end_to_end']:>6.2f} "
                     f"{level['steady']:>7.2f} {level['calls']:>6.0f} "
-                    f"{level['checkpoint_bytes_per_video'] / 1024:>14.1f} {level['cpu_s']:>6.1f}",
+                    f"{level['checkpoint_bytes_per_video'] / 1024:>14.1f} {level['cpu_s']:>6.1f}"
+                    + floor,
                     flush=True,
                 )
             if args.frames_videos:
