@@ -1,9 +1,9 @@
 """The per-video generation graph.
 
 prepare (probe + sample frames) -> Send fan-out per (skill, round) -> round -> collect
-(deferred until every round has ended). A round is its own graph: generate -> each gate in
-declared order (a node per gate, chained with Send), so a round whose reply is in goes on
-to its next gate without waiting for the video's other rounds. Steps come from the plugin
+(deferred until every round has ended). A round runs generate, then each gate in declared
+order, one after the other inside its node, so a round whose reply is in goes on to its
+next gate without waiting for the video's other rounds. Steps come from the plugin
 registry; nothing here names a concrete one.
 
 Checkpoints: the video's graph is checkpointed (thread = video id) after prepare and after
@@ -67,21 +67,6 @@ class VideoState(TypedDict, total=False):
     failure: str | None
     outcomes: Annotated[list[dict[str, Any]], merge_outcomes]
     record: dict[str, Any]
-
-
-class RoundState(TypedDict, total=False):
-    """One (skill, round) going through generate and the gates."""
-
-    video: dict[str, Any]
-    skill: str
-    round: int
-    outcomes: Annotated[list[dict[str, Any]], merge_outcomes]
-
-
-class RoundOutput(TypedDict, total=False):
-    """What a round hands back to its video: its outcome."""
-
-    outcomes: Annotated[list[dict[str, Any]], merge_outcomes]
 
 
 def _rejection(

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, cast
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
-from langgraph.types import Command, RetryPolicy, Send
+from langgraph.types import RetryPolicy, Send
 
 from graphs.generation import (
-    RoundOutput,
-    RoundState,
     VideoState,
     _accepted,
     _rejection,
@@ -31,15 +32,6 @@ from vkr_core.video import FrameSource
 
 log = get_logger("vkr.graph")
 
-# A round's graph has no checkpointer and is invoked with durability "exit" (see round_),
-# which LangGraph warns has no effect: that is the point. Only this warning is silenced.
-warnings.filterwarnings(
-    "ignore",
-    message="`durability` has no effect when no checkpointer is present",
-    category=UserWarning,
-    module=r"langgraph\.pregel\.main",
-)
-
 # Transport failures are already retried per call; a node retry gives a model that was
 # down a second chance. Malformed replies and refusals are outcomes, never retried here.
 # A model cooled down by the run's health check makes its node fail fast so the router can
@@ -49,6 +41,44 @@ NODE_RETRY = (
     RetryPolicy(max_attempts=5, initial_interval=0.0, jitter=False, retry_on=ModelUnavailable),
     RetryPolicy(max_attempts=2, initial_interval=1.0, retry_on=CallFailed),
 )
+
+Node = Callable[[dict[str, Any], Runtime[RunContext]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Hop:
+    """A round's next node and what it is given."""
+
+    node: str
+    payload: dict[str, Any]
+
+
+def _retries_on(policy: RetryPolicy, exc: Exception) -> bool:
+    # NODE_RETRY names exception classes; LangGraph also takes a tuple of them.
+    retry_on = policy.retry_on
+    classes = tuple(retry_on) if isinstance(retry_on, tuple | list) else (retry_on,)
+    return isinstance(exc, tuple(c for c in classes if isinstance(c, type)))
+
+
+async def retrying(node: Node, payload: dict[str, Any], runtime: Runtime[RunContext]) -> Any:
+    """``node`` run under NODE_RETRY, with the rules LangGraph applies to a node's policies:
+    the first policy whose ``retry_on`` matches decides; failed attempts are counted
+    across policies; the wait grows by ``backoff_factor`` up to ``max_interval``, plus up
+    to 1 s of jitter where the policy has it."""
+    failures = 0
+    while True:
+        try:
+            return await node(payload, runtime)
+        except Exception as exc:
+            policy = next((p for p in NODE_RETRY if _retries_on(p, exc)), None)
+            failures += 1
+            if policy is None or failures >= policy.max_attempts:
+                raise
+            interval = min(
+                policy.max_interval,
+                policy.initial_interval * policy.backoff_factor ** (failures - 1),
+            )
+            await asyncio.sleep(interval + random.uniform(0, 1) if policy.jitter else interval)
 
 
 def build_graph(registry: Any, checkpointer: Any, source: FrameSource) -> Any:
@@ -63,15 +93,12 @@ def build_graph(registry: Any, checkpointer: Any, source: FrameSource) -> Any:
 
     gate_names = [g.name for g in gates]
 
-    def next_hop(candidate: Candidate, index: int, payload: dict[str, Any]) -> Command:
+    def next_hop(candidate: Candidate, index: int, payload: dict[str, Any]) -> Any:
         if index < len(gates):
-            return Command(
-                goto=Send(
-                    gate_names[index],
-                    {**payload, "candidate": candidate.model_dump(), "gate": index},
-                )
+            return Hop(
+                gate_names[index], {**payload, "candidate": candidate.model_dump(), "gate": index}
             )
-        return Command(update={"outcomes": [_accepted(candidate)]})
+        return {"outcomes": [_accepted(candidate)]}
 
     async def prepare(state: VideoState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         run = runtime.context
@@ -206,38 +233,26 @@ def build_graph(registry: Any, checkpointer: Any, source: FrameSource) -> Any:
             run.store.add_failure(video.video_id, record.failure, video.path)
         return {"record": record.model_dump()}
 
-    # One (skill, round): generate, then each gate in order, as its own state machine. A
-    # video's rounds run side by side as one superstep of the video's graph; inside a round
-    # each hop starts when that round's last one ends, not when the slowest of the video's
-    # rounds has (LangGraph runs a graph's nodes in supersteps).
-    round_graph = StateGraph(RoundState, context_schema=RunContext, output_schema=RoundOutput)
-    round_graph.add_node(  # type: ignore[call-overload]  # Send payloads are plain dicts
-        "generate", generate, retry_policy=NODE_RETRY, destinations=tuple(gate_names) or None
-    )
-    for index, gate in enumerate(gates):
-        round_graph.add_node(
-            gate.name,
-            make_gate_node(gate, index),
-            retry_policy=NODE_RETRY,
-            destinations=tuple(gate_names[index + 1 :]) or None,
-        )
-    round_graph.add_edge(START, "generate")
-    # No checkpoints inside a round: every reply it was paid for is in the call cache (and
-    # the journal) before its node returns, so a round the run was stopped in is run again
-    # from its start and pays for nothing twice; a finished round's outcome is in the
+    # One (skill, round): generate, then each gate in order, each node retried by
+    # NODE_RETRY. A round is one node of the video's graph, its hops run here one after the
+    # other: as nodes of a graph, LangGraph would run them in supersteps, so each hop of
+    # every round would wait for the slowest of the video's rounds (12 calls at
+    # video_dependency), and a graph per round costs ~8 % more CPU per call than this.
+    # A round is not checkpointed inside: every reply it was paid for is in the call cache
+    # (and the journal) before its node returns, so a round the run was stopped in runs
+    # again from its start and pays for nothing twice; a finished round's outcome is in the
     # video's checkpoint.
-    rounds = round_graph.compile(checkpointer=False)
+    hops: dict[str, Node] = {gate.name: make_gate_node(gate, i) for i, gate in enumerate(gates)}
 
     async def round_(payload: dict[str, Any], runtime: Runtime[RunContext]) -> Any:
-        # Durability named here: a round would inherit the video's "sync", and LangGraph
-        # 1.2 then awaits a checkpoint that a graph without a checkpointer never writes
-        # (AttributeError: '_put_checkpoint_fut'; zenml-io/kitaru#403 met the same).
-        round_input = cast(RoundState, payload)
-        return await rounds.ainvoke(round_input, context=runtime.context, durability="exit")
+        result = await retrying(generate, payload, runtime)
+        while isinstance(result, Hop):
+            result = await retrying(hops[result.node], result.payload, runtime)
+        return result
 
     graph = StateGraph(VideoState, context_schema=RunContext)
     graph.add_node("prepare", prepare)
-    graph.add_node("round", round_)  # type: ignore[call-overload]  # Send payloads
+    graph.add_node("round", round_)  # type: ignore[call-overload]  # Send payloads are plain dicts
     graph.add_node("collect", collect, defer=True)
     graph.add_edge(START, "prepare")
     graph.add_conditional_edges("prepare", fan_out, ["round", "collect"])

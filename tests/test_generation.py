@@ -386,3 +386,52 @@ def test_empty_seed_bank_is_a_clear_error(videos_dir, tmp_path, vkr_pool, vkr_fa
     )
     assert result.exit_code != 0 and "is empty" in result.output
     assert vkr_fake_server.stats()["requests"] == 0
+
+
+async def test_a_rounds_hops_are_retried_as_langgraph_retries_a_node(monkeypatch) -> None:
+    """A round's hops run inside one node, so vkr applies NODE_RETRY itself: a cooled-down
+    model's hop is asked again at once (5 attempts in all), a failed call once more after
+    a wait, and anything else is not retried."""
+    from graphs import generation_graph
+    from vkr_core.calls import CallFailed, ModelUnavailable
+
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(generation_graph.asyncio, "sleep", no_wait)
+
+    def failing(times: int, error: type[Exception]):
+        attempts = []
+
+        async def node(payload, runtime):
+            attempts.append(1)
+            if len(attempts) <= times:
+                raise error("down")
+            return {"outcomes": ["ok"]}
+
+        return node, attempts
+
+    node, attempts = failing(4, ModelUnavailable)
+    assert await generation_graph.retrying(node, {}, None) == {"outcomes": ["ok"]}
+    assert len(attempts) == 5 and waits == [0.0] * 4
+
+    node, attempts = failing(5, ModelUnavailable)
+    with pytest.raises(ModelUnavailable):
+        await generation_graph.retrying(node, {}, None)
+    assert len(attempts) == 5
+
+    waits.clear()
+    node, attempts = failing(1, CallFailed)
+    assert await generation_graph.retrying(node, {}, None) == {"outcomes": ["ok"]}
+    assert len(attempts) == 2 and len(waits) == 1 and 1.0 <= waits[0] <= 2.0  # 1 s + jitter
+
+    node, attempts = failing(2, CallFailed)
+    with pytest.raises(CallFailed):
+        await generation_graph.retrying(node, {}, None)
+
+    node, attempts = failing(1, ValueError)
+    with pytest.raises(ValueError):
+        await generation_graph.retrying(node, {}, None)
+    assert len(attempts) == 1
