@@ -24,7 +24,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from bench_calls import (  # noqa: E402
     write_manifest,
     write_results,
 )
-from bench_throughput import children_cpu  # noqa: E402
+from bench_throughput import CPU_SECONDS, timed  # noqa: E402
 
 
 def main() -> None:
@@ -84,24 +83,16 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for tree in trees:
                     out = work / f"run-{repeat}-{trees.index(tree)}"
-                    cpu, started = children_cpu(), time.monotonic()
-                    result = subprocess.run(
+                    wall = timed(
                         [VKR, "run", "--videos", str(manifest), "--pool", str(pool)]
                         + ["--out", str(out), "--concurrency", str(args.concurrency)]
                         + ["--no-progress", "--skip-preflight"],
+                        f"vkr run from {tree}",
                         env=dict(os.environ, PYTHONPATH=str(tree)),
                         cwd=tree,
-                        capture_output=True,
-                        text=True,
                     )
-                    if result.returncode != 0:
-                        raise RuntimeError(f"vkr run from {tree} failed:\n{result.stderr}")
                     runs[str(tree)].append(
-                        {
-                            "wall_s": time.monotonic() - started,
-                            "cpu_s": children_cpu() - cpu,
-                            "load": os.getloadavg()[0],
-                        }
+                        {"wall_s": wall, "cpu_s": CPU_SECONDS[-1], "load": os.getloadavg()[0]}
                     )
                     shutil.rmtree(out)
         finally:

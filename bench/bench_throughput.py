@@ -62,36 +62,26 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(manifest: Path, pool: Path, out: Path, concurrency: int, *options: str) -> float:
-    """Wall seconds of one `vkr run`; its CPU seconds (decoder processes included) go to
-    CPU_SECONDS."""
+def timed(command: list[str], what: str, **kwargs: Any) -> float:
+    """Wall seconds of ``command`` run to its end; its CPU seconds go to CPU_SECONDS (a
+    `vkr run`'s decoder processes are children of multiprocessing's forkserver and are not
+    counted). A failure raises with its output."""
     started, cpu = time.monotonic(), children_cpu()
-    result = subprocess.run(
-        [
-            VKR,
-            "run",
-            "--videos",
-            str(manifest),
-            "--pool",
-            str(pool),
-            "--out",
-            str(out),
-            "--concurrency",
-            str(concurrency),
-            "--no-progress",
-            "--skip-preflight",
-            *options,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
     wall = time.monotonic() - started
     CPU_SECONDS.append(children_cpu() - cpu)
     if result.returncode != 0:
         raise RuntimeError(
-            f"vkr run failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            f"{what} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return wall
+
+
+def run(manifest: Path, pool: Path, out: Path, concurrency: int, *options: str) -> float:
+    """Wall seconds of one `vkr run` (its CPU seconds go to CPU_SECONDS)."""
+    command = [VKR, "run", "--videos", str(manifest), "--pool", str(pool), "--out", str(out)]
+    command += ["--concurrency", str(concurrency), "--no-progress", "--skip-preflight"]
+    return timed([*command, *options], "vkr run")
 
 
 def floor_templates(run_dir: Path, manifest: Path, target: Path) -> Path:
@@ -114,18 +104,12 @@ def floor_templates(run_dir: Path, manifest: Path, target: Path) -> Path:
 
 
 def run_floor(manifest: Path, templates: Path, base_url: str, concurrency: int, out: Path) -> float:
-    """Wall seconds of ``floor_client.py`` doing the run's work with the raw libraries; its
-    CPU seconds go to CPU_SECONDS."""
-    started, cpu = time.monotonic(), children_cpu()
+    """Wall seconds of ``floor_client.py`` doing the run's work with the raw libraries (its
+    CPU seconds go to CPU_SECONDS)."""
     command = [sys.executable, str(ROOT / "bench" / "floor_client.py"), "--videos", str(manifest)]
     command += ["--templates", str(templates), "--base-url", base_url]
     command += ["--concurrency", str(concurrency), "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    wall = time.monotonic() - started
-    CPU_SECONDS.append(children_cpu() - cpu)
-    if result.returncode != 0:
-        raise RuntimeError(f"floor client failed ({result.returncode}):\n{result.stderr}")
-    return wall
+    return timed(command, "floor client")
 
 
 def checkpoint_bytes(run_dir: Path) -> int:

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import random
 from pathlib import Path
@@ -58,26 +59,26 @@ def decode(path: Path) -> list[str]:
     return urls
 
 
-def fill(template: list[dict[str, Any]], title: str, urls: list[str]) -> list[dict[str, Any]]:
-    """A step's recorded messages with this video's title and frames."""
-    frames = iter(urls * 64)
+def fill(
+    template: list[dict[str, Any]], recorded_title: str, title: str, urls: list[str]
+) -> list[dict[str, Any]]:
+    """A step's recorded messages (of the video titled ``recorded_title``) with this video's
+    title and frames."""
+    frames = itertools.cycle(urls)
     messages = []
     for message in template:
         content = message["content"]
         if isinstance(content, str):
-            content = content.replace(TEMPLATE_TITLE, title)
+            content = content.replace(recorded_title, title)
         else:
             content = [
                 {"type": "image_url", "image_url": {"url": next(frames)}}
                 if part["type"] == "image"
-                else {**part, "text": part["text"].replace(TEMPLATE_TITLE, title)}
+                else {**part, "text": part["text"].replace(recorded_title, title)}
                 for part in content
             ]
         messages.append({"role": message["role"], "content": content})
     return messages
-
-
-TEMPLATE_TITLE = ""
 
 
 async def ask(session: aiohttp.ClientSession, url: str, step: str, messages: Any) -> Any:
@@ -89,10 +90,12 @@ async def ask(session: aiohttp.ClientSession, url: str, step: str, messages: Any
 
 
 async def one_video(
-    video: dict[str, Any], folder: Path, templates: dict[str, Any], session: Any, url: str
+    video: dict[str, Any], folder: Path, saved: dict[str, Any], session: Any, url: str
 ) -> dict[str, Any]:
     urls = await asyncio.to_thread(decode, folder / video["path"])
-    per_step = {step: fill(templates[step], video["title"], urls) for step in HOPS}
+    per_step = {
+        step: fill(saved["steps"][step], saved["title"], video["title"], urls) for step in HOPS
+    }
 
     async def round_() -> list[Any]:
         replies = [await ask(session, url, "example_generation", per_step["example_generation"])]
@@ -108,9 +111,7 @@ async def one_video(
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    global TEMPLATE_TITLE
     saved = json.loads(Path(args.templates).read_text())
-    TEMPLATE_TITLE, templates = saved["title"], saved["steps"]
     manifest = Path(args.videos)
     videos = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     url = args.base_url.rstrip("/") + "/chat/completions"
@@ -120,7 +121,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
         async def bounded(video: dict[str, Any]) -> dict[str, Any]:
             async with slots:
-                return await one_video(video, manifest.parent, templates, session, url)
+                return await one_video(video, manifest.parent, saved, session, url)
 
         records = await asyncio.gather(*(bounded(v) for v in videos))
     with open(args.out, "w") as out:
