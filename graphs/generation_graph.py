@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
+from asyncio import sleep
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,7 +78,7 @@ async def retrying(node: Node, payload: dict[str, Any], runtime: Runtime[RunCont
                 policy.max_interval,
                 policy.initial_interval * policy.backoff_factor ** (failures - 1),
             )
-            await asyncio.sleep(interval + random.uniform(0, 1) if policy.jitter else interval)
+            await sleep(interval + random.uniform(0, 1) if policy.jitter else interval)
 
 
 def build_graph(registry: Any, checkpointer: Any, source: FrameSource) -> Any:

@@ -400,7 +400,7 @@ async def test_a_rounds_hops_are_retried_as_langgraph_retries_a_node(monkeypatch
     async def no_wait(seconds: float) -> None:
         waits.append(seconds)
 
-    monkeypatch.setattr(generation_graph.asyncio, "sleep", no_wait)
+    monkeypatch.setattr(generation_graph, "sleep", no_wait)
 
     def failing(times: int, error: type[Exception]):
         attempts = []
