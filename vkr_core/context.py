@@ -102,7 +102,7 @@ def fence(
     attributes = f'name="{label}"'
     if original_length is not None and original_length > len(text):
         attributes += f' truncated="first {len(text)} of {original_length} characters"'
-    return f"<{FENCE_TAG} {attributes}>\n{neutralise(text)}\n</{FENCE_TAG}>"
+    return f"{_FENCE_OPEN}{attributes}>\n{neutralise(text)}\n</{FENCE_TAG}>"
 
 
 def with_untrusted_note(system: str, content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
