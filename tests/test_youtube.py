@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,11 @@ from plugins.providers.fake_youtube import FakeVideo, FakeYouTubeServer
 from plugins.sources.youtube import (
     KeyRejected,
     QuotaExhausted,
+    QuotaLedger,
     SearchReport,
+    YouTubeClient,
     YouTubeError,
+    open_ledger,
     parse_duration,
     quota_resets_at,
     search_youtube,
@@ -148,6 +152,67 @@ def test_the_daily_quota_is_kept_before_asking(
     with pytest.raises(QuotaExhausted, match=r"costs 100 units, 0 left"):
         search(server, tmp_path, ["a", "b"], daily_quota=100, clock=lambda: DAY_ONE)
     assert dict(server.requests) == {"search": 1}
+
+
+def test_the_same_search_asked_at_once_is_sent_and_paid_once(
+    vkr_youtube_server: FakeYouTubeServer, tmp_path: Path
+) -> None:
+    """Two points whose scenarios share a keyword search it at the same time: the second
+    waits for the first's response instead of paying 100 units again."""
+    server = vkr_youtube_server
+    server.add_videos([FakeVideo("lathe000001", "Lathe", ("lathe in action",))])
+
+    async def both() -> list[list[str]]:
+        ledger = QuotaLedger(tmp_path, clock=lambda: DAY_ONE)
+        try:
+            async with YouTubeClient(server.api_key, ledger, server.base_url) as client:
+                return list(
+                    await asyncio.gather(
+                        *(client.search_keyword("lathe in action") for _ in range(3))
+                    )
+                )
+        finally:
+            ledger.close()
+
+    assert asyncio.run(both()) == [["lathe000001"]] * 3
+    assert dict(server.requests) == {"search": 1}
+
+
+def test_drivers_sharing_a_postgres_ledger_send_one_request_between_them(
+    vkr_youtube_server: FakeYouTubeServer, vkr_postgres_url: str, tmp_path: Path
+) -> None:
+    """Drivers of one collection (each its own database session) searching the same keyword
+    at the same moment: one sends it, the others replay the response it kept."""
+    server = vkr_youtube_server
+    server.add_videos([FakeVideo("lathe000001", "Lathe", ("lathe in action",))])
+
+    async def drivers() -> list[list[str]]:
+        ledgers = [
+            open_ledger(tmp_path / f"d{i}", clock=lambda: DAY_ONE, state=vkr_postgres_url)
+            for i in range(3)
+        ]
+        try:
+            async with AsyncExitStack() as stack:
+                clients = [
+                    await stack.enter_async_context(
+                        YouTubeClient(server.api_key, ledger, server.base_url)
+                    )
+                    for ledger in ledgers
+                ]
+                return list(
+                    await asyncio.gather(*(c.search_keyword("lathe in action") for c in clients))
+                )
+        finally:
+            for ledger in ledgers:
+                ledger.close()
+
+    assert asyncio.run(drivers()) == [["lathe000001"]] * 3
+    assert dict(server.requests) == {"search": 1}
+    ledger = open_ledger(tmp_path, clock=lambda: DAY_ONE, state=vkr_postgres_url)
+    try:
+        assert ledger.status().units == {"search": 100}
+    finally:
+        ledger.close()
 
 
 def test_rate_limits_and_server_errors_are_retried(

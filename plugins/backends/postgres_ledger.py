@@ -39,6 +39,11 @@ SCHEMA = "vkr_youtube"
 RESERVE_LOCK = 0x766B725F7174  # "vkr_qt"
 
 
+def _lock_id(request_key: str) -> int:
+    """The advisory lock (a signed 64-bit number) of a request, from its hex digest."""
+    return int.from_bytes(bytes.fromhex(request_key[:16]), "big", signed=True)
+
+
 class PostgresQuotaLedger(Ledger):
     """The SQLite ledger's interface over one autocommit connection (used from the event
     loop, as the SQLite one is)."""
@@ -95,6 +100,15 @@ class PostgresQuotaLedger(Ledger):
 
     def close(self) -> None:
         self._conn.close()
+
+    def try_hold(self, key: str) -> bool:
+        # A session lock: held across the request (not a transaction), and let go by the
+        # server if this driver dies holding it.
+        row = self._execute("SELECT pg_try_advisory_lock(%s)", (_lock_id(key),)).fetchone()
+        return bool(row[0])
+
+    def let_go(self, key: str) -> None:
+        self._execute("SELECT pg_advisory_unlock(%s)", (_lock_id(key),))
 
     def status(self) -> QuotaStatus:
         day = self.today().isoformat()

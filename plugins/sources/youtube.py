@@ -179,6 +179,16 @@ class Ledger:
     def remember_videos(self, items: dict[str, Any], missing: Iterable[str]) -> None:
         raise NotImplementedError
 
+    def try_hold(self, key: str) -> bool:
+        """Take the right to send request ``key`` before anyone else sharing this ledger;
+        False while another driver holds it (it will keep the response, so wait and replay
+        it). Drivers in one process are kept apart by the client; a ledger that only one
+        process uses has nothing more to do."""
+        return True
+
+    def let_go(self, key: str) -> None:
+        """Give back what ``try_hold`` took."""
+
     def known_videos(self, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
         raise NotImplementedError
 
@@ -491,6 +501,9 @@ class YouTubeClient:
 
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
+        # Requests being sent now, by key: the same request asked again meanwhile waits for
+        # this one's response instead of paying for it a second time.
+        self._sending: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     async def __aenter__(self) -> YouTubeClient:
         import aiohttp
@@ -510,21 +523,71 @@ class YouTubeClient:
 
     async def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """One API call (``method`` is ``search`` or ``videos``): from the ledger when it was
-        answered before, else over HTTP, charged, kept, retried on rate limits and 5xx."""
+        answered before, else over HTTP, charged, kept, retried on rate limits and 5xx.
+
+        A request is sent once however many ask for it at the same time: in this process
+        they wait for the first one's response; across drivers sharing the ledger, the
+        first to ``try_hold`` it sends it and the others replay what it kept."""
         if self._session is None:
             raise RuntimeError("use YouTubeClient inside `async with`")
         key = request_key(method, params)
-        cached = self.ledger.cached(key)
-        if cached is not None:
-            return cached
+        while True:
+            cached = self.ledger.cached(key)
+            if cached is not None:
+                return cached
+            sending = self._sending.get(key)
+            if sending is None:
+                break
+            try:
+                return await asyncio.shield(sending)
+            except asyncio.CancelledError:
+                if not sending.cancelled():
+                    raise  # this caller was cancelled
+                # The sender was cancelled, not this caller: ask again.
+        sending = asyncio.get_running_loop().create_future()
+        self._sending[key] = sending
+        try:
+            body = await self._send_once(method, params, key)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                sending.cancel()
+            else:
+                sending.set_exception(exc)
+                sending.exception()  # read here, so an unawaited one is not logged
+            raise
+        else:
+            sending.set_result(body)
+            return body
+        finally:
+            del self._sending[key]
+
+    async def _send_once(self, method: str, params: dict[str, Any], key: str) -> dict[str, Any]:
+        """Send ``key`` once every other driver sharing the ledger has let go of it, unless
+        one of them got its response meanwhile."""
+        wait = 0.05
+        while not self.ledger.try_hold(key):
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 1.0)
+            cached = self.ledger.cached(key)
+            if cached is not None:
+                return cached
+        try:
+            cached = self.ledger.cached(key)  # answered before this driver held it
+            return cached if cached is not None else await self._send(method, params, key)
+        finally:
+            self.ledger.let_go(key)
+
+    async def _send(self, method: str, params: dict[str, Any], key: str) -> dict[str, Any]:
         import aiohttp
 
+        session = self._session
+        assert session is not None  # call() checked
         url = f"{self.base_url}/{method}"
         last = ""
         for attempt in range(self.max_attempts):
             self.ledger.reserve(method)
             try:
-                async with self._session.get(url, params={**params, "key": self._key}) as reply:
+                async with session.get(url, params={**params, "key": self._key}) as reply:
                     text = await reply.text()
                     status, retry_after = reply.status, reply.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError) as exc:
