@@ -100,7 +100,7 @@ def test_a_round_goes_on_without_waiting_for_the_videos_slowest_round(
     self_consistency one, and so on, hop by hop."""
     vkr_fake_server.set_policy(
         {
-            "latency_tail_ms": 400,
+            "latency_tail_ms": 150,
             "steps": {
                 "self_consistency": {"accuracy": 1.0},
                 "video_dependency": {"accuracy": 0.0},
