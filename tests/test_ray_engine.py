@@ -197,6 +197,51 @@ async def test_max_concurrency_holds_across_the_cluster(
     assert peaks and max(peaks.values()) == 2, peaks
 
 
+async def test_a_worker_stops_at_the_runs_limit_when_the_others_spent_it(ray_cluster):
+    """--max-spend counts every worker's calls: a worker that paid little itself sends
+    nothing more once the run as a whole reached the limit."""
+    from plugins.backends.ray_engine import ClusterLimits, ClusterSpend
+
+    actor = ray_cluster.remote(num_cpus=0)(ClusterLimits).remote({}, 0.25)  # paid before
+    first, second = ClusterSpend(0.8, 0.25, actor), ClusterSpend(0.8, 0.25, actor)
+    first.add(0.5)
+    async with asyncio.timeout(30):  # the actor takes calls in no set order
+        while await actor.spend.remote(0.0) < 0.75:  # the run has paid 0.75 of 0.8
+            await asyncio.sleep(0.01)
+    assert not second.reached  # the second worker has not heard it yet
+    second.add(0.125)  # it paid 0.125 itself; the actor's reply carries the rest
+    await asyncio.wait_for(second.wait(), timeout=30)
+    assert second.reached and second.spent_usd == 0.875
+    ray_cluster.kill(actor)
+
+
+async def test_max_spend_stops_a_ray_run_and_a_rerun_without_it_finishes(
+    ray_cluster, tmp_path, pm, pool, server, testdata
+):
+    manifest = write_manifest(tmp_path / "videos", testdata, good=8, bad=False)
+    pipeline = pm.registry.get("pipeline", "generation")
+    loaded = pipeline.read_items(manifest, RunConfig())
+    server.set_policy({"latency_ms": 100})
+    server.reset_stats()
+    limit = 0.02  # about two of eight videos at the fake server's prices
+    out = tmp_path / "out"
+    config = RunConfig(
+        executor="ray", executor_options={"workers": 2}, max_spend=limit, **loaded.settings
+    )
+    counters = await run_items(loaded.items, out, pool, config, pm, concurrency=4, progress=False)
+    assert counters.stopped == "budget" and counters.done < 8
+    paid = [c for c in map(json.loads, (out / "calls.jsonl").open()) if not c["cache_hit"]]
+    spent = sum(c["cost_usd"] for c in paid)
+    # Past the limit, only the calls in flight when it was reached: at most 4 videos at once,
+    # each with its 6 rounds' calls (2 at video_dependency) out.
+    in_flight = 4 * ROUNDS * 2 * max(c["cost_usd"] for c in paid)
+    assert limit <= spent <= limit + in_flight, (spent, in_flight)
+    config = RunConfig(executor="ray", executor_options={"workers": 2}, **loaded.settings)
+    counters = await run_items(loaded.items, out, pool, config, pm, concurrency=4, progress=False)
+    assert counters.stopped is None and len(all_done(out)) == 8
+    assert server.stats()["repeats"] == 0
+
+
 def vkr(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([VKR, *args], capture_output=True, text=True, **kwargs)
 

@@ -18,7 +18,8 @@ worker at a time, and to another only once Ray reports the first dead.
 Per-model limits are cluster-wide: one limiter actor holds each model's AIMD limiter
 (``vkr_core.limits.ModelLimiter``), and the workers' callers take their slots from it, so a
 pool's ``max_concurrency: 8`` is 8 requests in flight across the cluster, and a 429 seen by
-any worker slows every worker down.
+any worker slows every worker down. So is ``--max-spend``: the same actor adds up what
+every worker paid, and each worker stops sending at the run's limit.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 from vkr_core.backends import Backend, ExecutorBackend, state_password
 from vkr_core.hookspecs import hookimpl
+from vkr_core.limits import SpendLimit
 from vkr_core.log import get_logger
 from vkr_core.schemas import CallRecord, InputError, VkrError
 
@@ -83,13 +85,22 @@ class ClusterLimits:
     gives them back (``forget``) instead of shrinking the cluster's limit for good.
     """
 
-    def __init__(self, models: dict[str, tuple[int, int | None, int | None]]):
+    def __init__(
+        self, models: dict[str, tuple[int, int | None, int | None]], spent_usd: float = 0.0
+    ):
         from vkr_core.limits import ModelLimiter
 
         self.limiters = {name: ModelLimiter(*spec) for name, spec in models.items()}
         self.held: dict[str, Counter[str]] = {}
         self.gone: set[str] = set()
         self.peak: Counter[str] = Counter()
+        # What the run directory has paid, every worker's calls included (--max-spend).
+        self.spent_usd = spent_usd
+
+    def spend(self, cost_usd: float) -> float:
+        """Add a paid call's cost; returns what the whole run has paid."""
+        self.spent_usd += cost_usd
+        return self.spent_usd
 
     async def acquire(self, model: str, holder: str, tokens: int = 0) -> bool:
         """Wait for a slot of ``model``; False when the holder was given up for dead."""
@@ -175,6 +186,28 @@ class ClusterLimiter:
         self.limits.release.remote(self.model, self.holder, ok, rate_limited, retry_after)
 
 
+class ClusterSpend(SpendLimit):
+    """A worker's ``--max-spend``: its own calls, and every other worker's as the limits
+    actor last reported them, so the workers stop together at the run's limit instead of
+    each spending up to it (N workers, N times the limit)."""
+
+    def __init__(self, limit_usd: float, spent_usd: float, limits: Any):
+        super().__init__(limit_usd, spent_usd)
+        self.limits = limits
+
+    def add(self, cost_usd: float) -> None:
+        super().add(cost_usd)
+        told = asyncio.wrap_future(self.limits.spend.remote(cost_usd).future())
+        told.add_done_callback(self._heard)
+
+    def _heard(self, told: asyncio.Future[float]) -> None:
+        if told.cancelled() or told.exception() is not None:
+            return  # the actor is gone with the run: this worker's own count still holds
+        total = told.result()
+        if total > self.spent_usd:
+            super().add(total - self.spent_usd)
+
+
 # ---------------------------------------------------------------- the worker
 
 
@@ -255,6 +288,10 @@ class RunWorker:
             for spec in run.pool.models:
                 caller.limiters[spec.name] = ClusterLimiter(  # type: ignore[assignment]
                     s.limits, spec.name, s.holder
+                )
+            if caller.budget is not None:
+                caller.budget = ClusterSpend(
+                    caller.budget.limit_usd, caller.budget.spent_usd, s.limits
                 )
             self.slots = asyncio.Semaphore(s.share)
             self.run = run
@@ -406,8 +443,10 @@ async def _drive(
     shares = split_concurrency(concurrency, count)
     run_id = uuid.uuid4().hex[:8]
     limits_actor = ray.remote(num_cpus=0, max_concurrency=100_000)(ClusterLimits)
+    budget = run.caller.budget if run.caller is not None else None
     limits = limits_actor.options(name=f"vkr-limits-{run_id}").remote(
-        {spec.name: (spec.max_concurrency, spec.rpm, spec.tpm) for spec in run.pool.models}
+        {spec.name: (spec.max_concurrency, spec.rpm, spec.tpm) for spec in run.pool.models},
+        budget.spent_usd if budget is not None else 0.0,
     )
     # One CPU each, so Ray spreads the workers over the cluster's machines.
     worker_actor = ray.remote(num_cpus=1, max_concurrency=100_000, max_restarts=0)(RunWorker)
