@@ -503,7 +503,7 @@ class YouTubeClient:
         self._session: aiohttp.ClientSession | None = None
         # Requests being sent now, by key: the same request asked again meanwhile waits for
         # this one's response instead of paying for it a second time.
-        self._sending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._sending: dict[str, asyncio.Task[dict[str, Any]]] = {}
 
     async def __aenter__(self) -> YouTubeClient:
         import aiohttp
@@ -544,20 +544,9 @@ class YouTubeClient:
                 if not sending.cancelled():
                     raise  # this caller was cancelled
                 # The sender was cancelled, not this caller: ask again.
-        sending = asyncio.get_running_loop().create_future()
-        self._sending[key] = sending
+        sending = self._sending[key] = asyncio.ensure_future(self._send_once(method, params, key))
         try:
-            body = await self._send_once(method, params, key)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                sending.cancel()
-            else:
-                sending.set_exception(exc)
-                sending.exception()  # read here, so an unawaited one is not logged
-            raise
-        else:
-            sending.set_result(body)
-            return body
+            return await sending  # cancelling this caller cancels the request
         finally:
             del self._sending[key]
 
